@@ -1,0 +1,67 @@
+"""One log-line format for metrics, and the regexes that read it.
+
+Every metric the training job reports is printed on a single line that starts with
+``#metrics`` followed by ``name=value`` pairs::
+
+    #metrics phase=train epoch=1 step=40 loss=0.8123 lr=0.01 images_per_sec=6.21 data_wait=0.03
+    #metrics phase=eval epoch=1 bbox_mAP=0.5123 segm_mAP=0.4981 segm_AP50=0.8712
+
+SageMaker's ``MetricDefinitions`` apply a regex per log line and take the first group as
+a float. ``METRIC_DEFINITIONS`` is that list; the local harness and the Step Functions
+workflow import it from here so the three never drift apart.
+
+This module imports nothing heavy: ``pipeline/`` imports it without torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+PREFIX = "#metrics"
+
+_NUMBER = r"([-+]?(?:[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|nan|inf))"
+
+# name in the log line -> name shown in SageMaker
+_METRICS: dict[str, str] = {
+    "loss": "train:loss",
+    "lr": "train:lr",
+    "images_per_sec": "train:images_per_sec",
+    "data_wait": "train:data_wait_share",
+    "bbox_mAP": "validation:bbox_mAP",
+    "segm_mAP": "validation:segm_mAP",
+    "bbox_AP50": "validation:bbox_AP50",
+    "segm_AP50": "validation:segm_AP50",
+}
+
+METRIC_DEFINITIONS: list[dict[str, str]] = [
+    {"Name": shown, "Regex": rf"{PREFIX} .*\b{key}={_NUMBER}"} for key, shown in _METRICS.items()
+]
+
+
+def format_metrics(phase: str, values: Mapping[str, float | int]) -> str:
+    """Render one metrics line; floats get 6 significant digits."""
+    parts = [PREFIX, f"phase={phase}"]
+    for key, value in values.items():
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.6g}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def parse_metrics(line: str) -> dict[str, float]:
+    """Read a log line with the same regexes SageMaker would use; {} when it has none."""
+    found: dict[str, float] = {}
+    if PREFIX not in line:
+        return found
+    for definition in METRIC_DEFINITIONS:
+        match = re.search(definition["Regex"], line)
+        if match:
+            found[definition["Name"]] = float(match.group(1))
+    return found
+
+
+def is_finite(value: float) -> bool:
+    return math.isfinite(value)
