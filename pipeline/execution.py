@@ -1,0 +1,178 @@
+"""The execution input of the train-and-deploy workflow, typed and validated before it is sent.
+
+The state machine reads only this document. Fields a JSONPath cannot build conditionally (the
+optional ``validation`` / ``pretrained`` channels, the spot-only ``MaxWaitTimeInSeconds``) are
+rendered here into the exact SageMaker request shapes, so the definition stays branch-free::
+
+    ExecutionInput(job_name="maskrcnn-2024-06-01", ..., image_uri=None, git_sha="0123...").to_document()
+
+With ``image_uri`` (an ECR URI pinned by digest, ``...@sha256:<64 hex>``) the workflow skips the
+build and trains that exact image; without it, ``git_sha`` selects what CodeBuild builds.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# The hyperparameters the training container reads; the defaults are the tuned ones.
+DEFAULT_HYPERPARAMETERS: dict[str, str] = {
+    "epochs": "10",  # full passes over the training channel
+    "max_steps": "0",  # 0 = no step cap
+    "batch_size": "4",  # per GPU
+    "lr": "0.01",  # SGD base learning rate
+    "arch": "resnet50_fpn",  # resnet50_fpn | resnet50_fpn_v2 | lite
+    "min_size": "800",  # shorter image side after resize
+    "max_size": "1333",  # longer side cap
+    "seed": "0",
+    "checkpoint_every": "1",  # epochs between checkpoints in /opt/ml/checkpoints
+}
+ARCHES = ("resnet50_fpn", "resnet50_fpn_v2", "lite")
+CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
+
+_DIGEST_URI = re.compile(r"^\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+@sha256:[0-9a-f]{64}$")
+_GIT_SHA = re.compile(r"^[0-9a-f]{7,40}$")
+_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker job/model/endpoint names
+
+
+class InputError(ValueError):
+    """The execution input would fail in the workflow; raised before anything is started."""
+
+
+def _check_s3(name: str, uri: str) -> None:
+    if not uri.startswith("s3://") or len(uri) <= len("s3://"):
+        raise InputError(f"{name} must be an s3:// URI, got {uri!r}")
+
+
+@dataclass(frozen=True)
+class ExecutionInput:
+    """Everything one execution needs; ``to_document()`` is what ``StartExecution`` receives."""
+
+    prefix: str
+    job_name: str
+    model_name: str
+    endpoint_name: str
+    training_data: str
+    output_path: str
+    checkpoint_s3_uri: str
+    validation_data: str | None = None
+    pretrained_data: str | None = None
+    image_uri: str | None = None  # pinned by digest; None = build from git_sha
+    git_sha: str | None = None
+    release_tag: str | None = None  # promote the built digest to this tag after its tests pass
+    training_instance_type: str = "ml.g5.xlarge"
+    training_instance_count: int = 1
+    volume_size_gb: int = 50
+    inference_instance_type: str = "ml.g5.xlarge"
+    inference_instance_count: int = 1
+    max_runtime_seconds: int = 24 * 3600
+    use_spot: bool = False
+    max_wait_seconds: int = 48 * 3600  # spot only: runtime plus time waiting for capacity
+    hyperparameters: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for label, name in (("job_name", self.job_name), ("model_name", self.model_name),
+                            ("endpoint_name", self.endpoint_name)):
+            if not _NAME.match(name):
+                raise InputError(f"{label} {name!r} is not a valid SageMaker name")
+            if not name.lower().startswith(self.prefix):
+                raise InputError(f"{label} {name!r} must start with {self.prefix!r}: IAM allows only those")
+        for label, uri in (("training_data", self.training_data), ("output_path", self.output_path),
+                           ("checkpoint_s3_uri", self.checkpoint_s3_uri)):
+            _check_s3(label, uri)
+        for label, optional in (("validation_data", self.validation_data),
+                                ("pretrained_data", self.pretrained_data)):
+            if optional is not None:
+                _check_s3(label, optional)
+        if self.image_uri is None:
+            if self.git_sha is None or not _GIT_SHA.match(self.git_sha):
+                raise InputError("without image_uri, git_sha (hex) selects the source to build")
+        elif not _DIGEST_URI.match(self.image_uri):
+            raise InputError(f"image_uri must be an ECR URI pinned by digest (@sha256:...), got {self.image_uri!r}")
+        unknown = set(self.hyperparameters) - set(DEFAULT_HYPERPARAMETERS)
+        if unknown:
+            raise InputError(f"unknown hyperparameters: {sorted(unknown)}")
+        arch = self.hyperparameters.get("arch", DEFAULT_HYPERPARAMETERS["arch"])
+        if arch not in ARCHES:
+            raise InputError(f"arch must be one of {ARCHES}, got {arch!r}")
+        if self.use_spot and self.max_wait_seconds < self.max_runtime_seconds:
+            raise InputError("max_wait_seconds must be at least max_runtime_seconds for spot training")
+
+    def resolved_hyperparameters(self) -> dict[str, str]:
+        """Defaults overridden by the given values, every value a string as SageMaker requires."""
+        return {**DEFAULT_HYPERPARAMETERS, **{k: str(v) for k, v in self.hyperparameters.items()}}
+
+    def input_data_config(self) -> list[dict[str, Any]]:
+        channels = [("training", self.training_data), ("validation", self.validation_data),
+                    ("pretrained", self.pretrained_data)]
+        return [
+            {
+                "ChannelName": name,
+                "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri,
+                                                "S3DataDistributionType": "FullyReplicated"}},
+                "InputMode": "File",
+            }
+            for name, uri in channels
+            if uri is not None
+        ]
+
+    def stopping_condition(self) -> dict[str, int]:
+        condition = {"MaxRuntimeInSeconds": self.max_runtime_seconds}
+        if self.use_spot:
+            condition["MaxWaitTimeInSeconds"] = self.max_wait_seconds
+        return condition
+
+    def to_document(self) -> dict[str, Any]:
+        document: dict[str, Any] = {
+            "JobName": self.job_name,
+            "ModelName": self.model_name,
+            "EndpointName": self.endpoint_name,
+            "OutputPath": self.output_path,
+            "CheckpointS3Uri": self.checkpoint_s3_uri,
+            "Training": {
+                "InstanceType": self.training_instance_type,
+                "InstanceCount": self.training_instance_count,
+                "VolumeSizeInGB": self.volume_size_gb,
+                "UseSpot": self.use_spot,
+                "StoppingCondition": self.stopping_condition(),
+                "HyperParameters": self.resolved_hyperparameters(),
+                "InputDataConfig": self.input_data_config(),
+            },
+            "Inference": {
+                "InstanceType": self.inference_instance_type,
+                "InstanceCount": self.inference_instance_count,
+            },
+        }
+        if self.image_uri is not None:
+            document["ImageUri"] = self.image_uri
+        else:
+            build: dict[str, str] = {"GitSha": str(self.git_sha)}
+            if self.release_tag:
+                build["ReleaseTag"] = self.release_tag
+            document["Build"] = build
+        return document
+
+
+def example_input(
+    prefix: str = "maskrcnn", bucket: str = "maskrcnn-example-bucket", image_uri: str | None = None,
+    use_spot: bool = False,
+) -> ExecutionInput:
+    """A complete input, used by ``render`` (next to the definition) and by the tests."""
+    stamp = "20240601-120000"
+    return ExecutionInput(
+        prefix=prefix,
+        job_name=f"{prefix}-train-{stamp}",
+        model_name=f"{prefix}-model-{stamp}",
+        endpoint_name=f"{prefix}-endpoint",
+        training_data=f"s3://{bucket}/data/train/",
+        validation_data=f"s3://{bucket}/data/val/",
+        pretrained_data=None,
+        output_path=f"s3://{bucket}/output/",
+        checkpoint_s3_uri=f"s3://{bucket}/checkpoints/{prefix}-train-{stamp}/",
+        image_uri=image_uri,
+        git_sha=None if image_uri else "0123456789abcdef0123456789abcdef01234567",
+        use_spot=use_spot,
+        hyperparameters={"epochs": "2", "arch": "resnet50_fpn_v2"},
+    )

@@ -1,0 +1,309 @@
+"""The train-and-deploy workflow as plain Amazon States Language, built by typed functions.
+
+    definition = build_definition(StackSettings())   # a dict; json.dumps it
+
+The chain (state names in brackets)::
+
+    [ChooseImage] -- ImageUri given (pinned by digest) --------------------------> [UseGivenImage]
+         |                                                                               |
+    [BuildImage] Lambda: ECR repo, build context to S3, CodeBuild project, StartBuild   |
+         |  Retry States.TaskFailed every 15 s, 2 attempts, backoff 4.0; Catch -> [BuildImageFailed]
+    [DescribeBuild] <-> [WaitForBuild]   (polled here, not inside the Lambda)           |
+         |  [IsBuildDone]: FAILED/FAULT/STOPPED/TIMED_OUT -> [BuildFailed]              |
+    [ResolveImageDigest] ECR DescribeImages -> [UseBuiltImage] repo@sha256:...          |
+         +-------------------------------------------------------------------------------+
+    [TrainModel] createTrainingJob.sync -> [CreateModel] -> [CreateEndpointConfig]
+    [FindEndpoint] -> [CheckEndpoint] -> [EndpointExists]: [UpdateEndpoint] | [CreateEndpoint]
+    [DescribeEndpoint] <-> [WaitForEndpoint] until InService -> [Deployed]; Failed -> [EndpointFailed]
+
+ARNs of the stack's own resources are ``${BuildFunctionArn}`` / ``${SageMakerRoleArn}``
+placeholders, replaced by CloudFormation's DefinitionSubstitutions (see ``substitute``).
+The execution input is ``execution.ExecutionInput.to_document()``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from maskrcnn.metrics import METRIC_DEFINITIONS
+
+from pipeline.execution import CHECKPOINT_LOCAL_PATH
+from pipeline.settings import BUILD_FUNCTION_ARN, SAGEMAKER_ROLE_ARN, StackSettings
+
+State = dict[str, Any]
+
+LAMBDA_INVOKE = "arn:aws:states:::lambda:invoke"
+SAGEMAKER = "arn:aws:states:::sagemaker"
+AWS_SDK = "arn:aws:states:::aws-sdk"
+BUILD_FAILURE_STATUSES = ("FAILED", "FAULT", "STOPPED", "TIMED_OUT")
+SERVING_PORT_ENV = {"SAGEMAKER_MODEL_SERVER_TIMEOUT": "60"}
+
+# The seed article's policy for the build Lambda, kept as it was.
+BUILD_RETRY: State = {"ErrorEquals": ["States.TaskFailed"], "IntervalSeconds": 15, "MaxAttempts": 2,
+                      "BackoffRate": 4.0}
+# Throttling and transient API errors of the polling calls; the work itself is never retried here.
+SDK_RETRY: State = {"ErrorEquals": ["States.TaskFailed"], "IntervalSeconds": 5, "MaxAttempts": 3,
+                    "BackoffRate": 2.0}
+
+
+def task(
+    resource: str,
+    parameters: Mapping[str, Any],
+    next_state: str | None,
+    *,
+    result_path: str | None = None,
+    result_selector: Mapping[str, Any] | None = None,
+    retry: Sequence[State] = (),
+    catch: Sequence[State] = (),
+    comment: str | None = None,
+) -> State:
+    """One Task state; ``result_path=None`` keeps the input and discards the result."""
+    state: State = {"Type": "Task", "Resource": resource, "Parameters": dict(parameters)}
+    if comment:
+        state["Comment"] = comment
+    if result_selector is not None:
+        state["ResultSelector"] = dict(result_selector)
+    state["ResultPath"] = result_path
+    if retry:
+        state["Retry"] = list(retry)
+    if catch:
+        state["Catch"] = list(catch)
+    state.update({"Next": next_state} if next_state else {"End": True})
+    return state
+
+
+def pass_state(parameters: Mapping[str, Any], result_path: str, next_state: str) -> State:
+    return {"Type": "Pass", "Parameters": dict(parameters), "ResultPath": result_path, "Next": next_state}
+
+
+def choice(choices: Sequence[State], default: str) -> State:
+    return {"Type": "Choice", "Choices": list(choices), "Default": default}
+
+
+def wait(seconds: int, next_state: str) -> State:
+    return {"Type": "Wait", "Seconds": seconds, "Next": next_state}
+
+
+def fail(error: str, cause: str) -> State:
+    return {"Type": "Fail", "Error": error, "Cause": cause}
+
+
+def any_of(variable: str, values: Sequence[str], next_state: str) -> State:
+    return {"Or": [{"Variable": variable, "StringEquals": v} for v in values], "Next": next_state}
+
+
+def build_states(settings: StackSettings) -> dict[str, State]:
+    """From the start to an image URI pinned by digest in ``$.Image.Uri``."""
+    return {
+        "ChooseImage": choice(
+            [{"Variable": "$.ImageUri", "IsPresent": True, "Next": "UseGivenImage"}], default="BuildImage"
+        ),
+        "UseGivenImage": pass_state({"Uri.$": "$.ImageUri"}, "$.Image", "TrainModel"),
+        "BuildImage": task(
+            LAMBDA_INVOKE,
+            {"FunctionName": BUILD_FUNCTION_ARN,
+             "Payload": {"Build.$": "$.Build", "ExecutionId.$": "$$.Execution.Id"}},
+            "DescribeBuild",
+            comment="Starts a CodeBuild build and returns at once; the state machine waits for it.",
+            result_selector={
+                "BuildId.$": "$.Payload.BuildId",
+                "RepositoryName.$": "$.Payload.RepositoryName",
+                "RepositoryUri.$": "$.Payload.RepositoryUri",
+                "ImageTag.$": "$.Payload.ImageTag",
+            },
+            result_path="$.BuildResult",
+            retry=[BUILD_RETRY],
+            catch=[{"ErrorEquals": ["States.TaskFailed"], "ResultPath": "$.Error", "Next": "BuildImageFailed"}],
+        ),
+        "BuildImageFailed": fail("BuildImageFailed", "The build Lambda failed after its retries."),
+        "DescribeBuild": task(
+            f"{AWS_SDK}:codebuild:batchGetBuilds",
+            {"Ids.$": "States.Array($.BuildResult.BuildId)"},
+            "IsBuildDone",
+            result_selector={"Status.$": "$.Builds[0].BuildStatus"},
+            result_path="$.BuildStatus",
+            retry=[SDK_RETRY],
+        ),
+        "IsBuildDone": choice(
+            [
+                {"Variable": "$.BuildStatus.Status", "StringEquals": "SUCCEEDED", "Next": "ResolveImageDigest"},
+                any_of("$.BuildStatus.Status", BUILD_FAILURE_STATUSES, "BuildFailed"),
+            ],
+            default="WaitForBuild",
+        ),
+        "WaitForBuild": wait(settings.build_poll_seconds, "DescribeBuild"),
+        "BuildFailed": fail("BuildFailed", "The CodeBuild build did not succeed; see its logs."),
+        "ResolveImageDigest": task(
+            f"{AWS_SDK}:ecr:describeImages",
+            {"RepositoryName.$": "$.BuildResult.RepositoryName",
+             "ImageIds": [{"ImageTag.$": "$.BuildResult.ImageTag"}]},
+            "UseBuiltImage",
+            result_selector={"Digest.$": "$.ImageDetails[0].ImageDigest"},
+            result_path="$.BuiltImage",
+            retry=[SDK_RETRY],
+        ),
+        "UseBuiltImage": pass_state(
+            {"Uri.$": "States.Format('{}@{}', $.BuildResult.RepositoryUri, $.BuiltImage.Digest)"},
+            "$.Image",
+            "TrainModel",
+        ),
+    }
+
+
+def training_parameters() -> dict[str, Any]:
+    """CreateTrainingJob request; the dynamic parts come from the execution input."""
+    return {
+        "TrainingJobName.$": "$.JobName",
+        "RoleArn": SAGEMAKER_ROLE_ARN,
+        "AlgorithmSpecification": {
+            "TrainingImage.$": "$.Image.Uri",
+            "TrainingInputMode": "File",
+            "MetricDefinitions": [dict(d) for d in METRIC_DEFINITIONS],
+            "EnableSageMakerMetricsTimeSeries": True,
+        },
+        "HyperParameters.$": "$.Training.HyperParameters",
+        "InputDataConfig.$": "$.Training.InputDataConfig",
+        "OutputDataConfig": {"S3OutputPath.$": "$.OutputPath"},
+        "ResourceConfig": {
+            "InstanceType.$": "$.Training.InstanceType",
+            "InstanceCount.$": "$.Training.InstanceCount",
+            "VolumeSizeInGB.$": "$.Training.VolumeSizeInGB",
+        },
+        "StoppingCondition.$": "$.Training.StoppingCondition",
+        "EnableManagedSpotTraining.$": "$.Training.UseSpot",
+        "CheckpointConfig": {"S3Uri.$": "$.CheckpointS3Uri", "LocalPath": CHECKPOINT_LOCAL_PATH},
+    }
+
+
+def deploy_states(settings: StackSettings) -> dict[str, State]:
+    """From a pinned image to a trained model behind an InService endpoint."""
+    return {
+        "TrainModel": task(
+            f"{SAGEMAKER}:createTrainingJob.sync",
+            training_parameters(),
+            "CreateModel",
+            # .sync returns DescribeTrainingJob; keep only what later states read.
+            result_selector={
+                "S3ModelArtifacts.$": "$.ModelArtifacts.S3ModelArtifacts",
+                "TrainingJobArn.$": "$.TrainingJobArn",
+            },
+            result_path="$.TrainingJob",
+        ),
+        "CreateModel": task(
+            f"{SAGEMAKER}:createModel",
+            {
+                "ModelName.$": "$.ModelName",
+                "ExecutionRoleArn": SAGEMAKER_ROLE_ARN,
+                "PrimaryContainer": {
+                    "Image.$": "$.Image.Uri",
+                    "ModelDataUrl.$": "$.TrainingJob.S3ModelArtifacts",
+                    "Environment": dict(SERVING_PORT_ENV),
+                },
+            },
+            "CreateEndpointConfig",
+        ),
+        "CreateEndpointConfig": task(
+            f"{SAGEMAKER}:createEndpointConfig",
+            {
+                "EndpointConfigName.$": "$.ModelName",
+                "ProductionVariants": [
+                    {
+                        "VariantName": "AllTraffic",
+                        "ModelName.$": "$.ModelName",
+                        "InitialInstanceCount.$": "$.Inference.InstanceCount",
+                        "InstanceType.$": "$.Inference.InstanceType",
+                        "ContainerStartupHealthCheckTimeoutInSeconds": 600,
+                    }
+                ],
+            },
+            "FindEndpoint",
+        ),
+        # NameContains is a substring match, so the exact name is checked with ArrayContains.
+        "FindEndpoint": task(
+            f"{AWS_SDK}:sagemaker:listEndpoints",
+            {"NameContains.$": "$.EndpointName", "MaxResults": 100},
+            "CheckEndpoint",
+            result_selector={"Names.$": "$.Endpoints[*].EndpointName"},
+            result_path="$.ExistingEndpoints",
+            retry=[SDK_RETRY],
+        ),
+        "CheckEndpoint": pass_state(
+            {"Exists.$": "States.ArrayContains($.ExistingEndpoints.Names, $.EndpointName)"},
+            "$.EndpointCheck",
+            "EndpointExists",
+        ),
+        "EndpointExists": choice(
+            [{"Variable": "$.EndpointCheck.Exists", "BooleanEquals": True, "Next": "UpdateEndpoint"}],
+            default="CreateEndpoint",
+        ),
+        "CreateEndpoint": task(
+            f"{SAGEMAKER}:createEndpoint",
+            {"EndpointName.$": "$.EndpointName", "EndpointConfigName.$": "$.ModelName"},
+            "DescribeEndpoint",
+        ),
+        "UpdateEndpoint": task(
+            f"{SAGEMAKER}:updateEndpoint",
+            {"EndpointName.$": "$.EndpointName", "EndpointConfigName.$": "$.ModelName"},
+            "DescribeEndpoint",
+        ),
+        "DescribeEndpoint": task(
+            f"{AWS_SDK}:sagemaker:describeEndpoint",
+            {"EndpointName.$": "$.EndpointName"},
+            "IsEndpointInService",
+            result_selector={"Status.$": "$.EndpointStatus"},
+            result_path="$.Endpoint",
+            retry=[SDK_RETRY],
+        ),
+        "IsEndpointInService": choice(
+            [
+                {"Variable": "$.Endpoint.Status", "StringEquals": "InService", "Next": "Deployed"},
+                {"Variable": "$.Endpoint.Status", "StringEquals": "Failed", "Next": "EndpointFailed"},
+            ],
+            default="WaitForEndpoint",
+        ),
+        "WaitForEndpoint": wait(settings.endpoint_poll_seconds, "DescribeEndpoint"),
+        "EndpointFailed": fail("EndpointFailed", "The endpoint went to Failed; see DescribeEndpoint's FailureReason."),
+        "Deployed": {"Type": "Succeed"},
+    }
+
+
+def build_definition(settings: StackSettings) -> dict[str, Any]:
+    """The complete state machine definition."""
+    return {
+        "Comment": "Build the Mask R-CNN image, train it on SageMaker and deploy it to an endpoint.",
+        "StartAt": "ChooseImage",
+        "States": {**build_states(settings), **deploy_states(settings)},
+    }
+
+
+def substitute(definition: Mapping[str, Any], values: Mapping[str, str]) -> dict[str, Any]:
+    """Replace ``${Name}`` placeholders as CloudFormation's DefinitionSubstitutions would."""
+    text = json.dumps(definition)
+    for name, value in values.items():
+        text = text.replace("${" + name + "}", value)
+    result: dict[str, Any] = json.loads(text)
+    return result
+
+
+def api_calls(definition: Mapping[str, Any]) -> dict[str, tuple[str, str, dict[str, Any]]]:
+    """State name -> (botocore service, operation, Parameters) for every SageMaker and aws-sdk task.
+
+    Both the optimised ``sagemaker:createX`` integrations and ``aws-sdk:service:action`` tasks send
+    their Parameters as the API's request, so both can be checked against botocore's shapes.
+    """
+    found: dict[str, tuple[str, str, dict[str, Any]]] = {}
+    for name, state in definition["States"].items():
+        resource: str = state.get("Resource", "")
+        if state["Type"] != "Task":
+            continue
+        if resource.startswith(f"{SAGEMAKER}:"):
+            service, action = "sagemaker", resource.removeprefix(f"{SAGEMAKER}:")
+        elif resource.startswith(f"{AWS_SDK}:"):
+            service, action = resource.removeprefix(f"{AWS_SDK}:").split(":", 1)
+        else:
+            continue
+        action = action.split(".")[0]
+        found[name] = (service, action[0].upper() + action[1:], state["Parameters"])
+    return found
