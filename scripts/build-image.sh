@@ -27,8 +27,10 @@ REQUIREMENTS=(images/maskrcnn/requirements.txt images/maskrcnn/docker/build-requ
 
 [[ -x $DOCKER ]] || DOCKER=$(command -v docker)
 [[ -x $PYTHON ]] || PYTHON=$(command -v python3.11 || command -v python3)
-if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-    echo "build-image: $PYTHON is not Python 3.11; the wheelhouse must match the image's python3.11" >&2
+# The wheelhouse is resolved for the host's interpreter and platform, which must be the image's:
+# CPython 3.11 on Linux x86_64 (manylinux wheels; both bases have glibc >= 2.35).
+if ! "$PYTHON" -c 'import platform, sys; sys.exit(sys.version_info[:2] != (3, 11) or platform.machine() != "x86_64" or sys.platform != "linux")'; then
+    echo "build-image: $PYTHON is not CPython 3.11 on Linux x86_64, which the wheelhouse must match" >&2
     exit 1
 fi
 
@@ -38,10 +40,8 @@ if [[ $(cat "$WHEELHOUSE/.stamp" 2>/dev/null) != "$stamp" ]]; then
     echo "build-image: filling $WHEELHOUSE"
     rm -rf "$WHEELHOUSE"
     mkdir -p "$WHEELHOUSE"
-    # Linux x86_64 wheels for CPython 3.11, binary only: the image build has no compiler and no network.
+    # Binary only: the image build has no compiler and no network.
     "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary :all: \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
         -c constraints.txt $(printf -- '-r %s ' "${REQUIREMENTS[@]}") --dest "$WHEELHOUSE"
     echo "$stamp" >"$WHEELHOUSE/.stamp"
 fi
