@@ -1,0 +1,238 @@
+"""Architectures, pretrained weights from files, and the saved-model format.
+
+Architectures (``arch``):
+
+* ``resnet50_fpn`` / ``resnet50_fpn_v2``: torchvision's Mask R-CNN, for GPUs.
+* ``lite``: a CPU-sized preset for laptops and CI: ResNet-18 body, a 128-channel FPN on strides
+  8-64, a slimmer box head and a two-layer mask head, fewer proposals. At small image sizes the
+  heads dominate the cost, so they shrink the most.
+
+Pretrained weights come only from a file (the ``pretrained`` channel, or a path baked into the
+image): a torchvision detection checkpoint or a backbone (ImageNet) state dict, as ``.safetensors``
+or a tensor-only ``.pth`` read with ``weights_only=True``. Nothing is downloaded.
+
+The saved model (``/opt/ml/model``) is ``model.safetensors`` (the state dict; loading it runs no
+code) and ``model.json`` (:class:`ModelSpec`: everything serving needs to rebuild the network and
+answer requests). :func:`load_model` refuses any other weights file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchvision.models import resnet18
+from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+
+from maskrcnn.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "model.json"
+# (min_size, max_size) used when the hyperparameters leave them at 0
+DEFAULT_SIZES = {"lite": (256, 512), "resnet50_fpn": (800, 1333), "resnet50_fpn_v2": (800, 1333)}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """model.json: how to rebuild the network and the defaults serving answers with."""
+
+    arch: str
+    class_names: tuple[str, ...]  # label 1 is class_names[0]; label 0 is background
+    min_size: int
+    max_size: int
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    max_detections: int = 100
+    metrics: dict[str, float] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)  # resolved hyperparameters, job name
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) + 1
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["class_names"] = list(self.class_names)
+        data["num_classes"] = self.num_classes
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        try:
+            data = json.loads(text)
+            data.pop("num_classes", None)
+            if data.get("format_version") != FORMAT_VERSION:
+                raise ModelError(f"model.json format_version {data.get('format_version')} is not {FORMAT_VERSION}")
+            data["class_names"] = tuple(data["class_names"])
+            names = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelError(f"model.json is malformed: {exc}") from None
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    min_size: int = 0,
+    max_size: int = 0,
+    *,
+    pretrained: Path | None = None,
+    trainable_backbone_layers: int = 3,
+    max_detections: int = 100,
+) -> nn.Module:
+    """A Mask R-CNN for ``num_classes`` (background included), optionally initialised from a file."""
+    default_min, default_max = DEFAULT_SIZES[arch]
+    sizes = {"min_size": min_size or default_min, "max_size": max_size or default_max}
+    frozen = pretrained is not None
+    if arch == "lite":
+        model = _lite(num_classes, sizes, frozen, trainable_backbone_layers if frozen else 5, max_detections)
+    else:
+        factory = maskrcnn_resnet50_fpn if arch == "resnet50_fpn" else maskrcnn_resnet50_fpn_v2
+        model = factory(
+            weights=None,
+            weights_backbone=None,
+            num_classes=num_classes,
+            trainable_backbone_layers=trainable_backbone_layers if frozen else 5,
+            box_detections_per_img=max_detections,
+            **sizes,
+        )
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm for the FPN and mask head: keeps from-scratch activations tame at any batch size."""
+    return nn.GroupNorm(8, channels)
+
+
+def _lite(
+    num_classes: int, sizes: dict[str, int], frozen_bn: bool, trainable_layers: int, max_detections: int
+) -> MaskRCNN:
+    norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+    body = resnet18(weights=None, norm_layer=norm)
+    stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        stages.append("bn1")
+    for name, parameter in body.named_parameters():
+        if all(not name.startswith(stage) for stage in stages):
+            parameter.requires_grad_(False)
+    channels = 128
+    backbone = BackboneWithFPN(
+        body,
+        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
+        in_channels_list=[128, 256, 512],
+        out_channels=channels,
+        norm_layer=group_norm,
+    )
+    anchors = AnchorGenerator(
+        sizes=((16, 24), (32, 48), (64, 96), (128, 192)), aspect_ratios=((0.5, 1.0, 2.0),) * 4
+    )
+    levels = ["0", "1", "2"]
+    return MaskRCNN(
+        backbone,
+        num_classes=None,  # the predictors below carry it
+        rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(channels, anchors.num_anchors_per_location()[0]),
+        rpn_pre_nms_top_n_train=1000,
+        rpn_post_nms_top_n_train=500,
+        rpn_pre_nms_top_n_test=500,
+        rpn_post_nms_top_n_test=300,
+        box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
+        box_head=TwoMLPHead(channels * 7 * 7, 256),
+        box_predictor=FastRCNNPredictor(256, num_classes),
+        box_batch_size_per_image=128,
+        box_detections_per_img=max_detections,
+        mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
+        mask_head=MaskRCNNHeads(channels, [128, 128], 1, norm_layer=group_norm),
+        mask_predictor=MaskRCNNPredictor(128, 128, num_classes),
+        **sizes,
+    )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file, or a .pth/.pt read with ``weights_only=True`` (no code runs)."""
+    if not path.is_file():
+        raise ModelError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError ...
+        raise ModelError(f"{path.name} is not a tensor-only weights file ({type(exc).__name__}): {exc}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # torchvision reference checkpoints nest the weights
+    if not isinstance(state, dict):
+        raise ModelError(f"{path.name} does not hold a state dict")
+    return state
+
+
+def load_pretrained(model: nn.Module, path: Path) -> None:
+    """Copy every tensor whose name and shape match; a backbone-only file fills the backbone."""
+    state = read_state_dict(path)
+    target = model.state_dict()
+    if not any(k in target for k in state) and any(("backbone.body." + k) in target for k in state):
+        state = {"backbone.body." + k: v for k, v in state.items()}
+    matched = {k: v for k, v in state.items() if k in target and target[k].shape == v.shape}
+    if not matched:
+        raise ModelError(f"no tensor of {path.name} fits this architecture; is it the right weights file?")
+    model.load_state_dict(matched, strict=False)
+    skipped = sorted(set(state) - set(matched))
+    log.info("pretrained %s: loaded %d tensors, skipped %d (e.g. %s)", path.name, len(matched), len(skipped),
+             ", ".join(skipped[:3]))
+
+
+def save_model(model_dir: Path, model: nn.Module, spec: ModelSpec) -> None:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
+    save_file(state, str(model_dir / WEIGHTS_FILE), metadata={"arch": spec.arch})
+    (model_dir / SPEC_FILE).write_text(spec.to_json())
+
+
+def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec]:
+    """Rebuild the network from model.json and fill it from model.safetensors; eval mode."""
+    spec_path, weights_path = model_dir / SPEC_FILE, model_dir / WEIGHTS_FILE
+    if not spec_path.is_file() or not weights_path.is_file():
+        present = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else []
+        raise ModelError(
+            f"{model_dir} must hold {SPEC_FILE} and {WEIGHTS_FILE} (found: {present or 'nothing'}); "
+            "pickled weights are never loaded"
+        )
+    spec = ModelSpec.from_json(spec_path.read_text())
+    model = build_model(spec.arch, spec.num_classes, spec.min_size, spec.max_size,
+                        max_detections=spec.max_detections)
+    try:
+        state = load_file(str(weights_path))
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise ModelError(f"{WEIGHTS_FILE} does not match model.json ({spec.arch}): {exc}") from None
+    model.eval().to(device)
+    return model, spec
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["ModelSpec", "build_model", "count_parameters", "load_model", "load_pretrained", "save_model"]

@@ -1,0 +1,318 @@
+"""The training job: data -> model -> loop -> evaluation -> saved model, under the SageMaker contract.
+
+``run(config)`` is the whole job for one host; ``images/maskrcnn/train`` calls it through
+:func:`maskrcnn.cli.train_main`, which owns the failure file. Launching:
+
+    SAGEMAKER_BASE_DIR=/tmp/job images/maskrcnn/train     # a hand-made /opt/ml tree
+    docker run -v /tmp/job:/opt/ml IMAGE train           # the image
+    python -m local train --data DIR --output DIR        # the local harness
+
+On a GPU host it starts one process per GPU (NCCL, AMP); on CPU one process (gloo when several
+hosts). Every host lists the same ``hosts`` in resourceconfig.json; the first is the master.
+
+Outputs (rank 0 only): ``model/model.safetensors`` and ``model/model.json``;
+``output/data/metrics.json`` (history) and ``output/data/metrics.png`` (loss and mAP).
+Checkpoints go to ``checkpoints/last.pt`` every ``checkpoint_every`` steps and on SIGTERM; a job
+that finds one resumes from it and ends with the same weights as an uninterrupted run (CPU).
+Exit codes: 0 done, 143 stopped by SIGTERM after checkpointing, 1 failed (see output/failure).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from maskrcnn import checkpoint, distributed
+from maskrcnn.config import Hyperparameters, TrainConfig
+from maskrcnn.data import (
+    DatasetIndex,
+    InstanceDataset,
+    collate,
+    eval_transforms,
+    load_index,
+    split_index,
+    train_transforms,
+)
+from maskrcnn.engine import LoopState, evaluate, train_one_epoch
+from maskrcnn.errors import ConfigError, DataError
+from maskrcnn.model import DEFAULT_SIZES, ModelSpec, build_model, save_model
+
+log = logging.getLogger(__name__)
+
+EXIT_STOPPED = 143
+
+
+class StopSignal:
+    """Set by SIGTERM (StopTrainingJob, spot reclaim); polled between steps."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+
+    def __call__(self) -> bool:
+        return self.event.is_set()
+
+
+class SkipSampler(Sampler[int]):
+    """The epoch's sampler order, minus the first ``skip`` samples already trained before a restart."""
+
+    def __init__(self, sampler: DistributedSampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
+
+
+def load_data(config: TrainConfig) -> tuple[DatasetIndex, DatasetIndex]:
+    hp = config.hp
+    training = load_index(config.paths.channel("training"), hp.dataset_format)
+    if "validation" in config.channels:
+        validation = load_index(config.paths.channel("validation"), hp.dataset_format)
+        if validation.class_names != training.class_names:
+            raise DataError(
+                f"validation classes {validation.class_names} differ from training classes {training.class_names}"
+            )
+        return training, validation
+    return split_index(training, hp.val_fraction, hp.seed)
+
+
+def pretrained_file(config: TrainConfig) -> Path | None:
+    """The ``pretrained`` channel's single weights file, else a file baked into the image."""
+    if "pretrained" in config.channels:
+        channel = config.paths.channel("pretrained")
+        files = sorted(p for p in channel.glob("*") if p.suffix in (".pth", ".pt", ".safetensors"))
+        if len(files) != 1:
+            raise ConfigError(
+                f"the pretrained channel must hold exactly one .pth/.pt/.safetensors file, found {len(files)}"
+            )
+        return files[0]
+    if config.pretrained_path is not None and config.pretrained_path.is_file():
+        return config.pretrained_path
+    return None
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, hp: Hyperparameters, steps_per_epoch: int, total: int):
+    def factor(step: int) -> float:
+        if step < hp.warmup_steps:
+            alpha = step / max(hp.warmup_steps, 1)
+            return hp.warmup_factor * (1 - alpha) + alpha
+        if hp.lr_schedule == "cosine":
+            progress = (step - hp.warmup_steps) / max(total - hp.warmup_steps, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if hp.lr_schedule == "multistep":
+            epoch = step // max(steps_per_epoch, 1)
+            return hp.lr_gamma ** sum(epoch >= m for m in hp.lr_steps)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if hp.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+
+def run(config: TrainConfig) -> int:
+    """Train on this host; returns the exit code (0 done, 143 stopped)."""
+    nprocs = distributed.processes_per_host()
+    if nprocs == 1:
+        return worker(0, config, 1)
+    context = mp.start_processes(worker, args=(config, nprocs), nprocs=nprocs, join=False, start_method="spawn")
+
+    def forward(signum: int, _frame: Any) -> None:
+        for process in context.processes:
+            if process.is_alive() and process.pid is not None:
+                import os
+
+                os.kill(process.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    while not context.join():
+        pass
+    codes = {p.exitcode for p in context.processes}
+    return EXIT_STOPPED if EXIT_STOPPED in codes or -signal.SIGTERM in codes else 0
+
+
+def worker(local_rank: int, config: TrainConfig, nprocs: int) -> int:
+    stop = StopSignal()
+    stop.install()
+    ctx = distributed.init(config, local_rank, nprocs)
+    try:
+        return _train(config, ctx, stop)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal) -> int:
+    hp = config.hp
+    torch.manual_seed(hp.seed)
+    if ctx.device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    train_index, val_index = load_data(config)
+    log.info(
+        "data: %d training and %d validation images, classes %s (%s format)",
+        len(train_index.images), len(val_index.images), train_index.class_names, train_index.source,
+    )
+    weights = pretrained_file(config)
+    model = build_model(
+        hp.arch, train_index.num_classes, hp.min_size, hp.max_size,
+        pretrained=weights, trainable_backbone_layers=hp.trainable_backbone_layers,
+        max_detections=hp.max_detections,
+    ).to(ctx.device)
+    train_set = InstanceDataset(train_index, train_transforms(hp.hflip, hp.photometric), seed=hp.seed)
+    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=hp.seed)
+    steps_per_epoch = math.ceil(len(sampler) / hp.batch_size)
+    total_steps = hp.epochs * steps_per_epoch
+    if hp.max_steps:
+        total_steps = min(total_steps, hp.max_steps)
+    optimizer = make_optimizer(model, hp)
+    scheduler = make_scheduler(optimizer, hp, steps_per_epoch, total_steps)
+    use_amp = hp.amp and ctx.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    fingerprint = {"arch": hp.arch, "classes": train_index.class_names, "seed": hp.seed,
+                   "batch_size": hp.batch_size, "world_size": ctx.world_size}
+
+    state = LoopState()
+    payload = checkpoint.load(config.paths.checkpoints_dir) if ctx.is_main else None
+    if ctx.distributed:
+        box = [payload]
+        torch.distributed.broadcast_object_list(box, src=0)
+        payload = box[0]
+    if payload is not None:
+        if payload["fingerprint"] != fingerprint:
+            raise ConfigError(
+                f"the checkpoint in {config.paths.checkpoints_dir} was made by a different job "
+                f"({payload['fingerprint']}); remove it or restore that job's settings ({fingerprint})"
+            )
+        state = checkpoint.restore(payload, model, optimizer, scheduler, scaler)
+        log.info("resuming from checkpoint: epoch %d, step %d", state.epoch, state.global_step)
+
+    train_model = model
+    if ctx.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+
+    def save_checkpoint() -> None:
+        if ctx.is_main:
+            checkpoint.save(config.paths.checkpoints_dir, model, optimizer, scheduler, scaler, state, fingerprint)
+
+    def after_step(current: LoopState) -> bool:
+        if distributed.any_rank(stop(), ctx):
+            return False
+        if hp.checkpoint_every and current.global_step % hp.checkpoint_every == 0:
+            save_checkpoint()
+        return True
+
+    val_loader = DataLoader(
+        InstanceDataset(val_index, eval_transforms()), batch_size=2, collate_fn=collate,
+        num_workers=min(hp.num_workers, 2),
+    )
+    ground_truth = val_index.to_coco()
+    scores: dict[str, float] = {}
+    reached_limit = hp.max_steps and state.global_step >= hp.max_steps
+    started = time.perf_counter()
+    while state.epoch < hp.epochs and not reached_limit:
+        train_set.set_epoch(state.epoch)
+        sampler.set_epoch(state.epoch)
+        loader = DataLoader(
+            train_set, batch_size=hp.batch_size, sampler=SkipSampler(sampler, state.step_in_epoch * hp.batch_size),
+            collate_fn=collate, num_workers=hp.num_workers, pin_memory=ctx.device.type == "cuda",
+            generator=torch.Generator().manual_seed(hp.seed + state.epoch),
+        )
+        finished = train_one_epoch(
+            train_model, optimizer, scheduler, loader, ctx.device, state,
+            scaler=scaler, clip_grad_norm=hp.clip_grad_norm, max_steps=hp.max_steps, log_every=hp.log_every,
+            world_size=ctx.world_size, after_step=after_step,
+        )
+        if distributed.any_rank(stop(), ctx):
+            save_checkpoint()
+            log.warning("stopped by SIGTERM at step %d; checkpoint saved, a restart resumes from it",
+                        state.global_step)
+            return EXIT_STOPPED
+        reached_limit = bool(hp.max_steps) and state.global_step >= hp.max_steps
+        if finished:
+            state.epoch += 1
+            state.step_in_epoch = 0
+        last = state.epoch >= hp.epochs or reached_limit
+        if ctx.is_main and (last or state.epoch % hp.eval_every == 0):
+            scores = evaluate(model, val_loader, ground_truth, ctx.device, state.epoch)
+            state.history.append({"phase": "eval", "epoch": state.epoch, "step": state.global_step, **scores})
+        distributed.barrier(ctx)
+        if not last:
+            save_checkpoint()
+    if ctx.is_main:
+        if not scores:  # resumed from a finished checkpoint: score the restored weights
+            scores = evaluate(model, val_loader, ground_truth, ctx.device, state.epoch)
+        write_outputs(config, model, train_index, scores, state, time.perf_counter() - started)
+        save_checkpoint()
+    distributed.barrier(ctx)
+    return 0
+
+
+def write_outputs(
+    config: TrainConfig, model: torch.nn.Module, index: DatasetIndex, scores: dict[str, float],
+    state: LoopState, seconds: float,
+) -> None:
+    hp = config.hp
+    default_min, default_max = DEFAULT_SIZES[hp.arch]
+    spec = ModelSpec(
+        arch=hp.arch,
+        class_names=tuple(index.class_names),
+        min_size=hp.min_size or default_min,
+        max_size=hp.max_size or default_max,
+        score_threshold=hp.score_threshold,
+        mask_threshold=hp.mask_threshold,
+        max_detections=hp.max_detections,
+        metrics={k: round(v, 6) for k, v in scores.items()},
+        training={"job_name": config.job_name, "hyperparameters": hp.to_dict(), "steps": state.global_step,
+                  "train_seconds": round(seconds, 1)},
+    )
+    save_model(config.paths.model_dir, model, spec)
+    out = config.paths.output_data_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"history": state.history, "final": scores}, indent=1))
+    plot_history(state.history, out / "metrics.png")
+    log.info("model written to %s (%s)", config.paths.model_dir,
+             ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [h for h in history if h["phase"] == "train"]
+    evals = [h for h in history if h["phase"] == "eval"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot([h["step"] for h in train], [h["loss"] for h in train], label="loss")
+    left.set_xlabel("step")
+    left.set_title("training loss")
+    for key in ("bbox_mAP", "segm_mAP", "segm_AP50"):
+        right.plot([h["step"] for h in evals], [h.get(key, 0.0) for h in evals], marker="o", label=key)
+    right.set_xlabel("step")
+    right.set_ylim(0, 1)
+    right.set_title("validation")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
