@@ -1,0 +1,46 @@
+# Two commands for a newcomer: `make demo` and `make test`. Everything else is below.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= demo-output
+IMAGE ?= maskrcnn-sagemaker:latest
+
+.PHONY: setup demo test test-unit test-integration test-container test-gpu lint bench clean
+
+setup: $(STAMP)  ## create .venv with every pinned dependency
+
+$(STAMP): images/maskrcnn/requirements.txt requirements-dev.txt constraints.txt images/maskrcnn/pyproject.toml pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt -r requirements-dev.txt
+	$(PIP) install -q -c constraints.txt --no-deps -e images/maskrcnn -e .
+	touch $(STAMP)
+
+demo: setup  ## the main job: synthetic data -> train -> model.tar.gz -> endpoint -> predictions
+	$(PY) -m local demo --out $(DEMO_OUT)
+
+test: setup  ## every test layer this machine can run (skipped layers say why)
+	$(PY) -m pytest
+
+test-unit: setup
+	$(PY) -m pytest -m unit
+
+test-integration: setup
+	$(PY) -m pytest -m integration
+
+test-gpu: setup
+	$(PY) -m pytest -m gpu
+
+lint: setup  ## ruff, mypy on the package, hadolint on the Dockerfile
+	$(VENV)/bin/ruff check images local pipeline tests bench
+	$(VENV)/bin/mypy images/maskrcnn/src/maskrcnn
+	if [ -f images/maskrcnn/Dockerfile ]; then $(VENV)/bin/hadolint images/maskrcnn/Dockerfile; fi
+
+bench: setup  ## training benchmarks (minutes; see docs/benchmarks.md)
+	$(PY) bench/bench_train_loop.py
+	$(PY) bench/bench_coco_eval.py
+
+clean:
+	rm -rf $(DEMO_OUT) build .pytest_cache .mypy_cache .ruff_cache

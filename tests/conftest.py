@@ -1,0 +1,119 @@
+"""Shared fixtures and the test layers.
+
+Layers are pytest markers (registered in pyproject.toml): unit, integration, container, gpu. A test
+without a marker gets one from its folder (tests/unit -> unit, tests/integration -> integration ...).
+A layer whose prerequisite is missing is skipped with the reason printed (-ra); set
+``MASKRCNN_REQUIRE_LAYERS=container,gpu`` (CI does for the layers it provides) to turn such a skip
+into a failure, so CI never silently skips a layer it can run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "images" / "maskrcnn" / "train"
+SERVE = REPO / "images" / "maskrcnn" / "serve"
+FOLDER_LAYERS = {"unit": "unit", "integration": "integration", "container": "container", "gpu": "gpu"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(any(item.iter_markers(name)) for name in FOLDER_LAYERS.values()):
+            continue
+        parts = Path(str(item.fspath)).relative_to(REPO / "tests").parts
+        if parts and parts[0] in FOLDER_LAYERS:
+            item.add_marker(FOLDER_LAYERS[parts[0]])
+
+
+def require_or_skip(layer: str, reason: str) -> None:
+    """Skip for a missing prerequisite, unless this run demands the layer."""
+    required = {x.strip() for x in os.environ.get("MASKRCNN_REQUIRE_LAYERS", "").split(",") if x.strip()}
+    if layer in required:
+        pytest.fail(f"layer {layer!r} is required here (MASKRCNN_REQUIRE_LAYERS) but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No SageMaker or project variable leaks from the developer's shell into a test."""
+    for name in list(os.environ):
+        if name.startswith(("SAGEMAKER_", "SM_", "MASKRCNN_")) or name in ("TRAINING_JOB_NAME",):
+            if name != "MASKRCNN_REQUIRE_LAYERS":
+                monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic COCO dataset (16 images, 128 px), written once per session."""
+    from maskrcnn.synthetic import write_coco_dataset
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_coco_dataset(out, num_images=16, seed=3, size=128)
+    return out
+
+
+TINY_HP = {
+    "arch": "lite", "max_steps": "4", "batch_size": "2", "min_size": "128", "max_size": "128",
+    "num_workers": "0", "log_every": "1", "checkpoint_every": "0",
+}
+
+
+@pytest.fixture
+def make_job(tmp_path: Path, synthetic_dir: Path) -> Callable[..., Path]:
+    """Lay out an /opt/ml tree by hand, as SageMaker would, and return its base directory."""
+
+    def make(
+        hyperparameters: dict[str, Any] | None = None,
+        channels: dict[str, Path] | None = None,
+        resourceconfig: dict[str, Any] | None = None,
+        name: str = "job",
+    ) -> Path:
+        base = tmp_path / name
+        config = base / "input" / "config"
+        config.mkdir(parents=True)
+        channels = {"training": synthetic_dir} if channels is None else channels
+        for channel, source in channels.items():
+            (base / "input" / "data").mkdir(parents=True, exist_ok=True)
+            (base / "input" / "data" / channel).symlink_to(source, target_is_directory=True)
+        hp = {**TINY_HP, **(hyperparameters or {})}
+        (config / "hyperparameters.json").write_text(json.dumps({k: str(v) for k, v in hp.items()}))
+        (config / "inputdataconfig.json").write_text(
+            json.dumps({c: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"} for c in channels})
+        )
+        (config / "resourceconfig.json").write_text(
+            json.dumps(resourceconfig or {"current_host": "algo-1", "hosts": ["algo-1"]})
+        )
+        return base
+
+    return make
+
+
+def train_command() -> list[str]:
+    return [sys.executable, str(TRAIN)]
+
+
+def job_env(base: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "MASKRCNN_"))}
+    env.update({"SAGEMAKER_BASE_DIR": str(base), "TRAINING_JOB_NAME": base.name, "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def port() -> Iterator[int]:
+    yield free_port()
