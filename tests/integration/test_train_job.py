@@ -1,0 +1,169 @@
+"""The real `train` entrypoint on hand-made /opt/ml trees (SAGEMAKER_BASE_DIR), on CPU.
+
+Each test starts `images/maskrcnn/train` as a subprocess, exactly as the container would, and
+checks what a user sees: the model directory, the metrics, the failure file and the exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from maskrcnn.metrics import parse_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = [sys.executable, str(REPO / "images" / "maskrcnn" / "train")]
+
+
+def env_for(base: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "MASKRCNN_"))}
+    env.update({"SAGEMAKER_BASE_DIR": str(base), "TRAINING_JOB_NAME": base.name, "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def run_train(base: Path, timeout: float = 240, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(TRAIN, env=env_for(base, **extra), capture_output=True, text=True, timeout=timeout)
+
+
+def failure_reason(base: Path) -> str:
+    return (base / "output" / "failure").read_text().splitlines()[0]
+
+
+def test_train_writes_model_metrics_and_no_failure(make_job) -> None:
+    base = make_job({"max_steps": "4"})
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    spec = json.loads((base / "model" / "model.json").read_text())
+    assert spec["arch"] == "lite" and spec["class_names"] == ["circle", "rectangle", "triangle"]
+    assert spec["min_size"] == 128 and spec["training"]["steps"] == 4
+    assert set(spec["metrics"]) == {"bbox_mAP", "bbox_AP50", "segm_mAP", "segm_AP50"}
+    weights = load_file(base / "model" / "model.safetensors")
+    assert "roi_heads.mask_predictor.mask_fcn_logits.weight" in weights
+    history = json.loads((base / "output" / "data" / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history if h["phase"] == "train"] == [1, 2, 3, 4]
+    assert (base / "output" / "data" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (base / "output" / "failure").exists()
+    seen = {}
+    for line in result.stdout.splitlines():
+        seen.update(parse_metrics(line))
+    assert {"train:loss", "train:lr", "train:images_per_sec", "validation:segm_mAP"} <= set(seen)
+
+
+def test_a_stale_failure_file_is_removed_by_a_successful_run(make_job) -> None:
+    base = make_job({"max_steps": "1"})
+    (base / "output").mkdir()
+    (base / "output" / "failure").write_text("old reason\n")
+    assert run_train(base).returncode == 0
+    assert not (base / "output" / "failure").exists()
+
+
+@pytest.mark.parametrize(
+    ("setup", "fragment"),
+    [
+        ("unknown_hp", "unknown hyperparameter 'learning_rate'; accepted:"),
+        ("no_training_channel", "the 'training' channel is required"),
+        ("empty_dataset", "has no images"),
+        ("missing_image", "which is not in"),
+    ],
+)
+def test_bad_input_fails_with_a_reason_and_nonzero_exit(make_job, tmp_path: Path, setup: str, fragment: str) -> None:
+    if setup == "unknown_hp":
+        base = make_job({"learning_rate": "0.1"})
+    elif setup == "no_training_channel":
+        base = make_job(channels={})
+    else:
+        data = tmp_path / "bad"
+        data.mkdir()
+        images = [] if setup == "empty_dataset" else [{"id": 1, "file_name": "x.png", "width": 8, "height": 8}]
+        (data / "annotations.json").write_text(json.dumps({"images": images, "annotations": [],
+                                                           "categories": [{"id": 1, "name": "a"}]}))
+        base = make_job(channels={"training": data})
+    result = run_train(base, timeout=120)
+    assert result.returncode == 1
+    reason = failure_reason(base)
+    assert fragment in reason
+    assert len((base / "output" / "failure").read_text()) <= 1025
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_non_finite_loss_stops_the_job_with_a_clear_failure(make_job) -> None:
+    base = make_job({"lr": "1e12", "clip_grad_norm": "0", "warmup_steps": "0", "max_steps": "30"})
+    result = run_train(base)
+    assert result.returncode == 1, result.stdout[-2000:]
+    reason = failure_reason(base)
+    assert reason.startswith("loss became nan") or reason.startswith("loss became inf"), reason
+    assert "lower lr" in reason
+    assert not (base / "model" / "model.safetensors").exists()
+
+
+def wait_for_line(process: subprocess.Popen, needle: str, timeout: float) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"never saw {needle!r}:\n{''.join(lines[-30:])}")
+
+
+def test_sigterm_checkpoints_and_the_restart_ends_where_an_uninterrupted_run_does(make_job) -> None:
+    hp = {"max_steps": "10", "epochs": "2", "num_workers": "1", "checkpoint_every": "0"}
+    reference = make_job(hp, name="uninterrupted")
+    assert run_train(reference).returncode == 0
+
+    base = make_job(hp, name="interrupted")
+    process = subprocess.Popen(TRAIN, env=env_for(base), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_line(process, "step=3 ", timeout=180)
+        process.send_signal(signal.SIGTERM)
+        rest = process.communicate(timeout=120)[0]
+    finally:
+        process.kill()
+    assert process.returncode == 143, rest
+    assert (base / "checkpoints" / "last.pt").exists()
+    assert not (base / "model" / "model.safetensors").exists()
+    assert not (base / "output" / "failure").exists()
+
+    resumed = run_train(base)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "resuming from checkpoint" in resumed.stdout
+    resumed_steps = [int(m.split("step=")[1].split()[0]) for m in resumed.stdout.splitlines()
+                     if "#metrics phase=train" in m]
+    assert resumed_steps and resumed_steps[0] > 3  # it continued; it did not start over
+    a = load_file(reference / "model" / "model.safetensors")
+    b = load_file(base / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not (a[k] == b[k]).all()]
+    assert different == []
+
+
+def test_two_hosts_train_together_and_only_the_first_writes_the_model(make_job) -> None:
+    from conftest import free_port  # noqa: PLC0415  (tests/ is on sys.path via rootdir conftest)
+
+    hosts = ["algo-1", "algo-2"]
+    bases = [make_job({"max_steps": "3"}, resourceconfig={"current_host": h, "hosts": hosts}, name=h) for h in hosts]
+    extra = {"MASKRCNN_MASTER_ADDR": "127.0.0.1", "MASKRCNN_MASTER_PORT": str(free_port())}
+    processes = [
+        subprocess.Popen(TRAIN, env=env_for(b, **extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for b in bases
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "rank 0 of 2" in outputs[0] and "rank 1 of 2" in outputs[1]
+    assert (bases[0] / "model" / "model.safetensors").exists()
+    assert not (bases[1] / "model" / "model.safetensors").exists()
+    # each step saw both hosts' images: the logged rate counts the whole job's batch
+    spec = json.loads((bases[0] / "model" / "model.json").read_text())
+    assert spec["training"]["steps"] == 3
