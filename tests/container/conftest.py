@@ -1,0 +1,191 @@
+"""Fixtures for the container layer: a Docker engine, the image built once, an /opt/ml tree.
+
+The image is (re)built once per session with scripts/build-image.sh, which is incremental: with nothing
+changed it takes seconds; a source change rebuilds only the small package layer. Environment:
+
+* ``IMAGE``: the tag to build and test (default ``sagemaker-maskrcnn:latest``, as ``make build``);
+* ``BASE_IMAGE``: the base to build on; unset, the base the existing tag was built from (its
+  ``org.opencontainers.image.base.name`` label) is reused, else the Dockerfile's CUDA default;
+* ``MASKRCNN_SKIP_BUILD=1``: test the tag as it is (it must exist).
+
+No reachable Docker engine skips the layer, saying so; a failed build fails it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO / "scripts" / "build-image.sh"
+DEFAULT_IMAGE = "sagemaker-maskrcnn:latest"
+BASE_LABEL = "org.opencontainers.image.base.name"
+
+# Small and fast on 2 CPU cores; the values are strings, as SageMaker writes them.
+SMOKE_HYPERPARAMETERS = {
+    "arch": "lite",
+    "max_steps": "4",
+    "batch_size": "2",
+    "min_size": "128",
+    "max_size": "128",
+}
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    """A client of the local Docker engine, or a skip that says why there is none."""
+    docker = pytest.importorskip("docker", reason="the docker SDK is not installed")
+    try:
+        client = docker.from_env(timeout=300)
+        client.ping()
+    except Exception as exc:  # DockerException, connection refused, permission denied ...
+        pytest.skip(
+            f"no Docker engine reachable ({type(exc).__name__}: {exc}); scripts/install-docker.sh starts one"
+        )
+    yield client
+    client.close()
+
+
+def _existing_base(client, tag: str) -> str | None:
+    import docker
+
+    try:
+        labels = client.images.get(tag).labels or {}
+    except docker.errors.ImageNotFound:
+        return None
+    return labels.get(BASE_LABEL) or None
+
+
+@pytest.fixture(scope="session")
+def image(docker_client) -> str:
+    """The image tag under test, built (incrementally) once per session."""
+    tag = os.environ.get("IMAGE", DEFAULT_IMAGE)
+    if os.environ.get("MASKRCNN_SKIP_BUILD") == "1":
+        if _existing_base(docker_client, tag) is None and not docker_client.images.list(name=tag):
+            pytest.fail(f"MASKRCNN_SKIP_BUILD=1 but image {tag} does not exist")
+        return tag
+    env = dict(os.environ, IMAGE=tag)
+    base = os.environ.get("BASE_IMAGE") or _existing_base(docker_client, tag)
+    if base:
+        env["BASE_IMAGE"] = base
+    result = subprocess.run(
+        [str(BUILD_SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        pytest.fail(
+            f"building {tag} (base {base or 'Dockerfile default'}) failed, exit code {result.returncode}:\n"
+            + (result.stdout + result.stderr)[-4000:],
+            pytrace=False,
+        )
+    return tag
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """A small synthetic COCO dataset (images/*.png + annotations.json), made once per session."""
+    synthetic = pytest.importorskip("maskrcnn.synthetic", reason="the maskrcnn package is not importable")
+    out = tmp_path_factory.mktemp("dataset")
+    synthetic.write_coco_dataset(out, num_images=12, seed=0, size=128)
+    return out
+
+
+def make_opt_ml(root: Path, dataset: Path, hyperparameters: dict[str, str]) -> Path:
+    """An /opt/ml tree as SageMaker lays it out for a one-host File-mode job with a `training` channel."""
+    import shutil
+
+    config = root / "input" / "config"
+    config.mkdir(parents=True)
+    (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+    (config / "inputdataconfig.json").write_text(
+        json.dumps(
+            {
+                "training": {
+                    "ContentType": "application/json",
+                    "TrainingInputMode": "File",
+                    "S3DistributionType": "FullyReplicated",
+                    "RecordWrapperType": "None",
+                }
+            }
+        )
+    )
+    (config / "resourceconfig.json").write_text(
+        json.dumps({"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "eth0"})
+    )
+    shutil.copytree(dataset, root / "input" / "data" / "training")
+    for sub in ("model", "output", "checkpoints"):
+        (root / sub).mkdir(parents=True)
+    return root
+
+
+@pytest.fixture
+def opt_ml_factory(tmp_path: Path, dataset: Path):
+    """Builds fresh /opt/ml trees under the test's tmp dir: ``opt_ml_factory(hyperparameters)``."""
+    count = 0
+
+    def make(hyperparameters: dict[str, str]) -> Path:
+        nonlocal count
+        count += 1
+        return make_opt_ml(tmp_path / f"opt_ml_{count}", dataset, hyperparameters)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smoke_hyperparameters() -> dict[str, str]:
+    """A few CPU steps of the lite model on small images, as SageMaker writes them (all strings)."""
+    return dict(SMOKE_HYPERPARAMETERS)
+
+
+def _run_to_completion(client, image: str, command, opt_ml: Path, timeout: int, **kwargs) -> tuple[int, str]:
+    container = client.containers.run(
+        image, command, detach=True, volumes={str(opt_ml): {"bind": "/opt/ml", "mode": "rw"}}, **kwargs
+    )
+    try:
+        code = container.wait(timeout=timeout)["StatusCode"]
+        return code, container.logs().decode(errors="replace")
+    finally:
+        container.remove(force=True)
+
+
+@pytest.fixture(scope="session")
+def run_to_completion(docker_client, image: str):
+    """``run_to_completion(command, opt_ml, timeout, **run_kwargs) -> (exit code, logs)``: docker run
+    IMAGE command with opt_ml mounted at /opt/ml, waited for and removed."""
+
+    def run(command, opt_ml: Path, timeout: int = 900, **kwargs) -> tuple[int, str]:
+        return _run_to_completion(docker_client, image, command, opt_ml, timeout, **kwargs)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def trained_model(image: str, docker_client, dataset: Path, tmp_path_factory) -> Path:
+    """/opt/ml after one smoke training run in the image (shared by the serving tests)."""
+    root = make_opt_ml(tmp_path_factory.mktemp("trained") / "opt_ml", dataset, SMOKE_HYPERPARAMETERS)
+    code, logs = _run_to_completion(docker_client, image, "train", root, timeout=900)
+    assert code == 0, f"train exited {code}:\n{logs[-4000:]}"
+    return root
+
+
+@pytest.fixture
+def containers(docker_client) -> Iterator[list]:
+    """Containers a test starts; each is force-removed at teardown, passed or failed."""
+    started: list = []
+    yield started
+    for container in started:
+        with contextlib.suppress(Exception):  # already gone
+            container.remove(force=True)
+
+
+@pytest.fixture(scope="session")
+def nvidia_runtime(docker_client) -> None:
+    """Skips unless the engine has the NVIDIA runtime (``docker info`` Runtimes)."""
+    runtimes = docker_client.info().get("Runtimes", {})
+    if "nvidia" not in runtimes:
+        pytest.skip(f"the Docker engine has no nvidia runtime (runtimes: {', '.join(sorted(runtimes))})")
