@@ -1,0 +1,159 @@
+"""The job tree SageMaker writes before it starts ``train``, and ``--hp KEY=VALUE`` parsing.
+
+``python -m local train --output OUT`` lays out::
+
+    OUT/
+      job.json           what ran: name, mode, hosts, hyperparameters, exit code, failure, metrics
+      model.tar.gz       algo-1's model/ packed as SageMaker packs it (only on success)
+      output.tar.gz      algo-1's output/data/ (SageMaker's output.tar.gz)
+      algo-1/            one /opt/ml tree per host: SAGEMAKER_BASE_DIR, or mounted at /opt/ml
+        input/config/hyperparameters.json   every value a string
+        input/config/inputdataconfig.json   one entry per channel, File mode
+        input/config/resourceconfig.json    current_host and hosts algo-1..N
+        input/data/<channel>/               the channel's files (hard links, see below)
+        model/  output/  checkpoints/
+      algo-2/ ...
+
+Channels are hard links to the files of ``--data`` (a copy where the data lies on another file
+system). Not symlinks: the tree is mounted into a container in docker mode, where a link to a host
+path would dangle, and the training code should see plain files as File mode gives it. Not copies
+by default: linking costs neither time nor disk (the inner loop has a 1 s overhead budget). SageMaker
+treats input as read-only; a training script that writes into ``input/data`` would change the
+source files here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from maskrcnn.config import SageMakerPaths
+
+from local.errors import HarnessError
+
+JOB_FILE = "job.json"
+MODEL_ARCHIVE = "model.tar.gz"
+OUTPUT_ARCHIVE = "output.tar.gz"
+CHANNEL_NAMES = ("training", "validation", "pretrained")  # the ones the image accepts
+
+
+def parse_pairs(pairs: Iterable[str], what: str = "--hp") -> dict[str, str]:
+    """``["epochs=2", "lr=0.01"]`` -> ``{"epochs": "2", "lr": "0.01"}``; the last of a repeated key wins.
+
+    Values stay strings, as SageMaker delivers them; the job itself decodes and validates them, so an
+    unknown key fails the way it would on SageMaker (output/failure, non-zero exit).
+    """
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise HarnessError(f"{what} takes KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def host_names(count: int) -> list[str]:
+    if count < 1:
+        raise HarnessError(f"--instance-count must be >= 1, got {count}")
+    return [f"algo-{i}" for i in range(1, count + 1)]
+
+
+def default_job_name(prefix: str = "maskrcnn") -> str:
+    """SageMaker-style ``prefix-YYYY-MM-DD-HH-MM-SS-mmm``."""
+    now = datetime.now(timezone.utc)
+    return f"{prefix}-{now:%Y-%m-%d-%H-%M-%S}-{now.microsecond // 1000:03d}"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A training job as CreateTrainingJob describes it, minus what has no meaning on one machine."""
+
+    name: str
+    channels: Mapping[str, Path]  # channel name -> local folder
+    hyperparameters: Mapping[str, str] = field(default_factory=dict)
+    instance_count: int = 1
+    environment: Mapping[str, str] = field(default_factory=dict)  # the job's Environment map
+
+    @property
+    def hosts(self) -> list[str]:
+        return host_names(self.instance_count)
+
+    def check(self) -> None:
+        if "training" not in self.channels:
+            raise HarnessError("a training channel is required (--data DIR)")
+        for name, folder in self.channels.items():
+            if not Path(folder).is_dir():
+                raise HarnessError(f"channel {name!r}: {folder} is not a folder")
+        too_long = [k for k, v in self.hyperparameters.items() if len(v) > 2500]
+        if len(self.hyperparameters) > 100 or too_long:
+            raise HarnessError("SageMaker allows at most 100 hyperparameters of at most 2500 characters each")
+        host_names(self.instance_count)
+
+
+def inputdataconfig(channels: Iterable[str]) -> dict[str, dict[str, str]]:
+    return {
+        name: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
+        for name in sorted(channels)
+    }
+
+
+def resourceconfig(hosts: list[str], current: str) -> dict[str, object]:
+    return {
+        "current_host": current,
+        "current_instance_type": "local",
+        "current_group_name": "homogeneousCluster",
+        "hosts": hosts,
+        "instance_groups": [{"instance_group_name": "homogeneousCluster", "instance_type": "local", "hosts": hosts}],
+        "network_interface_name": "eth0",
+    }
+
+
+def prepare_output(output: Path, overwrite: bool) -> None:
+    """Make ``output`` an empty folder. Old checkpoints would make the job resume, so a used folder
+    is refused unless ``overwrite``, and even then only a folder that holds a previous job is cleared."""
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise HarnessError(f"{output} is not empty; choose a new --output or pass --overwrite")
+        if not ((output / JOB_FILE).exists() or (output / "algo-1").is_dir()):
+            raise HarnessError(f"{output} does not hold a previous job; refusing to clear it")
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def link_tree(src: Path, dest: Path) -> None:
+    """Mirror ``src`` into ``dest`` with hard links, copying where linking is impossible."""
+
+    def link_or_copy(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:  # another file system, or links not allowed
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dest, copy_function=link_or_copy, symlinks=False)
+
+
+def write_host_tree(base: Path, spec: JobSpec, current_host: str) -> SageMakerPaths:
+    """One host's /opt/ml tree: config files, channel data, empty model/ output/ checkpoints/."""
+    paths = SageMakerPaths(base)
+    paths.input_config.mkdir(parents=True, exist_ok=True)
+    paths.hyperparameters_file.write_text(json.dumps(dict(spec.hyperparameters), indent=1))
+    paths.inputdataconfig_file.write_text(json.dumps(inputdataconfig(spec.channels), indent=1))
+    paths.resourceconfig_file.write_text(json.dumps(resourceconfig(spec.hosts, current_host), indent=1))
+    for name, folder in spec.channels.items():
+        link_tree(Path(folder), paths.channel(name))
+    for folder in (paths.model_dir, paths.output_data_dir, paths.checkpoints_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+def write_job(output: Path, spec: JobSpec, overwrite: bool = False) -> dict[str, SageMakerPaths]:
+    """Lay out every host's tree under ``output``; returns host name -> its paths."""
+    spec.check()
+    prepare_output(output, overwrite)
+    return {host: write_host_tree(output / host, spec, host) for host in spec.hosts}

@@ -1,0 +1,96 @@
+"""Progress of long work: a tqdm bar on a terminal, plain log lines anywhere else.
+
+Library code reports through a :class:`Progress` (``start`` / ``advance`` / ``line`` / ``close``);
+the CLI picks the kind once, from whether stdout is a terminal. ``line`` passes a log line of the
+job or server through unchanged (above the bar on a terminal).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """Plain lines: job output goes to ``stream`` as is; milestones are logged at most every few seconds."""
+
+    def __init__(self, stream: TextIO | None = None, every_s: float = 5.0):
+        self.stream = stream
+        self.every_s = every_s
+        self.total: int | None = None
+        self.unit = "it"
+        self.desc = ""
+        self.n = 0
+        self._last = 0.0
+
+    def start(self, total: int | None, unit: str = "it", desc: str = "") -> None:
+        self.total, self.unit, self.desc, self.n = total, unit, desc, 0
+        self._last = 0.0
+
+    def advance(self, n: int | None = None, **postfix: Any) -> None:
+        """Move to ``n`` (absolute), or one further when ``n`` is None."""
+        self.n = self.n + 1 if n is None else max(n, self.n)
+        now = time.monotonic()
+        if now - self._last >= self.every_s or (self.total is not None and self.n >= self.total):
+            self._last = now
+            of = f"/{self.total}" if self.total else ""
+            extra = "".join(f" {k}={_fmt(v)}" for k, v in postfix.items())
+            log.info("%s: %s %d%s%s", self.desc or "progress", self.unit, self.n, of, extra)
+
+    def line(self, text: str) -> None:
+        if self.stream is not None:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class TerminalProgress(Progress):
+    """A tqdm bar on stderr; lines are written above it."""
+
+    def __init__(self, stream: TextIO | None = None):
+        super().__init__(stream or sys.stdout)
+        self._bar: Any = None
+
+    def start(self, total: int | None, unit: str = "it", desc: str = "") -> None:
+        from tqdm import tqdm
+
+        self.close()
+        super().start(total, unit, desc)
+        self._bar = tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def advance(self, n: int | None = None, **postfix: Any) -> None:
+        before = self.n
+        self.n = self.n + 1 if n is None else max(n, self.n)
+        if self._bar is not None:
+            self._bar.update(self.n - before)
+            if postfix:
+                self._bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=True)
+
+    def line(self, text: str) -> None:
+        if self._bar is None:
+            super().line(text)
+            return
+        from tqdm import tqdm
+
+        tqdm.write(text, file=self.stream)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def for_stream(stream: TextIO) -> Progress:
+    """A bar when ``stream`` is a terminal, plain lines otherwise."""
+    isatty = getattr(stream, "isatty", None)
+    return TerminalProgress(stream) if isatty is not None and isatty() else Progress(stream)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,137 @@
+"""Where the image's entrypoints run: as plain processes on this machine, or in the image.
+
+* ``process``: ``python images/maskrcnn/train`` (or ``serve``) with ``SAGEMAKER_BASE_DIR`` pointing at
+  the job tree; the package must be importable (``pip install -e images/maskrcnn``).
+* ``docker``: ``docker run IMAGE train`` with the tree mounted at /opt/ml, host networking (emulated
+  hosts reach each other on 127.0.0.1), ``--gpus all`` on request; ``docker run -p P:8080 IMAGE serve``.
+* ``auto``: docker when an engine answers and the image exists, else process.
+
+Both run the same code on the same files, so they make the same artifacts. The docker CLI's
+``docker run`` forwards SIGTERM to the container (sig-proxy), so stopping the CLI stops the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from local.errors import HarnessError
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "process", "docker")
+DEFAULT_IMAGE = "sagemaker-maskrcnn:latest"  # the tag scripts/build-image.sh builds
+CONTAINER_BASE = "/opt/ml"
+REPO = Path(__file__).resolve().parents[1]
+ENTRYPOINTS = REPO / "images" / "maskrcnn"
+# DataLoader workers pass batches through /dev/shm; Docker's 64 MB default is too small for them.
+SHM_SIZE = "1g"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A resolved mode plus what it needs; ``environ`` is the harness's environment, read once."""
+
+    mode: str  # process | docker
+    image: str = DEFAULT_IMAGE
+    gpus: bool = False
+    docker: str = "docker"
+    python: str = sys.executable
+    environ: Mapping[str, str] = field(default_factory=dict)
+
+    def entrypoint(self, name: str) -> list[str]:
+        """argv of the ``train`` / ``serve`` executable in process mode."""
+        script = ENTRYPOINTS / name
+        if script.is_file():
+            return [self.python, str(script)]
+        # An installed (non-editable) harness has no repo next to it: call the same function.
+        main = {"train": "train_main", "serve": "serve_main"}[name]
+        code = f"import sys; from maskrcnn.cli import {main}; sys.exit({main}(sys.argv[1:]))"
+        return [self.python, "-c", code]
+
+    def train_command(
+        self, base: Path, env: Mapping[str, str], container_name: str
+    ) -> tuple[list[str], dict[str, str]]:
+        """(argv, environment) that run ``train`` on the tree at ``base``."""
+        if self.mode == "process":
+            return self.entrypoint("train"), {**self.environ, **env, "SAGEMAKER_BASE_DIR": str(base)}
+        argv = [self.docker, "run", "--rm", "--name", container_name, "--network", "host",
+                "--shm-size", SHM_SIZE, "-v", f"{base.resolve()}:{CONTAINER_BASE}"]
+        argv += self._env_flags(env)
+        if self.gpus:
+            argv += ["--gpus", "all"]
+        return [*argv, self.image, "train"], dict(self.environ)
+
+    def serve_command(
+        self, base: Path, port: int, env: Mapping[str, str], container_name: str
+    ) -> tuple[list[str], dict[str, str]]:
+        """(argv, environment) that run ``serve`` on ``base``/model, answering on ``port``."""
+        if self.mode == "process":
+            extra = {"SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_BIND_TO_PORT": str(port)}
+            return self.entrypoint("serve"), {**self.environ, **env, **extra}
+        model = (base / "model").resolve()
+        argv = [self.docker, "run", "--rm", "--name", container_name, "-p", f"127.0.0.1:{port}:8080",
+                "--shm-size", SHM_SIZE, "-v", f"{model}:{CONTAINER_BASE}/model"]
+        argv += self._env_flags(env)
+        if self.gpus:
+            argv += ["--gpus", "all"]
+        return [*argv, self.image, "serve"], dict(self.environ)
+
+    def remove_container(self, name: str) -> None:
+        """Best effort: a container left behind by a killed CLI."""
+        if self.mode == "docker":
+            subprocess.run([self.docker, "rm", "-f", name], capture_output=True, check=False, timeout=60)
+
+    @staticmethod
+    def _env_flags(env: Mapping[str, str]) -> list[str]:
+        flags: list[str] = []
+        for key, value in env.items():
+            flags += ["-e", f"{key}={value}"]
+        return flags
+
+
+def docker_status(image: str, docker: str = "docker") -> tuple[bool, str]:
+    """(usable, why): an engine answers and ``image`` exists in it."""
+    binary = shutil.which(docker)
+    if binary is None:
+        return False, "no docker CLI on PATH"
+    try:
+        result = subprocess.run([binary, "image", "inspect", "--format", "{{.Id}}", image],
+                                capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"docker did not answer ({exc})"
+    if result.returncode != 0:
+        message = (result.stderr.strip().splitlines() or ["unknown error"])[-1]
+        return False, message
+    return True, f"image {image} ({result.stdout.strip()[:19]})"
+
+
+def resolve(mode: str, image: str = DEFAULT_IMAGE, gpus: bool = False,
+            environ: Mapping[str, str] | None = None, docker: str = "docker") -> Runtime:
+    """Turn ``auto`` into a concrete mode; ``docker`` without engine or image fails here, not later."""
+    if mode not in MODES:
+        raise HarnessError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    environ = dict(os.environ if environ is None else environ)
+    if mode in ("auto", "docker"):
+        usable, why = docker_status(image, docker)
+        if mode == "docker" and not usable:
+            raise HarnessError(f"--mode docker needs a Docker engine with image {image}: {why}")
+        mode = "docker" if usable else "process"
+        log.info("mode %s (%s)", mode, why)
+    if mode == "process" and gpus:
+        log.info("--gpus has no effect in process mode: the job sees this machine's GPUs directly")
+    return Runtime(mode=mode, image=image, gpus=gpus, docker=shutil.which(docker) or docker, environ=environ)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,254 @@
+"""A training job on N emulated hosts: start, stream logs, read metrics, pack, report.
+
+:func:`run_training` is ``python -m local train``. Each host runs the image's ``train`` on its own
+/opt/ml tree (see :mod:`local.layout`) with ``TRAINING_JOB_NAME`` set; with several hosts they
+rendezvous on ``MASKRCNN_MASTER_ADDR=127.0.0.1`` and a free ``MASKRCNN_MASTER_PORT`` (gloo on CPU).
+Metrics are read from the log with the image's own ``METRIC_DEFINITIONS`` (algo-1 only: rank 0 logs
+them). When a host fails, the others are stopped, as SageMaker fails the whole job; the reason is
+the failing host's ``output/failure``. Ctrl-C (SIGINT) or SIGTERM stops the job like
+StopTrainingJob: SIGTERM to every host, SIGKILL after ``stop_timeout_s``. On success algo-1's
+``model/`` becomes ``model.tar.gz`` and its ``output/data/`` becomes ``output.tar.gz``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from maskrcnn.config import Hyperparameters
+from maskrcnn.errors import ConfigError
+from maskrcnn.metrics import parse_metrics
+
+from local.artifacts import pack_dir
+from local.errors import JobFailed
+from local.layout import JOB_FILE, MODEL_ARCHIVE, OUTPUT_ARCHIVE, JobSpec, write_job
+from local.progress import Progress
+from local.runtime import Runtime, free_port
+
+log = logging.getLogger(__name__)
+
+EXIT_STOPPED = 143
+STOP_TIMEOUT_S = 120.0  # StopTrainingJob: SIGTERM, then SIGKILL after 120 s
+_POSITION = re.compile(r"\b(phase|epoch|step)=(\w+)")
+
+
+@dataclass
+class TrainResult:
+    job_name: str
+    mode: str
+    hosts: list[str]
+    exit_code: int
+    seconds: float
+    failure_reason: str | None = None
+    model_archive: Path | None = None
+    output_archive: Path | None = None
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        for key in ("model_archive", "output_archive"):
+            data[key] = str(data[key]) if data[key] else None
+        return json.dumps(data, indent=1)
+
+
+@dataclass
+class MetricsReader:
+    """Folds log lines into a metrics history and drives the progress bar."""
+
+    progress: Progress
+    unit: str  # "step" or "epoch"
+    history: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, float] = field(default_factory=dict)
+
+    def feed(self, line: str) -> None:
+        values = parse_metrics(line)
+        if not values:
+            return
+        position = dict(_POSITION.findall(line))
+        record: dict[str, Any] = {k: _number(v) for k, v in position.items()}
+        record.update(values)
+        self.history.append(record)
+        if record.get("phase") == "eval":
+            self.final = {k: v for k, v in values.items() if k.startswith("validation:")}
+        shown = {k.split(":", 1)[1]: v for k, v in values.items() if k in ("train:loss", "validation:segm_AP50")}
+        if self.unit == "step":
+            if isinstance(record.get("step"), int):
+                self.progress.advance(record["step"], **shown)
+        elif isinstance(record.get("epoch"), int):
+            # eval lines carry the epochs completed; train lines the 0-based epoch in progress,
+            # which is also the number completed before it
+            self.progress.advance(record["epoch"], **shown)
+
+
+def _number(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def progress_plan(hyperparameters: dict[str, str]) -> tuple[int | None, str]:
+    """(total, unit) for the bar: max_steps when set, else epochs; (None, ...) when the values are bad."""
+    try:
+        hp = Hyperparameters.from_strings(hyperparameters)
+    except ConfigError:
+        return None, "epoch"  # the job will fail and say why; the bar needs no total
+    return (hp.max_steps, "step") if hp.max_steps else (hp.epochs, "epoch")
+
+
+def read_failure(base: Path) -> str | None:
+    path = base / "output" / "failure"
+    if path.is_file():
+        text = path.read_text(errors="replace").strip()
+        return text or None
+    return None
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGINT/SIGTERM set ``stop`` instead of killing the harness (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _pump(host: str, stream: IO[str], lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put((host, line.rstrip("\n")))
+    lines.put((host, None))
+
+
+def run_training(
+    spec: JobSpec,
+    output: Path,
+    runtime: Runtime,
+    progress: Progress | None = None,
+    overwrite: bool = False,
+    stop_timeout_s: float = STOP_TIMEOUT_S,
+) -> TrainResult:
+    """Run the job to its end; raises :class:`JobFailed` (with the failure reason) when it fails."""
+    progress = progress or Progress()
+    started = time.monotonic()
+    trees = write_job(output, spec, overwrite)
+    hosts = list(trees)
+    env = {**spec.environment, "TRAINING_JOB_NAME": spec.name}
+    if len(hosts) > 1:
+        env.update(MASKRCNN_MASTER_ADDR="127.0.0.1", MASKRCNN_MASTER_PORT=str(free_port()))
+    log.info("training job %s: %d host(s), %s mode, tree %s", spec.name, len(hosts), runtime.mode, output)
+
+    total, unit = progress_plan(dict(spec.hyperparameters))
+    reader = MetricsReader(progress, unit)
+    lines: queue.Queue = queue.Queue()
+    processes: dict[str, subprocess.Popen] = {}
+    containers = {host: f"{spec.name}-{host}" for host in hosts}
+    stop = threading.Event()
+    codes: dict[str, int] = {}
+    stopping_since: float | None = None
+    progress.start(total, unit, f"train {spec.name}")
+    try:
+        with _stop_on_signals(stop):
+            for host in hosts:
+                argv, proc_env = runtime.train_command(trees[host].base, env, containers[host])
+                # A session of its own: Ctrl-C reaches the harness only, which stops hosts in order.
+                processes[host] = subprocess.Popen(
+                    argv, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                    bufsize=1, errors="replace", start_new_session=True,
+                )
+                threading.Thread(target=_pump, args=(host, processes[host].stdout, lines), daemon=True).start()
+            open_streams = len(hosts)
+            while open_streams or len(codes) < len(hosts):
+                try:
+                    host, line = lines.get(timeout=0.2)
+                except queue.Empty:
+                    host, line = "", ""
+                if line is None:
+                    open_streams -= 1
+                elif host:
+                    progress.line(f"{host} | {line}" if len(hosts) > 1 else line)
+                    if host == hosts[0]:
+                        reader.feed(line)
+                for name, process in processes.items():
+                    if name not in codes and process.poll() is not None:
+                        codes[name] = process.returncode
+                failed = any(code != 0 for code in codes.values())
+                if (stop.is_set() or failed) and stopping_since is None:
+                    stopping_since = time.monotonic()
+                    why = "stop requested" if stop.is_set() else "a host failed"
+                    log.warning("%s: sending SIGTERM to the remaining hosts", why)
+                    _signal_all(processes, codes, signal.SIGTERM)
+                if stopping_since is not None and time.monotonic() - stopping_since > stop_timeout_s:
+                    _signal_all(processes, codes, signal.SIGKILL)
+                    stopping_since = float("inf")  # kill once
+    finally:
+        progress.close()
+        for host, process in processes.items():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            if process.returncode:
+                runtime.remove_container(containers[host])  # --rm does not run when the CLI was killed
+
+    result = TrainResult(
+        job_name=spec.name, mode=runtime.mode, hosts=hosts, exit_code=_job_code(codes, hosts),
+        seconds=round(time.monotonic() - started, 2), final_metrics=reader.final, history=reader.history,
+    )
+    if result.exit_code == 0:
+        result.model_archive = pack_dir(trees[hosts[0]].model_dir, output / MODEL_ARCHIVE)
+        if any(trees[hosts[0]].output_data_dir.iterdir()):
+            result.output_archive = pack_dir(trees[hosts[0]].output_data_dir, output / OUTPUT_ARCHIVE)
+    else:
+        result.failure_reason = _failure(trees, hosts, codes, stop.is_set())
+    (output / JOB_FILE).write_text(result.to_json())
+    if result.exit_code != 0:
+        raise JobFailed(result.failure_reason or "training failed", result.exit_code)
+    return result
+
+
+def _signal_all(processes: dict[str, subprocess.Popen], codes: dict[str, int], sig: int) -> None:
+    for name, process in processes.items():
+        if name not in codes and process.poll() is None:
+            try:
+                process.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+
+def _job_code(codes: dict[str, int], hosts: list[str]) -> int:
+    """0 when all hosts succeeded; else the first failing host's code (143 when stopped)."""
+    for host in hosts:
+        code = codes.get(host, 1)
+        if code != 0:
+            return EXIT_STOPPED if code in (EXIT_STOPPED, -signal.SIGTERM) else (code if code > 0 else 1)
+    return 0
+
+
+def _failure(trees: dict, hosts: list[str], codes: dict[str, int], stopped: bool) -> str:
+    """The reason a person should read: the first host's output/failure that says something."""
+    for host in hosts:
+        reason = read_failure(trees[host].base)
+        if reason:
+            return reason if len(hosts) == 1 else f"{host}: {reason}"
+    if stopped:
+        return f"stopped on request; checkpoints are in {trees[hosts[0]].checkpoints_dir}"
+    bad = next((h for h in hosts if codes.get(h, 1) != 0), hosts[0])
+    return f"{bad} exited with code {codes.get(bad)} and wrote no output/failure; see its log above"
