@@ -65,7 +65,7 @@ class ExecutionInput:
     training_instance_type: str = "ml.g5.xlarge"
     training_instance_count: int = 1
     volume_size_gb: int = 50
-    inference_instance_type: str = "ml.g5.xlarge"
+    inference_instance_type: str = "ml.g4dn.xlarge"  # T4: enough for one-image requests
     inference_instance_count: int = 1
     max_runtime_seconds: int = 24 * 3600
     use_spot: bool = False

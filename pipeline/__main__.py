@@ -1,0 +1,148 @@
+"""Command line of the pipeline package: parse, build the config, call one function.
+
+    python -m pipeline render --out build/pipeline            # state machine JSON, template, example input
+    python -m pipeline validate                               # botocore shape check of every API task
+    python -m pipeline deploy --stack maskrcnn --code-bucket B --data-bucket D
+    python -m pipeline start --stack maskrcnn --training-data s3://D/train/ [--image-uri URI@sha256:...]
+    python -m pipeline promote --repository maskrcnn-sagemaker --digest sha256:... --tag release-1.0
+
+``render`` and ``validate`` need no AWS; the others use boto3's default credentials and region.
+See docs/pipeline.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.execution import DEFAULT_HYPERPARAMETERS, ExecutionInput, InputError, example_input
+from pipeline.settings import StackSettings
+from pipeline.shapes import validate_definition
+from pipeline.template import build_template
+from pipeline.workflow import build_definition
+
+log = logging.getLogger("pipeline")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def render(settings: StackSettings, out: Path) -> list[Path]:
+    """Write the definition, the template and an example execution input; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "statemachine.asl.json": build_definition(settings),
+        "template.json": build_template(settings),
+        "example-input.json": example_input(settings.prefix).to_document(),
+    }
+    written = []
+    for name, document in files.items():
+        path = out / name
+        path.write_text(json.dumps(document, indent=2) + "\n")
+        written.append(path)
+    return written
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--prefix", default=StackSettings.prefix, help="resource name prefix")
+    top.add_argument("-v", "--verbose", action="store_true")
+    commands = top.add_subparsers(dest="command", required=True)
+    commands.add_parser("render", help="write the ASL definition and the template").add_argument(
+        "--out", type=Path, required=True)
+    commands.add_parser("validate", help="check the API tasks' Parameters against botocore")
+    deploy = commands.add_parser("deploy", help="package the Lambda and create/update the stack")
+    deploy.add_argument("--stack", required=True)
+    deploy.add_argument("--code-bucket", required=True, help="existing bucket for the Lambda zip")
+    deploy.add_argument("--data-bucket", required=True, help="bucket the training data is read from")
+    start = commands.add_parser("start", help="start one train-and-deploy execution")
+    start.add_argument("--stack", required=True)
+    start.add_argument("--training-data", required=True)
+    start.add_argument("--validation-data")
+    start.add_argument("--pretrained-data")
+    start.add_argument("--image-uri", help="ECR URI pinned by digest; omit to build --git-sha")
+    start.add_argument("--git-sha", help="commit to build (default: HEAD; must be the deployed one)")
+    start.add_argument("--release-tag", help="release-<name>: promote the tested build to this tag")
+    start.add_argument("--endpoint-name", help="default: <prefix>-endpoint")
+    start.add_argument("--training-instance-type", default="ml.g5.xlarge")
+    start.add_argument("--inference-instance-type", default="ml.g4dn.xlarge")
+    start.add_argument("--spot", action="store_true", help="managed spot training (checkpoints resume)")
+    start.add_argument("--hyperparameter", "-p", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"one of {sorted(DEFAULT_HYPERPARAMETERS)}; repeatable")
+    promote = commands.add_parser("promote", help="retag a tested digest as a release (no rebuild)")
+    promote.add_argument("--repository", required=True)
+    promote.add_argument("--digest", required=True)
+    promote.add_argument("--tag", required=True)
+    return top
+
+
+def execution_from_args(args: argparse.Namespace, settings: StackSettings, outputs: dict[str, str],
+                        stamp: str, head_sha: str | None) -> ExecutionInput:
+    bucket = outputs["ArtifactBucketName"]
+    job = f"{settings.prefix}-{stamp}"
+    hyperparameters = dict(item.split("=", 1) for item in args.hyperparameter)
+    return ExecutionInput(
+        prefix=settings.prefix, job_name=job, model_name=job,
+        endpoint_name=args.endpoint_name or f"{settings.prefix}-endpoint",
+        training_data=args.training_data, validation_data=args.validation_data,
+        pretrained_data=args.pretrained_data, output_path=f"s3://{bucket}/output/",
+        checkpoint_s3_uri=f"s3://{bucket}/checkpoints/{job}/", image_uri=args.image_uri,
+        git_sha=None if args.image_uri else (args.git_sha or head_sha), release_tag=args.release_tag,
+        training_instance_type=args.training_instance_type,
+        inference_instance_type=args.inference_instance_type, use_spot=args.spot,
+        hyperparameters=hyperparameters,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    settings = StackSettings(prefix=args.prefix)
+    if args.command == "render":
+        for path in render(settings, args.out):
+            log.info("wrote %s", path)
+        return 0
+    if args.command == "validate":
+        errors = [e for spot in (False, True)
+                  for e in validate_definition(build_definition(settings),
+                                               example_input(settings.prefix, use_spot=spot).to_document())]
+        for error in errors:
+            log.error("%s", error)
+        return 1 if errors else 0
+
+    import boto3
+
+    from pipeline import aws, release
+
+    session = boto3.session.Session()
+    if args.command == "deploy":
+        outputs = aws.deploy(session, settings, args.stack, args.code_bucket, args.data_bucket, REPO_ROOT)
+        log.info("stack outputs: %s", json.dumps(outputs, indent=2))
+        return 0
+    if args.command == "start":
+        outputs = aws.stack_outputs(session, args.stack)
+        try:
+            execution = execution_from_args(args, settings, outputs, time.strftime("%Y%m%d-%H%M%S"),
+                                            None if args.image_uri or args.git_sha else aws.git_sha(REPO_ROOT))
+        except InputError as error:
+            log.error("%s", error)
+            return 2
+        arn = aws.start(session, outputs["StateMachineArn"], execution.to_document(), execution.job_name)
+        log.info("started %s", arn)
+        return 0
+    if args.command == "promote":
+        try:
+            release.promote(session.client("ecr"), args.repository, args.digest, args.tag)
+        except release.PromotionError as error:
+            log.error("%s", error)
+            return 1
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The workflow executed end to end by moto's Step Functions interpreter against moto's AWS."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import boto3
+import pytest
+from conftest import BUCKET, SETTINGS, run_execution
+from maskrcnn.metrics import METRIC_DEFINITIONS
+from moto_sfn import history
+
+from pipeline.execution import example_input
+from pipeline.shapes import validate_request
+from pipeline.workflow import AWS_SDK, SAGEMAKER
+
+pytestmark = pytest.mark.integration
+
+
+def failed_state_names(execution_arn: str) -> list[str]:
+    return [e["stateEnteredEventDetails"]["name"] for e in history(boto3.client("stepfunctions"), execution_arn)
+            if e["type"] == "FailStateEntered"]
+
+
+def scheduled_requests(execution_arn: str) -> list[tuple[str, dict[str, Any]]]:
+    """(resource, parameters) of every task the interpreter really called, in order."""
+    found = []
+    for event in history(boto3.client("stepfunctions"), execution_arn):
+        details = event.get("taskScheduledEventDetails")
+        if details:
+            resource = f"arn:aws:states:::{details['resourceType']}:{details['resource']}"
+            found.append((resource, json.loads(details["parameters"])))
+    return found
+
+
+def test_success_path_builds_trains_and_deploys(state_machine_arn: str, artifact_bucket: str,
+                                                interpreter: Any) -> None:
+    interpreter.build.statuses = ["IN_PROGRESS", "SUCCEEDED"]
+    document = example_input(bucket=artifact_bucket).to_document()
+
+    result = run_execution(state_machine_arn, document)
+
+    assert result["status"] == "SUCCEEDED", result
+    ecr, sagemaker = boto3.client("ecr"), boto3.client("sagemaker")
+    tag = f"git-{document['Build']['GitSha']}"
+    digest = ecr.describe_images(repositoryName=SETTINGS.repository_name,
+                                 imageIds=[{"imageTag": tag}])["imageDetails"][0]["imageDigest"]
+    repo = ecr.describe_repositories(repositoryNames=[SETTINGS.repository_name])["repositories"][0]
+    job = sagemaker.describe_training_job(TrainingJobName=document["JobName"])
+    assert job["AlgorithmSpecification"]["TrainingImage"] == f"{repo['repositoryUri']}@{digest}"
+    sent = dict(scheduled_requests(result["executionArn"]))[f"{SAGEMAKER}:createTrainingJob.sync"]
+    assert sent["AlgorithmSpecification"]["MetricDefinitions"] == METRIC_DEFINITIONS  # moto echoes fixed ones
+    assert job["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
+    assert job["HyperParameters"] == document["Training"]["HyperParameters"]
+    assert [c["ChannelName"] for c in job["InputDataConfig"]] == ["training", "validation"]
+    model = sagemaker.describe_model(ModelName=document["ModelName"])
+    assert model["PrimaryContainer"]["Image"] == f"{repo['repositoryUri']}@{digest}"
+    endpoint = sagemaker.describe_endpoint(EndpointName=document["EndpointName"])
+    assert (endpoint["EndpointStatus"], endpoint["EndpointConfigName"]) == ("InService", document["ModelName"])
+    # The build was waited for in the state machine: one poll saw IN_PROGRESS, then a Wait, then SUCCEEDED.
+    assert interpreter.waits == [SETTINGS.build_poll_seconds]
+    assert len(interpreter.lambda_calls) == 1
+    # The Lambda left the repository configured and the context uploaded with its folders.
+    assert repo["imageTagMutability"] == "IMMUTABLE" and repo["imageScanningConfiguration"]["scanOnPush"]
+    assert ecr.get_lifecycle_policy(repositoryName=SETTINGS.repository_name)["lifecyclePolicyText"]
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET)["Contents"]}
+    prefix = f"build-context/{document['Build']['GitSha']}"
+    assert {f"{prefix}/buildspec.yml", f"{prefix}/images/maskrcnn/src/maskrcnn/metrics.py"} <= keys
+
+
+def test_requests_the_interpreter_sent_are_valid_botocore_requests(state_machine_arn: str, artifact_bucket: str,
+                                                                   interpreter: Any) -> None:
+    result = run_execution(state_machine_arn, example_input(bucket=artifact_bucket, use_spot=True).to_document())
+    assert result["status"] == "SUCCEEDED", result
+
+    checked = []
+    for resource, parameters in scheduled_requests(result["executionArn"]):
+        if resource.startswith(f"{SAGEMAKER}:"):
+            action, sdk = resource.removeprefix(f"{SAGEMAKER}:").split(".")[0], False
+            service = "sagemaker"
+        elif resource.startswith(f"{AWS_SDK}:"):
+            service, action = resource.removeprefix(f"{AWS_SDK}:").split(":")
+            sdk = True
+        else:
+            continue
+        operation = action[0].upper() + action[1:]
+        assert validate_request(service, operation, parameters, sdk_casing=sdk) is None, (operation, parameters)
+        checked.append(operation)
+    assert {"CreateTrainingJob", "CreateModel", "CreateEndpointConfig", "CreateEndpoint",
+            "BatchGetBuilds", "DescribeImages", "ListEndpoints", "DescribeEndpoint"} <= set(checked)
+
+
+def test_build_failure_is_retried_then_caught_into_fail(state_machine_arn: str, interpreter: Any) -> None:
+    # No artifact bucket: the Lambda's upload fails on every attempt.
+    result = run_execution(state_machine_arn, example_input(bucket=BUCKET).to_document())
+
+    assert result["status"] == "FAILED"
+    assert failed_state_names(result["executionArn"]) == ["BuildImageFailed"]
+    assert len(interpreter.lambda_calls) == 3  # the first try and MaxAttempts 2 retries
+    assert interpreter.retry_sleeps == [15.0, 60.0]  # IntervalSeconds 15, BackoffRate 4.0
+    assert boto3.client("sagemaker").list_training_jobs()["TrainingJobSummaries"] == []
+    assert result.get("error") == "BuildImageFailed"
+
+
+def test_failed_codebuild_build_stops_before_training(state_machine_arn: str, artifact_bucket: str,
+                                                      interpreter: Any) -> None:
+    interpreter.build.statuses = ["IN_PROGRESS", "FAILED"]
+
+    result = run_execution(state_machine_arn, example_input(bucket=artifact_bucket).to_document())
+
+    assert result["status"] == "FAILED"
+    assert failed_state_names(result["executionArn"]) == ["BuildFailed"]
+    assert boto3.client("sagemaker").list_training_jobs()["TrainingJobSummaries"] == []
+
+
+def test_existing_endpoint_is_updated_with_a_given_image(state_machine_arn: str, artifact_bucket: str,
+                                                         interpreter: Any) -> None:
+    first = example_input(bucket=artifact_bucket).to_document()
+    assert run_execution(state_machine_arn, first)["status"] == "SUCCEEDED"
+    image_uri = boto3.client("sagemaker").describe_training_job(
+        TrainingJobName=first["JobName"])["AlgorithmSpecification"]["TrainingImage"]
+    second = example_input(bucket=artifact_bucket, image_uri=image_uri).to_document()
+    second.update(JobName="maskrcnn-train-2", ModelName="maskrcnn-model-2")
+
+    result = run_execution(state_machine_arn, second)
+
+    assert result["status"] == "SUCCEEDED", result
+    entered = [e["stateEnteredEventDetails"]["name"] for e in history(boto3.client("stepfunctions"),
+                                                                      result["executionArn"])
+               if e["type"].endswith("StateEntered")]
+    assert "UpdateEndpoint" in entered and "CreateEndpoint" not in entered and "BuildImage" not in entered
+    endpoint = boto3.client("sagemaker").describe_endpoint(EndpointName=second["EndpointName"])
+    assert endpoint["EndpointConfigName"] == "maskrcnn-model-2"
+    assert len(interpreter.lambda_calls) == 1  # the second execution built nothing
+    assert boto3.client("sagemaker").describe_training_job(
+        TrainingJobName="maskrcnn-train-2")["AlgorithmSpecification"]["TrainingImage"] == image_uri
