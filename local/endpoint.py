@@ -1,0 +1,173 @@
+"""A running ``serve``: the model put where SageMaker puts it, the server started, ``/ping`` awaited.
+
+    with Endpoint(runtime, Path("job/model.tar.gz"), port=8080) as endpoint:
+        client.invoke(endpoint.url, ...)
+
+The model (``model.tar.gz``, extracted safely, or an unpacked folder) becomes ``<base>/model`` of a
+temporary base directory: ``SAGEMAKER_BASE_DIR`` in process mode, mounted at /opt/ml/model in docker
+mode. The server gets ``SAGEMAKER_BIND_TO_PORT`` (process) or ``-p PORT:8080`` (docker). Stopping
+is SageMaker's: SIGTERM, SIGKILL after 30 s. The server's log goes to ``log_sink`` (and its last
+lines into the error when it fails to start).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+
+from local import client
+from local.artifacts import extract_archive
+from local.errors import EndpointError, HarnessError
+from local.runtime import Runtime, free_port
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 240.0  # SageMaker's older health-check deadline: 4 minutes
+STOP_TIMEOUT_S = 30.0  # SIGTERM, then SIGKILL 30 s later
+_endpoint_count = 0
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class Endpoint:
+    """One model server on this machine; a context manager that always stops it."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        model: Path,
+        port: int = 8080,
+        env: Mapping[str, str] | None = None,
+        log_sink: Callable[[str], None] | None = None,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    ):
+        global _endpoint_count
+        _endpoint_count += 1
+        self.runtime = runtime
+        self.model = Path(model)
+        self.port = port or free_port()
+        self.env = dict(env or {})
+        self.log_sink = log_sink or (lambda line: log.debug("serve | %s", line))
+        self.startup_timeout_s = startup_timeout_s
+        self.container = f"local-endpoint-{int(time.time())}-{_endpoint_count}"
+        self.recent: collections.deque[str] = collections.deque(maxlen=40)
+        self.process: subprocess.Popen | None = None
+        self._workdir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Endpoint:
+        self.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _place_model(self, base: Path) -> None:
+        target = base / "model"
+        if self.model.is_dir():
+            if self.runtime.mode == "process":
+                target.symlink_to(self.model.resolve(), target_is_directory=True)
+            else:
+                shutil.copytree(self.model, target)  # a mount must not follow a link out of the tree
+        elif self.model.is_file():
+            extract_archive(self.model, target)
+        else:
+            raise HarnessError(f"--model {self.model} is neither a model.tar.gz nor a folder")
+
+    def start(self) -> None:
+        if not _port_is_free(self.port):
+            raise HarnessError(f"port {self.port} is in use; choose another with --port")
+        self._workdir = Path(tempfile.mkdtemp(prefix="local-endpoint-"))
+        try:
+            base = self._workdir / "ml"
+            base.mkdir()
+            self._place_model(base)
+            argv, env = self.runtime.serve_command(base, self.port, self.env, self.container)
+            log.info("starting serve (%s mode) for %s on port %d", self.runtime.mode, self.model, self.port)
+            self.process = subprocess.Popen(
+                argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                errors="replace", start_new_session=True,
+            )
+            threading.Thread(target=self._pump, daemon=True).start()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _pump(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            line = line.rstrip("\n")
+            self.recent.append(line)
+            self.log_sink(line)
+
+    def wait_ready(self) -> None:
+        started = time.monotonic()
+        while time.monotonic() - started < self.startup_timeout_s:
+            if self.process is not None and self.process.poll() is not None:
+                time.sleep(0.2)  # let the pump catch the last lines
+                raise EndpointError(
+                    f"serve exited with code {self.process.returncode} before answering /ping; last lines:\n"
+                    + "\n".join(self.recent)
+                )
+            if client.ping(self.url, timeout=2.0):
+                log.info("endpoint ready at %s after %.1fs", self.url, time.monotonic() - started)
+                return
+            time.sleep(0.25)
+        raise EndpointError(f"serve did not answer /ping within {self.startup_timeout_s:.0f}s; last lines:\n"
+                            + "\n".join(self.recent))
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            if self.runtime.mode == "docker":
+                self.runtime.remove_container(self.container)
+            log.info("serve stopped (exit code %s)", process.returncode)
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+
+def wait_for_signal(endpoint: Endpoint) -> None:
+    """Block until SIGINT/SIGTERM (then return, so the caller stops the endpoint) or the server dies."""
+    stop = threading.Event()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            if not endpoint.alive():
+                raise EndpointError("serve exited on its own; last lines:\n" + "\n".join(endpoint.recent))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,145 @@
+"""Batch transform as SageMaker runs it: a server in batch mode, every input file POSTed, ``<name>.out`` written.
+
+``python -m local transform --model M --input DIR --output DIR`` starts ``serve`` with
+``SAGEMAKER_BATCH=true`` (plus ``SAGEMAKER_MAX_CONCURRENT_TRANSFORMS``, ``SAGEMAKER_MAX_PAYLOAD_IN_MB``,
+``SAGEMAKER_BATCH_STRATEGY`` for the values given on the command line), asks
+``GET /execution-parameters`` for the rest, then sends the files with ``MaxConcurrentTransforms``
+requests in flight. The output tree mirrors the input tree (an S3 prefix); each answer lands in
+``<input name>.out``. A file over ``MaxPayloadInMB`` or a non-2xx answer is a failed record: it
+gets no ``.out``, the others still run, and the job ends non-zero listing them (SageMaker fails the
+job too). These images are not split into records (SplitType None), so SINGLE_RECORD and
+MULTI_RECORD both send one file per request; the strategy only reaches the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from local import client
+from local.endpoint import Endpoint
+from local.errors import EndpointError, HarnessError
+from local.progress import Progress
+from local.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {"MaxConcurrentTransforms": 1, "MaxPayloadInMB": 6, "BatchStrategy": "SINGLE_RECORD"}
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TransformSettings:
+    """CreateTransformJob's knobs; None means: ask the server, else SageMaker's default."""
+
+    accept: str = "application/json"
+    content_type: str | None = None
+    attributes: str | None = None
+    max_concurrent: int | None = None
+    max_payload_mb: int | None = None
+    batch_strategy: str | None = None
+
+    def given(self) -> dict[str, Any]:
+        values = {"MaxConcurrentTransforms": self.max_concurrent, "MaxPayloadInMB": self.max_payload_mb,
+                  "BatchStrategy": self.batch_strategy}
+        return {k: v for k, v in values.items() if v is not None}
+
+    def server_env(self) -> dict[str, str]:
+        names = {"MaxConcurrentTransforms": "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS",
+                 "MaxPayloadInMB": "SAGEMAKER_MAX_PAYLOAD_IN_MB", "BatchStrategy": "SAGEMAKER_BATCH_STRATEGY"}
+        env = {"SAGEMAKER_BATCH": "true"}
+        env.update({names[k]: str(v) for k, v in self.given().items()})
+        return env
+
+
+@dataclass
+class TransformResult:
+    total: int
+    succeeded: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    parameters: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def plan(input_dir: Path, output_dir: Path) -> list[tuple[Path, Path]]:
+    """(input file, output file) for every file under ``input_dir``, hidden files excluded, sorted."""
+    if not input_dir.is_dir():
+        raise HarnessError(f"--input {input_dir} is not a folder")
+    pairs = []
+    for path in sorted(input_dir.rglob("*")):
+        relative = path.relative_to(input_dir)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            pairs.append((path, output_dir / relative.parent / client.output_name(path)))
+    return pairs
+
+
+def resolve_parameters(settings: TransformSettings, served: dict[str, Any] | None) -> dict[str, Any]:
+    """Command line first, then the server's /execution-parameters, then SageMaker's defaults."""
+    resolved = dict(DEFAULTS)
+    for key in DEFAULTS:
+        if served and served.get(key) is not None:
+            resolved[key] = served[key]
+    resolved.update(settings.given())
+    resolved["MaxConcurrentTransforms"] = max(1, int(resolved["MaxConcurrentTransforms"]))
+    resolved["MaxPayloadInMB"] = int(resolved["MaxPayloadInMB"])
+    return resolved
+
+
+def transform_files(url: str, pairs: list[tuple[Path, Path]], settings: TransformSettings,
+                    parameters: dict[str, Any], progress: Progress | None = None) -> TransformResult:
+    """Send every input to a running endpoint and write the answers; failed records are listed."""
+    progress = progress or Progress()
+    result = TransformResult(total=len(pairs), parameters=parameters)
+    limit = parameters["MaxPayloadInMB"] * MB
+    started = time.monotonic()
+
+    def one(source: Path, target: Path) -> str | None:
+        if source.stat().st_size > limit:
+            return f"{source.stat().st_size / MB:.1f} MB exceeds MaxPayloadInMB={parameters['MaxPayloadInMB']}"
+        reply = client.invoke(url, source.read_bytes(), client.content_type_for(source, settings.content_type),
+                              settings.accept, settings.attributes, timeout=600.0)
+        if not reply.ok:
+            return f"HTTP {reply.status}: {reply.message()}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        partial.write_bytes(reply.body)
+        partial.replace(target)
+        return None
+
+    progress.start(len(pairs), "file", "transform")
+    try:
+        with ThreadPoolExecutor(max_workers=parameters["MaxConcurrentTransforms"]) as pool:
+            futures = {pool.submit(one, s, t): s for s, t in pairs}
+            for future in as_completed(futures):
+                source = futures[future]
+                try:
+                    why = future.result()
+                except (EndpointError, HarnessError) as exc:
+                    why = str(exc)
+                if why is None:
+                    result.succeeded += 1
+                else:
+                    result.failures.append((str(source), why))
+                    log.error("%s: %s", source, why)
+                progress.advance(result.succeeded + len(result.failures), failed=len(result.failures))
+    finally:
+        progress.close()
+    result.failures.sort()
+    result.seconds = round(time.monotonic() - started, 2)
+    return result
+
+
+def run_transform(runtime: Runtime, model: Path, input_dir: Path, output_dir: Path,
+                  settings: TransformSettings, port: int = 0, progress: Progress | None = None) -> TransformResult:
+    """The whole job: plan, start the server in batch mode, send, stop."""
+    pairs = plan(input_dir, output_dir)
+    if not pairs:
+        raise HarnessError(f"--input {input_dir} holds no files")
+    with Endpoint(runtime, model, port, settings.server_env()) as endpoint:
+        parameters = resolve_parameters(settings, client.execution_parameters(endpoint.url))
+        log.info("transform: %d file(s), %s", len(pairs), parameters)
+        return transform_files(endpoint.url, pairs, settings, parameters, progress)
