@@ -56,7 +56,7 @@ def check_members(tar: tarfile.TarFile, dest: Path) -> None:
 
 
 def extract_archive(archive: Path, dest: Path) -> Path:
-    """Unpack ``archive`` (tar, optionally gzipped) into ``dest``; nothing is written if any member is unsafe."""
+    """Unpack ``archive`` (tar, maybe gzipped) into ``dest``; nothing is written if a member is unsafe."""
     dest.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(archive, "r:*") as tar:

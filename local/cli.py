@@ -1,4 +1,4 @@
-"""``python -m local VERB ...``: the argument parser, logging set-up, and the one place errors become exit codes.
+"""``python -m local VERB ...``: the parser, logging set-up, and the one place errors become exit codes.
 
 Verbs: ``train``, ``serve``, ``invoke``, ``transform``, ``synth``, ``demo`` (docs/local.md has every flag).
 Exit codes: 0 done; 1 the job / a request / the demo failed; 2 a usage or set-up problem; 143 the
@@ -34,29 +34,46 @@ def setup_logging(verbose: bool) -> None:
 
 def _runtime_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
     default_image = environ.get("IMAGE", rt.DEFAULT_IMAGE)
-    parser.add_argument("--mode", choices=rt.MODES, default="auto",
-                        help="process: plain processes; docker: the image; auto: docker when the image exists")
-    parser.add_argument("--image", default=default_image, help=f"image tag for docker mode (default {default_image})")
+    parser.add_argument(
+        "--mode",
+        choices=rt.MODES,
+        default="auto",
+        help="process: plain processes; docker: the image; auto: docker when the image exists",
+    )
+    parser.add_argument(
+        "--image", default=default_image, help=f"image tag for docker mode (default {default_image})"
+    )
     parser.add_argument("--gpus", action="store_true", help="docker run --gpus all")
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m local", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m local", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     train = verbs.add_parser("train", help="run a training job; writes OUTPUT/model.tar.gz")
     train.add_argument("--data", type=Path, required=True, help="the training channel's folder")
     train.add_argument("--validation", type=Path, help="the validation channel's folder")
-    train.add_argument("--channel", action="append", default=[], metavar="NAME=DIR",
-                       help="another channel (e.g. pretrained=weights/)")
-    train.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeat)")
-    train.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                       help="the job's Environment map (repeat)")
+    train.add_argument(
+        "--channel",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another channel (e.g. pretrained=weights/)",
+    )
+    train.add_argument(
+        "--hp", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeat)"
+    )
+    train.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="the job's Environment map (repeat)"
+    )
     train.add_argument("--instance-count", type=int, default=1, help="hosts that train together (algo-1..N)")
     train.add_argument("--job-name", help="TRAINING_JOB_NAME (default maskrcnn-<timestamp>)")
-    train.add_argument("--output", type=Path, required=True, help="job folder: host trees, model.tar.gz, job.json")
+    train.add_argument(
+        "--output", type=Path, required=True, help="job folder: host trees, model.tar.gz, job.json"
+    )
     train.add_argument("--overwrite", action="store_true", help="clear a previous job in --output first")
     _runtime_flags(train, environ)
     train.set_defaults(func=cmd_train)
@@ -78,13 +95,17 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     invoke.set_defaults(func=cmd_invoke)
 
     transform = verbs.add_parser("transform", help="batch transform: one <name>.out per input file")
-    transform.add_argument("--model", type=Path, required=True, help="model.tar.gz or an unpacked model folder")
+    transform.add_argument(
+        "--model", type=Path, required=True, help="model.tar.gz or an unpacked model folder"
+    )
     transform.add_argument("--input", type=Path, required=True, help="folder of inputs (read recursively)")
     transform.add_argument("--output", type=Path, required=True)
     transform.add_argument("--accept", default="application/json")
     transform.add_argument("--content-type", help="default: from each file's suffix")
     transform.add_argument("--attributes", help="X-Amzn-SageMaker-Custom-Attributes on every request")
-    transform.add_argument("--max-concurrent-transforms", type=int, help="default: the server's /execution-parameters")
+    transform.add_argument(
+        "--max-concurrent-transforms", type=int, help="default: the server's /execution-parameters"
+    )
     transform.add_argument("--max-payload-mb", type=int, help="default: the server's, else 6")
     transform.add_argument("--batch-strategy", choices=("SINGLE_RECORD", "MULTI_RECORD"))
     transform.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
@@ -102,8 +123,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("demo-output"))
     demo.add_argument("--train-images", type=int, help="override the demo's training set size")
     demo.add_argument("--heldout-images", type=int, help="override the demo's held-out set size")
-    demo.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
-                      help="override one of the demo's hyperparameters")
+    demo.add_argument(
+        "--hp",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one of the demo's hyperparameters",
+    )
     _runtime_flags(demo, environ)
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -139,8 +165,13 @@ def cmd_train(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from local.endpoint import Endpoint, wait_for_signal
 
-    with Endpoint(_runtime(args, environ), args.model, args.port, parse_pairs(args.env, "--env"),
-                  log_sink=for_stream(sys.stdout).line) as endpoint:
+    with Endpoint(
+        _runtime(args, environ),
+        args.model,
+        args.port,
+        parse_pairs(args.env, "--env"),
+        log_sink=for_stream(sys.stdout).line,
+    ) as endpoint:
         print(f"serving {args.model} at {endpoint.url} (Ctrl-C stops)", flush=True)
         wait_for_signal(endpoint)
     return 0
@@ -149,8 +180,9 @@ def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def cmd_invoke(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from local.client import invoke_files
 
-    failures = invoke_files(args.url, args.files, args.accept, args.content_type, args.attributes, args.out,
-                            stdout=sys.stdout)
+    failures = invoke_files(
+        args.url, args.files, args.accept, args.content_type, args.attributes, args.out, stdout=sys.stdout
+    )
     return 1 if failures else 0
 
 
@@ -158,12 +190,22 @@ def cmd_transform(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from local.transform import TransformSettings, run_transform
 
     settings = TransformSettings(
-        accept=args.accept, content_type=args.content_type, attributes=args.attributes,
-        max_concurrent=args.max_concurrent_transforms, max_payload_mb=args.max_payload_mb,
+        accept=args.accept,
+        content_type=args.content_type,
+        attributes=args.attributes,
+        max_concurrent=args.max_concurrent_transforms,
+        max_payload_mb=args.max_payload_mb,
         batch_strategy=args.batch_strategy,
     )
-    result = run_transform(_runtime(args, environ), args.model, args.input, args.output, settings,
-                           port=args.port, progress=for_stream(sys.stdout))
+    result = run_transform(
+        _runtime(args, environ),
+        args.model,
+        args.input,
+        args.output,
+        settings,
+        port=args.port,
+        progress=for_stream(sys.stdout),
+    )
     print(f"transform: {result.succeeded} of {result.total} inputs -> {args.output}")
     for name, why in result.failures:
         print(f"failed: {name}: {why}", file=sys.stderr)
@@ -181,11 +223,19 @@ def cmd_synth(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def cmd_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from local.demo import run_demo
 
-    summary = run_demo(args.out, _runtime(args, environ), hp_overrides=parse_pairs(args.hp),
-                       train_images=args.train_images, heldout_images=args.heldout_images,
-                       progress=for_stream(sys.stdout))
-    print(f"demo: segm AP50 {summary['heldout']['segm_AP50']:.3f}, segm mAP {summary['heldout']['segm_mAP']:.3f} "
-          f"on {summary['heldout']['images']} held-out images")
+    summary = run_demo(
+        args.out,
+        _runtime(args, environ),
+        hp_overrides=parse_pairs(args.hp),
+        train_images=args.train_images,
+        heldout_images=args.heldout_images,
+        progress=for_stream(sys.stdout),
+    )
+    held = summary["heldout"]
+    print(
+        f"demo: segm AP50 {held['segm_AP50']:.3f}, segm mAP {held['segm_mAP']:.3f} "
+        f"on {held['images']} held-out images"
+    )
     print(f"demo output: {summary['folder']}")
     return 0 if summary["passed"] else 1
 

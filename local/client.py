@@ -20,7 +20,12 @@ from local.errors import EndpointError, HarnessError
 log = logging.getLogger(__name__)
 
 ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
-CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".json": "application/json"}
+CONTENT_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".json": "application/json",
+}
 INVOKE_TIMEOUT_S = 60.0  # SageMaker's real-time deadline
 
 
@@ -63,12 +68,18 @@ def content_type_for(path: Path, override: str | None = None) -> str:
         return CONTENT_TYPES[path.suffix.lower()]
     except KeyError:
         raise HarnessError(
-            f"cannot tell the content type of {path.name}; pass --content-type (known: {', '.join(CONTENT_TYPES)})"
+            f"cannot tell the content type of {path.name}; pass --content-type "
+            f"(known suffixes: {', '.join(CONTENT_TYPES)})"
         ) from None
 
 
-def request(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-            timeout: float = INVOKE_TIMEOUT_S) -> Reply:
+def request(
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = INVOKE_TIMEOUT_S,
+) -> Reply:
     """One HTTP request; any status comes back as a :class:`Reply`, no answer raises EndpointError."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
@@ -87,8 +98,14 @@ def ping(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def invoke(url: str, body: bytes, content_type: str, accept: str = "application/json",
-           attributes: str | None = None, timeout: float = INVOKE_TIMEOUT_S) -> Reply:
+def invoke(
+    url: str,
+    body: bytes,
+    content_type: str,
+    accept: str = "application/json",
+    attributes: str | None = None,
+    timeout: float = INVOKE_TIMEOUT_S,
+) -> Reply:
     headers = {"Content-Type": content_type, "Accept": accept}
     if attributes:
         headers[ATTRIBUTES_HEADER] = attributes
@@ -112,8 +129,15 @@ def output_name(path: Path) -> str:
     return path.name + ".out"
 
 
-def invoke_files(url: str, files: list[Path], accept: str, content_type: str | None, attributes: str | None,
-                 out_dir: Path | None, stdout: TextIO) -> list[tuple[str, str]]:
+def invoke_files(
+    url: str,
+    files: list[Path],
+    accept: str,
+    content_type: str | None,
+    attributes: str | None,
+    out_dir: Path | None,
+    stdout: TextIO,
+) -> list[tuple[str, str]]:
     """POST each file; write ``<name>.out`` into ``out_dir`` or JSON to ``stdout``. Returns failures."""
     failures: list[tuple[str, str]] = []
     if out_dir is None and not accept.endswith("json"):

@@ -63,8 +63,12 @@ def detections_to_coco(image_id: int, answer: dict[str, Any]) -> list[dict[str, 
     for prediction in answer.get("predictions", [])[:1]:
         for instance in prediction.get("instances", []):
             x1, y1, x2, y2 = (float(v) for v in instance["box"])
-            entry = {"image_id": image_id, "category_id": int(instance["label"]),
-                     "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(instance["score"])}
+            entry = {
+                "image_id": image_id,
+                "category_id": int(instance["label"]),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "score": float(instance["score"]),
+            }
             if isinstance(instance.get("mask"), dict):
                 entry["segmentation"] = instance["mask"]
             results.append(entry)
@@ -93,13 +97,14 @@ def contact_sheet(images: list[Path], target: Path, columns: int = 4, tile: int 
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    held, train = summary["heldout"], summary["training"]
+    held, train, inference = summary["heldout"], summary["training"], summary["inference"]
     verdict = "met" if summary["passed"] else "NOT met"
     lines = [
         "# Mask R-CNN demo",
         "",
         f"Target segm AP50 >= {TARGET_SEGM_AP50} on held-out images: **{verdict}** "
-        f"({held['segm_AP50']:.3f}); total {summary['total_seconds']:.0f} s (target {TARGET_SECONDS} s on 2 cores).",
+        f"({held['segm_AP50']:.3f}); total {summary['total_seconds']:.0f} s "
+        f"(target {TARGET_SECONDS} s on 2 cores).",
         "",
         "| metric | held-out (served) | validation (training job) |",
         "| --- | --- | --- |",
@@ -110,8 +115,9 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"- mode: {summary['mode']}; training job {train['job_name']} took {train['seconds']:.0f} s",
-        f"- held-out: {held['images']} images, {held['detections']} detections at score >= {EVAL_SCORE_THRESHOLD}; "
-        f"inference {summary['inference']['seconds']:.1f} s ({summary['inference']['images_per_sec']:.1f} images/s)",
+        f"- held-out: {held['images']} images, {held['detections']} detections "
+        f"at score >= {EVAL_SCORE_THRESHOLD}; inference {inference['seconds']:.1f} s "
+        f"({inference['images_per_sec']:.1f} images/s)",
         f"- hyperparameters: `{json.dumps(summary['hyperparameters'])}`",
         "",
         "![contact sheet](contact_sheet.png)",
@@ -141,13 +147,19 @@ def run_demo(
         shutil.rmtree(out / owned, ignore_errors=True)
     hyperparameters = {**DEMO_HYPERPARAMETERS, **(hp_overrides or {})}
 
-    log.info("demo: writing %d training and %d held-out synthetic images", train_images or TRAIN_IMAGES,
-             heldout_images or HELDOUT_IMAGES)
+    log.info(
+        "demo: writing %d training and %d held-out synthetic images",
+        train_images or TRAIN_IMAGES,
+        heldout_images or HELDOUT_IMAGES,
+    )
     write_coco_dataset(out / "data" / "train", train_images or TRAIN_IMAGES, TRAIN_SEED, IMAGE_SIZE)
     write_coco_dataset(out / "data" / "heldout", heldout_images or HELDOUT_IMAGES, HELDOUT_SEED, IMAGE_SIZE)
 
-    spec = JobSpec(name=default_job_name("maskrcnn-demo"), channels={"training": out / "data" / "train"},
-                   hyperparameters=hyperparameters)
+    spec = JobSpec(
+        name=default_job_name("maskrcnn-demo"),
+        channels={"training": out / "data" / "train"},
+        hyperparameters=hyperparameters,
+    )
     trained = run_training(spec, out / "job", runtime, progress, overwrite=True)
     assert trained.model_archive is not None
 
@@ -159,12 +171,20 @@ def run_demo(
         parameters = resolve_parameters(TransformSettings(), client.execution_parameters(endpoint.url))
         scored = TransformSettings(attributes=f"score_threshold={EVAL_SCORE_THRESHOLD}")
         inference_started = time.monotonic()
-        answers = transform_files(endpoint.url, [(s, predictions / client.output_name(s)) for s in sources],
-                                  scored, parameters, progress)
+        answers = transform_files(
+            endpoint.url,
+            [(s, predictions / client.output_name(s)) for s in sources],
+            scored,
+            parameters,
+            progress,
+        )
         inference_seconds = time.monotonic() - inference_started
         drawn = transform_files(
-            endpoint.url, [(s, overlays / s.name) for s in sources[:OVERLAYS]],
-            TransformSettings(accept="image/png"), parameters, progress,
+            endpoint.url,
+            [(s, overlays / s.name) for s in sources[:OVERLAYS]],
+            TransformSettings(accept="image/png"),
+            parameters,
+            progress,
         )
     failures = answers.failures + drawn.failures
     if failures:
@@ -181,13 +201,24 @@ def run_demo(
         "folder": str(out),
         "mode": runtime.mode,
         "hyperparameters": hyperparameters,
-        "training": {"job_name": trained.job_name, "seconds": trained.seconds,
-                     "model_archive": str(trained.model_archive), "validation": trained.final_metrics},
-        "heldout": {"images": len(sources), "detections": len(results), "score_threshold": EVAL_SCORE_THRESHOLD,
-                    **{k: round(v, 4) for k, v in scores.items()}},
-        "inference": {"seconds": round(inference_seconds, 2),
-                      "images_per_sec": round(len(sources) / max(inference_seconds, 1e-9), 2),
-                      "failed_requests": len(failures), "execution_parameters": parameters},
+        "training": {
+            "job_name": trained.job_name,
+            "seconds": trained.seconds,
+            "model_archive": str(trained.model_archive),
+            "validation": trained.final_metrics,
+        },
+        "heldout": {
+            "images": len(sources),
+            "detections": len(results),
+            "score_threshold": EVAL_SCORE_THRESHOLD,
+            **{k: round(v, 4) for k, v in scores.items()},
+        },
+        "inference": {
+            "seconds": round(inference_seconds, 2),
+            "images_per_sec": round(len(sources) / max(inference_seconds, 1e-9), 2),
+            "failed_requests": len(failures),
+            "execution_parameters": parameters,
+        },
         "overlays": [str(p) for p in sorted(overlays.glob("*.png"))],
         "contact_sheet": str(sheet) if sheet else None,
         "total_seconds": round(time.monotonic() - started, 1),
@@ -196,6 +227,11 @@ def run_demo(
     summary["passed"] = scores["segm_AP50"] >= TARGET_SEGM_AP50 and not failures
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(markdown(summary))
-    log.info("demo: held-out segm AP50 %.3f (target %.2f) in %.0f s; summary in %s", scores["segm_AP50"],
-             TARGET_SEGM_AP50, summary["total_seconds"], out / "summary.md")
+    log.info(
+        "demo: held-out segm AP50 %.3f (target %.2f) in %.0f s; summary in %s",
+        scores["segm_AP50"],
+        TARGET_SEGM_AP50,
+        summary["total_seconds"],
+        out / "summary.md",
+    )
     return summary

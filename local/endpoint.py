@@ -79,7 +79,9 @@ class Endpoint:
         self.start()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def _place_model(self, base: Path) -> None:
@@ -105,8 +107,14 @@ class Endpoint:
             argv, env = self.runtime.serve_command(base, self.port, self.env, self.container)
             log.info("starting serve (%s mode) for %s on port %d", self.runtime.mode, self.model, self.port)
             self.process = subprocess.Popen(
-                argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                errors="replace", start_new_session=True,
+                argv,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                errors="replace",
+                start_new_session=True,
             )
             threading.Thread(target=self._pump, daemon=True).start()
             self.wait_ready()
@@ -134,8 +142,10 @@ class Endpoint:
                 log.info("endpoint ready at %s after %.1fs", self.url, time.monotonic() - started)
                 return
             time.sleep(0.25)
-        raise EndpointError(f"serve did not answer /ping within {self.startup_timeout_s:.0f}s; last lines:\n"
-                            + "\n".join(self.recent))
+        raise EndpointError(
+            f"serve did not answer /ping within {self.startup_timeout_s:.0f}s; last lines:\n"
+            + "\n".join(self.recent)
+        )
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -29,7 +29,7 @@ import os
 import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from maskrcnn.config import SageMakerPaths
@@ -66,7 +66,7 @@ def host_names(count: int) -> list[str]:
 
 def default_job_name(prefix: str = "maskrcnn") -> str:
     """SageMaker-style ``prefix-YYYY-MM-DD-HH-MM-SS-mmm``."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return f"{prefix}-{now:%Y-%m-%d-%H-%M-%S}-{now.microsecond // 1000:03d}"
 
 
@@ -98,7 +98,11 @@ class JobSpec:
 
 def inputdataconfig(channels: Iterable[str]) -> dict[str, dict[str, str]]:
     return {
-        name: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None"}
+        name: {
+            "TrainingInputMode": "File",
+            "S3DistributionType": "FullyReplicated",
+            "RecordWrapperType": "None",
+        }
         for name in sorted(channels)
     }
 
@@ -109,7 +113,9 @@ def resourceconfig(hosts: list[str], current: str) -> dict[str, object]:
         "current_instance_type": "local",
         "current_group_name": "homogeneousCluster",
         "hosts": hosts,
-        "instance_groups": [{"instance_group_name": "homogeneousCluster", "instance_type": "local", "hosts": hosts}],
+        "instance_groups": [
+            {"instance_group_name": "homogeneousCluster", "instance_type": "local", "hosts": hosts}
+        ],
         "network_interface_name": "eth0",
     }
 

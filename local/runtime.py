@@ -62,8 +62,19 @@ class Runtime:
         """(argv, environment) that run ``train`` on the tree at ``base``."""
         if self.mode == "process":
             return self.entrypoint("train"), {**self.environ, **env, "SAGEMAKER_BASE_DIR": str(base)}
-        argv = [self.docker, "run", "--rm", "--name", container_name, "--network", "host",
-                "--shm-size", SHM_SIZE, "-v", f"{base.resolve()}:{CONTAINER_BASE}"]
+        argv = [
+            self.docker,
+            "run",
+            "--rm",
+            "--name",
+            container_name,
+            "--network",
+            "host",
+            "--shm-size",
+            SHM_SIZE,
+            "-v",
+            f"{base.resolve()}:{CONTAINER_BASE}",
+        ]
         argv += self._env_flags(env)
         if self.gpus:
             argv += ["--gpus", "all"]
@@ -77,8 +88,19 @@ class Runtime:
             extra = {"SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_BIND_TO_PORT": str(port)}
             return self.entrypoint("serve"), {**self.environ, **env, **extra}
         model = (base / "model").resolve()
-        argv = [self.docker, "run", "--rm", "--name", container_name, "-p", f"127.0.0.1:{port}:8080",
-                "--shm-size", SHM_SIZE, "-v", f"{model}:{CONTAINER_BASE}/model"]
+        argv = [
+            self.docker,
+            "run",
+            "--rm",
+            "--name",
+            container_name,
+            "-p",
+            f"127.0.0.1:{port}:8080",
+            "--shm-size",
+            SHM_SIZE,
+            "-v",
+            f"{model}:{CONTAINER_BASE}/model",
+        ]
         argv += self._env_flags(env)
         if self.gpus:
             argv += ["--gpus", "all"]
@@ -103,8 +125,13 @@ def docker_status(image: str, docker: str = "docker") -> tuple[bool, str]:
     if binary is None:
         return False, "no docker CLI on PATH"
     try:
-        result = subprocess.run([binary, "image", "inspect", "--format", "{{.Id}}", image],
-                                capture_output=True, text=True, timeout=20, check=False)
+        result = subprocess.run(
+            [binary, "image", "inspect", "--format", "{{.Id}}", image],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, f"docker did not answer ({exc})"
     if result.returncode != 0:
@@ -113,8 +140,13 @@ def docker_status(image: str, docker: str = "docker") -> tuple[bool, str]:
     return True, f"image {image} ({result.stdout.strip()[:19]})"
 
 
-def resolve(mode: str, image: str = DEFAULT_IMAGE, gpus: bool = False,
-            environ: Mapping[str, str] | None = None, docker: str = "docker") -> Runtime:
+def resolve(
+    mode: str,
+    image: str = DEFAULT_IMAGE,
+    gpus: bool = False,
+    environ: Mapping[str, str] | None = None,
+    docker: str = "docker",
+) -> Runtime:
     """Turn ``auto`` into a concrete mode; ``docker`` without engine or image fails here, not later."""
     if mode not in MODES:
         raise HarnessError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")

@@ -21,7 +21,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -82,7 +82,9 @@ class MetricsReader:
         self.history.append(record)
         if record.get("phase") == "eval":
             self.final = {k: v for k, v in values.items() if k.startswith("validation:")}
-        shown = {k.split(":", 1)[1]: v for k, v in values.items() if k in ("train:loss", "validation:segm_AP50")}
+        shown = {
+            k.split(":", 1)[1]: v for k, v in values.items() if k in ("train:loss", "validation:segm_AP50")
+        }
         if self.unit == "step":
             if isinstance(record.get("step"), int):
                 self.progress.advance(record["step"], **shown)
@@ -171,10 +173,18 @@ def run_training(
                 argv, proc_env = runtime.train_command(trees[host].base, env, containers[host])
                 # A session of its own: Ctrl-C reaches the harness only, which stops hosts in order.
                 processes[host] = subprocess.Popen(
-                    argv, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                    bufsize=1, errors="replace", start_new_session=True,
+                    argv,
+                    env=proc_env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    bufsize=1,
+                    errors="replace",
+                    start_new_session=True,
                 )
-                threading.Thread(target=_pump, args=(host, processes[host].stdout, lines), daemon=True).start()
+                threading.Thread(
+                    target=_pump, args=(host, processes[host].stdout, lines), daemon=True
+                ).start()
             open_streams = len(hosts)
             while open_streams or len(codes) < len(hosts):
                 try:
@@ -209,8 +219,13 @@ def run_training(
                 runtime.remove_container(containers[host])  # --rm does not run when the CLI was killed
 
     result = TrainResult(
-        job_name=spec.name, mode=runtime.mode, hosts=hosts, exit_code=_job_code(codes, hosts),
-        seconds=round(time.monotonic() - started, 2), final_metrics=reader.final, history=reader.history,
+        job_name=spec.name,
+        mode=runtime.mode,
+        hosts=hosts,
+        exit_code=_job_code(codes, hosts),
+        seconds=round(time.monotonic() - started, 2),
+        final_metrics=reader.final,
+        history=reader.history,
     )
     if result.exit_code == 0:
         result.model_archive = pack_dir(trees[hosts[0]].model_dir, output / MODEL_ARCHIVE)
@@ -227,10 +242,8 @@ def run_training(
 def _signal_all(processes: dict[str, subprocess.Popen], codes: dict[str, int], sig: int) -> None:
     for name, process in processes.items():
         if name not in codes and process.poll() is None:
-            try:
+            with suppress(ProcessLookupError):
                 process.send_signal(sig)
-            except ProcessLookupError:
-                pass
 
 
 def _job_code(codes: dict[str, int], hosts: list[str]) -> int:

@@ -1,4 +1,4 @@
-"""Batch transform as SageMaker runs it: a server in batch mode, every input file POSTed, ``<name>.out`` written.
+"""Batch transform as SageMaker runs it: a batch-mode server, every input POSTed, ``<name>.out`` written.
 
 ``python -m local transform --model M --input DIR --output DIR`` starts ``serve`` with
 ``SAGEMAKER_BATCH=true`` (plus ``SAGEMAKER_MAX_CONCURRENT_TRANSFORMS``, ``SAGEMAKER_MAX_PAYLOAD_IN_MB``,
@@ -44,13 +44,19 @@ class TransformSettings:
     batch_strategy: str | None = None
 
     def given(self) -> dict[str, Any]:
-        values = {"MaxConcurrentTransforms": self.max_concurrent, "MaxPayloadInMB": self.max_payload_mb,
-                  "BatchStrategy": self.batch_strategy}
+        values = {
+            "MaxConcurrentTransforms": self.max_concurrent,
+            "MaxPayloadInMB": self.max_payload_mb,
+            "BatchStrategy": self.batch_strategy,
+        }
         return {k: v for k, v in values.items() if v is not None}
 
     def server_env(self) -> dict[str, str]:
-        names = {"MaxConcurrentTransforms": "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS",
-                 "MaxPayloadInMB": "SAGEMAKER_MAX_PAYLOAD_IN_MB", "BatchStrategy": "SAGEMAKER_BATCH_STRATEGY"}
+        names = {
+            "MaxConcurrentTransforms": "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS",
+            "MaxPayloadInMB": "SAGEMAKER_MAX_PAYLOAD_IN_MB",
+            "BatchStrategy": "SAGEMAKER_BATCH_STRATEGY",
+        }
         env = {"SAGEMAKER_BATCH": "true"}
         env.update({names[k]: str(v) for k, v in self.given().items()})
         return env
@@ -89,8 +95,13 @@ def resolve_parameters(settings: TransformSettings, served: dict[str, Any] | Non
     return resolved
 
 
-def transform_files(url: str, pairs: list[tuple[Path, Path]], settings: TransformSettings,
-                    parameters: dict[str, Any], progress: Progress | None = None) -> TransformResult:
+def transform_files(
+    url: str,
+    pairs: list[tuple[Path, Path]],
+    settings: TransformSettings,
+    parameters: dict[str, Any],
+    progress: Progress | None = None,
+) -> TransformResult:
     """Send every input to a running endpoint and write the answers; failed records are listed."""
     progress = progress or Progress()
     result = TransformResult(total=len(pairs), parameters=parameters)
@@ -99,9 +110,17 @@ def transform_files(url: str, pairs: list[tuple[Path, Path]], settings: Transfor
 
     def one(source: Path, target: Path) -> str | None:
         if source.stat().st_size > limit:
-            return f"{source.stat().st_size / MB:.1f} MB exceeds MaxPayloadInMB={parameters['MaxPayloadInMB']}"
-        reply = client.invoke(url, source.read_bytes(), client.content_type_for(source, settings.content_type),
-                              settings.accept, settings.attributes, timeout=600.0)
+            return (
+                f"{source.stat().st_size / MB:.1f} MB exceeds MaxPayloadInMB={parameters['MaxPayloadInMB']}"
+            )
+        reply = client.invoke(
+            url,
+            source.read_bytes(),
+            client.content_type_for(source, settings.content_type),
+            settings.accept,
+            settings.attributes,
+            timeout=600.0,
+        )
         if not reply.ok:
             return f"HTTP {reply.status}: {reply.message()}"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -133,8 +152,15 @@ def transform_files(url: str, pairs: list[tuple[Path, Path]], settings: Transfor
     return result
 
 
-def run_transform(runtime: Runtime, model: Path, input_dir: Path, output_dir: Path,
-                  settings: TransformSettings, port: int = 0, progress: Progress | None = None) -> TransformResult:
+def run_transform(
+    runtime: Runtime,
+    model: Path,
+    input_dir: Path,
+    output_dir: Path,
+    settings: TransformSettings,
+    port: int = 0,
+    progress: Progress | None = None,
+) -> TransformResult:
     """The whole job: plan, start the server in batch mode, send, stop."""
     pairs = plan(input_dir, output_dir)
     if not pairs:
