@@ -49,3 +49,9 @@ class NotAcceptable(RequestError):
 
 class PayloadTooLarge(RequestError):
     status = 413
+
+
+class ServiceUnavailable(RequestError):
+    """The server cannot answer now (model not loaded yet, inference over its deadline); retry later."""
+
+    status = 503

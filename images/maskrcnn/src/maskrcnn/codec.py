@@ -1,0 +1,317 @@
+"""Request bytes -> images, detections -> response bytes. Pure functions; no server, no model.
+
+Requests (``POST /invocations``):
+
+* ``image/jpeg``, ``image/png``, ``application/x-image``: the body is one image file. Any format
+  Pillow reads is accepted under these types (the bytes decide, not the label).
+* ``application/json``: ``{"image": "<base64>"}`` for one image, or
+  ``{"instances": [{"image": "<base64>"}, ...]}`` for up to ``max_images``.
+
+Every image becomes H x W x 3 uint8 RGB: EXIF orientation applied; palette, RGBA, LA, CMYK,
+greyscale, 1-bit and 16-bit images converted (alpha dropped, 16-bit scaled to 8-bit). An image whose
+header promises more than ``max_pixels`` is refused before it is decoded (decompression bombs).
+
+Options come from ``X-Amzn-SageMaker-Custom-Attributes`` as comma-separated ``key=value`` pairs:
+``score_threshold`` (0..1), ``max_detections`` (1..the model's), ``mask_format`` (rle, polygon,
+none). Unknown keys are refused so that a typo does not silently change nothing.
+
+Responses (``Accept``): ``application/json`` (also ``*/*`` or none) is
+``{"predictions": [{"image_size": [h, w], "instances": [{"box": [x1, y1, x2, y2], "label": 1,
+"label_name": "circle", "score": 0.97, "mask": {"size": [h, w], "counts": "<COCO RLE>"}}]}]}``,
+one prediction per input image; ``image/png`` (one image only) is the input with masks, boxes and
+labels drawn. Every problem raises a :class:`maskrcnn.errors.RequestError` subclass.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import struct
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pycocotools import mask as mask_utils
+
+from maskrcnn.errors import NotAcceptable, RequestError, UnsupportedMediaType
+
+if TYPE_CHECKING:
+    from maskrcnn.predictor import Detections
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image")
+JSON_TYPE = "application/json"
+PNG_TYPE = "image/png"
+SUPPORTED_TYPES = (*IMAGE_TYPES, JSON_TYPE)
+MASK_FORMATS = ("rle", "polygon", "none")
+ATTRIBUTES_LIMIT = 1024  # SageMaker passes at most 1024 characters of custom attributes
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """Per-request knobs; defaults come from model.json."""
+
+    score_threshold: float = 0.5
+    max_detections: int = 100
+    mask_format: str = "rle"
+
+
+def media_type(header: str | None) -> str:
+    """``"Image/PNG; charset=x"`` -> ``"image/png"``; missing -> ``""``."""
+    return (header or "").split(";", 1)[0].strip().lower()
+
+
+def parse_attributes(text: str | None, defaults: RequestOptions, max_detections_cap: int) -> RequestOptions:
+    """Read ``score_threshold=0.7,max_detections=10,mask_format=polygon`` over ``defaults``."""
+    if not text or not text.strip():
+        return defaults
+    if len(text) > ATTRIBUTES_LIMIT:
+        raise RequestError(f"custom attributes are longer than {ATTRIBUTES_LIMIT} characters")
+    options = defaults
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if not sep or not key:
+            raise RequestError(f"custom attribute {item!r} is not key=value")
+        if key == "score_threshold":
+            try:
+                threshold = float(value)
+            except ValueError:
+                threshold = math.nan
+            if not 0.0 <= threshold <= 1.0:  # also rejects nan
+                raise RequestError(f"score_threshold must be a number within [0, 1], got {value!r}")
+            options = replace(options, score_threshold=threshold)
+        elif key == "max_detections":
+            try:
+                count = int(value)
+            except ValueError:
+                count = 0
+            if not 1 <= count <= max_detections_cap:
+                raise RequestError(f"max_detections must be an integer within [1, {max_detections_cap}], "
+                                   f"got {value!r}")
+            options = replace(options, max_detections=count)
+        elif key == "mask_format":
+            if value.lower() not in MASK_FORMATS:
+                raise RequestError(f"mask_format must be one of {', '.join(MASK_FORMATS)}, got {value!r}")
+            options = replace(options, mask_format=value.lower())
+        else:
+            raise RequestError(
+                f"unknown custom attribute {key!r}; accepted: score_threshold, max_detections, mask_format"
+            )
+    return options
+
+
+def negotiate(accept: str | None) -> str:
+    """The response type for an ``Accept`` header: JSON unless PNG is preferred; 406 if neither fits."""
+    if not accept or not accept.strip():
+        return JSON_TYPE
+    best: tuple[float, int, str] | None = None
+    for position, part in enumerate(accept.split(",")):
+        fields = part.split(";")
+        media = fields[0].strip().lower()
+        quality = 1.0
+        for param in fields[1:]:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if quality <= 0:
+            continue
+        if media in (JSON_TYPE, "application/*", "*/*"):
+            offer = JSON_TYPE
+        elif media in (PNG_TYPE, "image/*"):
+            offer = PNG_TYPE
+        else:
+            continue
+        # Highest quality wins; on a tie, the one the client listed first.
+        if best is None or quality > best[0]:
+            best = (quality, position, offer)
+    if best is None:
+        raise NotAcceptable(f"cannot answer with {accept!r}; offered: {JSON_TYPE}, {PNG_TYPE}")
+    return best[2]
+
+
+def check_content_type(content_type: str | None) -> str:
+    """The request's media type if we accept it; 415 otherwise."""
+    kind = media_type(content_type)
+    if kind not in SUPPORTED_TYPES:
+        raise UnsupportedMediaType(
+            f"unsupported content type {kind or '(none)'!r}; send one of {', '.join(SUPPORTED_TYPES)}"
+        )
+    return kind
+
+
+def decode_request(body: bytes, content_type: str | None, *, max_pixels: int, max_images: int) -> list[np.ndarray]:
+    """The images in a request body, each H x W x 3 uint8 RGB."""
+    if check_content_type(content_type) == JSON_TYPE:
+        return [decode_image(data, max_pixels) for data in _json_images(body, max_images)]
+    return [decode_image(body, max_pixels)]
+
+
+def _json_images(body: bytes, max_images: int) -> list[bytes]:
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(f"the body is not valid JSON: {exc}") from None
+    if isinstance(document, dict) and "image" in document:
+        encoded = [document["image"]]
+    elif isinstance(document, dict) and isinstance(document.get("instances"), list):
+        instances = document["instances"]
+        if not instances:
+            raise RequestError('"instances" is empty')
+        if len(instances) > max_images:
+            raise RequestError(f'"instances" holds {len(instances)} images; at most {max_images} per request')
+        if not all(isinstance(item, dict) and "image" in item for item in instances):
+            raise RequestError('every item of "instances" must be an object with an "image" key')
+        encoded = [item["image"] for item in instances]
+    else:
+        raise RequestError('JSON body must be {"image": "<base64>"} or {"instances": [{"image": "<base64>"}, ...]}')
+    images = []
+    for index, text in enumerate(encoded):
+        if not isinstance(text, str):
+            raise RequestError(f"image {index} must be a base64 string")
+        try:
+            images.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise RequestError(f"image {index} is not valid base64") from None
+    return images
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """One image file's bytes -> H x W x 3 uint8 RGB, upright per its EXIF orientation."""
+    if not data:
+        raise RequestError("the image is empty")
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb warning would only repeat what our cap already decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width < 1 or height < 1:
+                raise RequestError(f"the image has no pixels ({width} x {height})")
+            if width * height > max_pixels:
+                raise RequestError(
+                    f"the image is {width} x {height} = {width * height} pixels; the limit is {max_pixels}"
+                )
+            image.load()  # decode now: truncated or corrupt data fails here, not later
+            image = _upright(image)
+            return _to_rgb(image)
+    except RequestError:
+        raise
+    except UnidentifiedImageError:
+        raise RequestError("the body is not an image this server can read") from None
+    except Image.DecompressionBombError as exc:
+        raise RequestError(f"the image is too large to decode: {exc}") from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error) as exc:
+        # Pillow reports corrupt or truncated files through all of these.
+        raise RequestError(f"the image could not be decoded: {exc}") from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block should not cost the caller the image
+        return image
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        gray = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # palette transparency converts cleanly only via RGBA
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise RequestError(f"unsupported pixel format {mode!r}")
+    return array
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+
+
+def instances(detections: Detections, class_names: Sequence[str], mask_format: str) -> list[dict[str, Any]]:
+    """One JSON-ready dict per detection."""
+    out = []
+    for i in range(len(detections)):
+        label = int(detections.labels[i])
+        item: dict[str, Any] = {
+            "box": [round(float(v), 2) for v in detections.boxes[i]],
+            "label": label,
+            "label_name": class_names[label - 1] if 1 <= label <= len(class_names) else str(label),
+            "score": round(float(detections.scores[i]), 4),
+        }
+        if mask_format == "rle":
+            item["mask"] = rle(detections.mask(i))
+        elif mask_format == "polygon":
+            item["mask"] = {"polygons": polygons(detections.mask(i))}
+        out.append(item)
+    return out
+
+
+def encode_json(results: Sequence[Detections], class_names: Sequence[str], mask_format: str) -> bytes:
+    predictions = [
+        {"image_size": list(d.image_size), "instances": instances(d, class_names, mask_format)} for d in results
+    ]
+    return json.dumps({"predictions": predictions}, separators=(",", ":")).encode()
+
+
+def rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO compressed RLE of an (H, W) bool mask: ``{"size": [h, w], "counts": "..."}``."""
+    encoded = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(s) for s in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
+
+
+def polygons(mask: np.ndarray) -> list[list[float]]:
+    """COCO polygons (flat ``[x1, y1, x2, y2, ...]`` lists, pixel-centre coordinates) of a mask's outlines."""
+    import contourpy  # matplotlib's contouring engine; only the polygon format needs it
+
+    # A zero border closes every outline, including those touching the image edge.
+    padded = np.pad(mask.astype(np.float32), 1)
+    lines = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate).lines(0.5)
+    out = []
+    for line in lines:
+        if len(line) < 3:
+            continue
+        points = np.round(line - 1.0, 2)  # undo the padding offset
+        out.append([float(v) for v in points.reshape(-1)])
+    return out
+
+
+def encode_png(image: np.ndarray, detections: Detections, class_names: Sequence[str]) -> bytes:
+    """The image with every detection's mask, box and "name score" label drawn."""
+    import torch
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    canvas = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+    palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"]
+    colors = [palette[int(label) % len(palette)] for label in detections.labels]
+    for i in range(len(detections)):
+        # One mask at a time: N full-size masks at once could be gigabytes on a large image.
+        mask = torch.from_numpy(detections.mask(i))[None]
+        canvas = draw_segmentation_masks(canvas, mask, alpha=0.45, colors=colors[i])
+    if len(detections):
+        labels = [
+            f"{class_names[int(label) - 1] if 1 <= int(label) <= len(class_names) else int(label)} {score:.2f}"
+            for label, score in zip(detections.labels, detections.scores, strict=True)
+        ]
+        canvas = draw_bounding_boxes(canvas, torch.from_numpy(detections.boxes), labels=labels, colors=colors,
+                                     width=2)
+    buffer = io.BytesIO()
+    Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()

@@ -1,0 +1,209 @@
+"""``serve``: start nginx and gunicorn, supervise both, stop them gracefully.
+
+    docker run -p 8080:8080 -v $PWD/model:/opt/ml/model IMAGE serve
+    SAGEMAKER_BASE_DIR=/tmp/job images/maskrcnn/serve          # on a laptop
+
+Reads :class:`~maskrcnn.settings.ServeSettings` once from the environment, checks that the model
+directory holds a saved model, writes a run directory (settings for the gunicorn child, nginx.conf,
+sockets, nginx temp files), then starts
+
+* gunicorn (``python -m maskrcnn.wsgi RUN_DIR``) with gevent workers on two unix sockets, and
+* nginx on the public port (8080 or ``SAGEMAKER_BIND_TO_PORT``), ``daemon off``, error log to
+  stderr, access log to stdout.
+
+Where nginx is not installed (``MASKRCNN_NGINX=off`` forces it), gunicorn listens on the port
+itself and a warning says so: fine on a laptop, but nothing buffers slow clients.
+
+If either child exits, ``serve`` stops the other and exits non-zero. On SIGTERM (SageMaker sends
+SIGKILL 30 s later) nginx stops listening and drains its in-flight requests, then gunicorn drains
+its workers; everything is gone within ``graceful_timeout_s`` + a few seconds, and ``serve`` exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+from types import FrameType
+
+from maskrcnn.errors import ConfigError, ModelError
+from maskrcnn.gunicorn_conf import RunDir
+from maskrcnn.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2
+KILL_AFTER_S = 28  # SageMaker's SIGKILL comes 30 s after SIGTERM
+MAX_NGINX_WORKERS = 2  # proxying is cheap; more processes would only take CPU from the model
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="serve", description="Serve the Mask R-CNN model in SAGEMAKER_BASE_DIR/model (default /opt/ml)."
+    )
+    parser.parse_args(argv)
+    try:
+        settings = ServeSettings.from_env(
+            os.environ, cpu_count=cpu_count(), gpu_count=gpu_count(), nginx=shutil.which("nginx")
+        )
+        check_model_dir(settings.model_dir)
+    except (ConfigError, ModelError) as exc:
+        log.error("serve cannot start: %s", exc)
+        return 1
+    return Supervisor(settings).run()
+
+
+def cpu_count() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota when one is set."""
+    count = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    return count
+
+
+def gpu_count() -> int:
+    """Visible CUDA devices; torch is imported only where an NVIDIA driver is present."""
+    if not Path("/proc/driver/nvidia").exists():
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Fail before starting anything if there is no saved model (the workers validate it fully)."""
+    spec, weights = model_dir / "model.json", model_dir / "model.safetensors"
+    if not spec.is_file() or not weights.is_file():
+        present = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else []
+        raise ModelError(
+            f"{model_dir} must hold model.json and model.safetensors (found: {', '.join(present) or 'nothing'}); "
+            "pickled weights (.pth, .pt, .pkl) are never loaded"
+        )
+    try:
+        if not isinstance(json.loads(spec.read_text()), dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{spec} is not a JSON object: {exc}") from None
+
+
+def render_nginx_conf(settings: ServeSettings, run_dir: RunDir, cpus: int) -> str:
+    template = resources.files("maskrcnn").joinpath("nginx.conf.tmpl").read_text()
+    values = {
+        "RUN_DIR": str(run_dir.path),
+        "PORT": str(settings.port),
+        "NGINX_WORKERS": str(max(1, min(cpus, MAX_NGINX_WORKERS))),
+        "MAX_BODY": str(settings.max_payload_bytes),
+        "BODY_BUFFER": str(min(settings.max_payload_bytes, 16 * 1024 * 1024)),
+        "NGINX_TIMEOUT": str(settings.nginx_timeout_s),
+        "CONTROL_SOCKET": str(run_dir.control_socket),
+        "INFERENCE_SOCKET": str(run_dir.inference_socket),
+    }
+    for key, value in values.items():
+        template = template.replace(f"@@{key}@@", value)
+    if "@@" in template:
+        raise ConfigError("nginx.conf.tmpl has a placeholder render_nginx_conf does not fill")
+    return template
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if serve itself is killed, instead of living on."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Supervisor:
+    """Owns the two child processes and the run directory."""
+
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.stop_requested = False
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("received %s: draining and stopping", signal.Signals(signum).name)
+        self.stop_requested = True
+
+    def run(self) -> int:
+        run_dir = RunDir(Path(tempfile.mkdtemp(prefix="maskrcnn-serve-")))
+        # nginx's workers drop to an unprivileged user when started as root: let them reach the sockets.
+        run_dir.path.chmod(0o711)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            return self._run(run_dir)
+        finally:
+            self._kill_all()
+            shutil.rmtree(run_dir.path, ignore_errors=True)
+
+    def _run(self, run_dir: RunDir) -> int:
+        settings = self.settings
+        run_dir.settings_file.write_text(settings.to_json())
+        log.info(
+            "serving %s on port %d: %d worker(s) x %d torch thread(s) on %s, timeout %d s, payload %d MiB",
+            settings.model_dir, settings.port, settings.workers, settings.torch_threads, settings.device,
+            settings.timeout_s, settings.max_payload_mb,
+        )
+        self._start("gunicorn", [sys.executable, "-m", "maskrcnn.wsgi", str(run_dir.path)])
+        if settings.nginx:
+            run_dir.nginx_conf.write_text(render_nginx_conf(settings, run_dir, cpu_count()))
+            self._start("nginx", [settings.nginx, "-e", "stderr", "-p", str(run_dir.path),
+                                  "-c", str(run_dir.nginx_conf)])
+        else:
+            log.warning(
+                "nginx is not installed: gunicorn listens on port %d itself (process mode: no front-end "
+                "buffering of slow clients; fine on a laptop, not for an endpoint)", settings.port
+            )
+
+        while not self.stop_requested:
+            for name, child in self.children.items():
+                code = child.poll()
+                if code is not None:
+                    log.error("%s exited with code %s; stopping the server", name, code)
+                    self._stop_gracefully(time.monotonic() + 5)
+                    return code if code > 0 else 1
+            time.sleep(POLL_S)
+        self._stop_gracefully(time.monotonic() + KILL_AFTER_S)
+        return 0
+
+    def _start(self, name: str, command: list[str]) -> None:
+        log.info("starting %s: %s", name, " ".join(command))
+        self.children[name] = subprocess.Popen(command, preexec_fn=_die_with_parent)  # noqa: PLW1509
+
+    def _stop_gracefully(self, deadline: float) -> None:
+        # nginx first: it stops listening at once and waits for answers gunicorn is still producing.
+        self._signal_and_wait("nginx", signal.SIGQUIT, deadline)
+        self._signal_and_wait("gunicorn", signal.SIGTERM, deadline)
+
+    def _signal_and_wait(self, name: str, signum: int, deadline: float) -> None:
+        child = self.children.get(name)
+        if child is None or child.poll() is not None:
+            return
+        child.send_signal(signum)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        if child.poll() is None:
+            log.warning("%s did not stop in time; killing it", name)
+            child.kill()
+            child.wait()
+        else:
+            log.info("%s stopped (code %s)", name, child.returncode)
+
+    def _kill_all(self) -> None:
+        for child in self.children.values():
+            if child.poll() is None:
+                child.kill()
+                child.wait()

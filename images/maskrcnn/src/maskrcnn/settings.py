@@ -1,0 +1,188 @@
+"""How the inference server runs, read once from the environment at the edge.
+
+:meth:`ServeSettings.from_env` is called by ``serve`` (:mod:`maskrcnn.server`) with the process
+environment and the machine's CPU and GPU counts; nothing else in the serving code reads
+``os.environ``. The gunicorn child receives the resolved settings as JSON (:meth:`to_json`), so the
+supervisor and every worker agree on one set of values. A wrong value fails before any traffic,
+with the variable's name in the message.
+
+Environment (SageMaker's names first, then ours):
+
+==================================  ==========================================================
+``SAGEMAKER_BASE_DIR``              root of every path (default ``/opt/ml``); model from ``model/``
+``SAGEMAKER_BIND_TO_PORT``          public port (default 8080)
+``SAGEMAKER_MODEL_SERVER_WORKERS``  gunicorn workers (default: one per GPU; on CPU see below)
+``SAGEMAKER_MODEL_SERVER_TIMEOUT``  seconds one inference may take (default 60; 600 in batch)
+``SAGEMAKER_MAX_PAYLOAD_IN_MB``     request body limit in MiB (default 6, at most 100)
+``SAGEMAKER_BATCH``                 ``true`` in batch transform
+``SAGEMAKER_BATCH_STRATEGY``        reported by ``/execution-parameters`` (default SINGLE_RECORD)
+``SAGEMAKER_MAX_CONCURRENT_TRANSFORMS``  reported by ``/execution-parameters`` (default workers)
+``MASKRCNN_TORCH_THREADS``          intra-op threads per worker (default cores // workers)
+``MASKRCNN_DEVICE``                 ``auto`` (default), ``cpu`` or ``cuda``
+``MASKRCNN_MAX_IMAGE_PIXELS``       decoded-pixel cap per image, our decompression-bomb guard
+``MASKRCNN_MAX_IMAGES``             images per JSON request (default 16)
+``MASKRCNN_NGINX``                  path to nginx, or ``off`` to let gunicorn listen itself
+==================================  ==========================================================
+
+CPU default: ``workers = min(cores, 4)`` and ``threads = cores // workers`` so that
+workers x threads <= cores (oversubscribing cores makes every request slower and starves /ping).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from maskrcnn.config import DEFAULT_BASE_DIR
+from maskrcnn.errors import ConfigError
+
+DEFAULT_PORT = 8080
+DEFAULT_TIMEOUT_S = 60  # SageMaker answers a real-time invocation within 60 s
+BATCH_TIMEOUT_S = 600  # a batch-transform invocation may take up to 600 s
+DEFAULT_PAYLOAD_MB = 6  # real-time request limit: 6 MiB
+MAX_PAYLOAD_MB = 100  # batch transform's ceiling
+DEFAULT_MAX_IMAGE_PIXELS = 36_000_000  # 6000 x 6000: above any camera we expect, far below an OOM
+DEFAULT_MAX_IMAGES = 16
+MAX_CPU_WORKERS = 4  # beyond this, more threads per worker beat more copies of the model
+GRACEFUL_TIMEOUT_S = 25  # SIGKILL follows SIGTERM after 30 s; leave room to exit cleanly
+BATCH_STRATEGIES = ("SINGLE_RECORD", "MULTI_RECORD")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything the server needs, resolved. Build with :meth:`from_env` or directly in tests."""
+
+    base_dir: Path = Path(DEFAULT_BASE_DIR)
+    port: int = DEFAULT_PORT
+    workers: int = 1
+    torch_threads: int = 1
+    device: str = "cpu"  # "cpu" or "cuda"; a GPU worker takes cuda:<its slot>
+    gpu_count: int = 0
+    timeout_s: int = DEFAULT_TIMEOUT_S
+    max_payload_mb: int = DEFAULT_PAYLOAD_MB
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_images: int = DEFAULT_MAX_IMAGES
+    nginx: str | None = None  # path to the nginx binary; None = gunicorn listens on the port itself
+    batch: bool = False
+    batch_strategy: str = "SINGLE_RECORD"
+    max_concurrent_transforms: int = 1
+    graceful_timeout_s: int = GRACEFUL_TIMEOUT_S
+
+    @property
+    def model_dir(self) -> Path:
+        return self.base_dir / "model"
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return self.max_payload_mb * 1024 * 1024
+
+    @property
+    def gunicorn_timeout_s(self) -> int:
+        """A worker is declared hung only after the model's own deadline has passed."""
+        return self.timeout_s + 5
+
+    @property
+    def nginx_timeout_s(self) -> int:
+        """nginx waits longer than gunicorn, so a slow answer arrives instead of a 504."""
+        return self.gunicorn_timeout_s + 5
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str],
+        *,
+        cpu_count: int,
+        gpu_count: int = 0,
+        nginx: str | None = None,
+    ) -> ServeSettings:
+        """Resolve settings from the environment and the machine; raise ConfigError on bad values."""
+        env = {k: v.strip() for k, v in environ.items() if v.strip()}
+        cpu_count = max(1, cpu_count)
+        device = env.get("MASKRCNN_DEVICE", "auto").lower()
+        if device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"MASKRCNN_DEVICE must be auto, cpu or cuda, got {device!r}")
+        if device == "cuda" and gpu_count == 0:
+            raise ConfigError("MASKRCNN_DEVICE=cuda but no CUDA device is visible")
+        if device == "auto":
+            device = "cuda" if gpu_count > 0 else "cpu"
+
+        if device == "cuda":
+            default_workers = gpu_count
+        else:
+            default_workers = min(cpu_count, MAX_CPU_WORKERS)
+        workers = _int(env, "SAGEMAKER_MODEL_SERVER_WORKERS", default_workers, minimum=1)
+        default_threads = max(1, cpu_count // workers) if device == "cpu" else 1
+        threads = _int(env, "MASKRCNN_TORCH_THREADS", default_threads, minimum=1)
+
+        batch = _bool(env, "SAGEMAKER_BATCH", False)
+        timeout = _int(env, "SAGEMAKER_MODEL_SERVER_TIMEOUT",
+                       BATCH_TIMEOUT_S if batch else DEFAULT_TIMEOUT_S, minimum=1)
+        payload = _int(env, "SAGEMAKER_MAX_PAYLOAD_IN_MB", DEFAULT_PAYLOAD_MB, minimum=1)
+        if payload > MAX_PAYLOAD_MB:
+            raise ConfigError(f"SAGEMAKER_MAX_PAYLOAD_IN_MB must be at most {MAX_PAYLOAD_MB}, got {payload}")
+        strategy = env.get("SAGEMAKER_BATCH_STRATEGY", "SINGLE_RECORD").upper()
+        if strategy not in BATCH_STRATEGIES:
+            raise ConfigError(f"SAGEMAKER_BATCH_STRATEGY must be one of {', '.join(BATCH_STRATEGIES)}")
+
+        nginx_choice = env.get("MASKRCNN_NGINX", "")
+        if nginx_choice.lower() == "off":
+            nginx = None
+        elif nginx_choice:
+            nginx = nginx_choice
+        return cls(
+            base_dir=Path(env.get("SAGEMAKER_BASE_DIR", DEFAULT_BASE_DIR)),
+            port=_int(env, "SAGEMAKER_BIND_TO_PORT", DEFAULT_PORT, minimum=1, maximum=65535),
+            workers=workers,
+            torch_threads=threads,
+            device=device,
+            gpu_count=gpu_count,
+            timeout_s=timeout,
+            max_payload_mb=payload,
+            max_image_pixels=_int(env, "MASKRCNN_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS, minimum=1),
+            max_images=_int(env, "MASKRCNN_MAX_IMAGES", DEFAULT_MAX_IMAGES, minimum=1),
+            nginx=nginx,
+            batch=batch,
+            batch_strategy=strategy,
+            max_concurrent_transforms=_int(env, "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", workers, minimum=1),
+        )
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["base_dir"] = str(self.base_dir)
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ServeSettings:
+        data: dict[str, Any] = json.loads(text)
+        data["base_dir"] = Path(data["base_dir"])
+        return cls(**data)
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise ConfigError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    lowered = raw.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")

@@ -1,0 +1,141 @@
+"""The gunicorn side of ``serve``: ``python -m maskrcnn.wsgi RUN_DIR`` (started by maskrcnn.server).
+
+Reads the resolved settings from ``RUN_DIR/settings.json`` and runs gunicorn with
+:class:`InferenceWorker`, a gevent worker that
+
+* loads and warms the model before it accepts any connection (so traffic only ever reaches a
+  ready worker; until one is ready nginx answers /ping with 503);
+* runs every invocation's decode, inference and encode in one real OS thread of its own, so its
+  event loop keeps answering /ping while the CPU works;
+* accepts one connection at a time on the inference socket: a busy worker leaves the next
+  request in the kernel's queue, where the first idle worker takes it. gevent workers otherwise
+  accept greedily, and two requests can queue behind one worker while another idles.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import gevent
+from flask import Flask
+from gevent.pool import Pool
+from gevent.server import StreamServer
+from gevent.threadpool import ThreadPool
+from gunicorn.app.base import BaseApplication
+from gunicorn.workers.ggevent import GeventWorker
+
+from maskrcnn.errors import ServiceUnavailable
+from maskrcnn.gunicorn_conf import RunDir, gunicorn_options
+from maskrcnn.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+INFERENCE_CONCURRENCY = 1  # invocations in flight per worker; the rest wait for any idle worker
+
+
+def build_app(settings: ServeSettings, device_slot: int) -> Flask:
+    """One worker's app: its own Predictor on its own device, its own inference thread."""
+    import torch  # here, in the worker: the gunicorn master never imports torch before forking
+
+    from maskrcnn.app import create_app
+    from maskrcnn.predictor import Predictor
+
+    device = f"cuda:{device_slot % settings.gpu_count}" if settings.device == "cuda" else "cpu"
+    try:
+        torch.set_num_interop_threads(1)  # inter-op parallelism only adds threads competing for the cores
+    except RuntimeError:
+        pass  # already set in this process
+    inference_thread = ThreadPool(1)
+    predictor = Predictor.load(settings.model_dir, device, threads=settings.torch_threads, warm=False)
+    # Warm up on the thread that will run inference, so its thread-local state is warm too.
+    inference_thread.spawn(predictor.warm_up).get()
+
+    def run_blocking(fn: Any, timeout: float) -> Any:
+        result = inference_thread.spawn(fn)
+        try:
+            return result.get(timeout=timeout)
+        except gevent.Timeout:
+            raise ServiceUnavailable(f"inference took longer than {timeout:g} s") from None
+
+    log.info("worker ready on %s with %d torch threads", device, settings.torch_threads)
+    return create_app(predictor, settings, run_blocking)
+
+
+class ServingApplication(BaseApplication):
+    def __init__(self, settings: ServeSettings, run_dir: RunDir):
+        self.settings = settings
+        self.run_dir = run_dir
+        self.inference_address = str(run_dir.inference_socket) if settings.nginx else None
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in gunicorn_options(self.settings, self.run_dir).items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Flask:
+        return build_app(self.settings, 0)
+
+
+class InferenceWorker(GeventWorker):
+    device_slot = 0  # set by maskrcnn.gunicorn_conf.assign_device_slot before the fork
+
+    def load_wsgi(self) -> None:
+        self.wsgi = build_app(self.app.settings, self.device_slot)
+
+    def run(self) -> None:
+        inference_address = self.app.inference_address
+        servers = []
+        for sock in self.sockets:
+            sock.setblocking(1)
+            gated = inference_address is not None and _address(sock) == inference_address
+            pool = Pool(INFERENCE_CONCURRENCY if gated else self.worker_connections)
+            server = StreamServer(sock, handle=partial(self.handle, sock), spawn=pool)
+            server.max_accept = 1  # take one connection per wake-up; leave the rest to the other workers
+            server.start()
+            servers.append(server)
+
+        while self.alive:
+            self.notify()
+            gevent.sleep(1.0)
+
+        # SIGTERM: stop accepting, let in-flight requests finish within graceful_timeout.
+        for server in servers:
+            server.close()
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        while time.monotonic() < deadline and any(s.pool.free_count() != s.pool.size for s in servers):
+            self.notify()
+            gevent.sleep(0.1)
+        for server in servers:
+            server.stop(timeout=1)
+
+
+def _address(sock: Any) -> str:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return ""
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def main(argv: list[str]) -> int:
+    from maskrcnn.cli import setup_logging
+
+    setup_logging()
+    if len(argv) != 1:
+        log.error("usage: python -m maskrcnn.wsgi RUN_DIR")
+        return 2
+    run_dir = RunDir(Path(argv[0]))
+    settings = ServeSettings.from_json(run_dir.settings_file.read_text())
+    ServingApplication(settings, run_dir).run()  # gunicorn's arbiter exits the process itself
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
