@@ -1,0 +1,289 @@
+"""Pure parts of the harness: --hp parsing, the job tree, tar safety, metrics reading, plans."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from maskrcnn.config import TrainConfig
+
+from local import artifacts, client, layout, transform
+from local import runtime as rt
+from local.cli import main
+from local.demo import detections_to_coco
+from local.errors import HarnessError, UnsafeArchiveError
+from local.progress import Progress
+from local.training import MetricsReader, _job_code, progress_plan
+
+pytestmark = pytest.mark.unit
+
+
+def test_parse_pairs_keeps_strings_and_last_wins():
+    assert layout.parse_pairs(["epochs=2", "lr=0.1", "epochs=3", "note=a=b", "empty="]) == {
+        "epochs": "3", "lr": "0.1", "note": "a=b", "empty": "",
+    }
+
+
+@pytest.mark.parametrize("bad", ["epochs", "=2", " =1"])
+def test_parse_pairs_refuses_malformed(bad):
+    with pytest.raises(HarnessError, match="KEY=VALUE"):
+        layout.parse_pairs([bad])
+
+
+def test_host_names():
+    assert layout.host_names(3) == ["algo-1", "algo-2", "algo-3"]
+    with pytest.raises(HarnessError):
+        layout.host_names(0)
+
+
+def _data(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "a.png").write_bytes(b"png")
+    (data / "annotations.json").write_text("{}")
+    return data
+
+
+def test_write_job_lays_out_what_sagemaker_writes(tmp_path):
+    data = _data(tmp_path)
+    spec = layout.JobSpec("job-1", {"training": data}, {"epochs": "3", "amp": "True"}, instance_count=2)
+    trees = layout.write_job(tmp_path / "out", spec)
+    assert list(trees) == ["algo-1", "algo-2"]
+    for host, paths in trees.items():
+        assert json.loads(paths.hyperparameters_file.read_text()) == {"epochs": "3", "amp": "True"}
+        resources = json.loads(paths.resourceconfig_file.read_text())
+        assert resources["current_host"] == host and resources["hosts"] == ["algo-1", "algo-2"]
+        channels = json.loads(paths.inputdataconfig_file.read_text())
+        assert channels["training"]["TrainingInputMode"] == "File"
+        copied = paths.channel("training") / "images" / "a.png"
+        assert copied.read_bytes() == b"png" and not copied.is_symlink()
+        assert os.stat(copied).st_ino == os.stat(data / "images" / "a.png").st_ino  # a hard link
+        assert paths.model_dir.is_dir() and paths.output_data_dir.is_dir() and paths.checkpoints_dir.is_dir()
+    # the image's own reader understands the tree
+    config = TrainConfig.from_env({"SAGEMAKER_BASE_DIR": str(trees["algo-2"].base), "TRAINING_JOB_NAME": "job-1"})
+    assert config.resources.current_host == "algo-2" and config.resources.host_rank == 1
+    assert config.hp.epochs == 3 and config.hp.amp is True and config.channels == ("training",)
+
+
+def test_write_job_refuses_a_used_folder_unless_it_holds_a_job(tmp_path):
+    spec = layout.JobSpec("job-1", {"training": _data(tmp_path)})
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "precious.txt").write_text("keep")
+    with pytest.raises(HarnessError, match="not empty"):
+        layout.write_job(used, spec)
+    with pytest.raises(HarnessError, match="does not hold a previous job"):
+        layout.write_job(used, spec, overwrite=True)
+    assert (used / "precious.txt").exists()
+    layout.write_job(tmp_path / "job", spec)
+    (tmp_path / "job" / "algo-1" / "checkpoints" / "last.pt").write_text("old")
+    layout.write_job(tmp_path / "job", spec, overwrite=True)
+    assert not (tmp_path / "job" / "algo-1" / "checkpoints" / "last.pt").exists()
+
+
+def test_job_spec_checks_channels(tmp_path):
+    with pytest.raises(HarnessError, match="training channel"):
+        layout.JobSpec("j", {}).check()
+    with pytest.raises(HarnessError, match="not a folder"):
+        layout.JobSpec("j", {"training": tmp_path / "missing"}).check()
+
+
+# ---- model.tar.gz: packing and safe extraction ----
+
+
+def test_pack_dir_puts_contents_at_top_level_owned_by_root(tmp_path):
+    model = tmp_path / "model"
+    (model / "code").mkdir(parents=True)
+    (model / "model.json").write_text("{}")
+    (model / "code" / "x.txt").write_text("x")
+    archive = artifacts.pack_dir(model, tmp_path / "model.tar.gz")
+    assert artifacts.member_names(archive) == ["code", "code/x.txt", "model.json"]
+    with tarfile.open(archive) as tar:
+        assert {(m.uid, m.uname) for m in tar.getmembers()} == {(0, "root")}
+    out = artifacts.extract_archive(archive, tmp_path / "out")
+    assert (out / "code" / "x.txt").read_text() == "x"
+
+
+def _tar(tmp_path: Path, *members: tarfile.TarInfo, data: bytes = b"evil") -> Path:
+    path = tmp_path / "bad.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        good = tarfile.TarInfo("model.json")
+        good.size = 2
+        tar.addfile(good, io.BytesIO(b"{}"))
+        for member in members:
+            if member.isfile():
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+            else:
+                tar.addfile(member)
+    return path
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    return info
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        _member("../escaped.txt"),
+        _member("sub/../../escaped.txt"),
+        _member("/tmp/absolute.txt"),
+        _member("link", tarfile.SYMTYPE, "/etc/passwd"),
+        _member("link", tarfile.SYMTYPE, "../../outside"),
+        _member("hard", tarfile.LNKTYPE, "../outside"),
+        _member("dev", tarfile.CHRTYPE),
+        _member("fifo", tarfile.FIFOTYPE),
+    ],
+    ids=["traversal", "nested-traversal", "absolute", "symlink-absolute", "symlink-out", "hardlink-out",
+         "char-device", "fifo"],
+)
+def test_extract_refuses_unsafe_members_and_writes_nothing(tmp_path, member):
+    archive = _tar(tmp_path, member)
+    dest = tmp_path / "deep" / "dest"
+    with pytest.raises(UnsafeArchiveError, match="refusing"):
+        artifacts.extract_archive(archive, dest)
+    assert list(dest.iterdir()) == []  # checked before anything is written
+    assert not (tmp_path / "deep" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
+
+
+def test_extract_keeps_links_inside_the_folder(tmp_path):
+    archive = _tar(tmp_path, _member("alias.json", tarfile.SYMTYPE, "model.json"))
+    out = artifacts.extract_archive(archive, tmp_path / "out")
+    assert (out / "alias.json").read_text() == "{}"
+
+
+def test_extract_refuses_what_is_not_a_tar(tmp_path):
+    junk = tmp_path / "model.tar.gz"
+    junk.write_bytes(b"not a tar")
+    with pytest.raises(UnsafeArchiveError, match="not a readable tar"):
+        artifacts.extract_archive(junk, tmp_path / "out")
+
+
+# ---- metrics from the job's log ----
+
+
+class Recorder(Progress):
+    def __init__(self):
+        super().__init__()
+        self.moves: list[tuple[int | None, dict]] = []
+
+    def advance(self, n=None, **postfix):
+        self.moves.append((n, postfix))
+
+
+def test_metrics_reader_uses_the_image_regexes():
+    progress = Recorder()
+    reader = MetricsReader(progress, "epoch")
+    reader.feed("2026-01-01 INFO maskrcnn.training: data: 10 training images")
+    reader.feed("x INFO maskrcnn.engine: #metrics phase=train epoch=0 step=10 loss=1.25 lr=0.02 images_per_sec=3.1")
+    reader.feed("x INFO maskrcnn.engine: #metrics phase=eval epoch=1 bbox_mAP=0.5 segm_mAP=0.4 segm_AP50=0.875")
+    assert reader.history[0] == {"phase": "train", "epoch": 0, "step": 10, "train:loss": 1.25, "train:lr": 0.02,
+                                 "train:images_per_sec": 3.1}
+    assert reader.final == {"validation:bbox_mAP": 0.5, "validation:segm_mAP": 0.4, "validation:segm_AP50": 0.875}
+    assert progress.moves == [(0, {"loss": 1.25}), (1, {"segm_AP50": 0.875})]
+
+
+def test_progress_plan():
+    assert progress_plan({"max_steps": "4"}) == (4, "step")
+    assert progress_plan({"epochs": "3"}) == (3, "epoch")
+    assert progress_plan({"bogus": "1"}) == (None, "epoch")
+
+
+def test_job_code():
+    assert _job_code({"algo-1": 0, "algo-2": 0}, ["algo-1", "algo-2"]) == 0
+    assert _job_code({"algo-1": 0, "algo-2": 1}, ["algo-1", "algo-2"]) == 1
+    assert _job_code({"algo-1": -15}, ["algo-1"]) == 143
+    assert _job_code({"algo-1": -9}, ["algo-1"]) == 1
+
+
+# ---- runtimes ----
+
+
+def test_docker_train_command_mounts_the_tree_at_opt_ml(tmp_path):
+    runtime = rt.Runtime(mode="docker", image="img:1", gpus=True, docker="docker")
+    argv, _ = runtime.train_command(tmp_path, {"TRAINING_JOB_NAME": "j"}, "j-algo-1")
+    assert argv[:2] == ["docker", "run"] and argv[-2:] == ["img:1", "train"]
+    assert f"{tmp_path.resolve()}:/opt/ml" in argv and "TRAINING_JOB_NAME=j" in argv
+    assert argv[argv.index("--network") + 1] == "host" and argv[argv.index("--gpus") + 1] == "all"
+
+
+def test_process_commands_use_the_base_dir_seam(tmp_path):
+    runtime = rt.Runtime(mode="process", environ={"PATH": "/bin"})
+    argv, env = runtime.train_command(tmp_path, {"TRAINING_JOB_NAME": "j"}, "unused")
+    assert argv[-1].endswith("images/maskrcnn/train")
+    assert env == {"PATH": "/bin", "TRAINING_JOB_NAME": "j", "SAGEMAKER_BASE_DIR": str(tmp_path)}
+    argv, env = runtime.serve_command(tmp_path, 8123, {}, "unused")
+    assert argv[-1].endswith("images/maskrcnn/serve") and env["SAGEMAKER_BIND_TO_PORT"] == "8123"
+
+
+def test_resolve_falls_back_to_process_and_refuses_docker_without_engine():
+    assert rt.resolve("auto", docker="no-such-docker-cli").mode == "process"
+    with pytest.raises(HarnessError, match="needs a Docker engine"):
+        rt.resolve("docker", docker="no-such-docker-cli")
+    with pytest.raises(HarnessError, match="--mode"):
+        rt.resolve("cloud")
+
+
+# ---- transform and client ----
+
+
+def test_transform_plan_mirrors_the_input_tree(tmp_path):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.jpg", ".hidden"):
+        (tmp_path / "in" / name).write_bytes(b"x")
+    pairs = transform.plan(tmp_path / "in", tmp_path / "out")
+    assert [(s.name, str(t.relative_to(tmp_path))) for s, t in pairs] == [
+        ("a.png", "out/a.png.out"), ("b.jpg", "out/sub/b.jpg.out"),
+    ]
+
+
+def test_transform_parameters_command_line_then_server_then_defaults():
+    settings = transform.TransformSettings(max_payload_mb=20)
+    served = {"MaxConcurrentTransforms": 2, "BatchStrategy": "MULTI_RECORD", "MaxPayloadInMB": 6}
+    assert transform.resolve_parameters(settings, served) == {
+        "MaxConcurrentTransforms": 2, "MaxPayloadInMB": 20, "BatchStrategy": "MULTI_RECORD",
+    }
+    assert transform.resolve_parameters(transform.TransformSettings(), None) == transform.DEFAULTS
+    assert settings.server_env() == {"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20"}
+
+
+def test_client_helpers():
+    assert client.base_url("127.0.0.1:8080/invocations") == "http://127.0.0.1:8080"
+    assert client.base_url("http://h:1/") == "http://h:1"
+    assert client.content_type_for(Path("a.JPG")) == "image/jpeg"
+    assert client.content_type_for(Path("a.bin"), "image/png") == "image/png"
+    with pytest.raises(HarnessError, match="--content-type"):
+        client.content_type_for(Path("a.bin"))
+
+
+def test_detections_to_coco():
+    answer = {"predictions": [{"image_size": [8, 8], "instances": [
+        {"box": [1, 2, 5, 6], "label": 2, "label_name": "rectangle", "score": 0.9,
+         "mask": {"size": [8, 8], "counts": "abc"}}]}]}
+    assert detections_to_coco(7, answer) == [{"image_id": 7, "category_id": 2, "bbox": [1.0, 2.0, 4.0, 4.0],
+                                              "score": 0.9, "segmentation": {"size": [8, 8], "counts": "abc"}}]
+
+
+# ---- the CLI's error boundary ----
+
+
+def test_cli_usage_errors_exit_2(tmp_path, capsys):
+    code = main(["train", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "o"),
+                 "--mode", "process"], environ={})
+    assert code == 2 and "not a folder" in capsys.readouterr().err
+    code = main(["train", "--data", str(tmp_path), "--hp", "epochs", "--output", str(tmp_path / "o"),
+                 "--mode", "process"], environ={})
+    assert code == 2 and "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_cli_synth(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path / "s"), "--images", "2", "--size", "64"], environ={}) == 0
+    assert json.loads((tmp_path / "s" / "annotations.json").read_text())["images"][1]["width"] == 64
