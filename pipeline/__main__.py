@@ -47,13 +47,15 @@ def render(settings: StackSettings, out: Path) -> list[Path]:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = argparse.ArgumentParser(
+        prog="python -m pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     top.add_argument("--prefix", default=StackSettings.prefix, help="resource name prefix")
     top.add_argument("-v", "--verbose", action="store_true")
     commands = top.add_subparsers(dest="command", required=True)
     commands.add_parser("render", help="write the ASL definition and the template").add_argument(
-        "--out", type=Path, required=True)
+        "--out", type=Path, required=True
+    )
     commands.add_parser("validate", help="check the API tasks' Parameters against botocore")
     deploy = commands.add_parser("deploy", help="package the Lambda and create/update the stack")
     deploy.add_argument("--stack", required=True)
@@ -71,8 +73,14 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--training-instance-type", default="ml.g5.xlarge")
     start.add_argument("--inference-instance-type", default="ml.g4dn.xlarge")
     start.add_argument("--spot", action="store_true", help="managed spot training (checkpoints resume)")
-    start.add_argument("--hyperparameter", "-p", action="append", default=[], metavar="KEY=VALUE",
-                       help=f"one of {sorted(DEFAULT_HYPERPARAMETERS)}; repeatable")
+    start.add_argument(
+        "--hyperparameter",
+        "-p",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"one of {sorted(DEFAULT_HYPERPARAMETERS)}; repeatable",
+    )
     promote = commands.add_parser("promote", help="retag a tested digest as a release (no rebuild)")
     promote.add_argument("--repository", required=True)
     promote.add_argument("--digest", required=True)
@@ -80,36 +88,54 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def execution_from_args(args: argparse.Namespace, settings: StackSettings, outputs: dict[str, str],
-                        stamp: str, head_sha: str | None) -> ExecutionInput:
+def execution_from_args(
+    args: argparse.Namespace,
+    settings: StackSettings,
+    outputs: dict[str, str],
+    stamp: str,
+    head_sha: str | None,
+) -> ExecutionInput:
     bucket = outputs["ArtifactBucketName"]
     job = f"{settings.prefix}-{stamp}"
     hyperparameters = dict(item.split("=", 1) for item in args.hyperparameter)
     return ExecutionInput(
-        prefix=settings.prefix, job_name=job, model_name=job,
+        prefix=settings.prefix,
+        job_name=job,
+        model_name=job,
         endpoint_name=args.endpoint_name or f"{settings.prefix}-endpoint",
-        training_data=args.training_data, validation_data=args.validation_data,
-        pretrained_data=args.pretrained_data, output_path=f"s3://{bucket}/output/",
-        checkpoint_s3_uri=f"s3://{bucket}/checkpoints/{job}/", image_uri=args.image_uri,
-        git_sha=None if args.image_uri else (args.git_sha or head_sha), release_tag=args.release_tag,
+        training_data=args.training_data,
+        validation_data=args.validation_data,
+        pretrained_data=args.pretrained_data,
+        output_path=f"s3://{bucket}/output/",
+        checkpoint_s3_uri=f"s3://{bucket}/checkpoints/{job}/",
+        image_uri=args.image_uri,
+        git_sha=None if args.image_uri else (args.git_sha or head_sha),
+        release_tag=args.release_tag,
         training_instance_type=args.training_instance_type,
-        inference_instance_type=args.inference_instance_type, use_spot=args.spot,
+        inference_instance_type=args.inference_instance_type,
+        use_spot=args.spot,
         hyperparameters=hyperparameters,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
     settings = StackSettings(prefix=args.prefix)
     if args.command == "render":
         for path in render(settings, args.out):
             log.info("wrote %s", path)
         return 0
     if args.command == "validate":
-        errors = [e for spot in (False, True)
-                  for e in validate_definition(build_definition(settings),
-                                               example_input(settings.prefix, use_spot=spot).to_document())]
+        errors = [
+            e
+            for spot in (False, True)
+            for e in validate_definition(
+                build_definition(settings), example_input(settings.prefix, use_spot=spot).to_document()
+            )
+        ]
         for error in errors:
             log.error("%s", error)
         return 1 if errors else 0
@@ -126,8 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "start":
         outputs = aws.stack_outputs(session, args.stack)
         try:
-            execution = execution_from_args(args, settings, outputs, time.strftime("%Y%m%d-%H%M%S"),
-                                            None if args.image_uri or args.git_sha else aws.git_sha(REPO_ROOT))
+            execution = execution_from_args(
+                args,
+                settings,
+                outputs,
+                time.strftime("%Y%m%d-%H%M%S"),
+                None if args.image_uri or args.git_sha else aws.git_sha(REPO_ROOT),
+            )
         except InputError as error:
             log.error("%s", error)
             return 2

@@ -30,8 +30,9 @@ LAMBDA_MODULES = ("pipeline/__init__.py", "pipeline/build_lambda.py")
 
 
 def git_sha(repo_root: Path) -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo_root, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def tracked_files(repo_root: Path) -> list[str]:
@@ -53,8 +54,9 @@ def package_lambda(repo_root: Path, files: list[str], sha: str) -> bytes:
     return buffer.getvalue()
 
 
-def deploy(session: Any, settings: StackSettings, stack: str, code_bucket: str, data_bucket: str,
-           repo_root: Path) -> dict[str, str]:
+def deploy(
+    session: Any, settings: StackSettings, stack: str, code_bucket: str, data_bucket: str, repo_root: Path
+) -> dict[str, str]:
     """Upload the Lambda zip, create or update the stack, wait for it; returns the stack's outputs."""
     sha = git_sha(repo_root)
     body = package_lambda(repo_root, tracked_files(repo_root), sha)
@@ -99,6 +101,7 @@ def stack_outputs(session: Any, stack: str) -> dict[str, str]:
 def start(session: Any, state_machine_arn: str, document: dict[str, Any], name: str) -> str:
     """Start one execution named after the job; returns its ARN."""
     response = session.client("stepfunctions").start_execution(
-        stateMachineArn=state_machine_arn, name=name, input=json.dumps(document))
+        stateMachineArn=state_machine_arn, name=name, input=json.dumps(document)
+    )
     arn: str = response["executionArn"]
     return arn

@@ -31,25 +31,37 @@ CONTEXT_PREFIX = "build-context"
 SOURCE_VERSION_FILE = "SOURCE_VERSION"  # written by `python -m pipeline deploy` into the context
 LIFECYCLE_POLICY: dict[str, Any] = {
     "rules": [
-        {   # An image matched by a rule is never expired by a lower-priority one: this shields releases.
+        {  # An image matched by a rule is never expired by a lower-priority one: this shields releases.
             "rulePriority": 1,
             "description": "Keep every release image",
-            "selection": {"tagStatus": "tagged", "tagPrefixList": [RELEASE_TAG_PREFIX],
-                          "countType": "imageCountMoreThan", "countNumber": 10000},
+            "selection": {
+                "tagStatus": "tagged",
+                "tagPrefixList": [RELEASE_TAG_PREFIX],
+                "countType": "imageCountMoreThan",
+                "countNumber": 10000,
+            },
             "action": {"type": "expire"},
         },
         {
             "rulePriority": 2,
             "description": "Expire untagged images after 7 days",
-            "selection": {"tagStatus": "untagged", "countType": "sinceImagePushed",
-                          "countUnit": "days", "countNumber": 7},
+            "selection": {
+                "tagStatus": "untagged",
+                "countType": "sinceImagePushed",
+                "countUnit": "days",
+                "countNumber": 7,
+            },
             "action": {"type": "expire"},
         },
         {
             "rulePriority": 3,
             "description": "Keep the 50 newest build images",
-            "selection": {"tagStatus": "tagged", "tagPrefixList": [IMAGE_TAG_PREFIX],
-                          "countType": "imageCountMoreThan", "countNumber": 50},
+            "selection": {
+                "tagStatus": "tagged",
+                "tagPrefixList": [IMAGE_TAG_PREFIX],
+                "countType": "imageCountMoreThan",
+                "countNumber": 50,
+            },
             "action": {"type": "expire"},
         },
     ]
@@ -83,7 +95,9 @@ class BuildSettings:
             context_bucket=env["CONTEXT_BUCKET"],
             codebuild_role_arn=env["CODEBUILD_ROLE_ARN"],
             log_group=env["CODEBUILD_LOG_GROUP"],
-            context_dir=Path(env.get("CONTEXT_DIR", str(Path(__file__).resolve().parent.parent / "build_context"))),
+            context_dir=Path(
+                env.get("CONTEXT_DIR", str(Path(__file__).resolve().parent.parent / "build_context"))
+            ),
             build_image=env.get("BUILD_IMAGE", cls.build_image),
             compute_type=env.get("COMPUTE_TYPE", cls.compute_type),
             timeout_minutes=int(env.get("BUILD_TIMEOUT_MINUTES", cls.timeout_minutes)),
@@ -178,15 +192,21 @@ def check_source_version(context_dir: Path, git_sha: str) -> None:
     if marker.is_file():
         packaged = marker.read_text().strip()
         if not packaged.startswith(git_sha):
-            raise BuildRequestError(f"this function carries the source of {packaged}, not {git_sha}: redeploy")
+            raise BuildRequestError(
+                f"this function carries the source of {packaged}, not {git_sha}: redeploy"
+            )
 
 
-def run_build(settings: BuildSettings, event: Mapping[str, Any], ecr: Any, s3: Any, codebuild: Any) -> dict[str, str]:
+def run_build(
+    settings: BuildSettings, event: Mapping[str, Any], ecr: Any, s3: Any, codebuild: Any
+) -> dict[str, str]:
     """Everything the handler does, with the clients passed in."""
     git_sha, release_tag = parse_event(event)
     check_source_version(settings.context_dir, git_sha)
     repository_uri = ensure_repository(ecr, settings.repository_name)
-    location = upload_context(s3, settings.context_bucket, f"{CONTEXT_PREFIX}/{git_sha}", settings.context_dir)
+    location = upload_context(
+        s3, settings.context_bucket, f"{CONTEXT_PREFIX}/{git_sha}", settings.context_dir
+    )
     ensure_project(codebuild, project_request(settings, location, repository_uri))
     image_tag = f"{IMAGE_TAG_PREFIX}{git_sha}"
     overrides = [

@@ -32,7 +32,9 @@ DEFAULT_HYPERPARAMETERS: dict[str, str] = {
 ARCHES = ("resnet50_fpn", "resnet50_fpn_v2", "lite")
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 
-_DIGEST_URI = re.compile(r"^\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+@sha256:[0-9a-f]{64}$")
+_DIGEST_URI = re.compile(
+    r"^\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+@sha256:[0-9a-f]{64}$"
+)
 _GIT_SHA = re.compile(r"^[0-9a-f]{7,40}$")
 _NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker job/model/endpoint names
 
@@ -73,24 +75,34 @@ class ExecutionInput:
     hyperparameters: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for label, name in (("job_name", self.job_name), ("model_name", self.model_name),
-                            ("endpoint_name", self.endpoint_name)):
+        for label, name in (
+            ("job_name", self.job_name),
+            ("model_name", self.model_name),
+            ("endpoint_name", self.endpoint_name),
+        ):
             if not _NAME.match(name):
                 raise InputError(f"{label} {name!r} is not a valid SageMaker name")
             if not name.lower().startswith(self.prefix):
                 raise InputError(f"{label} {name!r} must start with {self.prefix!r}: IAM allows only those")
-        for label, uri in (("training_data", self.training_data), ("output_path", self.output_path),
-                           ("checkpoint_s3_uri", self.checkpoint_s3_uri)):
+        for label, uri in (
+            ("training_data", self.training_data),
+            ("output_path", self.output_path),
+            ("checkpoint_s3_uri", self.checkpoint_s3_uri),
+        ):
             _check_s3(label, uri)
-        for label, optional in (("validation_data", self.validation_data),
-                                ("pretrained_data", self.pretrained_data)):
+        for label, optional in (
+            ("validation_data", self.validation_data),
+            ("pretrained_data", self.pretrained_data),
+        ):
             if optional is not None:
                 _check_s3(label, optional)
         if self.image_uri is None:
             if self.git_sha is None or not _GIT_SHA.match(self.git_sha):
                 raise InputError("without image_uri, git_sha (hex) selects the source to build")
         elif not _DIGEST_URI.match(self.image_uri):
-            raise InputError(f"image_uri must be an ECR URI pinned by digest (@sha256:...), got {self.image_uri!r}")
+            raise InputError(
+                f"image_uri must be an ECR URI pinned by digest (@sha256:...), got {self.image_uri!r}"
+            )
         unknown = set(self.hyperparameters) - set(DEFAULT_HYPERPARAMETERS)
         if unknown:
             raise InputError(f"unknown hyperparameters: {sorted(unknown)}")
@@ -105,13 +117,21 @@ class ExecutionInput:
         return {**DEFAULT_HYPERPARAMETERS, **{k: str(v) for k, v in self.hyperparameters.items()}}
 
     def input_data_config(self) -> list[dict[str, Any]]:
-        channels = [("training", self.training_data), ("validation", self.validation_data),
-                    ("pretrained", self.pretrained_data)]
+        channels = [
+            ("training", self.training_data),
+            ("validation", self.validation_data),
+            ("pretrained", self.pretrained_data),
+        ]
         return [
             {
                 "ChannelName": name,
-                "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri,
-                                                "S3DataDistributionType": "FullyReplicated"}},
+                "DataSource": {
+                    "S3DataSource": {
+                        "S3DataType": "S3Prefix",
+                        "S3Uri": uri,
+                        "S3DataDistributionType": "FullyReplicated",
+                    }
+                },
                 "InputMode": "File",
             }
             for name, uri in channels
@@ -156,7 +176,9 @@ class ExecutionInput:
 
 
 def example_input(
-    prefix: str = "maskrcnn", bucket: str = "maskrcnn-example-bucket", image_uri: str | None = None,
+    prefix: str = "maskrcnn",
+    bucket: str = "maskrcnn-example-bucket",
+    image_uri: str | None = None,
     use_spot: bool = False,
 ) -> ExecutionInput:
     """A complete input, used by ``render`` (next to the definition) and by the tests."""

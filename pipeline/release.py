@@ -37,8 +37,12 @@ def promote(ecr: Any, repository: str, digest: str, tag: str) -> str:
         log.info("%s:%s already names %s", repository, tag, digest)
         return current
     image = images[0]
-    put_args: dict[str, Any] = {"repositoryName": repository, "imageManifest": image["imageManifest"],
-                                "imageTag": tag, "imageDigest": digest}
+    put_args: dict[str, Any] = {
+        "repositoryName": repository,
+        "imageManifest": image["imageManifest"],
+        "imageTag": tag,
+        "imageDigest": digest,
+    }
     if image.get("imageManifestMediaType"):
         put_args["imageManifestMediaType"] = image["imageManifestMediaType"]
     promoted: str = ecr.put_image(**put_args)["image"]["imageId"]["imageDigest"]

@@ -37,14 +37,21 @@ _REPO_URI = f"{SAMPLE_ACCOUNT}.dkr.ecr.{SAMPLE_REGION}.amazonaws.com/maskrcnn-sa
 _DIGEST = "sha256:" + "ab" * 32
 # What the states before each task leave in the state (their ResultPath targets).
 SAMPLE_RESULTS: dict[str, Any] = {
-    "BuildResult": {"BuildId": "maskrcnn-image-build:6f1c1c1e-0000-4000-8000-000000000000",
-                    "RepositoryName": "maskrcnn-sagemaker", "RepositoryUri": _REPO_URI,
-                    "ImageTag": "git-0123456789abcdef0123456789abcdef01234567"},
+    "BuildResult": {
+        "BuildId": "maskrcnn-image-build:6f1c1c1e-0000-4000-8000-000000000000",
+        "RepositoryName": "maskrcnn-sagemaker",
+        "RepositoryUri": _REPO_URI,
+        "ImageTag": "git-0123456789abcdef0123456789abcdef01234567",
+    },
     "LastBuild": {"Build": {"BuildStatus": "SUCCEEDED"}},
-    "BuiltImage": {"Detail": {"ImageDigest": _DIGEST, "ImageTags": ["git-0123456789abcdef0123456789abcdef01234567"]}},
+    "BuiltImage": {
+        "Detail": {"ImageDigest": _DIGEST, "ImageTags": ["git-0123456789abcdef0123456789abcdef01234567"]}
+    },
     "Image": {"Uri": f"{_REPO_URI}@{_DIGEST}"},
-    "TrainingJob": {"S3ModelArtifacts": "s3://bucket/output/job/output/model.tar.gz",
-                    "TrainingJobArn": f"arn:aws:sagemaker:{SAMPLE_REGION}:{SAMPLE_ACCOUNT}:training-job/job"},
+    "TrainingJob": {
+        "S3ModelArtifacts": "s3://bucket/output/job/output/model.tar.gz",
+        "TrainingJobArn": f"arn:aws:sagemaker:{SAMPLE_REGION}:{SAMPLE_ACCOUNT}:training-job/job",
+    },
     "ExistingEndpoints": {"Names": []},
     "EndpointCheck": {"Exists": False},
     "Endpoint": {"Status": "InService"},
@@ -105,7 +112,9 @@ def resolve_expression(expression: str, state: Any, context: Mapping[str, Any]) 
     if not match:
         raise UnsupportedExpression(expression)
     function, raw_args = match.groups()
-    args = [a[1:-1] if a.startswith("'") else resolve_expression(a, state, context) for a in _split_args(raw_args)]
+    args = [
+        a[1:-1] if a.startswith("'") else resolve_expression(a, state, context) for a in _split_args(raw_args)
+    ]
     if function == "Array":
         return list(args)
     if function == "Format":
@@ -149,7 +158,9 @@ def to_api_casing(value: Any, shape: Shape | None) -> Any:
     return value
 
 
-def validate_request(service: str, operation: str, request: Mapping[str, Any], *, sdk_casing: bool) -> str | None:
+def validate_request(
+    service: str, operation: str, request: Mapping[str, Any], *, sdk_casing: bool
+) -> str | None:
     """botocore's own validation of one request; None when it is valid."""
     model = botocore.session.get_session().get_service_model(service)
     shape = model.operation_model(operation).input_shape

@@ -25,7 +25,9 @@ Json = dict[str, Any]
 PARTITION = "${AWS::Partition}"
 REGION = "${AWS::Region}"
 ACCOUNT = "${AWS::AccountId}"
-TRAINING_EVENTS_RULE = "StepFunctionsGetEventsForSageMakerTrainingJobsRule"  # managed by Step Functions for .sync
+TRAINING_EVENTS_RULE = (
+    "StepFunctionsGetEventsForSageMakerTrainingJobsRule"  # managed by Step Functions for .sync
+)
 
 
 def sub(text: str) -> Any:
@@ -49,15 +51,21 @@ def role(service: str, statements: list[Json], policy_name: str) -> Json:
         "Properties": {
             "AssumeRolePolicyDocument": {
                 "Version": "2012-10-17",
-                "Statement": [{
-                    "Effect": "Allow",
-                    "Principal": {"Service": service},
-                    "Action": "sts:AssumeRole",
-                    "Condition": {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}},
-                }],
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Principal": {"Service": service},
+                        "Action": "sts:AssumeRole",
+                        "Condition": {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}},
+                    }
+                ],
             },
-            "Policies": [{"PolicyName": policy_name,
-                          "PolicyDocument": {"Version": "2012-10-17", "Statement": statements}}],
+            "Policies": [
+                {
+                    "PolicyName": policy_name,
+                    "PolicyDocument": {"Version": "2012-10-17", "Statement": statements},
+                }
+            ],
         },
     }
     return resource
@@ -71,8 +79,15 @@ def log_group(name: Any, days: int) -> Json:
     return {
         "Type": "AWS::Logs::LogGroup",
         "Properties": {"LogGroupName": name, "RetentionInDays": days},
-        "Metadata": checkov_skips([("CKV_AWS_158", "Logs hold build and workflow output, no secrets; "
-                                    "CloudWatch encrypts them at rest with its own key.")]),
+        "Metadata": checkov_skips(
+            [
+                (
+                    "CKV_AWS_158",
+                    "Logs hold build and workflow output, no secrets; "
+                    "CloudWatch encrypts them at rest with its own key.",
+                )
+            ]
+        ),
     }
 
 
@@ -99,8 +114,12 @@ def arns(settings: StackSettings) -> dict[str, Json]:
 
 
 def pass_role(role_logical_id: str, service: str) -> Json:
-    return statement(["iam:PassRole"], [{"Fn::GetAtt": [role_logical_id, "Arn"]}],
-                     {"StringEquals": {"iam:PassedToService": service}}, sid="PassOnlyToService")
+    return statement(
+        ["iam:PassRole"],
+        [{"Fn::GetAtt": [role_logical_id, "Arn"]}],
+        {"StringEquals": {"iam:PassedToService": service}},
+        sid="PassOnlyToService",
+    )
 
 
 ECR_PULL = ["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"]
@@ -112,55 +131,130 @@ def roles(settings: StackSettings) -> dict[str, Json]:
     a = arns(settings)
     log_streams = ["logs:CreateLogStream", "logs:PutLogEvents"]
     return {
-        "CodeBuildRole": role("codebuild.amazonaws.com", [
-            statement(log_streams, [sub("${CodeBuildLogGroup.Arn}"), sub("${CodeBuildLogGroup.Arn}:*")]),
-            statement(["s3:GetObject", "s3:GetObjectVersion"], [a["context_objects"]]),
-            statement(["s3:GetBucketAcl", "s3:GetBucketLocation"], [a["bucket"]]),
-            ECR_TOKEN,
-            statement([*ECR_PULL, *ECR_PUSH, "ecr:DescribeImages"], [a["repository"]]),
-        ], "build-and-push"),
-        "BuildFunctionRole": role("lambda.amazonaws.com", [
-            statement(log_streams, [sub("${BuildFunctionLogGroup.Arn}"), sub("${BuildFunctionLogGroup.Arn}:*")]),
-            statement(["ecr:CreateRepository", "ecr:DescribeRepositories", "ecr:PutImageScanningConfiguration",
-                       "ecr:PutImageTagMutability", "ecr:PutLifecyclePolicy"], [a["repository"]]),
-            statement(["s3:PutObject"], [a["context_objects"]]),
-            statement(["codebuild:BatchGetProjects", "codebuild:CreateProject", "codebuild:StartBuild",
-                       "codebuild:UpdateProject"], [a["project"]]),
-            pass_role("CodeBuildRole", "codebuild.amazonaws.com"),
-        ], "start-image-build"),
-        "SageMakerExecutionRole": role("sagemaker.amazonaws.com", [
-            statement(["s3:ListBucket"], [a["data_bucket"], a["bucket"]]),
-            statement(["s3:GetObject"], [a["data_objects"]]),
-            statement(["s3:AbortMultipartUpload", "s3:GetObject", "s3:PutObject"],
-                      [a["output_objects"], a["checkpoint_objects"]]),
-            ECR_TOKEN,
-            statement(ECR_PULL, [a["repository"]]),
-            statement(["logs:CreateLogGroup", "logs:CreateLogStream", "logs:DescribeLogStreams",
-                       "logs:PutLogEvents"], [a["sagemaker_logs"]]),
-            statement(["cloudwatch:PutMetricData"], ["*"],
-                      {"StringLike": {"cloudwatch:namespace": "/aws/sagemaker/*"}}, sid="MetricsHaveNoResourceLevel"),
-        ], "train-and-serve"),
-        "StateMachineRole": role("states.amazonaws.com", [
-            statement(["lambda:InvokeFunction"], [{"Fn::GetAtt": ["BuildFunction", "Arn"]},
-                                                  sub("${BuildFunction.Arn}:*")]),
-            statement(["codebuild:BatchGetBuilds"], [a["project"]]),
-            statement(["ecr:DescribeImages"], [a["repository"]]),
-            statement(["sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob",
-                       "sagemaker:StopTrainingJob"], [a["training_job"]]),
-            statement(["sagemaker:CreateModel"], [a["model"]]),
-            statement(["sagemaker:CreateEndpointConfig"], [a["endpoint_config"]]),
-            statement(["sagemaker:CreateEndpoint", "sagemaker:UpdateEndpoint"],
-                      [a["endpoint"], a["endpoint_config"]]),
-            statement(["sagemaker:DescribeEndpoint"], [a["endpoint"]]),
-            statement(["sagemaker:ListEndpoints"], ["*"], sid="ListHasNoResourceLevel"),
-            statement(["events:DescribeRule", "events:PutRule", "events:PutTargets"], [a["events_rule"]]),
-            pass_role("SageMakerExecutionRole", "sagemaker.amazonaws.com"),
-            statement(["logs:CreateLogDelivery", "logs:DeleteLogDelivery", "logs:DescribeLogGroups",
-                       "logs:DescribeResourcePolicies", "logs:GetLogDelivery", "logs:ListLogDeliveries",
-                       "logs:PutResourcePolicy", "logs:UpdateLogDelivery"], ["*"], sid="LogDeliveryHasNoResourceLevel"),
-            statement(["xray:GetSamplingRules", "xray:GetSamplingTargets", "xray:PutTelemetryRecords",
-                       "xray:PutTraceSegments"], ["*"], sid="XRayHasNoResourceLevel"),
-        ], "run-workflow"),
+        "CodeBuildRole": role(
+            "codebuild.amazonaws.com",
+            [
+                statement(log_streams, [sub("${CodeBuildLogGroup.Arn}"), sub("${CodeBuildLogGroup.Arn}:*")]),
+                statement(["s3:GetObject", "s3:GetObjectVersion"], [a["context_objects"]]),
+                statement(["s3:GetBucketAcl", "s3:GetBucketLocation"], [a["bucket"]]),
+                ECR_TOKEN,
+                statement([*ECR_PULL, *ECR_PUSH, "ecr:DescribeImages"], [a["repository"]]),
+            ],
+            "build-and-push",
+        ),
+        "BuildFunctionRole": role(
+            "lambda.amazonaws.com",
+            [
+                statement(
+                    log_streams, [sub("${BuildFunctionLogGroup.Arn}"), sub("${BuildFunctionLogGroup.Arn}:*")]
+                ),
+                statement(
+                    [
+                        "ecr:CreateRepository",
+                        "ecr:DescribeRepositories",
+                        "ecr:PutImageScanningConfiguration",
+                        "ecr:PutImageTagMutability",
+                        "ecr:PutLifecyclePolicy",
+                    ],
+                    [a["repository"]],
+                ),
+                statement(["s3:PutObject"], [a["context_objects"]]),
+                statement(
+                    [
+                        "codebuild:BatchGetProjects",
+                        "codebuild:CreateProject",
+                        "codebuild:StartBuild",
+                        "codebuild:UpdateProject",
+                    ],
+                    [a["project"]],
+                ),
+                pass_role("CodeBuildRole", "codebuild.amazonaws.com"),
+            ],
+            "start-image-build",
+        ),
+        "SageMakerExecutionRole": role(
+            "sagemaker.amazonaws.com",
+            [
+                statement(["s3:ListBucket"], [a["data_bucket"], a["bucket"]]),
+                statement(["s3:GetObject"], [a["data_objects"]]),
+                statement(
+                    ["s3:AbortMultipartUpload", "s3:GetObject", "s3:PutObject"],
+                    [a["output_objects"], a["checkpoint_objects"]],
+                ),
+                ECR_TOKEN,
+                statement(ECR_PULL, [a["repository"]]),
+                statement(
+                    [
+                        "logs:CreateLogGroup",
+                        "logs:CreateLogStream",
+                        "logs:DescribeLogStreams",
+                        "logs:PutLogEvents",
+                    ],
+                    [a["sagemaker_logs"]],
+                ),
+                statement(
+                    ["cloudwatch:PutMetricData"],
+                    ["*"],
+                    {"StringLike": {"cloudwatch:namespace": "/aws/sagemaker/*"}},
+                    sid="MetricsHaveNoResourceLevel",
+                ),
+            ],
+            "train-and-serve",
+        ),
+        "StateMachineRole": role(
+            "states.amazonaws.com",
+            [
+                statement(
+                    ["lambda:InvokeFunction"],
+                    [{"Fn::GetAtt": ["BuildFunction", "Arn"]}, sub("${BuildFunction.Arn}:*")],
+                ),
+                statement(["codebuild:BatchGetBuilds"], [a["project"]]),
+                statement(["ecr:DescribeImages"], [a["repository"]]),
+                statement(
+                    [
+                        "sagemaker:CreateTrainingJob",
+                        "sagemaker:DescribeTrainingJob",
+                        "sagemaker:StopTrainingJob",
+                    ],
+                    [a["training_job"]],
+                ),
+                statement(["sagemaker:CreateModel"], [a["model"]]),
+                statement(["sagemaker:CreateEndpointConfig"], [a["endpoint_config"]]),
+                statement(
+                    ["sagemaker:CreateEndpoint", "sagemaker:UpdateEndpoint"],
+                    [a["endpoint"], a["endpoint_config"]],
+                ),
+                statement(["sagemaker:DescribeEndpoint"], [a["endpoint"]]),
+                statement(["sagemaker:ListEndpoints"], ["*"], sid="ListHasNoResourceLevel"),
+                statement(["events:DescribeRule", "events:PutRule", "events:PutTargets"], [a["events_rule"]]),
+                pass_role("SageMakerExecutionRole", "sagemaker.amazonaws.com"),
+                statement(
+                    [
+                        "logs:CreateLogDelivery",
+                        "logs:DeleteLogDelivery",
+                        "logs:DescribeLogGroups",
+                        "logs:DescribeResourcePolicies",
+                        "logs:GetLogDelivery",
+                        "logs:ListLogDeliveries",
+                        "logs:PutResourcePolicy",
+                        "logs:UpdateLogDelivery",
+                    ],
+                    ["*"],
+                    sid="LogDeliveryHasNoResourceLevel",
+                ),
+                statement(
+                    [
+                        "xray:GetSamplingRules",
+                        "xray:GetSamplingTargets",
+                        "xray:PutTelemetryRecords",
+                        "xray:PutTraceSegments",
+                    ],
+                    ["*"],
+                    sid="XRayHasNoResourceLevel",
+                ),
+            ],
+            "run-workflow",
+        ),
     }
 
 
@@ -184,45 +278,83 @@ def build_template(settings: StackSettings) -> Json:
             "DeletionPolicy": "Retain",
             "UpdateReplacePolicy": "Retain",
             "Properties": {
-                "BucketEncryption": {"ServerSideEncryptionConfiguration": [
-                    {"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]},
+                "BucketEncryption": {
+                    "ServerSideEncryptionConfiguration": [
+                        {"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}
+                    ]
+                },
                 "VersioningConfiguration": {"Status": "Enabled"},
                 "OwnershipControls": {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]},
-                "PublicAccessBlockConfiguration": {"BlockPublicAcls": True, "BlockPublicPolicy": True,
-                                                   "IgnorePublicAcls": True, "RestrictPublicBuckets": True},
-                "LifecycleConfiguration": {"Rules": [
-                    {"Id": "expire-build-contexts", "Status": "Enabled", "Prefix": f"{CONTEXT_PREFIX}/",
-                     "ExpirationInDays": 30},
-                    {"Id": "expire-old-versions", "Status": "Enabled", "NoncurrentVersionExpiration":
-                        {"NoncurrentDays": 30}},
-                ]},
+                "PublicAccessBlockConfiguration": {
+                    "BlockPublicAcls": True,
+                    "BlockPublicPolicy": True,
+                    "IgnorePublicAcls": True,
+                    "RestrictPublicBuckets": True,
+                },
+                "LifecycleConfiguration": {
+                    "Rules": [
+                        {
+                            "Id": "expire-build-contexts",
+                            "Status": "Enabled",
+                            "Prefix": f"{CONTEXT_PREFIX}/",
+                            "ExpirationInDays": 30,
+                        },
+                        {
+                            "Id": "expire-old-versions",
+                            "Status": "Enabled",
+                            "NoncurrentVersionExpiration": {"NoncurrentDays": 30},
+                        },
+                    ]
+                },
             },
-            "Metadata": checkov_skips([("CKV_AWS_18", "Only the stack's roles write here; CloudTrail data "
-                                        "events are the audit trail, and a log bucket would need one too.")]),
+            "Metadata": checkov_skips(
+                [
+                    (
+                        "CKV_AWS_18",
+                        "Only the stack's roles write here; CloudTrail data "
+                        "events are the audit trail, and a log bucket would need one too.",
+                    )
+                ]
+            ),
         },
         "ArtifactBucketPolicy": {
             "Type": "AWS::S3::BucketPolicy",
             "Properties": {
                 "Bucket": {"Ref": "ArtifactBucket"},
-                "PolicyDocument": {"Version": "2012-10-17", "Statement": [{
-                    "Sid": "DenyPlainHttp", "Effect": "Deny", "Principal": "*", "Action": "s3:*",
-                    "Resource": [{"Fn::GetAtt": ["ArtifactBucket", "Arn"]}, sub("${ArtifactBucket.Arn}/*")],
-                    "Condition": {"Bool": {"aws:SecureTransport": "false"}},
-                }]},
+                "PolicyDocument": {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Sid": "DenyPlainHttp",
+                            "Effect": "Deny",
+                            "Principal": "*",
+                            "Action": "s3:*",
+                            "Resource": [
+                                {"Fn::GetAtt": ["ArtifactBucket", "Arn"]},
+                                sub("${ArtifactBucket.Arn}/*"),
+                            ],
+                            "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+                        }
+                    ],
+                },
             },
         },
-        "CodeBuildLogGroup": log_group(sub(f"/aws/codebuild/{settings.project_name}"), settings.log_retention_days),
-        "BuildFunctionLogGroup": log_group(sub(f"/aws/lambda/{settings.function_name}"),
-                                           settings.log_retention_days),
-        "StateMachineLogGroup": log_group(sub(f"/aws/vendedlogs/states/{settings.state_machine_name}"),
-                                          settings.log_retention_days),
+        "CodeBuildLogGroup": log_group(
+            sub(f"/aws/codebuild/{settings.project_name}"), settings.log_retention_days
+        ),
+        "BuildFunctionLogGroup": log_group(
+            sub(f"/aws/lambda/{settings.function_name}"), settings.log_retention_days
+        ),
+        "StateMachineLogGroup": log_group(
+            sub(f"/aws/vendedlogs/states/{settings.state_machine_name}"), settings.log_retention_days
+        ),
         **roles(settings),
         "BuildFunction": {
             "Type": "AWS::Lambda::Function",
             "DependsOn": ["BuildFunctionLogGroup"],
             "Properties": {
                 "FunctionName": settings.function_name,
-                "Description": "Ensures the ECR repository and CodeBuild project, uploads the context, starts a build",
+                "Description": "Ensures ECR repo and CodeBuild project, uploads the context, starts a build",
                 "Runtime": "python3.12",
                 "Handler": "pipeline.build_lambda.handler",
                 "Code": {"S3Bucket": {"Ref": "LambdaCodeBucket"}, "S3Key": {"Ref": "LambdaCodeKey"}},
@@ -231,24 +363,34 @@ def build_template(settings: StackSettings) -> Json:
                 "MemorySize": 512,
                 "ReservedConcurrentExecutions": 5,
                 "TracingConfig": {"Mode": "Active"},
-                "Environment": {"Variables": {
-                    "REPOSITORY_NAME": settings.repository_name,
-                    "PROJECT_NAME": settings.project_name,
-                    "CONTEXT_BUCKET": {"Ref": "ArtifactBucket"},
-                    "CODEBUILD_ROLE_ARN": {"Fn::GetAtt": ["CodeBuildRole", "Arn"]},
-                    "CODEBUILD_LOG_GROUP": {"Ref": "CodeBuildLogGroup"},
-                    "BUILD_IMAGE": settings.build_image,
-                    "COMPUTE_TYPE": settings.build_compute_type,
-                    "BUILD_TIMEOUT_MINUTES": str(settings.build_timeout_minutes),
-                }},
+                "Environment": {
+                    "Variables": {
+                        "REPOSITORY_NAME": settings.repository_name,
+                        "PROJECT_NAME": settings.project_name,
+                        "CONTEXT_BUCKET": {"Ref": "ArtifactBucket"},
+                        "CODEBUILD_ROLE_ARN": {"Fn::GetAtt": ["CodeBuildRole", "Arn"]},
+                        "CODEBUILD_LOG_GROUP": {"Ref": "CodeBuildLogGroup"},
+                        "BUILD_IMAGE": settings.build_image,
+                        "COMPUTE_TYPE": settings.build_compute_type,
+                        "BUILD_TIMEOUT_MINUTES": str(settings.build_timeout_minutes),
+                    }
+                },
             },
-            "Metadata": checkov_skips([
-                ("CKV_AWS_116", "Invoked synchronously by Step Functions, which retries and catches; "
-                                "a dead-letter queue only serves asynchronous invocations."),
-                ("CKV_AWS_117", "Calls only AWS APIs (ECR, S3, CodeBuild); a VPC would add NAT or endpoints "
-                                "and no isolation."),
-                ("CKV_AWS_173", "The environment holds resource names only, no secrets."),
-            ]),
+            "Metadata": checkov_skips(
+                [
+                    (
+                        "CKV_AWS_116",
+                        "Invoked synchronously by Step Functions, which retries and catches; "
+                        "a dead-letter queue only serves asynchronous invocations.",
+                    ),
+                    (
+                        "CKV_AWS_117",
+                        "Calls only AWS APIs (ECR, S3, CodeBuild); a VPC would add NAT or endpoints "
+                        "and no isolation.",
+                    ),
+                    ("CKV_AWS_173", "The environment holds resource names only, no secrets."),
+                ]
+            ),
         },
         "StateMachine": {
             "Type": "AWS::StepFunctions::StateMachine",
@@ -264,8 +406,13 @@ def build_template(settings: StackSettings) -> Json:
                 "LoggingConfiguration": {
                     "Level": "ERROR",
                     "IncludeExecutionData": False,
-                    "Destinations": [{"CloudWatchLogsLogGroup": {
-                        "LogGroupArn": {"Fn::GetAtt": ["StateMachineLogGroup", "Arn"]}}}],
+                    "Destinations": [
+                        {
+                            "CloudWatchLogsLogGroup": {
+                                "LogGroupArn": {"Fn::GetAtt": ["StateMachineLogGroup", "Arn"]}
+                            }
+                        }
+                    ],
                 },
                 "TracingConfiguration": {"Enabled": True},
             },
@@ -273,7 +420,7 @@ def build_template(settings: StackSettings) -> Json:
     }
     return {
         "AWSTemplateFormatVersion": "2010-09-09",
-        "Description": "Mask R-CNN SageMaker image: ECR build with CodeBuild and a train-and-deploy state machine",
+        "Description": "Mask R-CNN SageMaker image: CodeBuild to ECR and a train-and-deploy state machine",
         "Parameters": {
             "LambdaCodeBucket": {"Type": "String", "Description": "Bucket holding the build Lambda's zip"},
             "LambdaCodeKey": {"Type": "String", "Description": "Key of the zip (python -m pipeline deploy)"},

@@ -41,11 +41,19 @@ BUILD_FAILURE_STATUSES = ("FAILED", "FAULT", "STOPPED", "TIMED_OUT")
 SERVING_PORT_ENV = {"SAGEMAKER_MODEL_SERVER_TIMEOUT": "60"}
 
 # The seed article's policy for the build Lambda, kept as it was.
-BUILD_RETRY: State = {"ErrorEquals": ["States.TaskFailed"], "IntervalSeconds": 15, "MaxAttempts": 2,
-                      "BackoffRate": 4.0}
+BUILD_RETRY: State = {
+    "ErrorEquals": ["States.TaskFailed"],
+    "IntervalSeconds": 15,
+    "MaxAttempts": 2,
+    "BackoffRate": 4.0,
+}
 # Throttling and transient API errors of the polling calls; the work itself is never retried here.
-SDK_RETRY: State = {"ErrorEquals": ["States.TaskFailed"], "IntervalSeconds": 5, "MaxAttempts": 3,
-                    "BackoffRate": 2.0}
+SDK_RETRY: State = {
+    "ErrorEquals": ["States.TaskFailed"],
+    "IntervalSeconds": 5,
+    "MaxAttempts": 3,
+    "BackoffRate": 2.0,
+}
 
 
 def task(
@@ -103,8 +111,10 @@ def build_states(settings: StackSettings) -> dict[str, State]:
         "UseGivenImage": pass_state({"Uri.$": "$.ImageUri"}, "$.Image", "TrainModel"),
         "BuildImage": task(
             LAMBDA_INVOKE,
-            {"FunctionName": BUILD_FUNCTION_ARN,
-             "Payload": {"Build.$": "$.Build", "ExecutionId.$": "$$.Execution.Id"}},
+            {
+                "FunctionName": BUILD_FUNCTION_ARN,
+                "Payload": {"Build.$": "$.Build", "ExecutionId.$": "$$.Execution.Id"},
+            },
             "DescribeBuild",
             comment="Starts a CodeBuild build and returns at once; the state machine waits for it.",
             result_selector={
@@ -115,7 +125,9 @@ def build_states(settings: StackSettings) -> dict[str, State]:
             },
             result_path="$.BuildResult",
             retry=[BUILD_RETRY],
-            catch=[{"ErrorEquals": ["States.TaskFailed"], "ResultPath": "$.Error", "Next": "BuildImageFailed"}],
+            catch=[
+                {"ErrorEquals": ["States.TaskFailed"], "ResultPath": "$.Error", "Next": "BuildImageFailed"}
+            ],
         ),
         "BuildImageFailed": fail("BuildImageFailed", "The build Lambda failed after its retries."),
         "DescribeBuild": task(
@@ -129,8 +141,11 @@ def build_states(settings: StackSettings) -> dict[str, State]:
         ),
         "IsBuildDone": choice(
             [
-                {"Variable": "$.LastBuild.Build.BuildStatus", "StringEquals": "SUCCEEDED",
-                 "Next": "ResolveImageDigest"},
+                {
+                    "Variable": "$.LastBuild.Build.BuildStatus",
+                    "StringEquals": "SUCCEEDED",
+                    "Next": "ResolveImageDigest",
+                },
                 any_of("$.LastBuild.Build.BuildStatus", BUILD_FAILURE_STATUSES, "BuildFailed"),
             ],
             default="WaitForBuild",
@@ -139,8 +154,10 @@ def build_states(settings: StackSettings) -> dict[str, State]:
         "BuildFailed": fail("BuildFailed", "The CodeBuild build did not succeed; see its logs."),
         "ResolveImageDigest": task(
             f"{AWS_SDK}:ecr:describeImages",
-            {"RepositoryName.$": "$.BuildResult.RepositoryName",
-             "ImageIds": [{"ImageTag.$": "$.BuildResult.ImageTag"}]},
+            {
+                "RepositoryName.$": "$.BuildResult.RepositoryName",
+                "ImageIds": [{"ImageTag.$": "$.BuildResult.ImageTag"}],
+            },
             "UseBuiltImage",
             result_selector={"Detail.$": "$.ImageDetails[0]"},
             result_path="$.BuiltImage",
@@ -266,7 +283,9 @@ def deploy_states(settings: StackSettings) -> dict[str, State]:
             default="WaitForEndpoint",
         ),
         "WaitForEndpoint": wait(settings.endpoint_poll_seconds, "DescribeEndpoint"),
-        "EndpointFailed": fail("EndpointFailed", "The endpoint went to Failed; see DescribeEndpoint's FailureReason."),
+        "EndpointFailed": fail(
+            "EndpointFailed", "The endpoint went to Failed; see DescribeEndpoint's FailureReason."
+        ),
         "Deployed": {"Type": "Succeed"},
     }
 

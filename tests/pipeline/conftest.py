@@ -39,7 +39,9 @@ def build_context(tmp_path: Path) -> Path:
     context = tmp_path / "build_context"
     (context / "images/maskrcnn/src/maskrcnn").mkdir(parents=True)
     shutil.copy(REPO_ROOT / "buildspec.yml", context / "buildspec.yml")
-    shutil.copy(REPO_ROOT / "images/maskrcnn/src/maskrcnn/metrics.py", context / "images/maskrcnn/src/maskrcnn/")
+    shutil.copy(
+        REPO_ROOT / "images/maskrcnn/src/maskrcnn/metrics.py", context / "images/maskrcnn/src/maskrcnn/"
+    )
     (context / "Makefile").write_text("build:\n\tdocker build -t maskrcnn-sagemaker:latest images/maskrcnn\n")
     return context
 
@@ -69,12 +71,22 @@ def artifact_bucket(moto_aws: None) -> str:
 def emulated_build(event: Any, context: Any) -> Any:
     """The real handler, then the push CodeBuild would do (moto runs no builds)."""
     result = build_lambda.handler(event, context)
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-                "config": {"digest": "sha256:" + "0" * 64, "size": 1, "mediaType":
-                           "application/vnd.docker.container.image.v1+json"}, "layers": [],
-                "annotations": {"tag": result["ImageTag"]}}
-    boto3.client("ecr").put_image(repositoryName=result["RepositoryName"], imageTag=result["ImageTag"],
-                                  imageManifest=json.dumps(manifest))
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {
+            "digest": "sha256:" + "0" * 64,
+            "size": 1,
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+        },
+        "layers": [],
+        "annotations": {"tag": result["ImageTag"]},
+    }
+    boto3.client("ecr").put_image(
+        repositoryName=result["RepositoryName"],
+        imageTag=result["ImageTag"],
+        imageManifest=json.dumps(manifest),
+    )
     return result
 
 
@@ -89,13 +101,18 @@ def interpreter(moto_aws: None, monkeypatch: pytest.MonkeyPatch) -> Any:
 @pytest.fixture
 def state_machine_arn(interpreter: Any) -> str:
     """The rendered definition, deployed to moto with the ARNs CloudFormation would substitute."""
-    definition = substitute(build_definition(SETTINGS), {
-        "BuildFunctionArn": f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{SETTINGS.function_name}",
-        "SageMakerRoleArn": f"arn:aws:iam::{ACCOUNT}:role/maskrcnn-sagemaker",
-    })
+    definition = substitute(
+        build_definition(SETTINGS),
+        {
+            "BuildFunctionArn": f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{SETTINGS.function_name}",
+            "SageMakerRoleArn": f"arn:aws:iam::{ACCOUNT}:role/maskrcnn-sagemaker",
+        },
+    )
     created = boto3.client("stepfunctions").create_state_machine(
-        name=SETTINGS.state_machine_name, definition=json.dumps(definition),
-        roleArn=f"arn:aws:iam::{ACCOUNT}:role/maskrcnn-states")
+        name=SETTINGS.state_machine_name,
+        definition=json.dumps(definition),
+        roleArn=f"arn:aws:iam::{ACCOUNT}:role/maskrcnn-states",
+    )
     arn: str = created["stateMachineArn"]
     return arn
 
@@ -103,8 +120,9 @@ def state_machine_arn(interpreter: Any) -> str:
 def run_execution(state_machine_arn: str, document: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
     """Start an execution and wait for its end; returns DescribeExecution."""
     sfn = boto3.client("stepfunctions")
-    arn = sfn.start_execution(stateMachineArn=state_machine_arn, name=document["JobName"],
-                              input=json.dumps(document))["executionArn"]
+    arn = sfn.start_execution(
+        stateMachineArn=state_machine_arn, name=document["JobName"], input=json.dumps(document)
+    )["executionArn"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         described: dict[str, Any] = sfn.describe_execution(executionArn=arn)

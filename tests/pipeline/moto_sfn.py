@@ -45,8 +45,10 @@ def sync_sagemaker_class() -> type:
         FailureEvent,
         FailureEventException,
     )
-    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.resource import ResourceCondition
-    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_unsupported import (
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.resource import (
+        ResourceCondition,
+    )
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_unsupported import (  # noqa: E501
         StateTaskServiceUnsupported,
     )
     from moto.stepfunctions.parser.asl.eval.event.event_detail import EventDetails
@@ -55,11 +57,15 @@ def sync_sagemaker_class() -> type:
     class SyncSageMaker(StateTaskServiceUnsupported):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
             super().__init__()
-            self._supported_integration_patterns = {ResourceCondition.WaitForTaskToken, ResourceCondition.Sync}
+            self._supported_integration_patterns = {
+                ResourceCondition.WaitForTaskToken,
+                ResourceCondition.Sync,
+            }
 
         def _build_sync_resolver(self, env, resource_runtime_part, normalised_parameters, state_credentials):  # type: ignore[no-untyped-def]
-            client = boto_client_for(service="sagemaker", region=resource_runtime_part.region,
-                                     state_credentials=state_credentials)
+            client = boto_client_for(
+                service="sagemaker", region=resource_runtime_part.region, state_credentials=state_credentials
+            )
             env.stack.pop()  # CreateTrainingJob's own answer; .sync answers with the description
             name = normalised_parameters["TrainingJobName"]
 
@@ -71,11 +77,21 @@ def sync_sagemaker_class() -> type:
                     return dict(_json_safe(described))
                 if status in ("Failed", "Stopped"):
                     error = f"SageMaker.TrainingJob{status}"
-                    raise FailureEventException(FailureEvent(
-                        env=env, error_name=CustomErrorName(error), event_type=HistoryEventType.TaskFailed,
-                        event_details=EventDetails(taskFailedEventDetails=TaskFailedEventDetails(
-                            resource=self._get_sfn_resource(), resourceType=self._get_sfn_resource_type(),
-                            error=error, cause=described.get("FailureReason", status)))))
+                    raise FailureEventException(
+                        FailureEvent(
+                            env=env,
+                            error_name=CustomErrorName(error),
+                            event_type=HistoryEventType.TaskFailed,
+                            event_details=EventDetails(
+                                taskFailedEventDetails=TaskFailedEventDetails(
+                                    resource=self._get_sfn_resource(),
+                                    resourceType=self._get_sfn_resource_type(),
+                                    error=error,
+                                    cause=described.get("FailureReason", status),
+                                )
+                            ),
+                        )
+                    )
                 return None
 
             return resolve
@@ -83,7 +99,9 @@ def sync_sagemaker_class() -> type:
     return SyncSageMaker
 
 
-def invoke_in_process(handlers: Mapping[str, Callable[[Any, Any], Any]], calls: list[dict[str, Any]]) -> Callable:
+def invoke_in_process(
+    handlers: Mapping[str, Callable[[Any, Any], Any]], calls: list[dict[str, Any]]
+) -> Callable:
     """A stand-in for moto's ``_invoke_lambda_function`` that runs handlers by function name or ARN."""
 
     def invoke(parameters: dict[str, Any], region: str, state_credentials: Any) -> dict[str, Any]:
@@ -94,8 +112,12 @@ def invoke_in_process(handlers: Mapping[str, Callable[[Any, Any], Any]], calls: 
         try:
             result = handlers[name](event, None)
         except Exception as error:  # report it as Lambda does: the error's class becomes the error name
-            return {"StatusCode": 200, "FunctionError": "Unhandled", "ExecutedVersion": "$LATEST",
-                    "Payload": {"errorType": type(error).__name__, "errorMessage": str(error)}}
+            return {
+                "StatusCode": 200,
+                "FunctionError": "Unhandled",
+                "ExecutedVersion": "$LATEST",
+                "Payload": {"errorType": type(error).__name__, "errorMessage": str(error)},
+            }
         return {"StatusCode": 200, "ExecutedVersion": "$LATEST", "Payload": _json_safe(result)}
 
     return invoke
@@ -106,19 +128,26 @@ def sdk_casing(service_class: type) -> tuple[Callable[..., None], Callable[..., 
     import botocore.session
 
     def operation(self: Any, boto_service_name: str | None, service_action_name: str | None) -> Any:
-        model = botocore.session.get_session().get_service_model(self._get_boto_service_name(boto_service_name))
+        model = botocore.session.get_session().get_service_model(
+            self._get_boto_service_name(boto_service_name)
+        )
         action = self._get_boto_service_action(service_action_name)
         name = next(op for op in model.operation_names if camel_to_snake(op) == action)
         return model.operation_model(name)
 
-    def normalise_parameters(self: Any, parameters: dict[str, Any], boto_service_name: str | None = None,
-                             service_action_name: str | None = None) -> None:
+    def normalise_parameters(
+        self: Any,
+        parameters: dict[str, Any],
+        boto_service_name: str | None = None,
+        service_action_name: str | None = None,
+    ) -> None:
         shape = operation(self, boto_service_name, service_action_name).input_shape
         if shape is not None:
             self._to_boto_request(parameters, shape)
 
-    def normalise_response(self: Any, response: Any, boto_service_name: str | None = None,
-                           service_action_name: str | None = None) -> None:
+    def normalise_response(
+        self: Any, response: Any, boto_service_name: str | None = None, service_action_name: str | None = None
+    ) -> None:
         shape = operation(self, boto_service_name, service_action_name).output_shape
         if shape is not None:
             self._from_boto_response(response, shape)
@@ -166,15 +195,22 @@ def install(monkeypatch: pytest.MonkeyPatch, handlers: Mapping[str, Callable[[An
     from moto.codebuild.responses import CodeBuildResponse
     from moto.sagemaker.responses import SageMakerResponse
     from moto.stepfunctions.parser.asl.component.common.retry import retrier_decl
-    from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils, state_task_factory
-    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import state_task_service_factory
-    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_aws_sdk import (
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task import (
+        lambda_eval_utils,
+        state_task_factory,
+    )
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import (
+        state_task_service_factory,
+    )
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_aws_sdk import (  # noqa: E501
         StateTaskServiceAwsSdk,
     )
     from moto.stepfunctions.parser.asl.component.state.wait.wait_function.wait_function import WaitFunction
 
     if moto.__version__ != MOTO_VERSION:
-        pytest.skip(f"the Step Functions adapter is written against moto {MOTO_VERSION}, found {moto.__version__}")
+        pytest.skip(
+            f"the Step Functions adapter is written against moto {MOTO_VERSION}, found {moto.__version__}"
+        )
     recorder = Recorder()
     sync_sagemaker = sync_sagemaker_class()
     original_factory = state_task_service_factory.state_task_service_for
@@ -183,12 +219,14 @@ def install(monkeypatch: pytest.MonkeyPatch, handlers: Mapping[str, Callable[[An
         return sync_sagemaker() if service_name == "sagemaker" else original_factory(service_name)
 
     monkeypatch.setattr(state_task_factory, "state_task_service_for", service_for)
-    monkeypatch.setattr(lambda_eval_utils, "_invoke_lambda_function",
-                        invoke_in_process(handlers, recorder.lambda_calls))
+    monkeypatch.setattr(
+        lambda_eval_utils, "_invoke_lambda_function", invoke_in_process(handlers, recorder.lambda_calls)
+    )
     # Only the retrier's own view of ``time`` is replaced; time.sleep stays real everywhere else.
     monkeypatch.setattr(retrier_decl, "time", SimpleNamespace(sleep=recorder.retry_sleeps.append))
-    monkeypatch.setattr(WaitFunction, "_wait_interval",
-                        lambda self, env, wait_seconds: recorder.waits.append(wait_seconds))
+    monkeypatch.setattr(
+        WaitFunction, "_wait_interval", lambda self, env, wait_seconds: recorder.waits.append(wait_seconds)
+    )
 
     original_batch_get_builds = CodeBuildBackend.batch_get_builds
 
@@ -204,7 +242,14 @@ def install(monkeypatch: pytest.MonkeyPatch, handlers: Mapping[str, Callable[[An
 
         project = self.codebuild_backend.codebuild_projects[self._get_param("name")]
         metadata = project.project_metadata
-        for field_name in ("source", "environment", "artifacts", "serviceRole", "logsConfig", "timeoutInMinutes"):
+        for field_name in (
+            "source",
+            "environment",
+            "artifacts",
+            "serviceRole",
+            "logsConfig",
+            "timeoutInMinutes",
+        ):
             if self._get_param(field_name) is not None:
                 metadata[field_name] = self._get_param(field_name)
         return ActionResult({"project": metadata})

@@ -19,8 +19,11 @@ pytestmark = pytest.mark.integration
 
 
 def failed_state_names(execution_arn: str) -> list[str]:
-    return [e["stateEnteredEventDetails"]["name"] for e in history(boto3.client("stepfunctions"), execution_arn)
-            if e["type"] == "FailStateEntered"]
+    return [
+        e["stateEnteredEventDetails"]["name"]
+        for e in history(boto3.client("stepfunctions"), execution_arn)
+        if e["type"] == "FailStateEntered"
+    ]
 
 
 def scheduled_requests(execution_arn: str) -> list[tuple[str, dict[str, Any]]]:
@@ -34,8 +37,9 @@ def scheduled_requests(execution_arn: str) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-def test_success_path_builds_trains_and_deploys(state_machine_arn: str, artifact_bucket: str,
-                                                interpreter: Any) -> None:
+def test_success_path_builds_trains_and_deploys(
+    state_machine_arn: str, artifact_bucket: str, interpreter: Any
+) -> None:
     interpreter.build.statuses = ["IN_PROGRESS", "SUCCEEDED"]
     document = example_input(bucket=artifact_bucket).to_document()
 
@@ -44,8 +48,9 @@ def test_success_path_builds_trains_and_deploys(state_machine_arn: str, artifact
     assert result["status"] == "SUCCEEDED", result
     ecr, sagemaker = boto3.client("ecr"), boto3.client("sagemaker")
     tag = f"git-{document['Build']['GitSha']}"
-    digest = ecr.describe_images(repositoryName=SETTINGS.repository_name,
-                                 imageIds=[{"imageTag": tag}])["imageDetails"][0]["imageDigest"]
+    digest = ecr.describe_images(repositoryName=SETTINGS.repository_name, imageIds=[{"imageTag": tag}])[
+        "imageDetails"
+    ][0]["imageDigest"]
     repo = ecr.describe_repositories(repositoryNames=[SETTINGS.repository_name])["repositories"][0]
     job = sagemaker.describe_training_job(TrainingJobName=document["JobName"])
     assert job["AlgorithmSpecification"]["TrainingImage"] == f"{repo['repositoryUri']}@{digest}"
@@ -57,7 +62,10 @@ def test_success_path_builds_trains_and_deploys(state_machine_arn: str, artifact
     model = sagemaker.describe_model(ModelName=document["ModelName"])
     assert model["PrimaryContainer"]["Image"] == f"{repo['repositoryUri']}@{digest}"
     endpoint = sagemaker.describe_endpoint(EndpointName=document["EndpointName"])
-    assert (endpoint["EndpointStatus"], endpoint["EndpointConfigName"]) == ("InService", document["ModelName"])
+    assert (endpoint["EndpointStatus"], endpoint["EndpointConfigName"]) == (
+        "InService",
+        document["ModelName"],
+    )
     # The build was waited for in the state machine: one poll saw IN_PROGRESS, then a Wait, then SUCCEEDED.
     assert interpreter.waits == [SETTINGS.build_poll_seconds]
     assert len(interpreter.lambda_calls) == 1
@@ -69,9 +77,12 @@ def test_success_path_builds_trains_and_deploys(state_machine_arn: str, artifact
     assert {f"{prefix}/buildspec.yml", f"{prefix}/images/maskrcnn/src/maskrcnn/metrics.py"} <= keys
 
 
-def test_requests_the_interpreter_sent_are_valid_botocore_requests(state_machine_arn: str, artifact_bucket: str,
-                                                                   interpreter: Any) -> None:
-    result = run_execution(state_machine_arn, example_input(bucket=artifact_bucket, use_spot=True).to_document())
+def test_requests_the_interpreter_sent_are_valid_botocore_requests(
+    state_machine_arn: str, artifact_bucket: str, interpreter: Any
+) -> None:
+    result = run_execution(
+        state_machine_arn, example_input(bucket=artifact_bucket, use_spot=True).to_document()
+    )
     assert result["status"] == "SUCCEEDED", result
 
     checked = []
@@ -85,10 +96,21 @@ def test_requests_the_interpreter_sent_are_valid_botocore_requests(state_machine
         else:
             continue
         operation = action[0].upper() + action[1:]
-        assert validate_request(service, operation, parameters, sdk_casing=sdk) is None, (operation, parameters)
+        assert validate_request(service, operation, parameters, sdk_casing=sdk) is None, (
+            operation,
+            parameters,
+        )
         checked.append(operation)
-    assert {"CreateTrainingJob", "CreateModel", "CreateEndpointConfig", "CreateEndpoint",
-            "BatchGetBuilds", "DescribeImages", "ListEndpoints", "DescribeEndpoint"} <= set(checked)
+    assert {
+        "CreateTrainingJob",
+        "CreateModel",
+        "CreateEndpointConfig",
+        "CreateEndpoint",
+        "BatchGetBuilds",
+        "DescribeImages",
+        "ListEndpoints",
+        "DescribeEndpoint",
+    } <= set(checked)
 
 
 def test_build_failure_is_retried_then_caught_into_fail(state_machine_arn: str, interpreter: Any) -> None:
@@ -103,8 +125,9 @@ def test_build_failure_is_retried_then_caught_into_fail(state_machine_arn: str, 
     assert result.get("error") == "BuildImageFailed"
 
 
-def test_failed_codebuild_build_stops_before_training(state_machine_arn: str, artifact_bucket: str,
-                                                      interpreter: Any) -> None:
+def test_failed_codebuild_build_stops_before_training(
+    state_machine_arn: str, artifact_bucket: str, interpreter: Any
+) -> None:
     interpreter.build.statuses = ["IN_PROGRESS", "FAILED"]
 
     result = run_execution(state_machine_arn, example_input(bucket=artifact_bucket).to_document())
@@ -114,24 +137,32 @@ def test_failed_codebuild_build_stops_before_training(state_machine_arn: str, ar
     assert boto3.client("sagemaker").list_training_jobs()["TrainingJobSummaries"] == []
 
 
-def test_existing_endpoint_is_updated_with_a_given_image(state_machine_arn: str, artifact_bucket: str,
-                                                         interpreter: Any) -> None:
+def test_existing_endpoint_is_updated_with_a_given_image(
+    state_machine_arn: str, artifact_bucket: str, interpreter: Any
+) -> None:
     first = example_input(bucket=artifact_bucket).to_document()
     assert run_execution(state_machine_arn, first)["status"] == "SUCCEEDED"
-    image_uri = boto3.client("sagemaker").describe_training_job(
-        TrainingJobName=first["JobName"])["AlgorithmSpecification"]["TrainingImage"]
+    image_uri = boto3.client("sagemaker").describe_training_job(TrainingJobName=first["JobName"])[
+        "AlgorithmSpecification"
+    ]["TrainingImage"]
     second = example_input(bucket=artifact_bucket, image_uri=image_uri).to_document()
     second.update(JobName="maskrcnn-train-2", ModelName="maskrcnn-model-2")
 
     result = run_execution(state_machine_arn, second)
 
     assert result["status"] == "SUCCEEDED", result
-    entered = [e["stateEnteredEventDetails"]["name"] for e in history(boto3.client("stepfunctions"),
-                                                                      result["executionArn"])
-               if e["type"].endswith("StateEntered")]
+    entered = [
+        e["stateEnteredEventDetails"]["name"]
+        for e in history(boto3.client("stepfunctions"), result["executionArn"])
+        if e["type"].endswith("StateEntered")
+    ]
     assert "UpdateEndpoint" in entered and "CreateEndpoint" not in entered and "BuildImage" not in entered
     endpoint = boto3.client("sagemaker").describe_endpoint(EndpointName=second["EndpointName"])
     assert endpoint["EndpointConfigName"] == "maskrcnn-model-2"
     assert len(interpreter.lambda_calls) == 1  # the second execution built nothing
-    assert boto3.client("sagemaker").describe_training_job(
-        TrainingJobName="maskrcnn-train-2")["AlgorithmSpecification"]["TrainingImage"] == image_uri
+    assert (
+        boto3.client("sagemaker").describe_training_job(TrainingJobName="maskrcnn-train-2")[
+            "AlgorithmSpecification"
+        ]["TrainingImage"]
+        == image_uri
+    )
