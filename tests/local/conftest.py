@@ -12,22 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tinyjob import tiny_spec
 
 from local import runtime as rt
-from local.layout import JobSpec
-
-REPO = Path(__file__).resolve().parents[2]
-
-# Tiny and quick on 2 CPU cores; strings, as SageMaker writes them. num_workers=0: no loader processes.
-TINY_HP = {
-    "arch": "lite",
-    "max_steps": "2",
-    "batch_size": "2",
-    "min_size": "128",
-    "max_size": "128",
-    "num_workers": "0",
-    "log_every": "1",
-}
 
 
 @pytest.fixture(autouse=True)
@@ -54,12 +41,6 @@ def process_runtime() -> rt.Runtime:
     return rt.resolve("process", environ=dict(os.environ))
 
 
-def tiny_spec(dataset: Path, name: str = "tiny-job", **changes: object) -> JobSpec:
-    values: dict = {"name": name, "channels": {"training": dataset}, "hyperparameters": dict(TINY_HP)}
-    values.update(changes)
-    return JobSpec(**values)
-
-
 @pytest.fixture(scope="session")
 def trained_job(dataset: Path, process_runtime: rt.Runtime, tmp_path_factory: pytest.TempPathFactory):
     """One tiny training job in process mode (shared by the serving tests): its TrainResult."""
@@ -75,8 +56,10 @@ def docker_image() -> str:
     image = os.environ.get("IMAGE", rt.DEFAULT_IMAGE)
     usable, why = rt.docker_status(image)
     if not usable:
-        pytest.skip(f"docker mode needs a Docker engine and image {image}: {why} "
-                    "(scripts/install-docker.sh, scripts/build-image.sh)")
+        pytest.skip(
+            f"docker mode needs a Docker engine and image {image}: {why} "
+            "(scripts/install-docker.sh, scripts/build-image.sh)"
+        )
     return image
 
 

@@ -24,7 +24,10 @@ pytestmark = pytest.mark.unit
 
 def test_parse_pairs_keeps_strings_and_last_wins():
     assert layout.parse_pairs(["epochs=2", "lr=0.1", "epochs=3", "note=a=b", "empty="]) == {
-        "epochs": "3", "lr": "0.1", "note": "a=b", "empty": "",
+        "epochs": "3",
+        "lr": "0.1",
+        "note": "a=b",
+        "empty": "",
     }
 
 
@@ -64,7 +67,9 @@ def test_write_job_lays_out_what_sagemaker_writes(tmp_path):
         assert os.stat(copied).st_ino == os.stat(data / "images" / "a.png").st_ino  # a hard link
         assert paths.model_dir.is_dir() and paths.output_data_dir.is_dir() and paths.checkpoints_dir.is_dir()
     # the image's own reader understands the tree
-    config = TrainConfig.from_env({"SAGEMAKER_BASE_DIR": str(trees["algo-2"].base), "TRAINING_JOB_NAME": "job-1"})
+    config = TrainConfig.from_env(
+        {"SAGEMAKER_BASE_DIR": str(trees["algo-2"].base), "TRAINING_JOB_NAME": "job-1"}
+    )
     assert config.resources.current_host == "algo-2" and config.resources.host_rank == 1
     assert config.hp.epochs == 3 and config.hp.amp is True and config.channels == ("training",)
 
@@ -142,8 +147,16 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile
         _member("dev", tarfile.CHRTYPE),
         _member("fifo", tarfile.FIFOTYPE),
     ],
-    ids=["traversal", "nested-traversal", "absolute", "symlink-absolute", "symlink-out", "hardlink-out",
-         "char-device", "fifo"],
+    ids=[
+        "traversal",
+        "nested-traversal",
+        "absolute",
+        "symlink-absolute",
+        "symlink-out",
+        "hardlink-out",
+        "char-device",
+        "fifo",
+    ],
 )
 def test_extract_refuses_unsafe_members_and_writes_nothing(tmp_path, member):
     archive = _tar(tmp_path, member)
@@ -183,11 +196,25 @@ def test_metrics_reader_uses_the_image_regexes():
     progress = Recorder()
     reader = MetricsReader(progress, "epoch")
     reader.feed("2026-01-01 INFO maskrcnn.training: data: 10 training images")
-    reader.feed("x INFO maskrcnn.engine: #metrics phase=train epoch=0 step=10 loss=1.25 lr=0.02 images_per_sec=3.1")
-    reader.feed("x INFO maskrcnn.engine: #metrics phase=eval epoch=1 bbox_mAP=0.5 segm_mAP=0.4 segm_AP50=0.875")
-    assert reader.history[0] == {"phase": "train", "epoch": 0, "step": 10, "train:loss": 1.25, "train:lr": 0.02,
-                                 "train:images_per_sec": 3.1}
-    assert reader.final == {"validation:bbox_mAP": 0.5, "validation:segm_mAP": 0.4, "validation:segm_AP50": 0.875}
+    reader.feed(
+        "x INFO maskrcnn.engine: #metrics phase=train epoch=0 step=10 loss=1.25 lr=0.02 images_per_sec=3.1"
+    )
+    reader.feed(
+        "x INFO maskrcnn.engine: #metrics phase=eval epoch=1 bbox_mAP=0.5 segm_mAP=0.4 segm_AP50=0.875"
+    )
+    assert reader.history[0] == {
+        "phase": "train",
+        "epoch": 0,
+        "step": 10,
+        "train:loss": 1.25,
+        "train:lr": 0.02,
+        "train:images_per_sec": 3.1,
+    }
+    assert reader.final == {
+        "validation:bbox_mAP": 0.5,
+        "validation:segm_mAP": 0.4,
+        "validation:segm_AP50": 0.875,
+    }
     assert progress.moves == [(0, {"loss": 1.25}), (1, {"segm_AP50": 0.875})]
 
 
@@ -241,7 +268,8 @@ def test_transform_plan_mirrors_the_input_tree(tmp_path):
         (tmp_path / "in" / name).write_bytes(b"x")
     pairs = transform.plan(tmp_path / "in", tmp_path / "out")
     assert [(s.name, str(t.relative_to(tmp_path))) for s, t in pairs] == [
-        ("a.png", "out/a.png.out"), ("b.jpg", "out/sub/b.jpg.out"),
+        ("a.png", "out/a.png.out"),
+        ("b.jpg", "out/sub/b.jpg.out"),
     ]
 
 
@@ -249,7 +277,9 @@ def test_transform_parameters_command_line_then_server_then_defaults():
     settings = transform.TransformSettings(max_payload_mb=20)
     served = {"MaxConcurrentTransforms": 2, "BatchStrategy": "MULTI_RECORD", "MaxPayloadInMB": 6}
     assert transform.resolve_parameters(settings, served) == {
-        "MaxConcurrentTransforms": 2, "MaxPayloadInMB": 20, "BatchStrategy": "MULTI_RECORD",
+        "MaxConcurrentTransforms": 2,
+        "MaxPayloadInMB": 20,
+        "BatchStrategy": "MULTI_RECORD",
     }
     assert transform.resolve_parameters(transform.TransformSettings(), None) == transform.DEFAULTS
     assert settings.server_env() == {"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20"}
@@ -265,22 +295,56 @@ def test_client_helpers():
 
 
 def test_detections_to_coco():
-    answer = {"predictions": [{"image_size": [8, 8], "instances": [
-        {"box": [1, 2, 5, 6], "label": 2, "label_name": "rectangle", "score": 0.9,
-         "mask": {"size": [8, 8], "counts": "abc"}}]}]}
-    assert detections_to_coco(7, answer) == [{"image_id": 7, "category_id": 2, "bbox": [1.0, 2.0, 4.0, 4.0],
-                                              "score": 0.9, "segmentation": {"size": [8, 8], "counts": "abc"}}]
+    answer = {
+        "predictions": [
+            {
+                "image_size": [8, 8],
+                "instances": [
+                    {
+                        "box": [1, 2, 5, 6],
+                        "label": 2,
+                        "label_name": "rectangle",
+                        "score": 0.9,
+                        "mask": {"size": [8, 8], "counts": "abc"},
+                    }
+                ],
+            }
+        ]
+    }
+    assert detections_to_coco(7, answer) == [
+        {
+            "image_id": 7,
+            "category_id": 2,
+            "bbox": [1.0, 2.0, 4.0, 4.0],
+            "score": 0.9,
+            "segmentation": {"size": [8, 8], "counts": "abc"},
+        }
+    ]
 
 
 # ---- the CLI's error boundary ----
 
 
 def test_cli_usage_errors_exit_2(tmp_path, capsys):
-    code = main(["train", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "o"),
-                 "--mode", "process"], environ={})
+    code = main(
+        ["train", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "o"), "--mode", "process"],
+        environ={},
+    )
     assert code == 2 and "not a folder" in capsys.readouterr().err
-    code = main(["train", "--data", str(tmp_path), "--hp", "epochs", "--output", str(tmp_path / "o"),
-                 "--mode", "process"], environ={})
+    code = main(
+        [
+            "train",
+            "--data",
+            str(tmp_path),
+            "--hp",
+            "epochs",
+            "--output",
+            str(tmp_path / "o"),
+            "--mode",
+            "process",
+        ],
+        environ={},
+    )
     assert code == 2 and "KEY=VALUE" in capsys.readouterr().err
 
 
