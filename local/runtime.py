@@ -27,7 +27,7 @@ from local.errors import HarnessError
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "process", "docker")
-DEFAULT_IMAGE = "sagemaker-maskrcnn:latest"  # the tag scripts/build-image.sh builds
+DEFAULT_IMAGE = "maskrcnn-sagemaker:latest"  # the tag scripts/build-image.sh builds (IMAGE overrides)
 CONTAINER_BASE = "/opt/ml"
 REPO = Path(__file__).resolve().parents[1]
 ENTRYPOINTS = REPO / "images" / "maskrcnn"
