@@ -33,15 +33,15 @@ SCHEDULES = ("cosine", "multistep", "constant")
 class Hyperparameters:
     """Every training knob, with its default. The README's table is generated from these comments."""
 
-    arch: str = "lite"  # lite (CPU-sized) | resnet50_fpn | resnet50_fpn_v2
+    arch: str = "lite"  # lite (CPU-sized), resnet50_fpn or resnet50_fpn_v2
     epochs: int = 12  # passes over the training set
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit; for smoke runs)
     batch_size: int = 4  # images per process per step
     lr: float = 0.02  # peak learning rate (per the whole job; not scaled by world size)
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: str = "sgd"  # sgd or adamw
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-4  # L2 / decoupled weight decay
-    lr_schedule: str = "cosine"  # cosine | multistep | constant (after warm-up)
+    lr_schedule: str = "cosine"  # cosine, multistep or constant (after warm-up)
     lr_steps: tuple[int, ...] = (8, 11)  # epochs at which multistep multiplies lr by lr_gamma
     lr_gamma: float = 0.1  # multistep decay factor
     warmup_steps: int = 50  # linear warm-up from lr * warmup_factor to lr
@@ -54,7 +54,7 @@ class Hyperparameters:
     photometric: bool = False  # random brightness/contrast/saturation/hue jitter
     seed: int = 0  # seeds data order, augmentation and init; CPU runs are bit-reproducible
     val_fraction: float = 0.2  # held-out share of training when no validation channel is given
-    dataset_format: str = "auto"  # auto | coco | pennfudan
+    dataset_format: str = "auto"  # auto, coco or pennfudan
     num_workers: int = 2  # data-loader worker processes per training process
     checkpoint_every: int = 200  # steps between checkpoints in /opt/ml/checkpoints (0 = only on stop)
     eval_every: int = 1  # evaluate every N epochs (the last epoch is always evaluated)
