@@ -203,9 +203,10 @@ def run_training(
                 failed = any(code != 0 for code in codes.values())
                 if (stop.is_set() or failed) and stopping_since is None:
                     stopping_since = time.monotonic()
-                    why = "stop requested" if stop.is_set() else "a host failed"
-                    log.warning("%s: sending SIGTERM to the remaining hosts", why)
-                    _signal_all(processes, codes, signal.SIGTERM)
+                    if len(codes) < len(hosts):
+                        why = "stop requested" if stop.is_set() else "a host failed"
+                        log.warning("%s: sending SIGTERM to the running hosts", why)
+                        _signal_all(processes, codes, signal.SIGTERM)
                 if stopping_since is not None and time.monotonic() - stopping_since > stop_timeout_s:
                     _signal_all(processes, codes, signal.SIGKILL)
                     stopping_since = float("inf")  # kill once
