@@ -250,17 +250,22 @@ def instances(detections: Detections, class_names: Sequence[str], mask_format: s
     out = []
     for i in range(len(detections)):
         label = int(detections.labels[i])
-        item: dict[str, Any] = {
+        out.append({
             "box": [round(float(v), 2) for v in detections.boxes[i]],
             "label": label,
             "label_name": class_names[label - 1] if 1 <= label <= len(class_names) else str(label),
             "score": round(float(detections.scores[i]), 4),
-        }
+        })
+    if mask_format == "none" or not out:
+        return out
+    masks: list[dict[str, Any]] = []
+    for chunk in detections.mask_chunks():
         if mask_format == "rle":
-            item["mask"] = rle(detections.mask(i))
-        elif mask_format == "polygon":
-            item["mask"] = {"polygons": polygons(detections.mask(i))}
-        out.append(item)
+            masks.extend(_rle_dict(encoded) for encoded in mask_utils.encode(chunk))
+        else:
+            masks.extend({"polygons": polygons(chunk[:, :, j])} for j in range(chunk.shape[2]))
+    for item, mask in zip(out, masks, strict=True):
+        item["mask"] = mask
     return out
 
 
@@ -273,7 +278,10 @@ def encode_json(results: Sequence[Detections], class_names: Sequence[str], mask_
 
 def rle(mask: np.ndarray) -> dict[str, Any]:
     """COCO compressed RLE of an (H, W) bool mask: ``{"size": [h, w], "counts": "..."}``."""
-    encoded = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return _rle_dict(mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8)))
+
+
+def _rle_dict(encoded: dict[str, Any]) -> dict[str, Any]:
     return {"size": [int(s) for s in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from maskrcnn.model import ModelSpec, load_model
 
 log = logging.getLogger(__name__)
 
+PASTE_PIXEL_BUDGET = 32_000_000  # masks pasted at once: bounds a chunk to ~160 MB
 WARMUP_SIZE = 64  # any size works: the model resizes it to min_size, which is what gets warmed
 
 
@@ -55,6 +57,21 @@ class Detections:
     def mask(self, i: int) -> np.ndarray:
         """Detection ``i``'s binary mask, (H, W) bool, cut at the model's mask threshold."""
         return (self.mask_probability(i) > self.mask_threshold).numpy()
+
+    def mask_chunks(self, pixel_budget: int = PASTE_PIXEL_BUDGET) -> Iterator[np.ndarray]:
+        """Every binary mask, in order, as (H, W, n) Fortran-ordered uint8 chunks.
+
+        That is the layout pycocotools encodes without copying; pasting a chunk at once costs
+        half as much per mask as one at a time, and the budget bounds the memory it takes.
+        """
+        height, width = self.image_size
+        step = max(1, pixel_budget // max(1, height * width))
+        for start in range(0, len(self), step):
+            boxes = torch.from_numpy(self.boxes[start : start + step])
+            probs = paste_masks_in_image(self.mask_probs[start : start + step], boxes, self.image_size)[:, 0]
+            # (n, W, H) C-contiguous is (H, W, n) Fortran-contiguous once transposed.
+            cut = (probs > self.mask_threshold).transpose(1, 2).contiguous().to(torch.uint8)
+            yield cut.numpy().transpose(2, 1, 0)
 
     @classmethod
     def empty(cls, image_size: tuple[int, int]) -> Detections:
