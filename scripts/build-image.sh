@@ -8,16 +8,16 @@
 #
 #   scripts/build-image.sh                                   # CUDA base (needs Docker Hub + Ubuntu archive)
 #   BASE_IMAGE=maskrcnn-base:bookworm scripts/build-image.sh # offline base from scripts/build-base-image.sh
-#   IMAGE=sagemaker-maskrcnn:dev PRETRAINED_WEIGHTS=MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1 scripts/build-image.sh
+#   IMAGE=maskrcnn-sagemaker:dev PRETRAINED_WEIGHTS=MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1 scripts/build-image.sh
 #
-# Variables: IMAGE (tag, default sagemaker-maskrcnn:latest), BASE_IMAGE (empty = the Dockerfile's CUDA
+# Variables: IMAGE (tag, default maskrcnn-sagemaker:latest), BASE_IMAGE (empty = the Dockerfile's CUDA
 # default), PRETRAINED_WEIGHTS (empty = bake nothing), PYTHON (a Python 3.11 with pip for step 1, default
 # .venv/bin/python), DOCKER (default /usr/bin/docker: Debian's 20.10 CLI has BuildKit built in; a newer
 # CLI without the buildx plugin cannot do BuildKit builds), DOCKER_BUILD_ARGS (extra `docker build` flags).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-IMAGE=${IMAGE:-sagemaker-maskrcnn:latest}
+IMAGE=${IMAGE:-maskrcnn-sagemaker:latest}
 BASE_IMAGE=${BASE_IMAGE:-}
 PRETRAINED_WEIGHTS=${PRETRAINED_WEIGHTS:-}
 PYTHON=${PYTHON:-.venv/bin/python}

@@ -3,7 +3,7 @@
 The image is (re)built once per session with scripts/build-image.sh, which is incremental: with nothing
 changed it takes seconds; a source change rebuilds only the small package layer. Environment:
 
-* ``IMAGE``: the tag to build and test (default ``sagemaker-maskrcnn:latest``, as ``make build``);
+* ``IMAGE``: the tag to build and test (default ``maskrcnn-sagemaker:latest``, as ``make build``);
 * ``BASE_IMAGE``: the base to build on; unset, the base the existing tag was built from (its
   ``org.opencontainers.image.base.name`` label) is reused, else the Dockerfile's CUDA default;
 * ``MASKRCNN_SKIP_BUILD=1``: test the tag as it is (it must exist).
@@ -24,7 +24,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build-image.sh"
-DEFAULT_IMAGE = "sagemaker-maskrcnn:latest"
+DEFAULT_IMAGE = "maskrcnn-sagemaker:latest"
 BASE_LABEL = "org.opencontainers.image.base.name"
 
 # Small and fast on 2 CPU cores; the values are strings, as SageMaker writes them.

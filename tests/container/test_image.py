@@ -115,7 +115,10 @@ def test_serve_ping_and_invocations(docker_client, image: str, trained_model: Pa
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("application/json")
         body = json.loads(response.read())
-    assert isinstance(body["detections"], list)
+    # one prediction per image in the request (see maskrcnn.codec.encode_json)
+    (prediction,) = body["predictions"]
+    assert prediction["image_size"] == [128, 128]
+    assert isinstance(prediction["instances"], list)
 
 
 def test_serve_exits_cleanly_on_sigterm(
