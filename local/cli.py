@@ -21,6 +21,8 @@ from local.progress import for_stream
 
 log = logging.getLogger("local")
 
+EXIT_STOPPED = 143  # the job's own code for a SIGTERM stop after checkpointing
+
 
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
@@ -247,7 +249,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     try:
         return int(args.func(args, environ))
     except JobFailed as exc:
-        print(f"training failed (exit code {exc.exit_code}): {exc.reason}", file=sys.stderr)
+        outcome = "stopped" if exc.exit_code == EXIT_STOPPED else "failed"
+        print(f"training {outcome} (exit code {exc.exit_code}): {exc.reason}", file=sys.stderr)
         return exc.exit_code
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -173,3 +173,36 @@ def test_serve_cli_stops_cleanly_on_ctrl_c(trained_job, tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_ctrl_c_stops_the_job_like_stop_training_job(dataset, tmp_path):
+    """SIGINT to the harness -> SIGTERM to the job -> checkpoint, exit 143."""
+    argv = [
+        sys.executable,
+        "-m",
+        "local",
+        "train",
+        "--data",
+        str(dataset),
+        "--mode",
+        "process",
+        "--output",
+        str(tmp_path / "job"),
+    ]
+    for key, value in {**TINY_HP, "max_steps": "500"}.items():
+        argv += ["--hp", f"{key}={value}"]
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:
+            if "#metrics phase=train" in line:
+                break
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 143, err[-2000:]
+    assert "training stopped" in err
+    assert (tmp_path / "job/algo-1/checkpoints/last.pt").is_file()
+    assert not (tmp_path / "job/model.tar.gz").exists()
