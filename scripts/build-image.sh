@@ -46,6 +46,10 @@ if [[ $(cat "$WHEELHOUSE/.stamp" 2>/dev/null) != "$stamp" ]]; then
     echo "$stamp" >"$WHEELHOUSE/.stamp"
 fi
 
+# torchvision's download cache, mounted into the weights stage: PRETRAINED_WEIGHTS finds its .pth here
+# (build/torch-cache/hub/checkpoints/NAME.pth) without network. Must exist even when empty.
+mkdir -p build/torch-cache/hub/checkpoints
+
 # --- 2. image -------------------------------------------------------------------------------------------
 args=(--network host -f images/maskrcnn/Dockerfile -t "$IMAGE"
       --build-arg "GIT_SHA=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
