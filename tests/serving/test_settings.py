@@ -1,0 +1,123 @@
+"""ServeSettings, gunicorn options and the nginx config: resolved from plain dicts, no processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from maskrcnn.errors import ConfigError
+from maskrcnn.gunicorn_conf import RunDir, assign_device_slot, gunicorn_options
+from maskrcnn.server import check_model_dir, render_nginx_conf
+from maskrcnn.settings import ServeSettings
+
+pytestmark = pytest.mark.unit
+
+
+def test_defaults_on_a_cpu_machine() -> None:
+    settings = ServeSettings.from_env({}, cpu_count=8)
+    assert settings.base_dir == Path("/opt/ml") and settings.model_dir == Path("/opt/ml/model")
+    assert settings.port == 8080 and settings.device == "cpu"
+    assert settings.workers == 4 and settings.torch_threads == 2  # workers x threads <= cores
+    assert settings.timeout_s == 60 and settings.max_payload_bytes == 6 * 1024 * 1024
+    assert settings.max_concurrent_transforms == 4
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3, 16, 96])
+def test_cpu_workers_times_threads_never_exceed_cores(cores: int) -> None:
+    settings = ServeSettings.from_env({}, cpu_count=cores)
+    assert settings.workers * settings.torch_threads <= cores
+
+
+def test_one_worker_per_gpu() -> None:
+    settings = ServeSettings.from_env({}, cpu_count=32, gpu_count=4)
+    assert settings.device == "cuda" and settings.workers == 4 and settings.torch_threads == 1
+
+
+def test_sagemaker_variables_are_honoured() -> None:
+    settings = ServeSettings.from_env(
+        {"SAGEMAKER_BASE_DIR": "/tmp/job", "SAGEMAKER_BIND_TO_PORT": "9000", "SAGEMAKER_MODEL_SERVER_WORKERS": "3",
+         "SAGEMAKER_MODEL_SERVER_TIMEOUT": "20", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "50", "SAGEMAKER_BATCH": "true",
+         "SAGEMAKER_BATCH_STRATEGY": "multi_record", "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "7"},
+        cpu_count=2,
+    )
+    assert settings.model_dir == Path("/tmp/job/model") and settings.port == 9000 and settings.workers == 3
+    assert settings.timeout_s == 20 and settings.max_payload_mb == 50 and settings.batch
+    assert settings.batch_strategy == "MULTI_RECORD" and settings.max_concurrent_transforms == 7
+    assert settings.torch_threads == 1
+
+
+def test_batch_transform_gets_the_longer_default_timeout() -> None:
+    assert ServeSettings.from_env({"SAGEMAKER_BATCH": "true"}, cpu_count=2).timeout_s == 600
+
+
+def test_timeouts_agree() -> None:
+    settings = ServeSettings.from_env({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "30"}, cpu_count=2)
+    assert settings.nginx_timeout_s >= settings.gunicorn_timeout_s >= settings.timeout_s == 30
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("SAGEMAKER_MODEL_SERVER_WORKERS", "0"), ("SAGEMAKER_MODEL_SERVER_WORKERS", "two"),
+     ("SAGEMAKER_BIND_TO_PORT", "70000"), ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "101"), ("SAGEMAKER_BATCH", "maybe"),
+     ("SAGEMAKER_BATCH_STRATEGY", "ALL"), ("MASKRCNN_DEVICE", "tpu"), ("MASKRCNN_DEVICE", "cuda"),
+     ("SAGEMAKER_MODEL_SERVER_TIMEOUT", "-1")],
+)
+def test_bad_values_fail_with_the_variable_name(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        ServeSettings.from_env({name: value}, cpu_count=2)
+
+
+def test_nginx_choice() -> None:
+    assert ServeSettings.from_env({}, cpu_count=2, nginx="/usr/sbin/nginx").nginx == "/usr/sbin/nginx"
+    assert ServeSettings.from_env({"MASKRCNN_NGINX": "off"}, cpu_count=2, nginx="/usr/sbin/nginx").nginx is None
+    assert ServeSettings.from_env({}, cpu_count=2, nginx=None).nginx is None
+
+
+def test_settings_survive_json() -> None:
+    settings = ServeSettings.from_env({"SAGEMAKER_BASE_DIR": "/x", "SAGEMAKER_BATCH": "1"}, cpu_count=4, nginx="n")
+    assert ServeSettings.from_json(settings.to_json()) == settings
+
+
+def test_gunicorn_binds_sockets_behind_nginx_and_the_port_without() -> None:
+    run_dir = RunDir(Path("/tmp/run"))
+    behind = gunicorn_options(ServeSettings(nginx="/usr/sbin/nginx", workers=3), run_dir)
+    assert behind["bind"] == ["unix:/tmp/run/control.sock", "unix:/tmp/run/inference.sock"]
+    assert behind["workers"] == 3 and behind["accesslog"] is None
+    alone = gunicorn_options(ServeSettings(nginx=None, port=9999), run_dir)
+    assert alone["bind"] == ["0.0.0.0:9999"] and alone["accesslog"] == "-"
+    assert alone["timeout"] > ServeSettings().timeout_s
+
+
+def test_device_slots_are_reused_after_a_worker_dies() -> None:
+    arbiter = SimpleNamespace(WORKERS={})
+    for pid in (11, 12, 13):
+        worker = SimpleNamespace()
+        assign_device_slot(arbiter, worker)
+        arbiter.WORKERS[pid] = worker
+    assert [w.device_slot for w in arbiter.WORKERS.values()] == [0, 1, 2]
+    del arbiter.WORKERS[12]
+    replacement = SimpleNamespace()
+    assign_device_slot(arbiter, replacement)
+    assert replacement.device_slot == 1
+
+
+def test_nginx_conf_is_fully_rendered() -> None:
+    settings = ServeSettings(nginx="/usr/sbin/nginx", port=8123, max_payload_mb=6, timeout_s=60)
+    text = render_nginx_conf(settings, RunDir(Path("/tmp/run")), cpus=8)
+    assert "@@" not in text
+    assert "listen 8123" in text and "server_tokens off;" in text and "daemon off;" in text
+    assert "client_max_body_size 6291456;" in text
+    assert f"proxy_read_timeout {settings.nginx_timeout_s}s;" in text
+    assert "unix:/tmp/run/inference.sock" in text and "error_log stderr" in text
+
+
+def test_model_dir_check(tmp_path: Path) -> None:
+    (tmp_path / "model.pth").write_bytes(b"pickle")
+    with pytest.raises(Exception, match="never loaded"):
+        check_model_dir(tmp_path)
+    (tmp_path / "model.json").write_text("[1]")
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(Exception, match="JSON object"):
+        check_model_dir(tmp_path)
