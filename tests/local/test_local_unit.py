@@ -351,3 +351,28 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys):
 def test_cli_synth(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "s"), "--images", "2", "--size", "64"], environ={}) == 0
     assert json.loads((tmp_path / "s" / "annotations.json").read_text())["images"][1]["width"] == 64
+
+
+def test_demo_scoring_of_perfect_answers_is_one(tmp_path):
+    """The demo's path from endpoint JSON to COCO AP: the ground truth sent back as answers scores 1."""
+    from maskrcnn.data import load_index
+    from maskrcnn.engine import coco_scores
+    from maskrcnn.synthetic import write_coco_dataset
+
+    write_coco_dataset(tmp_path, num_images=3, seed=1, size=64)
+    truth = load_index(tmp_path).to_coco()
+    results = []
+    for image in truth["images"]:
+        instances = [
+            {
+                "box": [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]],
+                "label": a["category_id"],
+                "score": 1.0,
+                "mask": a["segmentation"],
+            }
+            for a in truth["annotations"]
+            if a["image_id"] == image["id"]
+        ]
+        results += detections_to_coco(image["id"], {"predictions": [{"instances": instances}]})
+    scores = coco_scores(truth, results)
+    assert scores["segm_AP50"] == pytest.approx(1.0) and scores["bbox_AP50"] == pytest.approx(1.0)
