@@ -19,9 +19,9 @@ from local import runtime as rt
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No SageMaker or harness variable leaks in from the shell running the tests."""
+    """No SageMaker or job variable leaks in from the shell running the tests (IMAGE, the tag, stays)."""
     for name in list(os.environ):
-        if name.startswith(("SAGEMAKER_", "MASKRCNN_", "SM_")) or name in ("TRAINING_JOB_NAME", "IMAGE"):
+        if name.startswith(("SAGEMAKER_", "MASKRCNN_", "SM_")) or name == "TRAINING_JOB_NAME":
             monkeypatch.delenv(name, raising=False)
 
 
