@@ -34,12 +34,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(FOLDER_LAYERS[parts[0]])
 
 
-def require_or_skip(layer: str, reason: str) -> None:
-    """Skip for a missing prerequisite, unless this run demands the layer."""
-    required = {x.strip() for x in os.environ.get("MASKRCNN_REQUIRE_LAYERS", "").split(",") if x.strip()}
-    if layer in required:
-        pytest.fail(f"layer {layer!r} is required here (MASKRCNN_REQUIRE_LAYERS) but {reason}")
-    pytest.skip(reason)
+def required_layers() -> set[str]:
+    return {x.strip() for x in os.environ.get("MASKRCNN_REQUIRE_LAYERS", "").split(",") if x.strip()}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A skip in a layer this run requires is a failure: CI never silently skips a layer it can run."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    demanded = {m.name for m in item.iter_markers()} & required_layers()
+    if demanded:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"layer {sorted(demanded)} is required (MASKRCNN_REQUIRE_LAYERS) but was skipped: {reason}"
 
 
 @pytest.fixture(autouse=True)
