@@ -24,6 +24,8 @@ PYTHON=${PYTHON:-.venv/bin/python}
 DOCKER=${DOCKER:-/usr/bin/docker}
 WHEELHOUSE=build/wheelhouse
 REQUIREMENTS=(images/maskrcnn/requirements.txt images/maskrcnn/docker/build-requirements.txt)
+requirement_args=()
+for file in "${REQUIREMENTS[@]}"; do requirement_args+=(-r "$file"); done
 
 [[ -x $DOCKER ]] || DOCKER=$(command -v docker)
 [[ -x $PYTHON ]] || PYTHON=$(command -v python3.11 || command -v python3)
@@ -42,7 +44,7 @@ if [[ $(cat "$WHEELHOUSE/.stamp" 2>/dev/null) != "$stamp" ]]; then
     mkdir -p "$WHEELHOUSE"
     # Binary only: the image build has no compiler and no network.
     "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary :all: \
-        -c constraints.txt $(printf -- '-r %s ' "${REQUIREMENTS[@]}") --dest "$WHEELHOUSE"
+        -c constraints.txt "${requirement_args[@]}" --dest "$WHEELHOUSE"
     echo "$stamp" >"$WHEELHOUSE/.stamp"
 fi
 
@@ -55,9 +57,9 @@ args=(--network host -f images/maskrcnn/Dockerfile -t "$IMAGE"
       --build-arg "GIT_SHA=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
       --build-arg "PRETRAINED_WEIGHTS=$PRETRAINED_WEIGHTS")
 if [[ -n $BASE_IMAGE ]]; then args+=(--build-arg "BASE_IMAGE=$BASE_IMAGE"); fi
-# shellcheck disable=SC2086  # DOCKER_BUILD_ARGS is a list of flags on purpose
 echo "build-image: building $IMAGE (base: ${BASE_IMAGE:-Dockerfile default})"
 start=$SECONDS
+# shellcheck disable=SC2086  # DOCKER_BUILD_ARGS is a list of flags on purpose
 DOCKER_BUILDKIT=1 "$DOCKER" build "${args[@]}" ${DOCKER_BUILD_ARGS:-} .
 echo "build-image: $IMAGE built in $((SECONDS - start)) s," \
     "$("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1 / 1e9}')"

@@ -11,6 +11,7 @@
 set -eu
 
 DEADSNAKES_KEY=F23C5A6CF475977595C89F51BA6932366A755776
+# shellcheck source=/dev/null
 . /etc/os-release
 
 apt-get update
