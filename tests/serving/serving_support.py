@@ -92,8 +92,8 @@ def children(pid: int, cmd_contains: str = "") -> list[int]:
             continue
         try:
             stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == pid and cmd_contains in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+            state, ppid_text = stat.rsplit(")", 1)[1].split()[:2]
+            if state != "Z" and int(ppid_text) == pid and cmd_contains in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
                 found.append(int(entry.name))
         except (OSError, ValueError, IndexError):
             continue

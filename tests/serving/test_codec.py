@@ -139,7 +139,7 @@ def test_json_forms(sample_jpeg: bytes) -> None:
     "body",
     [b"{", b"[]", b'{"image": 5}', b'{"image": "!!!not base64!!!"}', b'{"instances": []}',
      b'{"instances": [{"img": "x"}]}', b'{"instances": "x"}', b'"just a string"', b"\xff\xfe",
-     json.dumps({"instances": [{"image": "aGk="}] * 5}).encode()],
+     json.dumps({"instances": [{"image": "aGk="}] * 5}).encode(), b"[" * 100_000 + b"]" * 100_000],
 )
 def test_bad_json_bodies_are_400(body: bytes) -> None:
     with pytest.raises(RequestError) as raised:

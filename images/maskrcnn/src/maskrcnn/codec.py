@@ -163,6 +163,8 @@ def _json_images(body: bytes, max_images: int) -> list[bytes]:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError("the JSON body is nested too deeply") from None
     if isinstance(document, dict) and "image" in document:
         encoded = [document["image"]]
     elif isinstance(document, dict) and isinstance(document.get("instances"), list):

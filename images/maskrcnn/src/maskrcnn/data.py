@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,6 +325,13 @@ def train_transforms(hflip: float, photometric: bool) -> T.Compose:
 
 def eval_transforms() -> T.Compose:
     return T.Compose([T.ToDtype(torch.float32, scale=True)])
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader worker_init_fn: a stop signal sent to the whole process group (Ctrl-C, ``kill -- -PGID``)
+    must reach only the training process, which checkpoints and then shuts its workers down itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:

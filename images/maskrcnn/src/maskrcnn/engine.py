@@ -229,5 +229,5 @@ def evaluate(
     results = predict_coco(model, loader, device, should_stop=should_stop)
     scores = coco_scores(ground_truth, results)
     log.info(format_metrics("eval", {"epoch": epoch, **scores}))
-    log.debug("evaluation took %.1fs for %d detections", time.perf_counter() - started, len(results))
+    log.info("evaluation took %.1fs for %d detections", time.perf_counter() - started, len(results))
     return scores

@@ -158,11 +158,11 @@ def _lite(
         box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
         box_head=TwoMLPHead(channels * 7 * 7, 256),
         box_predictor=FastRCNNPredictor(256, num_classes),
-        box_batch_size_per_image=128,
+        box_batch_size_per_image=64,  # at most 16 positives per image feed the mask head
         box_detections_per_img=max_detections,
         mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
-        mask_head=MaskRCNNHeads(channels, [128, 128], 1, norm_layer=group_norm),
-        mask_predictor=MaskRCNNPredictor(128, 128, num_classes),
+        mask_head=MaskRCNNHeads(channels, [64, 64], 1, norm_layer=group_norm),
+        mask_predictor=MaskRCNNPredictor(64, 64, num_classes),
         **sizes,
     )
 

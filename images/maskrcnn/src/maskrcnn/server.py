@@ -172,7 +172,8 @@ class Supervisor:
             for name, child in self.children.items():
                 code = child.poll()
                 if code is not None:
-                    log.error("%s exited with code %s; stopping the server", name, code)
+                    why = " (a worker failed to boot; its error is above)" if (name, code) == ("gunicorn", 3) else ""
+                    log.error("%s exited with code %s%s; stopping the server", name, code, why)
                     self._stop_gracefully(time.monotonic() + 5)
                     return code if code > 0 else 1
             time.sleep(POLL_S)

@@ -42,6 +42,7 @@ from maskrcnn.data import (
     InstanceDataset,
     collate,
     eval_transforms,
+    ignore_stop_signals,
     load_index,
     split_index,
     train_transforms,
@@ -224,7 +225,7 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal) 
 
     val_loader = DataLoader(
         InstanceDataset(val_index, eval_transforms()), batch_size=2, collate_fn=collate,
-        num_workers=min(hp.num_workers, 2),
+        num_workers=min(hp.num_workers, 2), worker_init_fn=ignore_stop_signals,
     )
     ground_truth = val_index.to_coco()
     scores: dict[str, float] = {}
@@ -236,7 +237,7 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal) 
         loader = DataLoader(
             train_set, batch_size=hp.batch_size, sampler=SkipSampler(sampler, state.step_in_epoch * hp.batch_size),
             collate_fn=collate, num_workers=hp.num_workers, pin_memory=ctx.device.type == "cuda",
-            generator=torch.Generator().manual_seed(hp.seed + state.epoch),
+            generator=torch.Generator().manual_seed(hp.seed + state.epoch), worker_init_fn=ignore_stop_signals,
         )
         finished = train_one_epoch(
             train_model, optimizer, scheduler, loader, ctx.device, state,

@@ -53,16 +53,31 @@ def build_app(settings: ServeSettings, device_slot: int) -> Flask:
     except RuntimeError:
         pass  # already set in this process
     inference_thread = ThreadPool(1)
-    predictor = Predictor.load(settings.model_dir, device, threads=settings.torch_threads, warm=False)
+    try:
+        predictor = Predictor.load(settings.model_dir, device, threads=settings.torch_threads, warm=False)
+    except Exception as exc:
+        # gunicorn halts on a worker that fails to boot; this line is what a person needs to read.
+        log.error("cannot load the model in %s: %s: %s", settings.model_dir, type(exc).__name__, exc)
+        raise
     # Warm up on the thread that will run inference, so its thread-local state is warm too.
     inference_thread.spawn(predictor.warm_up).get()
 
-    def run_blocking(fn: Any, timeout: float) -> Any:
-        result = inference_thread.spawn(fn)
+    def capture(fn: Any) -> tuple[bool, Any]:
+        # Return the exception instead of raising it: gevent's threadpool would print the traceback
+        # of every bad request to stderr before handing it back.
         try:
-            return result.get(timeout=timeout)
+            return True, fn()
+        except Exception as exc:
+            return False, exc
+
+    def run_blocking(fn: Any, timeout: float) -> Any:
+        try:
+            ok, value = inference_thread.spawn(capture, fn).get(timeout=timeout)
         except gevent.Timeout:
             raise ServiceUnavailable(f"inference took longer than {timeout:g} s") from None
+        if not ok:
+            raise value
+        return value
 
     log.info("worker ready on %s with %d torch threads", device, settings.torch_threads)
     return create_app(predictor, settings, run_blocking)
