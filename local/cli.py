@@ -21,6 +21,10 @@ from local.progress import for_stream
 
 log = logging.getLogger("local")
 
+DESCRIPTION = """SageMaker training jobs, endpoints and batch transform on this machine (docs/local.md).
+
+exit codes: 0 done; 1 the job, a request or the demo failed; 2 a usage or set-up problem;
+143 the training job was stopped (Ctrl-C / SIGTERM) after checkpointing; 130 interrupted."""
 EXIT_STOPPED = 143  # the job's own code for a SIGTERM stop after checkpointing
 
 
@@ -50,7 +54,7 @@ def _runtime_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str]) 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m local", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m local", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbs = parser.add_subparsers(dest="verb", required=True)
