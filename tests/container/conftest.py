@@ -87,12 +87,9 @@ def image(docker_client) -> str:
 
 
 @pytest.fixture(scope="session")
-def dataset(tmp_path_factory) -> Path:
-    """A small synthetic COCO dataset (images/*.png + annotations.json), made once per session."""
-    synthetic = pytest.importorskip("maskrcnn.synthetic", reason="the maskrcnn package is not importable")
-    out = tmp_path_factory.mktemp("dataset")
-    synthetic.write_coco_dataset(out, num_images=12, seed=0, size=128)
-    return out
+def dataset(synthetic_dir: Path) -> Path:
+    """The session's small synthetic COCO dataset (tests/conftest.py), copied into each /opt/ml tree."""
+    return synthetic_dir
 
 
 def make_opt_ml(root: Path, dataset: Path, hyperparameters: dict[str, str]) -> Path:
