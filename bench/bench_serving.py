@@ -45,7 +45,6 @@ SERVE = REPO / "images" / "maskrcnn" / "serve"
 def make_model(model_dir: Path, min_size: int = 256, max_size: int = 512) -> Path:
     """A lite model with random weights (inference cost does not depend on training)."""
     import torch
-
     from maskrcnn.model import ModelSpec, build_model, save_model
 
     torch.manual_seed(0)
@@ -71,14 +70,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(base_dir: Path, port: int, env_extra: dict[str, str] | None = None,
-                 log_path: Path | None = None) -> subprocess.Popen[bytes]:
+def start_server(
+    base_dir: Path, port: int, env_extra: dict[str, str] | None = None, log_path: Path | None = None
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "MASKRCNN_"))}
-    env.update({"SAGEMAKER_BASE_DIR": str(base_dir), "SAGEMAKER_BIND_TO_PORT": str(port), "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {"SAGEMAKER_BASE_DIR": str(base_dir), "SAGEMAKER_BIND_TO_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    )
     env.update(env_extra or {})
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen([sys.executable, str(SERVE)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, str(SERVE)], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def wait_ready(port: int, timeout: float = 120.0, process: subprocess.Popen[bytes] | None = None) -> float:
@@ -108,10 +111,17 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def _baseline_worker(model_dir: str, threads: int, jpeg: bytes, options: tuple[float, int], seconds: float,
-                     rounds: int, go: Any, queue: Any) -> None:
+def _baseline_worker(
+    model_dir: str,
+    threads: int,
+    jpeg: bytes,
+    options: tuple[float, int],
+    seconds: float,
+    rounds: int,
+    go: Any,
+    queue: Any,
+) -> None:
     import torch
-
     from maskrcnn.codec import decode_image
     from maskrcnn.predictor import Predictor
 
@@ -133,15 +143,27 @@ def _baseline_worker(model_dir: str, threads: int, jpeg: bytes, options: tuple[f
 class Baseline:
     """``workers`` in-process predictors that run one timed phase each time they are told to."""
 
-    def __init__(self, model_dir: Path, workers: int, threads: int, jpeg: bytes, options: tuple[float, int],
-                 seconds: float, rounds: int):
+    def __init__(
+        self,
+        model_dir: Path,
+        workers: int,
+        threads: int,
+        jpeg: bytes,
+        options: tuple[float, int],
+        seconds: float,
+        rounds: int,
+    ):
         ctx = mp.get_context("spawn")
         self.queue = ctx.Queue()
         self.go = [ctx.Event() for _ in range(rounds)]
         self.seconds = seconds
-        self.procs = [ctx.Process(target=_baseline_worker, args=(str(model_dir), threads, jpeg, options,
-                                                                 seconds, rounds, self.go, self.queue))
-                      for _ in range(workers)]
+        self.procs = [
+            ctx.Process(
+                target=_baseline_worker,
+                args=(str(model_dir), threads, jpeg, options, seconds, rounds, self.go, self.queue),
+            )
+            for _ in range(workers)
+        ]
         for proc in self.procs:
             proc.start()
         for _ in self.procs:
@@ -160,8 +182,9 @@ class Baseline:
                 proc.kill()
 
 
-def run_server_load(port: int, clients: int, jpeg: bytes, attributes: str, seconds: float,
-                    ping_every: float) -> tuple[float, list[float], list[float], int]:
+def run_server_load(
+    port: int, clients: int, jpeg: bytes, attributes: str, seconds: float, ping_every: float
+) -> tuple[float, list[float], list[float], int]:
     """Closed-loop clients for ``seconds``; returns (req/s, latencies, ping latencies, errors)."""
     latencies: list[float] = []
     pings: list[float] = []
@@ -222,12 +245,18 @@ def pct(values: list[float], q: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds per side, all rounds")
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--ping-seconds", type=float, default=10.0, help="saturated phase that measures /ping")
+    parser.add_argument(
+        "--ping-seconds", type=float, default=10.0, help="saturated phase that measures /ping"
+    )
     parser.add_argument("--workers", type=int, default=0, help="default: what serve picks on this machine")
-    parser.add_argument("--detections", type=int, default=10, help="detections per answer (score_threshold=0)")
+    parser.add_argument(
+        "--detections", type=int, default=10, help="detections per answer (score_threshold=0)"
+    )
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -255,8 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         make_model(base / "model")
         baseline = Baseline(base / "model", workers, threads, jpeg, options, phase, args.rounds)
         port = free_port()
-        server = start_server(base, port, {"SAGEMAKER_MODEL_SERVER_WORKERS": str(workers),
-                                           "MASKRCNN_TORCH_THREADS": str(threads)}, base / "serve.log")
+        server = start_server(
+            base,
+            port,
+            {"SAGEMAKER_MODEL_SERVER_WORKERS": str(workers), "MASKRCNN_TORCH_THREADS": str(threads)},
+            base / "serve.log",
+        )
         try:
             wait_ready(port, process=server)
             for _ in range(args.rounds):
@@ -266,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                 lat += round_lat
                 errors += round_errors
             # Then saturate with twice as many clients as workers and ping every 20 ms.
-            _, _, pings, round_errors = run_server_load(port, 2 * workers, jpeg, attributes, args.ping_seconds,
-                                                        0.02)
+            _, _, pings, round_errors = run_server_load(
+                port, 2 * workers, jpeg, attributes, args.ping_seconds, 0.02
+            )
             errors += round_errors
         finally:
             stop_server(server)
@@ -275,18 +309,30 @@ def main(argv: list[str] | None = None) -> int:
     base_rps = len(base_lat) / args.seconds
     rps = len(lat) / args.seconds
 
-    print(f"machine: {cpu_count()} CPUs; {workers} worker(s) x {threads} torch thread(s); "
-          f"{args.size}px JPEG, {args.detections} detections per answer; {args.seconds:g} s per side in {args.rounds} rounds")
-    print(f"bare predictor in-process : {base_rps:7.2f} img/s   p50 {1000 * statistics.median(base_lat):7.1f} ms")
-    print(f"full stack via nginx      : {rps:7.2f} req/s   p50 {1000 * statistics.median(lat):7.1f} ms   "
-          f"errors {errors}")
+    print(
+        f"machine: {cpu_count()} CPUs; {workers} worker(s) x {threads} torch thread(s); "
+        f"{args.size}px JPEG, {args.detections} detections per answer; "
+        f"{args.seconds:g} s per side in {args.rounds} rounds"
+    )
+    print(
+        f"bare predictor in-process : {base_rps:7.2f} img/s   "
+        f"p50 {1000 * statistics.median(base_lat):7.1f} ms"
+    )
+    print(
+        f"full stack via nginx      : {rps:7.2f} req/s   p50 {1000 * statistics.median(lat):7.1f} ms   "
+        f"errors {errors}"
+    )
     ratio = rps / base_rps
     overhead = 1000 * (statistics.median(lat) - statistics.median(base_lat))
     ping_p50, ping_p99 = 1000 * pct(pings, 0.5), 1000 * pct(pings, 0.99)
     print(f"throughput ratio          : {ratio:.3f}x  (floor 0.95x)  {'OK' if ratio >= 0.95 else 'BELOW'}")
-    print(f"p50 latency overhead      : {overhead:.1f} ms (ceiling 5 ms)  {'OK' if overhead <= 5 else 'ABOVE'}")
-    print(f"/ping while saturated     : p50 {ping_p50:.1f} ms  p99 {ping_p99:.1f} ms over {len(pings)} pings "
-          f"(ceiling p99 100 ms)  {'OK' if ping_p99 <= 100 else 'ABOVE'}")
+    print(
+        f"p50 latency overhead      : {overhead:.1f} ms (ceiling 5 ms)  {'OK' if overhead <= 5 else 'ABOVE'}"
+    )
+    print(
+        f"/ping while saturated     : p50 {ping_p50:.1f} ms  p99 {ping_p99:.1f} ms over {len(pings)} pings "
+        f"(ceiling p99 100 ms)  {'OK' if ping_p99 <= 100 else 'ABOVE'}"
+    )
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import os
@@ -61,8 +62,14 @@ class Server:
     port: int
     log_path: Path
 
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-                timeout: float = 60.0) -> tuple[int, dict[str, str], bytes]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 60.0,
+    ) -> tuple[int, dict[str, str], bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             conn.request(method, path, body=body, headers=headers or {})
@@ -93,7 +100,11 @@ def children(pid: int, cmd_contains: str = "") -> list[int]:
         try:
             stat = (entry / "stat").read_text()
             state, ppid_text = stat.rsplit(")", 1)[1].split()[:2]
-            if state != "Z" and int(ppid_text) == pid and cmd_contains in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+            if (
+                state != "Z"
+                and int(ppid_text) == pid
+                and cmd_contains in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            ):
                 found.append(int(entry.name))
         except (OSError, ValueError, IndexError):
             continue
@@ -109,10 +120,15 @@ def rss_mb(pid: int) -> float:
 
 def serve_env(base: Path, port: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "MASKRCNN_"))}
-    env.update({
-        "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_BIND_TO_PORT": str(port), "PYTHONUNBUFFERED": "1",
-        "SAGEMAKER_MODEL_SERVER_WORKERS": "2", "MASKRCNN_TORCH_THREADS": "1",
-    })
+    env.update(
+        {
+            "SAGEMAKER_BASE_DIR": str(base),
+            "SAGEMAKER_BIND_TO_PORT": str(port),
+            "PYTHONUNBUFFERED": "1",
+            "SAGEMAKER_MODEL_SERVER_WORKERS": "2",
+            "MASKRCNN_TORCH_THREADS": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -120,8 +136,13 @@ def serve_env(base: Path, port: int, **extra: str) -> dict[str, str]:
 def start_serve(base: Path, log_path: Path, **extra: str) -> Server:
     port = free_port()
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, str(SERVE)], env=serve_env(base, port, **extra),
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, str(SERVE)],
+            env=serve_env(base, port, **extra),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return Server(process, port, log_path)
 
 
@@ -148,10 +169,6 @@ def stop_serve(server: Server, timeout: float = 35.0) -> int:
             os.killpg(server.process.pid, signal.SIGKILL)
             server.process.wait()
     # Anything the session left behind (a child that outlived serve) goes with it.
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(server.process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     return server.process.returncode
-
-

@@ -9,14 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from pycocotools import mask as mask_utils
-from serving_support import CLASS_NAMES, DETECT
-
 from maskrcnn.app import create_app
 from maskrcnn.model import ModelSpec
 from maskrcnn.predictor import Detections
 from maskrcnn.settings import ServeSettings
+from PIL import Image
+from pycocotools import mask as mask_utils
+from serving_support import CLASS_NAMES, DETECT
 
 pytestmark = pytest.mark.unit
 
@@ -31,13 +30,15 @@ class FakePredictor:
         self.spec = ModelSpec("lite", ("cat", "dog"), 128, 256, score_threshold=0.5, max_detections=10)
         self.calls: list[tuple[float | None, int | None]] = []
 
-    def __call__(self, image: np.ndarray, score_threshold: float | None = None,
-                 max_detections: int | None = None) -> Detections:
+    def __call__(
+        self, image: np.ndarray, score_threshold: float | None = None, max_detections: int | None = None
+    ) -> Detections:
         self.calls.append((score_threshold, max_detections))
         height, width = image.shape[:2]
         boxes = np.array([[0, 0, width / 2, height / 2]], np.float32)
-        return Detections(boxes, np.array([0.9], np.float32), np.array([2]), torch.ones((1, 1, 28, 28)),
-                          (height, width))
+        return Detections(
+            boxes, np.array([0.9], np.float32), np.array([2]), torch.ones((1, 1, 28, 28)), (height, width)
+        )
 
 
 @pytest.fixture
@@ -65,7 +66,11 @@ def test_ping(fake: FakePredictor) -> None:
 def test_execution_parameters(client) -> None:  # type: ignore[no-untyped-def]
     answer = client.get("/execution-parameters")
     assert answer.status_code == 200
-    assert answer.get_json() == {"MaxConcurrentTransforms": 1, "BatchStrategy": "SINGLE_RECORD", "MaxPayloadInMB": 1}
+    assert answer.get_json() == {
+        "MaxConcurrentTransforms": 1,
+        "BatchStrategy": "SINGLE_RECORD",
+        "MaxPayloadInMB": 1,
+    }
 
 
 def test_json_answer(client, fake: FakePredictor, sample_jpeg: bytes) -> None:  # type: ignore[no-untyped-def]
@@ -78,8 +83,11 @@ def test_json_answer(client, fake: FakePredictor, sample_jpeg: bytes) -> None:  
 
 
 def test_attributes_reach_the_predictor(client, fake: FakePredictor, sample_jpeg: bytes) -> None:  # type: ignore[no-untyped-def]
-    answer = post(client, sample_jpeg, **{"X-Amzn-SageMaker-Custom-Attributes":
-                                          "score_threshold=0.25,max_detections=3,mask_format=none"})
+    answer = post(
+        client,
+        sample_jpeg,
+        **{"X-Amzn-SageMaker-Custom-Attributes": "score_threshold=0.25,max_detections=3,mask_format=none"},
+    )
     assert answer.status_code == 200
     assert fake.calls == [(0.25, 3)]
     assert "mask" not in answer.get_json()["predictions"][0]["instances"][0]
@@ -110,8 +118,13 @@ def test_png_answer(client, sample_jpeg: bytes) -> None:  # type: ignore[no-unty
         (b"x" * (1024 * 1024 + 1), "image/jpeg", {}, 413),
     ],
 )
-def test_errors_are_typed_json(client, body: bytes, content_type: str, headers: dict[str, str],  # type: ignore[no-untyped-def]
-                               status: int) -> None:
+def test_errors_are_typed_json(
+    client,
+    body: bytes,
+    content_type: str,
+    headers: dict[str, str],  # type: ignore[no-untyped-def]
+    status: int,
+) -> None:
     answer = post(client, body, content_type, **headers)
     assert answer.status_code == status
     assert "error" in answer.get_json()

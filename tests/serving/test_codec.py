@@ -11,14 +11,13 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from pycocotools import mask as mask_utils
-from serving_support import encode
-
 from maskrcnn import codec
 from maskrcnn.codec import RequestOptions
 from maskrcnn.errors import NotAcceptable, RequestError, UnsupportedMediaType
 from maskrcnn.predictor import Detections
+from PIL import Image
+from pycocotools import mask as mask_utils
+from serving_support import encode
 
 pytestmark = pytest.mark.unit
 
@@ -39,9 +38,24 @@ def image_bytes(mode: str, size: tuple[int, int] = (40, 30), fmt: str = "PNG", *
 
 @pytest.mark.parametrize(
     ("mode", "fmt"),
-    [("RGB", "JPEG"), ("RGB", "PNG"), ("L", "PNG"), ("1", "PNG"), ("P", "PNG"), ("RGBA", "PNG"),
-     ("LA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("I", "TIFF"), ("L", "JPEG"), ("RGB", "BMP"),
-     ("RGB", "WEBP"), ("RGB", "TIFF"), ("F", "TIFF"), ("RGB", "GIF")],
+    [
+        ("RGB", "JPEG"),
+        ("RGB", "PNG"),
+        ("L", "PNG"),
+        ("1", "PNG"),
+        ("P", "PNG"),
+        ("RGBA", "PNG"),
+        ("LA", "PNG"),
+        ("CMYK", "JPEG"),
+        ("I;16", "PNG"),
+        ("I", "TIFF"),
+        ("L", "JPEG"),
+        ("RGB", "BMP"),
+        ("RGB", "WEBP"),
+        ("RGB", "TIFF"),
+        ("F", "TIFF"),
+        ("RGB", "GIF"),
+    ],
 )
 def test_every_pixel_format_becomes_rgb_uint8(mode: str, fmt: str) -> None:
     array = decode(image_bytes(mode, fmt=fmt))
@@ -121,25 +135,47 @@ def test_zero_width_png_is_a_400() -> None:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 10, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 10, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
     with pytest.raises(RequestError):
         decode(data)
 
 
 def test_json_forms(sample_jpeg: bytes) -> None:
     b64 = base64.b64encode(sample_jpeg).decode()
-    one = codec.decode_request(json.dumps({"image": b64}).encode(), "application/json; charset=utf-8",
-                               max_pixels=MAX_PIXELS, max_images=4)
-    many = codec.decode_request(json.dumps({"instances": [{"image": b64}] * 3}).encode(), "application/json",
-                                max_pixels=MAX_PIXELS, max_images=4)
+    one = codec.decode_request(
+        json.dumps({"image": b64}).encode(),
+        "application/json; charset=utf-8",
+        max_pixels=MAX_PIXELS,
+        max_images=4,
+    )
+    many = codec.decode_request(
+        json.dumps({"instances": [{"image": b64}] * 3}).encode(),
+        "application/json",
+        max_pixels=MAX_PIXELS,
+        max_images=4,
+    )
     assert len(one) == 1 and len(many) == 3
 
 
 @pytest.mark.parametrize(
     "body",
-    [b"{", b"[]", b'{"image": 5}', b'{"image": "!!!not base64!!!"}', b'{"instances": []}',
-     b'{"instances": [{"img": "x"}]}', b'{"instances": "x"}', b'"just a string"', b"\xff\xfe",
-     json.dumps({"instances": [{"image": "aGk="}] * 5}).encode(), b"[" * 100_000 + b"]" * 100_000],
+    [
+        b"{",
+        b"[]",
+        b'{"image": 5}',
+        b'{"image": "!!!not base64!!!"}',
+        b'{"instances": []}',
+        b'{"instances": [{"img": "x"}]}',
+        b'{"instances": "x"}',
+        b'"just a string"',
+        b"\xff\xfe",
+        json.dumps({"instances": [{"image": "aGk="}] * 5}).encode(),
+        b"[" * 100_000 + b"]" * 100_000,
+    ],
 )
 def test_bad_json_bodies_are_400(body: bytes) -> None:
     with pytest.raises(RequestError) as raised:
@@ -154,7 +190,9 @@ def test_unsupported_content_types_are_415(content_type: str | None) -> None:
 
 
 def test_attributes() -> None:
-    parsed = codec.parse_attributes(" score_threshold=0.7, max_detections=10 ,mask_format=Polygon", DEFAULTS, 100)
+    parsed = codec.parse_attributes(
+        " score_threshold=0.7, max_detections=10 ,mask_format=Polygon", DEFAULTS, 100
+    )
     assert parsed == RequestOptions(0.7, 10, "polygon")
     assert codec.parse_attributes(None, DEFAULTS, 100) == DEFAULTS
     assert codec.parse_attributes("", DEFAULTS, 100) == DEFAULTS
@@ -163,9 +201,19 @@ def test_attributes() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["score_threshold=2", "score_threshold=nan", "score_threshold=abc", "max_detections=0",
-     "max_detections=101", "max_detections=1.5", "mask_format=bitmap", "threshold=0.5", "score_threshold",
-     "=5", "x" * 1025],
+    [
+        "score_threshold=2",
+        "score_threshold=nan",
+        "score_threshold=abc",
+        "max_detections=0",
+        "max_detections=101",
+        "max_detections=1.5",
+        "mask_format=bitmap",
+        "threshold=0.5",
+        "score_threshold",
+        "=5",
+        "x" * 1025,
+    ],
 )
 def test_bad_attributes_are_400(text: str) -> None:
     with pytest.raises(RequestError) as raised:
@@ -175,9 +223,16 @@ def test_bad_attributes_are_400(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("accept", "expected"),
-    [(None, "application/json"), ("*/*", "application/json"), ("application/json", "application/json"),
-     ("image/png", "image/png"), ("image/*", "image/png"), ("image/png;q=0.5, application/json", "application/json"),
-     ("text/html, image/png", "image/png"), ("application/json;q=0, image/png", "image/png")],
+    [
+        (None, "application/json"),
+        ("*/*", "application/json"),
+        ("application/json", "application/json"),
+        ("image/png", "image/png"),
+        ("image/*", "image/png"),
+        ("image/png;q=0.5, application/json", "application/json"),
+        ("text/html, image/png", "image/png"),
+        ("application/json;q=0, image/png", "image/png"),
+    ],
 )
 def test_accept_negotiation(accept: str | None, expected: str) -> None:
     assert codec.negotiate(accept) == expected

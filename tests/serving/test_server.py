@@ -6,6 +6,7 @@ Order matters only at the end: the kill -9 test restarts a worker, so it runs la
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -35,20 +36,29 @@ def assert_valid_success(headers: dict[str, str], body: bytes) -> None:
 
 def test_ping_invocations_and_formats(server: Server, sample_jpeg: bytes) -> None:
     assert server.ping() == 200
-    status, headers, body = server.request("POST", "/invocations", sample_jpeg,
-                                           {"Content-Type": "image/jpeg", ATTRS: DETECT})
+    status, headers, body = server.request(
+        "POST", "/invocations", sample_jpeg, {"Content-Type": "image/jpeg", ATTRS: DETECT}
+    )
     assert status == 200 and headers["content-type"] == "application/json"
     assert headers["server"] == "nginx"  # server_tokens off: no version
     instances = json.loads(body)["predictions"][0]["instances"]
     assert 1 <= len(instances) <= 5 and "counts" in instances[0]["mask"]
 
-    status, headers, body = server.request("POST", "/invocations", sample_jpeg,
-                                           {"Content-Type": "image/jpeg", "Accept": "image/png", ATTRS: DETECT})
+    status, headers, body = server.request(
+        "POST",
+        "/invocations",
+        sample_jpeg,
+        {"Content-Type": "image/jpeg", "Accept": "image/png", ATTRS: DETECT},
+    )
     assert status == 200 and Image.open(io.BytesIO(body)).size == (128, 96)
 
     document = json.dumps({"instances": [{"image": base64.b64encode(sample_jpeg).decode()}] * 2}).encode()
-    status, _, body = server.request("POST", "/invocations", document,
-                                     {"Content-Type": "application/json", ATTRS: DETECT + ",mask_format=polygon"})
+    status, _, body = server.request(
+        "POST",
+        "/invocations",
+        document,
+        {"Content-Type": "application/json", ATTRS: DETECT + ",mask_format=polygon"},
+    )
     predictions = json.loads(body)["predictions"]
     assert status == 200 and len(predictions) == 2 and "polygons" in predictions[0]["instances"][0]["mask"]
 
@@ -58,14 +68,20 @@ def test_ping_invocations_and_formats(server: Server, sample_jpeg: bytes) -> Non
 
 
 def test_body_over_the_limit_is_413_from_nginx(server: Server) -> None:
-    status, headers, body = server.request("POST", "/invocations", b"\0" * (6 * 1024 * 1024 + 1),
-                                           {"Content-Type": "image/jpeg"})
+    status, _headers, body = server.request(
+        "POST", "/invocations", b"\0" * (6 * 1024 * 1024 + 1), {"Content-Type": "image/jpeg"}
+    )
     assert status == 413 and "error" in json.loads(body)
     # Exactly at the limit passes nginx and reaches the app (as an undecodable image).
-    assert server.request("POST", "/invocations", b"\0" * (6 * 1024 * 1024), {"Content-Type": "image/jpeg"})[0] == 400
+    assert (
+        server.request("POST", "/invocations", b"\0" * (6 * 1024 * 1024), {"Content-Type": "image/jpeg"})[0]
+        == 400
+    )
 
 
-def malformed_corpus(sample_rgb: np.ndarray, sample_jpeg: bytes) -> Iterator[tuple[str, bytes, dict[str, str]]]:
+def malformed_corpus(
+    sample_rgb: np.ndarray, sample_jpeg: bytes
+) -> Iterator[tuple[str, bytes, dict[str, str]]]:
     """At least 50 odd requests: (name, body, headers). Generated, seeded, no files."""
     rng = random.Random(7)
     png = encode(sample_rgb, "PNG")
@@ -84,43 +100,83 @@ def malformed_corpus(sample_rgb: np.ndarray, sample_jpeg: bytes) -> Iterator[tup
     bomb = io.BytesIO()
     Image.new("1", (12000, 12000)).save(bomb, format="PNG")
     yield "bomb-png", bomb.getvalue(), {"Content-Type": "image/png"}
-    for mode, fmt in (("P", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"),
-                      ("L", "PNG"), ("1", "PNG"), ("RGB", "GIF"), ("RGB", "BMP"), ("RGB", "TIFF"),
-                      ("RGB", "WEBP")):
-        image = Image.fromarray(sample_rgb).convert(mode) if mode != "I;16" else Image.fromarray(
-            (sample_rgb[..., 0].astype(np.uint16) * 257))
+    for mode, fmt in (
+        ("P", "PNG"),
+        ("RGBA", "PNG"),
+        ("LA", "PNG"),
+        ("CMYK", "JPEG"),
+        ("I;16", "PNG"),
+        ("L", "PNG"),
+        ("1", "PNG"),
+        ("RGB", "GIF"),
+        ("RGB", "BMP"),
+        ("RGB", "TIFF"),
+        ("RGB", "WEBP"),
+    ):
+        image = (
+            Image.fromarray(sample_rgb).convert(mode)
+            if mode != "I;16"
+            else Image.fromarray(sample_rgb[..., 0].astype(np.uint16) * 257)
+        )
         buffer = io.BytesIO()
         image.save(buffer, format=fmt)
         yield f"mode-{mode}-{fmt}", buffer.getvalue(), {"Content-Type": "application/x-image", ATTRS: DETECT}
     for width, height in ((1, 1), (1, 600), (600, 1), (3, 2)):
-        yield f"tiny-{width}x{height}", encode(np.full((height, width, 3), 90, np.uint8), "PNG"), \
-            {"Content-Type": "image/png", ATTRS: DETECT}
+        yield (
+            f"tiny-{width}x{height}",
+            encode(np.full((height, width, 3), 90, np.uint8), "PNG"),
+            {"Content-Type": "image/png", ATTRS: DETECT},
+        )
     rotated = Image.fromarray(sample_rgb)
     exif = rotated.getexif()
     exif[0x0112] = 8
     buffer = io.BytesIO()
     rotated.save(buffer, format="JPEG", exif=exif)
-    yield "exif-rotated", buffer.getvalue(), {"Content-Type": "image/jpeg", ATTRS: DETECT, "Accept": "image/png"}
+    yield (
+        "exif-rotated",
+        buffer.getvalue(),
+        {"Content-Type": "image/jpeg", ATTRS: DETECT, "Accept": "image/png"},
+    )
     b64 = base64.b64encode(sample_jpeg).decode()
     as_json = {"Content-Type": "application/json"}
-    for name, text in (("json-open", "{"), ("json-list", "[]"), ("json-null", "null"),
-                       ("json-number-image", '{"image": 3}'), ("json-bad-b64", '{"image": "@@@"}'),
-                       ("json-b64-not-image", json.dumps({"image": base64.b64encode(b"hello").decode()})),
-                       ("json-empty-instances", '{"instances": []}'),
-                       ("json-too-many", json.dumps({"instances": [{"image": b64}] * 17})),
-                       ("json-deep", "[" * 5000 + "]" * 5000),
-                       ("json-utf16", '{"image": "x"}'.encode("utf-16").decode("latin-1"))):
+    for name, text in (
+        ("json-open", "{"),
+        ("json-list", "[]"),
+        ("json-null", "null"),
+        ("json-number-image", '{"image": 3}'),
+        ("json-bad-b64", '{"image": "@@@"}'),
+        ("json-b64-not-image", json.dumps({"image": base64.b64encode(b"hello").decode()})),
+        ("json-empty-instances", '{"instances": []}'),
+        ("json-too-many", json.dumps({"instances": [{"image": b64}] * 17})),
+        ("json-deep", "[" * 5000 + "]" * 5000),
+        ("json-utf16", '{"image": "x"}'.encode("utf-16").decode("latin-1")),
+    ):
         yield name, text.encode("latin-1"), as_json
-    for content_type in ("text/plain", "", "image/gif", "application/octet-stream", "multipart/form-data; b=x"):
+    for content_type in (
+        "text/plain",
+        "",
+        "image/gif",
+        "application/octet-stream",
+        "multipart/form-data; b=x",
+    ):
         yield f"type-{content_type or 'none'}", sample_jpeg, {"Content-Type": content_type}
-    for attrs in ("score_threshold=7", "max_detections=-1", "mask_format=svg", "foo=bar", "=", ",,,x",
-                  "score_threshold=0.5," * 100):
+    for attrs in (
+        "score_threshold=7",
+        "max_detections=-1",
+        "mask_format=svg",
+        "foo=bar",
+        "=",
+        ",,,x",
+        "score_threshold=0.5," * 100,
+    ):
         yield f"attrs-{attrs[:20]}", sample_jpeg, {"Content-Type": "image/jpeg", ATTRS: attrs}
     for accept in ("text/html", "image/jpeg", "application/xml;q=1, */*;q=0"):
         yield f"accept-{accept}", sample_jpeg, {"Content-Type": "image/jpeg", "Accept": accept}
 
 
-def test_malformed_corpus_never_yields_a_5xx(server: Server, sample_rgb: np.ndarray, sample_jpeg: bytes) -> None:
+def test_malformed_corpus_never_yields_a_5xx(
+    server: Server, sample_rgb: np.ndarray, sample_jpeg: bytes
+) -> None:
     workers_before = server.worker_pids()
     corpus = list(malformed_corpus(sample_rgb, sample_jpeg))
     assert len(corpus) >= 50
@@ -133,7 +189,12 @@ def test_malformed_corpus_never_yields_a_5xx(server: Server, sample_rgb: np.ndar
             assert_valid_success(response_headers, response)
         if index % 10 == 0:
             assert server.ping() == 200
-    for method, path in (("GET", "/invocations"), ("PUT", "/ping"), ("GET", "/../etc/passwd"), ("DELETE", "/")):
+    for method, path in (
+        ("GET", "/invocations"),
+        ("PUT", "/ping"),
+        ("GET", "/../etc/passwd"),
+        ("DELETE", "/"),
+    ):
         status = server.request(method, path)[0]
         assert 400 <= status < 500, (method, path, status)
     assert server.ping() == 200
@@ -142,15 +203,22 @@ def test_malformed_corpus_never_yields_a_5xx(server: Server, sample_rgb: np.ndar
     assert sum(400 <= s < 500 for s in statuses.values()) >= 40  # most of it is refused, as it should be
 
 
-def run_clients(server: Server, clients: int, body: bytes, stop: threading.Event, results: list[int],
-                attributes: Callable[[int], str]) -> list[threading.Thread]:
+def run_clients(
+    server: Server,
+    clients: int,
+    body: bytes,
+    stop: threading.Event,
+    results: list[int],
+    attributes: Callable[[int], str],
+) -> list[threading.Thread]:
     def client(seed: int) -> None:
         count = seed
         while not stop.is_set():
             count += 1
             try:
-                status = server.request("POST", "/invocations", body,
-                                        {"Content-Type": "image/jpeg", ATTRS: attributes(count)})[0]
+                status = server.request(
+                    "POST", "/invocations", body, {"Content-Type": "image/jpeg", ATTRS: attributes(count)}
+                )[0]
             except OSError:
                 status = -1
             results.append(status)
@@ -168,8 +236,7 @@ def test_soak_no_errors_and_bounded_memory(server: Server, sample_jpeg: bytes) -
     stop = threading.Event()
     results: list[int] = []
     # Alternate "return masks" and the model's defaults so both paths are exercised.
-    threads = run_clients(server, clients, sample_jpeg, stop, results,
-                          lambda n: DETECT if n % 2 else "")
+    threads = run_clients(server, clients, sample_jpeg, stop, results, lambda n: DETECT if n % 2 else "")
     time.sleep(5)  # warm-up: allocator pools, first-request paths
     rss_before = {pid: rss_mb(pid) for pid in workers}
     counted_from = len(results)
@@ -191,21 +258,27 @@ def test_soak_no_errors_and_bounded_memory(server: Server, sample_jpeg: bytes) -
     assert not slow_pings
     assert server.worker_pids() == workers
     growth = {pid: rss_after[pid] - rss_before[pid] for pid in workers}
-    print(f"soak: {len(results) - counted_from} requests in {time.monotonic() - started:.0f} s; "
-          f"RSS MB before {rss_before}, growth {growth}")
+    print(
+        f"soak: {len(results) - counted_from} requests in {time.monotonic() - started:.0f} s; "
+        f"RSS MB before {rss_before}, growth {growth}"
+    )
     assert max(growth.values()) < 100, growth
 
 
-def test_serve_drains_in_flight_requests_on_sigterm(launch: Callable[..., Server], model_base: Path,
-                                                    nginx_path: str) -> None:
+def test_serve_drains_in_flight_requests_on_sigterm(
+    launch: Callable[..., Server], model_base: Path, nginx_path: str
+) -> None:
     server = launch(model_base, SAGEMAKER_MODEL_SERVER_WORKERS="1")
     big = encode((np.random.default_rng(0).random((900, 1200, 3)) * 255).astype(np.uint8), "JPEG")
     document = json.dumps({"instances": [{"image": base64.b64encode(big).decode()}] * 4}).encode()
     answers: list[int] = []
 
     def slow_request() -> None:
-        answers.append(server.request("POST", "/invocations", document,
-                                      {"Content-Type": "application/json", ATTRS: DETECT})[0])
+        answers.append(
+            server.request(
+                "POST", "/invocations", document, {"Content-Type": "application/json", ATTRS: DETECT}
+            )[0]
+        )
 
     thread = threading.Thread(target=slow_request)
     thread.start()
@@ -221,12 +294,15 @@ def test_serve_drains_in_flight_requests_on_sigterm(launch: Callable[..., Server
         server.ping(timeout=1)
 
 
-def test_process_mode_without_nginx(launch: Callable[..., Server], model_base: Path, sample_jpeg: bytes) -> None:
+def test_process_mode_without_nginx(
+    launch: Callable[..., Server], model_base: Path, sample_jpeg: bytes
+) -> None:
     server = launch(model_base, MASKRCNN_NGINX="off", SAGEMAKER_MODEL_SERVER_WORKERS="1")
     assert "gunicorn listens on port" in server.log()
     assert server.request("POST", "/invocations", sample_jpeg, {"Content-Type": "image/jpeg"})[0] == 200
-    status, _, body = server.request("POST", "/invocations", b"\0" * (6 * 1024 * 1024 + 1),
-                                     {"Content-Type": "image/jpeg"})
+    status, _, body = server.request(
+        "POST", "/invocations", b"\0" * (6 * 1024 * 1024 + 1), {"Content-Type": "image/jpeg"}
+    )
     assert status == 413 and "error" in json.loads(body)  # the app's own limit
     assert server.request("GET", "/nope")[0] == 404
 
@@ -257,8 +333,9 @@ def test_pickled_weights_alone_are_refused(launch: Callable[..., Server], tmp_pa
     assert not marker.exists()
 
 
-def test_a_pickle_dressed_as_safetensors_stops_serve(launch: Callable[..., Server], model_base: Path,
-                                                     tmp_path: Path, nginx_path: str) -> None:
+def test_a_pickle_dressed_as_safetensors_stops_serve(
+    launch: Callable[..., Server], model_base: Path, tmp_path: Path, nginx_path: str
+) -> None:
     marker = tmp_path / "pwned"
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "model.json").write_text((model_base / "model" / "model.json").read_text())
@@ -266,18 +343,17 @@ def test_a_pickle_dressed_as_safetensors_stops_serve(launch: Callable[..., Serve
     server = launch(tmp_path, wait=False)
     deadline = time.monotonic() + 90
     while server.process.poll() is None and time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(OSError):
             assert server.ping() != 200
-        except OSError:
-            pass
         time.sleep(0.2)
     assert server.process.poll() not in (None, 0)
     assert "cannot load the model" in server.log()
     assert not marker.exists()
 
 
-def test_a_stray_pickle_beside_the_model_is_ignored(launch: Callable[..., Server], model_base: Path,
-                                                    tmp_path: Path, nginx_path: str) -> None:
+def test_a_stray_pickle_beside_the_model_is_ignored(
+    launch: Callable[..., Server], model_base: Path, tmp_path: Path, nginx_path: str
+) -> None:
     marker = tmp_path / "pwned"
     model_dir = tmp_path / "model"
     model_dir.mkdir()

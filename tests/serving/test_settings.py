@@ -6,7 +6,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from maskrcnn.errors import ConfigError
 from maskrcnn.gunicorn_conf import RunDir, assign_device_slot, gunicorn_options
 from maskrcnn.server import check_model_dir, render_nginx_conf
@@ -37,9 +36,16 @@ def test_one_worker_per_gpu() -> None:
 
 def test_sagemaker_variables_are_honoured() -> None:
     settings = ServeSettings.from_env(
-        {"SAGEMAKER_BASE_DIR": "/tmp/job", "SAGEMAKER_BIND_TO_PORT": "9000", "SAGEMAKER_MODEL_SERVER_WORKERS": "3",
-         "SAGEMAKER_MODEL_SERVER_TIMEOUT": "20", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "50", "SAGEMAKER_BATCH": "true",
-         "SAGEMAKER_BATCH_STRATEGY": "multi_record", "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "7"},
+        {
+            "SAGEMAKER_BASE_DIR": "/tmp/job",
+            "SAGEMAKER_BIND_TO_PORT": "9000",
+            "SAGEMAKER_MODEL_SERVER_WORKERS": "3",
+            "SAGEMAKER_MODEL_SERVER_TIMEOUT": "20",
+            "SAGEMAKER_MAX_PAYLOAD_IN_MB": "50",
+            "SAGEMAKER_BATCH": "true",
+            "SAGEMAKER_BATCH_STRATEGY": "multi_record",
+            "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "7",
+        },
         cpu_count=2,
     )
     assert settings.model_dir == Path("/tmp/job/model") and settings.port == 9000 and settings.workers == 3
@@ -59,10 +65,17 @@ def test_timeouts_agree() -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("SAGEMAKER_MODEL_SERVER_WORKERS", "0"), ("SAGEMAKER_MODEL_SERVER_WORKERS", "two"),
-     ("SAGEMAKER_BIND_TO_PORT", "70000"), ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "101"), ("SAGEMAKER_BATCH", "maybe"),
-     ("SAGEMAKER_BATCH_STRATEGY", "ALL"), ("MASKRCNN_DEVICE", "tpu"), ("MASKRCNN_DEVICE", "cuda"),
-     ("SAGEMAKER_MODEL_SERVER_TIMEOUT", "-1")],
+    [
+        ("SAGEMAKER_MODEL_SERVER_WORKERS", "0"),
+        ("SAGEMAKER_MODEL_SERVER_WORKERS", "two"),
+        ("SAGEMAKER_BIND_TO_PORT", "70000"),
+        ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "101"),
+        ("SAGEMAKER_BATCH", "maybe"),
+        ("SAGEMAKER_BATCH_STRATEGY", "ALL"),
+        ("MASKRCNN_DEVICE", "tpu"),
+        ("MASKRCNN_DEVICE", "cuda"),
+        ("SAGEMAKER_MODEL_SERVER_TIMEOUT", "-1"),
+    ],
 )
 def test_bad_values_fail_with_the_variable_name(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
@@ -71,12 +84,16 @@ def test_bad_values_fail_with_the_variable_name(name: str, value: str) -> None:
 
 def test_nginx_choice() -> None:
     assert ServeSettings.from_env({}, cpu_count=2, nginx="/usr/sbin/nginx").nginx == "/usr/sbin/nginx"
-    assert ServeSettings.from_env({"MASKRCNN_NGINX": "off"}, cpu_count=2, nginx="/usr/sbin/nginx").nginx is None
+    assert (
+        ServeSettings.from_env({"MASKRCNN_NGINX": "off"}, cpu_count=2, nginx="/usr/sbin/nginx").nginx is None
+    )
     assert ServeSettings.from_env({}, cpu_count=2, nginx=None).nginx is None
 
 
 def test_settings_survive_json() -> None:
-    settings = ServeSettings.from_env({"SAGEMAKER_BASE_DIR": "/x", "SAGEMAKER_BATCH": "1"}, cpu_count=4, nginx="n")
+    settings = ServeSettings.from_env(
+        {"SAGEMAKER_BASE_DIR": "/x", "SAGEMAKER_BATCH": "1"}, cpu_count=4, nginx="n"
+    )
     assert ServeSettings.from_json(settings.to_json()) == settings
 
 

@@ -44,8 +44,9 @@ class PredictorLike(Protocol):
     ready: bool
     spec: ModelSpec
 
-    def __call__(self, image: np.ndarray, score_threshold: float | None = ...,
-                 max_detections: int | None = ...) -> Any: ...
+    def __call__(
+        self, image: np.ndarray, score_threshold: float | None = ..., max_detections: int | None = ...
+    ) -> Any: ...
 
 
 def call_now(fn: Callable[[], T], timeout: float) -> T:
@@ -62,8 +63,9 @@ def answer(
     settings: ServeSettings,
 ) -> tuple[bytes, str]:
     """Bytes in, bytes out: decode every image, predict, encode. Runs off the event loop."""
-    images = codec.decode_request(body, content_type, max_pixels=settings.max_image_pixels,
-                                  max_images=settings.max_images)
+    images = codec.decode_request(
+        body, content_type, max_pixels=settings.max_image_pixels, max_images=settings.max_images
+    )
     if response_type == codec.PNG_TYPE and len(images) != 1:
         raise NotAcceptable(f"{codec.PNG_TYPE} answers exactly one image; this request holds {len(images)}")
     results = [predictor(image, options.score_threshold, options.max_detections) for image in images]
@@ -103,12 +105,15 @@ def create_app(
             raise ServiceUnavailable("the model is not loaded yet")
         # Cheap checks first, so a bad header costs no decoding.
         response_type = codec.negotiate(request.headers.get("Accept"))
-        options = codec.parse_attributes(request.headers.get(ATTRIBUTES_HEADER), defaults, spec.max_detections)
+        options = codec.parse_attributes(
+            request.headers.get(ATTRIBUTES_HEADER), defaults, spec.max_detections
+        )
         content_type = request.headers.get("Content-Type")
         codec.check_content_type(content_type)
         body = request.get_data(cache=False)
         payload, mimetype = run(
-            lambda: answer(predictor, body, content_type, response_type, options, settings), settings.timeout_s
+            lambda: answer(predictor, body, content_type, response_type, options, settings),
+            settings.timeout_s,
         )
         return Response(payload, status=200, mimetype=mimetype)
 
@@ -120,8 +125,11 @@ def create_app(
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:
-        code = exc.code or 500
-        return jsonify(error=exc.description or exc.name), code
+        response = jsonify(error=exc.description or exc.name)
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value  # e.g. Allow on a 405
+        return response, exc.code or 500
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> tuple[Response, int]:

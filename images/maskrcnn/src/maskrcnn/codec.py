@@ -95,8 +95,9 @@ def parse_attributes(text: str | None, defaults: RequestOptions, max_detections_
             except ValueError:
                 count = 0
             if not 1 <= count <= max_detections_cap:
-                raise RequestError(f"max_detections must be an integer within [1, {max_detections_cap}], "
-                                   f"got {value!r}")
+                raise RequestError(
+                    f"max_detections must be an integer within [1, {max_detections_cap}], got {value!r}"
+                )
             options = replace(options, max_detections=count)
         elif key == "mask_format":
             if value.lower() not in MASK_FORMATS:
@@ -151,7 +152,9 @@ def check_content_type(content_type: str | None) -> str:
     return kind
 
 
-def decode_request(body: bytes, content_type: str | None, *, max_pixels: int, max_images: int) -> list[np.ndarray]:
+def decode_request(
+    body: bytes, content_type: str | None, *, max_pixels: int, max_images: int
+) -> list[np.ndarray]:
     """The images in a request body, each H x W x 3 uint8 RGB."""
     if check_content_type(content_type) == JSON_TYPE:
         return [decode_image(data, max_pixels) for data in _json_images(body, max_images)]
@@ -177,7 +180,9 @@ def _json_images(body: bytes, max_images: int) -> list[bytes]:
             raise RequestError('every item of "instances" must be an object with an "image" key')
         encoded = [item["image"] for item in instances]
     else:
-        raise RequestError('JSON body must be {"image": "<base64>"} or {"instances": [{"image": "<base64>"}, ...]}')
+        raise RequestError(
+            'JSON body must be {"image": "<base64>"} or {"instances": [{"image": "<base64>"}, ...]}'
+        )
     images = []
     for index, text in enumerate(encoded):
         if not isinstance(text, str):
@@ -252,12 +257,14 @@ def instances(detections: Detections, class_names: Sequence[str], mask_format: s
     out = []
     for i in range(len(detections)):
         label = int(detections.labels[i])
-        out.append({
-            "box": [round(float(v), 2) for v in detections.boxes[i]],
-            "label": label,
-            "label_name": class_names[label - 1] if 1 <= label <= len(class_names) else str(label),
-            "score": round(float(detections.scores[i]), 4),
-        })
+        out.append(
+            {
+                "box": [round(float(v), 2) for v in detections.boxes[i]],
+                "label": label,
+                "label_name": class_names[label - 1] if 1 <= label <= len(class_names) else str(label),
+                "score": round(float(detections.scores[i]), 4),
+            }
+        )
     if mask_format == "none" or not out:
         return out
     masks: list[dict[str, Any]] = []
@@ -273,7 +280,8 @@ def instances(detections: Detections, class_names: Sequence[str], mask_format: s
 
 def encode_json(results: Sequence[Detections], class_names: Sequence[str], mask_format: str) -> bytes:
     predictions = [
-        {"image_size": list(d.image_size), "instances": instances(d, class_names, mask_format)} for d in results
+        {"image_size": list(d.image_size), "instances": instances(d, class_names, mask_format)}
+        for d in results
     ]
     return json.dumps({"predictions": predictions}, separators=(",", ":")).encode()
 
@@ -320,8 +328,9 @@ def encode_png(image: np.ndarray, detections: Detections, class_names: Sequence[
             f"{class_names[int(label) - 1] if 1 <= int(label) <= len(class_names) else int(label)} {score:.2f}"
             for label, score in zip(detections.labels, detections.scores, strict=True)
         ]
-        canvas = draw_bounding_boxes(canvas, torch.from_numpy(detections.boxes), labels=labels, colors=colors,
-                                     width=2)
+        canvas = draw_bounding_boxes(
+            canvas, torch.from_numpy(detections.boxes), labels=labels, colors=colors, width=2
+        )
     buffer = io.BytesIO()
     Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()

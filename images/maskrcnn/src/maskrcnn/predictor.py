@@ -76,8 +76,11 @@ class Detections:
     @classmethod
     def empty(cls, image_size: tuple[int, int]) -> Detections:
         return cls(
-            np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int64),
-            torch.zeros((0, 1, 28, 28)), image_size,
+            np.zeros((0, 4), np.float32),
+            np.zeros((0,), np.float32),
+            np.zeros((0,), np.int64),
+            torch.zeros((0, 1, 28, 28)),
+            image_size,
         )
 
 
@@ -111,7 +114,11 @@ class Predictor:
 
     @classmethod
     def load(
-        cls, model_dir: Path, device: torch.device | str = "cpu", threads: int | None = None, warm: bool = True
+        cls,
+        model_dir: Path,
+        device: torch.device | str = "cpu",
+        threads: int | None = None,
+        warm: bool = True,
     ) -> Predictor:
         """Load the saved model in ``model_dir``; raises ModelError on anything but a valid model."""
         if threads is not None:
@@ -119,8 +126,13 @@ class Predictor:
         started = time.perf_counter()
         model, spec = load_model(model_dir, device)
         predictor = cls(model, spec, device)
-        log.info("model %s (%d classes) loaded on %s in %.2f s", spec.arch, len(spec.class_names),
-                 device, time.perf_counter() - started)
+        log.info(
+            "model %s (%d classes) loaded on %s in %.2f s",
+            spec.arch,
+            len(spec.class_names),
+            device,
+            time.perf_counter() - started,
+        )
         if warm:
             predictor.warm_up()
         return predictor
@@ -157,7 +169,9 @@ class Predictor:
         scale = self.working_scale(height, width)
         if scale < 1.0:
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
+            image = np.asarray(
+                Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+            )
         if not image.flags.writeable or not image.flags.c_contiguous:
             image = np.array(image)  # torch refuses to wrap read-only memory (PIL's arrays are)
         tensor = torch.from_numpy(image).to(self.device).permute(2, 0, 1).float().div_(255)

@@ -154,25 +154,37 @@ class Supervisor:
         run_dir.settings_file.write_text(settings.to_json())
         log.info(
             "serving %s on port %d: %d worker(s) x %d torch thread(s) on %s, timeout %d s, payload %d MiB",
-            settings.model_dir, settings.port, settings.workers, settings.torch_threads, settings.device,
-            settings.timeout_s, settings.max_payload_mb,
+            settings.model_dir,
+            settings.port,
+            settings.workers,
+            settings.torch_threads,
+            settings.device,
+            settings.timeout_s,
+            settings.max_payload_mb,
         )
         self._start("gunicorn", [sys.executable, "-m", "maskrcnn.wsgi", str(run_dir.path)])
         if settings.nginx:
             run_dir.nginx_conf.write_text(render_nginx_conf(settings, run_dir, cpu_count()))
-            self._start("nginx", [settings.nginx, "-e", "stderr", "-p", str(run_dir.path),
-                                  "-c", str(run_dir.nginx_conf)])
+            self._start(
+                "nginx",
+                [settings.nginx, "-e", "stderr", "-p", str(run_dir.path), "-c", str(run_dir.nginx_conf)],
+            )
         else:
             log.warning(
                 "nginx is not installed: gunicorn listens on port %d itself (process mode: no front-end "
-                "buffering of slow clients; fine on a laptop, not for an endpoint)", settings.port
+                "buffering of slow clients; fine on a laptop, not for an endpoint)",
+                settings.port,
             )
 
         while not self.stop_requested:
             for name, child in self.children.items():
                 code = child.poll()
                 if code is not None:
-                    why = " (a worker failed to boot; its error is above)" if (name, code) == ("gunicorn", 3) else ""
+                    why = (
+                        " (a worker failed to boot; its error is above)"
+                        if (name, code) == ("gunicorn", 3)
+                        else ""
+                    )
                     log.error("%s exited with code %s%s; stopping the server", name, code, why)
                     self._stop_gracefully(time.monotonic() + 5)
                     return code if code > 0 else 1
@@ -182,7 +194,7 @@ class Supervisor:
 
     def _start(self, name: str, command: list[str]) -> None:
         log.info("starting %s: %s", name, " ".join(command))
-        self.children[name] = subprocess.Popen(command, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        self.children[name] = subprocess.Popen(command, preexec_fn=_die_with_parent)
 
     def _stop_gracefully(self, deadline: float) -> None:
         # nginx first: it stops listening at once and waits for answers gunicorn is still producing.

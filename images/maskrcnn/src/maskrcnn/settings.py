@@ -110,17 +110,15 @@ class ServeSettings:
         if device == "auto":
             device = "cuda" if gpu_count > 0 else "cpu"
 
-        if device == "cuda":
-            default_workers = gpu_count
-        else:
-            default_workers = min(cpu_count, MAX_CPU_WORKERS)
+        default_workers = gpu_count if device == "cuda" else min(cpu_count, MAX_CPU_WORKERS)
         workers = _int(env, "SAGEMAKER_MODEL_SERVER_WORKERS", default_workers, minimum=1)
         default_threads = max(1, cpu_count // workers) if device == "cpu" else 1
         threads = _int(env, "MASKRCNN_TORCH_THREADS", default_threads, minimum=1)
 
         batch = _bool(env, "SAGEMAKER_BATCH", False)
-        timeout = _int(env, "SAGEMAKER_MODEL_SERVER_TIMEOUT",
-                       BATCH_TIMEOUT_S if batch else DEFAULT_TIMEOUT_S, minimum=1)
+        timeout = _int(
+            env, "SAGEMAKER_MODEL_SERVER_TIMEOUT", BATCH_TIMEOUT_S if batch else DEFAULT_TIMEOUT_S, minimum=1
+        )
         payload = _int(env, "SAGEMAKER_MAX_PAYLOAD_IN_MB", DEFAULT_PAYLOAD_MB, minimum=1)
         if payload > MAX_PAYLOAD_MB:
             raise ConfigError(f"SAGEMAKER_MAX_PAYLOAD_IN_MB must be at most {MAX_PAYLOAD_MB}, got {payload}")

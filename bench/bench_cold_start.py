@@ -1,0 +1,79 @@
+"""Cold start: seconds from starting `serve` to the first 200 on /ping, and where they go.
+
+Starts `serve` (nginx in front when installed) on a fresh base directory several times and
+reports each run and the median; the phases come from serve's own log lines (gunicorn started,
+model loaded, warm-up done). SageMaker allows 4-8 minutes (ContainerStartupHealthCheckTimeout).
+
+    .venv/bin/python bench/bench_cold_start.py [--runs 3] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_serving import free_port, make_model, start_server, stop_server
+
+
+def first_200(port: int, process, timeout: float = 300.0) -> float:  # type: ignore[no-untyped-def]
+    import http.client
+
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"serve exited with {process.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
+            conn.request("GET", "/ping")
+            if conn.getresponse().status == 200:
+                return time.perf_counter()
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise TimeoutError("no 200 on /ping")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=0, help="default: what serve picks")
+    args = parser.parse_args(argv)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        make_model(base / "model")
+        for run in range(args.runs):
+            port = free_port()
+            env = {"SAGEMAKER_MODEL_SERVER_WORKERS": str(args.workers)} if args.workers else {}
+            log_path = base / f"serve-{run}.log"
+            started = time.perf_counter()
+            process = start_server(base, port, env, log_path)
+            try:
+                ready = first_200(port, process) - started
+            finally:
+                stop_server(process)
+            lines = log_path.read_text(errors="replace").splitlines()
+            loaded = [line for line in lines if "loaded on" in line]
+            warm = [line for line in lines if "warm-up inference took" in line]
+            print(
+                f"run {run + 1}: first 200 on /ping after {ready:.2f} s "
+                f"({len(loaded)} worker(s) loaded; "
+                f"{warm[0].split('took')[-1].strip() if warm else '?'} warm-up)"
+            )
+            results.append(ready)
+    print(
+        f"cold start (serve -> first 200 on /ping): median {statistics.median(results):.2f} s, "
+        f"min {min(results):.2f} s, max {max(results):.2f} s over {len(results)} runs"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
