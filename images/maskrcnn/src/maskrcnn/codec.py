@@ -211,8 +211,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                     f"the image is {width} x {height} = {width * height} pixels; the limit is {max_pixels}"
                 )
             image.load()  # decode now: truncated or corrupt data fails here, not later
-            image = _upright(image)
-            return _to_rgb(image)
+            return _to_rgb(_upright(image))
     except RequestError:
         raise
     except UnidentifiedImageError:
@@ -261,7 +260,7 @@ def instances(detections: Detections, class_names: Sequence[str], mask_format: s
             {
                 "box": [round(float(v), 2) for v in detections.boxes[i]],
                 "label": label,
-                "label_name": class_names[label - 1] if 1 <= label <= len(class_names) else str(label),
+                "label_name": _name(label, class_names),
                 "score": round(float(detections.scores[i]), 4),
             }
         )
@@ -303,7 +302,7 @@ def polygons(mask: np.ndarray) -> list[list[float]]:
     padded = np.pad(mask.astype(np.float32), 1)
     lines = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate).lines(0.5)
     out = []
-    for line in lines:
+    for line in map(np.asarray, lines):
         if len(line) < 3:
             continue
         points = np.round(line - 1.0, 2)  # undo the padding offset
@@ -325,7 +324,7 @@ def encode_png(image: np.ndarray, detections: Detections, class_names: Sequence[
         canvas = draw_segmentation_masks(canvas, mask, alpha=0.45, colors=colors[i])
     if len(detections):
         labels = [
-            f"{class_names[int(label) - 1] if 1 <= int(label) <= len(class_names) else int(label)} {score:.2f}"
+            f"{_name(int(label), class_names)} {score:.2f}"
             for label, score in zip(detections.labels, detections.scores, strict=True)
         ]
         canvas = draw_bounding_boxes(
@@ -334,3 +333,8 @@ def encode_png(image: np.ndarray, detections: Detections, class_names: Sequence[
     buffer = io.BytesIO()
     Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def _name(label: int, class_names: Sequence[str]) -> str:
+    """Label 1 is class_names[0]; an id outside the list keeps its number."""
+    return class_names[label - 1] if 1 <= label <= len(class_names) else str(label)

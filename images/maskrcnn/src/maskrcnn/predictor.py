@@ -14,12 +14,14 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 
@@ -103,14 +105,17 @@ class Predictor:
     """
 
     def __init__(self, model: nn.Module, spec: ModelSpec, device: torch.device | str = "cpu"):
-        self.model = model
+        if not isinstance(model, MaskRCNN):
+            raise TypeError(f"expected a torchvision MaskRCNN, got {type(model).__name__}")
+        self.model: MaskRCNN = model
         self.spec = spec
         self.device = torch.device(device)
         self.ready = False
         self.warmup_seconds = 0.0
         # The model's own transform would resize to these; we pre-shrink to the same scale.
-        self._min_size = float(model.transform.min_size[-1])
-        self._max_size = float(model.transform.max_size)
+        transform: Any = model.transform
+        self._min_size = float(transform.min_size[-1])
+        self._max_size = float(transform.max_size)
 
     @classmethod
     def load(
@@ -176,7 +181,7 @@ class Predictor:
             image = np.array(image)  # torch refuses to wrap read-only memory (PIL's arrays are)
         tensor = torch.from_numpy(image).to(self.device).permute(2, 0, 1).float().div_(255)
 
-        heads = self.model.roi_heads
+        heads: Any = self.model.roi_heads
         # Filtering inside the heads means the mask head runs only on what we return.
         heads.score_thresh = threshold
         heads.detections_per_img = limit

@@ -90,7 +90,8 @@ def check_model_dir(model_dir: Path) -> None:
     if not spec.is_file() or not weights.is_file():
         present = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else []
         raise ModelError(
-            f"{model_dir} must hold model.json and model.safetensors (found: {', '.join(present) or 'nothing'}); "
+            f"{model_dir} must hold model.json and model.safetensors "
+            f"(found: {', '.join(present) or 'nothing'}); "
             "pickled weights (.pth, .pt, .pkl) are never loaded"
         )
     try:

@@ -14,6 +14,7 @@ Reads the resolved settings from ``RUN_DIR/settings.json`` and runs gunicorn wit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -48,10 +49,9 @@ def build_app(settings: ServeSettings, device_slot: int) -> Flask:
     from maskrcnn.predictor import Predictor
 
     device = f"cuda:{device_slot % settings.gpu_count}" if settings.device == "cuda" else "cpu"
-    try:
-        torch.set_num_interop_threads(1)  # inter-op parallelism only adds threads competing for the cores
-    except RuntimeError:
-        pass  # already set in this process
+    # Inter-op parallelism only adds threads competing for the cores (RuntimeError: already set).
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
     inference_thread = ThreadPool(1)
     try:
         predictor = Predictor.load(settings.model_dir, device, threads=settings.torch_threads, warm=False)
