@@ -7,8 +7,13 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-output
 IMAGE ?= maskrcnn-sagemaker:latest
+BASE_IMAGE ?= maskrcnn-base:bookworm
+PRETRAINED_WEIGHTS ?=
+DOCKER_BUILD_ARGS ?=
+AWS_REGION ?=
 
-.PHONY: setup demo test test-unit test-integration test-container test-gpu lint bench clean
+.PHONY: setup demo test test-unit test-integration test-container test-gpu lint bench clean \
+	base-image build push pipeline-tools test-pipeline
 
 setup: $(STAMP)  ## create .venv with every pinned dependency
 
@@ -30,6 +35,12 @@ test-unit: setup
 test-integration: setup
 	$(PY) -m pytest -m integration
 
+test-container: setup  ## builds the image incrementally, then the container tests
+	IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) $(PY) -m pytest -m container
+
+test-pipeline: setup
+	$(PY) -m pytest tests/pipeline
+
 test-gpu: setup
 	$(PY) -m pytest -m gpu
 
@@ -41,6 +52,20 @@ lint: setup  ## ruff, mypy on the package, hadolint on the Dockerfile
 bench: setup  ## training benchmarks (minutes; see docs/benchmarks.md)
 	$(PY) bench/bench_train_loop.py
 	$(PY) bench/bench_coco_eval.py
+
+base-image:  ## offline Debian 12 base image from Debian packages (no image registry needed)
+	BASE_TAG=$(BASE_IMAGE) scripts/build-base-image.sh
+
+build: setup $(if $(filter maskrcnn-base:%,$(BASE_IMAGE)),base-image)  ## BASE_IMAGE=..., PRETRAINED_WEIGHTS=...
+	IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) PRETRAINED_WEIGHTS=$(PRETRAINED_WEIGHTS) \
+	    DOCKER_BUILD_ARGS="$(DOCKER_BUILD_ARGS)" scripts/build-image.sh
+
+push:  ## tag with the git sha and push to ECR (aws ecr get-login-password); not run in CI
+	IMAGE=$(IMAGE) AWS_REGION=$(AWS_REGION) scripts/push-image.sh
+
+pipeline-tools:  ## asl-validator (npm, pinned in pipeline/package-lock.json) and checkov (own venv: its pins clash)
+	npm ci --prefix pipeline --no-audit --no-fund
+	test -x .venv-checkov/bin/checkov || ($(PYTHON) -m venv .venv-checkov && .venv-checkov/bin/pip install -q checkov==3.3.30)
 
 clean:
 	rm -rf $(DEMO_OUT) build .pytest_cache .mypy_cache .ruff_cache
