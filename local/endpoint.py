@@ -16,7 +16,6 @@ import collections
 import logging
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -28,22 +27,13 @@ from types import TracebackType
 from local import client
 from local.artifacts import extract_archive
 from local.errors import EndpointError, HarnessError
-from local.runtime import Runtime, free_port
+from local.runtime import Runtime, free_port, port_is_free
 
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 240.0  # SageMaker's older health-check deadline: 4 minutes
 STOP_TIMEOUT_S = 30.0  # SIGTERM, then SIGKILL 30 s later
 _endpoint_count = 0
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 class Endpoint:
@@ -97,7 +87,7 @@ class Endpoint:
             raise HarnessError(f"--model {self.model} is neither a model.tar.gz nor a folder")
 
     def start(self) -> None:
-        if not _port_is_free(self.port):
+        if not port_is_free(self.port):
             raise HarnessError(f"port {self.port} is in use; choose another with --port")
         self._workdir = Path(tempfile.mkdtemp(prefix="local-endpoint-"))
         try:

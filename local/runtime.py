@@ -162,6 +162,18 @@ def resolve(
     return Runtime(mode=mode, image=image, gpus=gpus, docker=shutil.which(docker) or docker, environ=environ)
 
 
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` now. SO_REUSEADDR as servers set it, so that
+    connections of a previous server lingering in TIME_WAIT do not count as "in use"."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (the kernel's pick)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

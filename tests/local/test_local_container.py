@@ -18,7 +18,7 @@ from tinyjob import REPO, tiny_spec
 
 from local import client
 from local import runtime as rt
-from local.runtime import free_port
+from local.runtime import free_port, port_is_free
 from local.training import run_training
 
 pytestmark = pytest.mark.container
@@ -73,7 +73,7 @@ def test_sagemaker_sdk_local_mode_runs_the_image_unchanged(docker_image, dataset
         pytest.skip(
             "the SDK's local mode needs `docker compose` or `docker-compose` (Debian: docker-compose)"
         )
-    if not _port_free(8080):
+    if not port_is_free(8080):
         pytest.skip("the SDK's local endpoint needs port 8080, which is in use")
     env = {
         **os.environ,
@@ -114,14 +114,3 @@ def test_sagemaker_sdk_local_mode_runs_the_image_unchanged(docker_image, dataset
     # the SDK wrote str(False) = "False" into hyperparameters.json; the image decoded it
     trained_with = json.loads(files["model.json"])["training"]["hyperparameters"]
     assert trained_with["amp"] is False and trained_with["max_steps"] == 2
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
