@@ -3,8 +3,8 @@
 Architectures (``arch``):
 
 * ``resnet50_fpn`` / ``resnet50_fpn_v2``: torchvision's Mask R-CNN, for GPUs.
-* ``lite``: a CPU-sized preset for laptops and CI: ResNet-18 body, a 128-channel FPN on strides
-  8-64, a slimmer box head and a two-layer mask head, fewer proposals. At small image sizes the
+* ``lite``: a CPU-sized preset for laptops and CI: ResNet-18 body without its last stage, a 96-channel
+  FPN on strides 4-32, a slimmer box head and a narrow two-layer mask head, fewer proposals. At small image sizes the
   heads dominate the cost, so they shrink the most.
 
 Pretrained weights come only from a file (the ``pretrained`` channel, or a path baked into the
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.models import resnet18
@@ -119,31 +120,36 @@ def build_model(
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm for the FPN and mask head: keeps from-scratch activations tame at any batch size."""
-    return nn.GroupNorm(8, channels)
+    """GroupNorm: normalises the same way in training and inference, at any batch size."""
+    return nn.GroupNorm(16, channels)
 
 
 def _lite(
     num_classes: int, sizes: dict[str, int], frozen_bn: bool, trainable_layers: int, max_detections: int
 ) -> MaskRCNN:
-    norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+    # Pretrained ImageNet statistics stay frozen; from scratch, GroupNorm: BatchNorm's running averages
+    # lag far behind weights that change this fast, so evaluation would see other features than training.
+    norm = FrozenBatchNorm2d if frozen_bn else group_norm
     body = resnet18(weights=None, norm_layer=norm)
-    stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    # layer4 holds 8 of ResNet-18's 11M parameters and sees objects at stride 32, which small images
+    # barely have; without it the network is 4x smaller, faster, and learns far quicker from scratch.
+    del body.layer4
+    stages = ["layer3", "layer2", "layer1", "conv1"][: max(trainable_layers - 1, 0)]
     if trainable_layers == 5:
         stages.append("bn1")
     for name, parameter in body.named_parameters():
         if all(not name.startswith(stage) for stage in stages):
             parameter.requires_grad_(False)
-    channels = 128
+    channels = 96
     backbone = BackboneWithFPN(
         body,
-        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
-        in_channels_list=[128, 256, 512],
+        return_layers={"layer1": "0", "layer2": "1", "layer3": "2"},
+        in_channels_list=[64, 128, 256],
         out_channels=channels,
         norm_layer=group_norm,
     )
     anchors = AnchorGenerator(
-        sizes=((16, 24), (32, 48), (64, 96), (128, 192)), aspect_ratios=((0.5, 1.0, 2.0),) * 4
+        sizes=((12, 16), (24, 32), (48, 64), (96, 128)), aspect_ratios=((0.5, 1.0, 2.0),) * 4
     )
     levels = ["0", "1", "2"]
     return MaskRCNN(
@@ -221,7 +227,7 @@ def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.
     try:
         state = load_file(str(weights_path))
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, OSError, ValueError) as exc:
+    except (RuntimeError, OSError, ValueError, SafetensorError) as exc:
         raise ModelError(f"{WEIGHTS_FILE} does not match model.json ({spec.arch}): {exc}") from None
     model.eval().to(device)
     return model, spec
