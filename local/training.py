@@ -264,5 +264,10 @@ def _failure(trees: dict, hosts: list[str], codes: dict[str, int], stopped: bool
             return reason if len(hosts) == 1 else f"{host}: {reason}"
     if stopped:
         return f"stopped on request; checkpoints are in {trees[hosts[0]].checkpoints_dir}"
+    if any(codes.get(h) in (EXIT_STOPPED, -signal.SIGTERM) for h in hosts):
+        return (
+            f"a host got SIGTERM from outside the harness and stopped; checkpoints are in "
+            f"{trees[hosts[0]].checkpoints_dir}"
+        )
     bad = next((h for h in hosts if codes.get(h, 1) != 0), hosts[0])
     return f"{bad} exited with code {codes.get(bad)} and wrote no output/failure; see its log above"
