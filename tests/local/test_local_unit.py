@@ -376,3 +376,17 @@ def test_demo_scoring_of_perfect_answers_is_one(tmp_path):
         results += detections_to_coco(image["id"], {"predictions": [{"instances": instances}]})
     scores = coco_scores(truth, results)
     assert scores["segm_AP50"] == pytest.approx(1.0) and scores["bbox_AP50"] == pytest.approx(1.0)
+
+
+def test_failure_reason_comes_from_output_failure(tmp_path):
+    from local.training import _failure
+
+    trees = layout.write_job(
+        tmp_path / "job", layout.JobSpec("j", {"training": _data(tmp_path)}, instance_count=2)
+    )
+    hosts = ["algo-1", "algo-2"]
+    assert "exited with code 1 and wrote no output/failure" in _failure(trees, hosts, {"algo-1": 1}, False)
+    assert "SIGTERM from outside" in _failure(trees, hosts, {"algo-1": 143}, False)
+    assert "stopped on request" in _failure(trees, hosts, {"algo-1": 143}, True)
+    trees["algo-2"].failure_file.write_text("dataset /x has no images\n")
+    assert _failure(trees, hosts, {"algo-2": 1}, False) == "algo-2: dataset /x has no images"
