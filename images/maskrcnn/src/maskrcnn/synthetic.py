@@ -1,7 +1,8 @@
 """The built-in synthetic dataset: coloured shapes on textured backgrounds, in COCO format.
 
 Used by the tests, the benchmarks and ``make demo``, so nothing ever downloads data. Three classes
-(circle, rectangle, triangle) of varied size, colour and rotation; shapes overlap and the later one
+(circle, rectangle, triangle) of varied size, colour (always distinct from the background behind it)
+and rotation; shapes overlap and the later one
 occludes the earlier (the visible part is the instance mask). Same seed, same bytes.
 
     python -m maskrcnn.synthetic OUT_DIR --images 200 --seed 0 --size 256
@@ -24,6 +25,7 @@ from pycocotools import mask as mask_utils
 CLASSES = ("circle", "rectangle", "triangle")
 MIN_VISIBLE_FRACTION = 0.35  # an instance hidden more than this by later ones is dropped
 MIN_VISIBLE_PIXELS = 40
+MIN_CONTRAST = 80.0  # RGB distance between a shape's colour and the mean of the background it covers
 
 
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
@@ -55,7 +57,7 @@ def _shape_mask(rng: np.random.Generator, size: int, label: int) -> np.ndarray:
     """Draw one shape's full (unoccluded) mask."""
     canvas = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(canvas)
-    radius = rng.uniform(0.07, 0.2) * size
+    radius = rng.uniform(0.09, 0.22) * size
     cx, cy = rng.uniform(radius, size - radius, size=2)
     name = CLASSES[label - 1]
     if name == "circle":
@@ -77,16 +79,25 @@ def _shape_mask(rng: np.random.Generator, size: int, label: int) -> np.ndarray:
     return np.asarray(canvas) > 127
 
 
+def _contrasting_colour(rng: np.random.Generator, behind: np.ndarray) -> np.ndarray:
+    """A random colour that stands out from what lies behind the shape (an invisible shape teaches nothing)."""
+    colour = rng.integers(0, 256, size=3)
+    for _ in range(20):
+        if np.linalg.norm(colour - behind) >= MIN_CONTRAST:
+            break
+        colour = rng.integers(0, 256, size=3)
+    return colour
+
+
 def make_sample(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[tuple[int, np.ndarray]]]:
     """One image and its visible instances as (label, boolean mask) pairs."""
     image = _background(rng, size)
+    pixels = np.asarray(image).copy()
     shapes: list[tuple[int, np.ndarray, np.ndarray]] = []
     for _ in range(int(rng.integers(1, 6))):
         label = int(rng.integers(1, len(CLASSES) + 1))
         full = _shape_mask(rng, size, label)
-        colour = rng.integers(0, 256, size=3)
-        shapes.append((label, full, colour))
-    pixels = np.asarray(image).copy()
+        shapes.append((label, full, _contrasting_colour(rng, pixels[full].mean(axis=0))))
     for _, full, colour in shapes:
         shade = rng.normal(0, 10, size=(size, size, 1))
         pixels[full] = np.clip(colour + shade[full], 0, 255).astype(np.uint8)
