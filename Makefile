@@ -13,7 +13,7 @@ DOCKER_BUILD_ARGS ?=
 AWS_REGION ?=
 
 .PHONY: setup demo test test-unit test-integration test-container test-gpu lint bench clean \
-	base-image build push pipeline-tools test-pipeline
+	base-image build push pipeline-tools test-pipeline bench-serving bench-local
 
 setup: $(STAMP)  ## create .venv with every pinned dependency
 
@@ -52,6 +52,13 @@ lint: setup  ## ruff, mypy on the package, hadolint on the Dockerfile
 bench: setup  ## training benchmarks (minutes; see docs/benchmarks.md)
 	$(PY) bench/bench_train_loop.py
 	$(PY) bench/bench_coco_eval.py
+	$(PY) bench/bench_convergence.py
+
+bench-serving: setup  ## full stack vs bare predictor, response size, cold start (docs/serving.md)
+	$(PY) bench/bench_serving.py && $(PY) bench/bench_response.py && $(PY) bench/bench_cold_start.py
+
+bench-local: setup  ## harness overhead and inner-loop time (docs/local.md)
+	$(PY) bench/bench_local.py
 
 base-image:  ## offline Debian 12 base image from Debian packages (no image registry needed)
 	BASE_TAG=$(BASE_IMAGE) scripts/build-base-image.sh
