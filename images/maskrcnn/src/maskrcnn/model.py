@@ -46,6 +46,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 # (min_size, max_size) used when the hyperparameters leave them at 0
+CANONICAL_SCALE = 64  # lite: box side pooled from the deepest level (torchvision's default: 224)
 DEFAULT_SIZES = {"lite": (256, 512), "resnet50_fpn": (800, 1333), "resnet50_fpn_v2": (800, 1333)}
 
 
@@ -152,6 +153,9 @@ def _lite(
         sizes=((12, 16), (24, 32), (48, 64), (96, 128)), aspect_ratios=((0.5, 1.0, 2.0),) * 4
     )
     levels = ["0", "1", "2"]
+    # FPN's level rule sends a 224-px box to stride 16; at lite's small image sizes nearly every object
+    # would land on the shallowest level, whose features barely tell a circle from a square. Sending a
+    # 64-px box to stride 16 (32 px to stride 8) pools every object from features with some depth.
     return MaskRCNN(
         backbone,
         num_classes=None,  # the predictors below carry it
@@ -161,12 +165,13 @@ def _lite(
         rpn_post_nms_top_n_train=500,
         rpn_pre_nms_top_n_test=500,
         rpn_post_nms_top_n_test=300,
-        box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
+        box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2, canonical_scale=CANONICAL_SCALE),
         box_head=TwoMLPHead(channels * 7 * 7, 256),
         box_predictor=FastRCNNPredictor(256, num_classes),
-        box_batch_size_per_image=64,  # at most 16 positives per image feed the mask head
+        box_batch_size_per_image=64,
+        box_positive_fraction=0.5,  # 32 positives per image: more signal per step for the classifier and masks
         box_detections_per_img=max_detections,
-        mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
+        mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2, canonical_scale=CANONICAL_SCALE),
         mask_head=MaskRCNNHeads(channels, [64, 64], 1, norm_layer=group_norm),
         mask_predictor=MaskRCNNPredictor(64, 64, num_classes),
         **sizes,
