@@ -13,7 +13,7 @@ DOCKER_BUILD_ARGS ?=
 AWS_REGION ?=
 
 .PHONY: setup demo test test-unit test-integration test-container test-gpu lint bench clean \
-	base-image build push pipeline-tools test-pipeline bench-serving bench-local
+	base-image build push pipeline-tools test-pipeline bench-serving bench-local sdk-venv
 
 setup: $(STAMP)  ## create .venv with every pinned dependency
 
@@ -73,6 +73,9 @@ push:  ## tag with the git sha and push to ECR (aws ecr get-login-password); not
 pipeline-tools:  ## asl-validator (npm, pinned in pipeline/package-lock.json) and checkov (own venv: its pins clash)
 	npm ci --prefix pipeline --no-audit --no-fund
 	test -x .venv-checkov/bin/checkov || ($(PYTHON) -m venv .venv-checkov && .venv-checkov/bin/pip install -q checkov==3.3.30)
+
+sdk-venv:  ## the SageMaker Python SDK v2 in its own venv (.venv-sdk), for the real-client container test
+	test -x .venv-sdk/bin/python || ($(PYTHON) -m venv .venv-sdk && .venv-sdk/bin/pip install -q "sagemaker==2.257.7")
 
 clean:
 	rm -rf $(DEMO_OUT) build .pytest_cache .mypy_cache .ruff_cache
