@@ -45,7 +45,7 @@ def test_docker_and_process_mode_make_the_same_model(docker_image, dataset, proc
     from safetensors.torch import load
 
     weights_a, weights_b = load(a["model.safetensors"]), load(b["model.safetensors"])
-    assert weights_a.keys() == weights_b.keys()
+    assert weights_a.keys() == weights_b.keys(), "the image holds other model code than this checkout"
     # Same code, same seed, same data; the image's torch build may order float sums differently.
     worst = max((weights_a[k].float() - weights_b[k].float()).abs().max().item() for k in weights_a)
     assert worst < 1e-3, f"largest weight difference {worst}"
