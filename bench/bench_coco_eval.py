@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pycocotools import mask as mask_utils
-from PIL import Image, ImageFilter
-
 from maskrcnn.synthetic import write_coco_dataset
+from PIL import Image, ImageFilter
+from pycocotools import mask as mask_utils
 
 
 def fake_predictions(gt: dict, rng: np.random.Generator) -> list[dict]:
@@ -51,7 +50,8 @@ def fake_predictions(gt: dict, rng: np.random.Generator) -> list[dict]:
 
 def run(backend: str, gt: dict, results: list[dict]) -> tuple[float, dict[str, list[float]]]:
     if backend == "faster":
-        from faster_coco_eval import COCO, COCOeval_faster as COCOeval
+        from faster_coco_eval import COCO
+        from faster_coco_eval import COCOeval_faster as COCOeval
     else:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -90,7 +90,8 @@ def main() -> None:
             seconds, stats[backend] = run(backend, gt, results)
             times[backend].append(seconds)
     slow, fast = min(times["pycocotools"]), min(times["faster"])
-    diff = max(abs(a - b) for t in ("bbox", "segm") for a, b in zip(stats["pycocotools"][t], stats["faster"][t], strict=True))
+    pairs = [(a, b) for t in ("bbox", "segm") for a, b in zip(stats["pycocotools"][t], stats["faster"][t], strict=True)]
+    diff = max(abs(a - b) for a, b in pairs)
     print(f"{args.images} images, {len(gt['annotations'])} instances, {len(results)} detections (bbox + segm)")
     print(f"pycocotools     : {slow:.3f} s")
     print(f"faster-coco-eval: {fast:.3f} s")

@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
-
+from maskrcnn.config import Hyperparameters
 from maskrcnn.data import InstanceDataset, collate, load_index, train_transforms
 from maskrcnn.engine import LoopState, train_one_epoch
 from maskrcnn.model import build_model
 from maskrcnn.synthetic import write_coco_dataset
 from maskrcnn.training import make_optimizer, make_scheduler
-from maskrcnn.config import Hyperparameters
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 def reference_loop(model, optimizer, loader, steps: int) -> float:

@@ -56,9 +56,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No SageMaker or project variable leaks from the developer's shell into a test."""
     for name in list(os.environ):
-        if name.startswith(("SAGEMAKER_", "SM_", "MASKRCNN_")) or name in ("TRAINING_JOB_NAME",):
-            if name != "MASKRCNN_REQUIRE_LAYERS":
-                monkeypatch.delenv(name, raising=False)
+        ours = name.startswith(("SAGEMAKER_", "SM_", "MASKRCNN_")) or name == "TRAINING_JOB_NAME"
+        if ours and name != "MASKRCNN_REQUIRE_LAYERS":
+            monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
+from conftest import free_port  # tests/ is on sys.path: pytest puts the rootdir conftest's folder there
 from maskrcnn.metrics import parse_metrics
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = [sys.executable, str(REPO / "images" / "maskrcnn" / "train")]
@@ -150,8 +150,6 @@ def test_sigterm_checkpoints_and_the_restart_ends_where_an_uninterrupted_run_doe
 
 
 def test_two_hosts_train_together_and_only_the_first_writes_the_model(make_job) -> None:
-    from conftest import free_port  # noqa: PLC0415  (tests/ is on sys.path via rootdir conftest)
-
     hosts = ["algo-1", "algo-2"]
     bases = [make_job({"max_steps": "3"}, resourceconfig={"current_host": h, "hosts": hosts}, name=h) for h in hosts]
     extra = {"MASKRCNN_MASTER_ADDR": "127.0.0.1", "MASKRCNN_MASTER_PORT": str(free_port())}
@@ -167,3 +165,37 @@ def test_two_hosts_train_together_and_only_the_first_writes_the_model(make_job) 
     # each step saw both hosts' images: the logged rate counts the whole job's batch
     spec = json.loads((bases[0] / "model" / "model.json").read_text())
     assert spec["training"]["steps"] == 3
+
+
+def test_one_process_per_device_launcher_trains_and_stops_together(make_job) -> None:
+    """The per-GPU launcher (spawn, SIGTERM forwarding, exit codes), exercised on CPU with gloo."""
+    base = make_job({"max_steps": "3"})
+    result = run_train(base, MASKRCNN_PROCS_PER_HOST="2", MASKRCNN_MASTER_PORT=str(free_port()))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "rank 1 of 2" in result.stdout
+    assert (base / "model" / "model.safetensors").exists()
+    assert result.stdout.count("phase=train epoch=0 step=1 ") == 1  # only rank 0 reports metrics
+
+    stopped = make_job({"max_steps": "200"}, name="stopped")
+    process = subprocess.Popen(TRAIN, env=env_for(stopped, MASKRCNN_PROCS_PER_HOST="2",
+                                                  MASKRCNN_MASTER_PORT=str(free_port())),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_line(process, "step=2 ", timeout=240)
+        process.send_signal(signal.SIGTERM)  # to the launcher only, as SageMaker signals PID 1
+        rest = process.communicate(timeout=120)[0]
+    finally:
+        process.kill()
+    assert process.returncode == 143, rest
+    assert (stopped / "checkpoints" / "last.pt").exists()
+
+
+def test_a_failing_device_process_leaves_its_reason(make_job, tmp_path: Path) -> None:
+    data = tmp_path / "empty"
+    data.mkdir()
+    (data / "annotations.json").write_text(json.dumps({"images": [], "annotations": [],
+                                                       "categories": [{"id": 1, "name": "a"}]}))
+    base = make_job(channels={"training": data})
+    result = run_train(base, MASKRCNN_PROCS_PER_HOST="2", MASKRCNN_MASTER_PORT=str(free_port()))
+    assert result.returncode == 1
+    assert "has no images" in failure_reason(base)

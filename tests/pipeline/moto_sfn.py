@@ -48,7 +48,7 @@ def sync_sagemaker_class() -> type:
     from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.resource import (
         ResourceCondition,
     )
-    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_unsupported import (  # noqa: E501
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_unsupported import (
         StateTaskServiceUnsupported,
     )
     from moto.stepfunctions.parser.asl.eval.event.event_detail import EventDetails
@@ -202,7 +202,7 @@ def install(monkeypatch: pytest.MonkeyPatch, handlers: Mapping[str, Callable[[An
     from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import (
         state_task_service_factory,
     )
-    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_aws_sdk import (  # noqa: E501
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_aws_sdk import (
         StateTaskServiceAwsSdk,
     )
     from moto.stepfunctions.parser.asl.component.state.wait.wait_function.wait_function import WaitFunction

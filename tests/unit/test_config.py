@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from maskrcnn.config import Hyperparameters, ResourceConfig, SageMakerPaths, TrainConfig
 from maskrcnn.errors import ConfigError
 
@@ -94,7 +93,7 @@ def dataclasses_frozen_error() -> type[Exception]:
 
 
 def test_training_channel_is_required(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="'training' channel is required"):
+    with pytest.raises(ConfigError, match=r"'training' channel is required"):
         TrainConfig.from_dicts(tmp_path, {}, {"validation": {}}, {})
 
 
@@ -112,5 +111,5 @@ def test_malformed_config_json_is_a_config_error(tmp_path: Path) -> None:
     config_dir = tmp_path / "input" / "config"
     config_dir.mkdir(parents=True)
     (config_dir / "hyperparameters.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="hyperparameters.json is not valid JSON"):
+    with pytest.raises(ConfigError, match=r"hyperparameters\.json is not valid JSON"):
         TrainConfig.from_env({"SAGEMAKER_BASE_DIR": str(tmp_path)})

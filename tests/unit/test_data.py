@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from pycocotools import mask as mask_utils
-
 from maskrcnn.data import InstanceDataset, detect_format, load_index, split_index, train_transforms
 from maskrcnn.errors import DataError
 from maskrcnn.synthetic import write_coco_dataset
+from PIL import Image
+from pycocotools import mask as mask_utils
 
 
 def write_coco(root: Path, annotations: list[dict], categories=None, images=None) -> Path:
@@ -48,7 +47,7 @@ def test_polygon_rle_and_uncompressed_masks_all_decode(tmp_path: Path) -> None:
     ]
     index = load_index(write_coco(tmp_path, anns))
     assert index.class_names == ["thing", "other"] and index.num_classes == 3
-    image, target = InstanceDataset(index, None)[0]
+    _, target = InstanceDataset(index, None)[0]
     # the crowd region is not a training target ...
     assert target["labels"].tolist() == [1, 2]
     assert target["masks"].shape == (2, 30, 40)
@@ -64,6 +63,7 @@ def test_horizontal_flip_moves_boxes_and_masks_together(tmp_path: Path) -> None:
     anns = [{"id": 1, "image_id": 1, "category_id": 7, "segmentation": square_rle(2, 3, 5), "iscrowd": 0}]
     index = load_index(write_coco(tmp_path, anns))
     image, target = InstanceDataset(index, train_transforms(hflip=1.0, photometric=False))[0]
+    assert image.shape == (3, 30, 40)
     assert image.dtype == torch.float32 and float(image.max()) <= 1.0
     ys, xs = torch.nonzero(target["masks"][0], as_tuple=True)
     assert target["boxes"][0].tolist() == [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
@@ -102,7 +102,7 @@ def test_split_is_seeded_and_disjoint(tmp_path: Path) -> None:
     write_coco_dataset(tmp_path, num_images=10, seed=0, size=48)
     index = load_index(tmp_path)
     train, val = split_index(index, 0.2, seed=1)
-    train2, val2 = split_index(index, 0.2, seed=1)
+    _, val2 = split_index(index, 0.2, seed=1)
     assert [i["id"] for i in val.images] == [i["id"] for i in val2.images]
     assert len(val.images) == 2 and len(train.images) == 8
     assert not {i["id"] for i in train.images} & {i["id"] for i in val.images}

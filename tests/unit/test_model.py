@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from maskrcnn.errors import ModelError
 from maskrcnn.model import ModelSpec, build_model, load_model, load_pretrained, save_model
 
@@ -46,10 +45,10 @@ def test_pickled_weights_are_never_unpickled(tmp_path: Path) -> None:
     boom = _Boom()
     boom.marker = str(marker)  # type: ignore[attr-defined]
     (tmp_path / "model.pth").write_bytes(pickle.dumps({"model": boom}))
-    with pytest.raises(ModelError, match="pickled weights are never loaded"):
+    with pytest.raises(ModelError, match=r"pickled weights are never loaded"):
         load_model(tmp_path)
     model = build_model("lite", 4)
-    with pytest.raises(ModelError, match="not a tensor-only weights file"):
+    with pytest.raises(ModelError, match=r"not a tensor-only weights file"):
         load_pretrained(model, tmp_path / "model.pth")
     assert not marker.exists()
 
@@ -71,16 +70,17 @@ def test_backbone_only_weights_fill_the_backbone(tmp_path: Path) -> None:
     backbone = resnet18(weights=None)
     torch.save(backbone.state_dict(), tmp_path / "resnet18.pth")
     model = build_model("lite", 3, pretrained=tmp_path / "resnet18.pth")
-    assert torch.equal(model.state_dict()["backbone.body.layer1.0.conv1.weight"], backbone.state_dict()["layer1.0.conv1.weight"])
+    loaded = model.state_dict()["backbone.body.layer1.0.conv1.weight"]
+    assert torch.equal(loaded, backbone.state_dict()["layer1.0.conv1.weight"])
 
 
 def test_weights_that_fit_nothing_are_refused(tmp_path: Path) -> None:
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "w.pth")
-    with pytest.raises(ModelError, match="no tensor of w.pth fits"):
+    with pytest.raises(ModelError, match=r"no tensor of w\.pth fits"):
         build_model("lite", 3, pretrained=tmp_path / "w.pth")
 
 
 def test_mismatched_weights_are_a_model_error(lite: torch.nn.Module, tmp_path: Path) -> None:
     save_model(tmp_path, lite, ModelSpec(arch="lite", class_names=("a", "b"), min_size=96, max_size=96))
-    with pytest.raises(ModelError, match="does not match model.json"):
+    with pytest.raises(ModelError, match=r"does not match model\.json"):
         load_model(tmp_path)

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from pycocotools import mask as mask_utils
-
 from maskrcnn.synthetic import CLASSES, write_coco_dataset
+from pycocotools import mask as mask_utils
 
 
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path: Path) -> None:

@@ -236,6 +236,7 @@ class TrainConfig:
     master_addr: str | None = None  # overrides hosts[0]; lets emulated hosts share one machine
     master_port: int = 29500
     pretrained_path: Path | None = None  # a weights file baked into the image, if any
+    procs_per_host: int | None = None  # None: one per GPU (one on CPU); set to test the launcher on CPU
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -270,6 +271,7 @@ class TrainConfig:
             master_addr=environ.get("MASKRCNN_MASTER_ADDR") or None,
             master_port=int(environ.get("MASKRCNN_MASTER_PORT", "29500")),
             pretrained_path=Path(pretrained) if pretrained else None,
+            procs_per_host=int(environ["MASKRCNN_PROCS_PER_HOST"]) if environ.get("MASKRCNN_PROCS_PER_HOST") else None,
         )
 
     @classmethod

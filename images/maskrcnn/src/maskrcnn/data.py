@@ -72,7 +72,7 @@ class DatasetIndex:
 
     def to_coco(self) -> dict[str, Any]:
         """Ground truth for pycocotools / faster-coco-eval; category ids are our labels."""
-        anns = []
+        anns: list[dict[str, Any]] = []
         for image in self.images:
             for ann in self.annotations.get(image["id"], []):
                 rle = _to_rle(ann["segmentation"], image["height"], image["width"])

@@ -69,7 +69,8 @@ def init(config: TrainConfig, local_rank: int, nprocs: int) -> DistContext:
         if config.resources.network_interface_name and device.type == "cuda":
             # NCCL must use the interface SageMaker names (the only one routed between hosts).
             os.environ.setdefault("NCCL_SOCKET_IFNAME", config.resources.network_interface_name)
-        master = config.master_addr or resolve(hosts[0])
+        # One host: its processes meet on loopback; several: on the first host (or the override).
+        master = config.master_addr or ("127.0.0.1" if len(hosts) == 1 else resolve(hosts[0]))
         backend = "nccl" if device.type == "cuda" else "gloo"
         log.info("joining %s process group: rank %d of %d, master %s:%d", backend, rank, world_size, master,
                  config.master_port)

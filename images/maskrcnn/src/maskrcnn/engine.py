@@ -181,10 +181,13 @@ def predict_coco(
     return results
 
 
-def coco_scores(ground_truth: dict[str, Any], results: list[dict[str, Any]], backend: str = "faster") -> dict[str, float]:
+def coco_scores(
+    ground_truth: dict[str, Any], results: list[dict[str, Any]], backend: str = "faster"
+) -> dict[str, float]:
     """bbox and segm mAP and AP50 of ``results`` against a COCO ground-truth dict."""
     if backend == "faster":
-        from faster_coco_eval import COCO, COCOeval_faster as COCOeval
+        from faster_coco_eval import COCO
+        from faster_coco_eval import COCOeval_faster as COCOeval
     else:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval

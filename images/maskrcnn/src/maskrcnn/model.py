@@ -239,7 +239,8 @@ def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    inner = getattr(model, "module", model)  # DistributedDataParallel wraps the real model
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def count_parameters(model: nn.Module) -> int:

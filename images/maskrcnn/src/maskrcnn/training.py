@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -48,7 +49,7 @@ from maskrcnn.data import (
     train_transforms,
 )
 from maskrcnn.engine import LoopState, evaluate, train_one_epoch
-from maskrcnn.errors import ConfigError, DataError
+from maskrcnn.errors import ConfigError, DataError, JobError
 from maskrcnn.model import DEFAULT_SIZES, ModelSpec, build_model, save_model
 
 log = logging.getLogger(__name__)
@@ -135,29 +136,50 @@ def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.O
 
 def run(config: TrainConfig) -> int:
     """Train on this host; returns the exit code (0 done, 143 stopped)."""
-    nprocs = distributed.processes_per_host()
+    nprocs = config.procs_per_host or distributed.processes_per_host()
     if nprocs == 1:
         return worker(0, config, 1)
-    context = mp.start_processes(worker, args=(config, nprocs), nprocs=nprocs, join=False, start_method="spawn")
+    context = mp.start_processes(spawned_worker, args=(config, nprocs), nprocs=nprocs, join=False,
+                                 start_method="spawn")
 
     def forward(signum: int, _frame: Any) -> None:
+        # SageMaker signals PID 1 only; every GPU process must hear the stop to checkpoint in step.
         for process in context.processes:
             if process.is_alive() and process.pid is not None:
-                import os
-
                 os.kill(process.pid, signum)
 
     signal.signal(signal.SIGTERM, forward)
-    while not context.join():
-        pass
-    codes = {p.exitcode for p in context.processes}
-    return EXIT_STOPPED if EXIT_STOPPED in codes or -signal.SIGTERM in codes else 0
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as exc:
+        if exc.exit_code == EXIT_STOPPED:
+            return EXIT_STOPPED
+        raise
+    return 0
+
+
+def spawned_worker(local_rank: int, config: TrainConfig, nprocs: int) -> None:
+    """One GPU's process: its own logging, its failure reason on disk, its exit code as the process's."""
+    from maskrcnn.cli import setup_logging, write_failure
+
+    setup_logging(rank=local_rank)
+    try:
+        code = worker(local_rank, config, nprocs)
+    except JobError as exc:
+        if local_rank == 0:
+            write_failure(config.paths, str(exc))
+        raise
+    if code:
+        raise SystemExit(code)
 
 
 def worker(local_rank: int, config: TrainConfig, nprocs: int) -> int:
     stop = StopSignal()
     stop.install()
     ctx = distributed.init(config, local_rank, nprocs)
+    if not ctx.is_main:
+        logging.getLogger("maskrcnn.engine").setLevel(logging.WARNING)  # one metrics stream per job
     try:
         return _train(config, ctx, stop)
     finally:
@@ -181,7 +203,9 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal) 
         max_detections=hp.max_detections,
     ).to(ctx.device)
     train_set = InstanceDataset(train_index, train_transforms(hp.hflip, hp.photometric), seed=hp.seed)
-    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=hp.seed)
+    sampler: DistributedSampler = DistributedSampler(
+        train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=hp.seed
+    )
     steps_per_epoch = math.ceil(len(sampler) / hp.batch_size)
     total_steps = hp.epochs * steps_per_epoch
     if hp.max_steps:
