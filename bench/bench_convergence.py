@@ -20,24 +20,21 @@ import tempfile
 import time
 from pathlib import Path
 
+from maskrcnn.config import SYNTHETIC_CPU_IMAGE_SIZE, SYNTHETIC_CPU_PRESET, SYNTHETIC_CPU_TRAIN_IMAGES
 from maskrcnn.synthetic import write_coco_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 # The preset this benchmark (and `make demo`) uses; --hp overrides single keys.
-HYPERPARAMETERS = {
-    "arch": "lite", "epochs": "10", "batch_size": "4", "min_size": "160", "max_size": "160",
-    "optimizer": "adamw", "lr": "0.002", "weight_decay": "0.05", "num_workers": "1",
-    "log_every": "25", "checkpoint_every": "0",
-}
+HYPERPARAMETERS = {**SYNTHETIC_CPU_PRESET, "log_every": "25", "checkpoint_every": "0"}
 BUDGET_S = 300.0
 TARGET_AP50 = 0.85
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--images", type=int, default=SYNTHETIC_CPU_TRAIN_IMAGES)
     parser.add_argument("--heldout", type=int, default=60)
-    parser.add_argument("--size", type=int, default=160)
+    parser.add_argument("--size", type=int, default=SYNTHETIC_CPU_IMAGE_SIZE)
     parser.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     hp = {**HYPERPARAMETERS, **dict(item.split("=", 1) for item in args.hp)}

@@ -303,3 +303,20 @@ def _read_json(path: Path, default: Any) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{path.name} must hold a JSON object")
     return data
+
+
+# The CPU preset for the built-in synthetic set (160-px images): what `make demo` and
+# bench/bench_convergence.py train with, tuned for 2 CPU cores (docs/benchmarks.md has the curve).
+SYNTHETIC_CPU_PRESET: dict[str, str] = {
+    "arch": "lite",
+    "epochs": "9",
+    "batch_size": "4",
+    "min_size": "160",
+    "max_size": "160",
+    "optimizer": "adamw",
+    "lr": "0.002",
+    "weight_decay": "0.05",
+    "num_workers": "1",
+}
+SYNTHETIC_CPU_IMAGE_SIZE = 160
+SYNTHETIC_CPU_TRAIN_IMAGES = 400
