@@ -24,7 +24,7 @@ $(STAMP): images/maskrcnn/requirements.txt requirements-dev.txt constraints.txt 
 	touch $(STAMP)
 
 demo: setup  ## the main job: synthetic data -> train -> model.tar.gz -> endpoint -> predictions
-	$(PY) -m local demo --out $(DEMO_OUT)
+	$(PY) -m local demo --out $(DEMO_OUT) --image $(IMAGE)
 
 test: setup  ## every test layer this machine can run (skipped layers say why)
 	$(PY) -m pytest
