@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,6 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = REPO / "images" / "maskrcnn" / "train"
-SERVE = REPO / "images" / "maskrcnn" / "serve"
 FOLDER_LAYERS = {"unit": "unit", "integration": "integration", "container": "container", "gpu": "gpu"}
 
 
@@ -105,25 +101,3 @@ def make_job(tmp_path: Path, synthetic_dir: Path) -> Callable[..., Path]:
         return base
 
     return make
-
-
-def train_command() -> list[str]:
-    return [sys.executable, str(TRAIN)]
-
-
-def job_env(base: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "MASKRCNN_"))}
-    env.update({"SAGEMAKER_BASE_DIR": str(base), "TRAINING_JOB_NAME": base.name, "PYTHONUNBUFFERED": "1"})
-    env.update(extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def port() -> Iterator[int]:
-    yield free_port()

@@ -9,18 +9,24 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port  # tests/ is on sys.path: pytest puts the rootdir conftest's folder there
 from maskrcnn.metrics import parse_metrics
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = [sys.executable, str(REPO / "images" / "maskrcnn" / "train")]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def env_for(base: Path, **extra: str) -> dict[str, str]:
