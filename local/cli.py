@@ -46,9 +46,7 @@ def _runtime_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str]) 
         default="auto",
         help="process: plain processes; docker: the image; auto: docker when the image exists",
     )
-    parser.add_argument(
-        "--image", default=default_image, help=f"image tag for docker mode (default {default_image})"
-    )
+    parser.add_argument("--image", default=default_image, help=f"image tag for docker mode (default {default_image})")
     parser.add_argument("--gpus", action="store_true", help="docker run --gpus all")
 
 
@@ -69,17 +67,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         metavar="NAME=DIR",
         help="another channel (e.g. pretrained=weights/)",
     )
-    train.add_argument(
-        "--hp", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeat)"
-    )
+    train.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeat)")
     train.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="the job's Environment map (repeat)"
     )
     train.add_argument("--instance-count", type=int, default=1, help="hosts that train together (algo-1..N)")
     train.add_argument("--job-name", help="TRAINING_JOB_NAME (default maskrcnn-<timestamp>)")
-    train.add_argument(
-        "--output", type=Path, required=True, help="job folder: host trees, model.tar.gz, job.json"
-    )
+    train.add_argument("--output", type=Path, required=True, help="job folder: host trees, model.tar.gz, job.json")
     train.add_argument("--overwrite", action="store_true", help="clear a previous job in --output first")
     _runtime_flags(train, environ)
     train.set_defaults(func=cmd_train)
@@ -101,17 +95,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     invoke.set_defaults(func=cmd_invoke)
 
     transform = verbs.add_parser("transform", help="batch transform: one <name>.out per input file")
-    transform.add_argument(
-        "--model", type=Path, required=True, help="model.tar.gz or an unpacked model folder"
-    )
+    transform.add_argument("--model", type=Path, required=True, help="model.tar.gz or an unpacked model folder")
     transform.add_argument("--input", type=Path, required=True, help="folder of inputs (read recursively)")
     transform.add_argument("--output", type=Path, required=True)
     transform.add_argument("--accept", default="application/json")
     transform.add_argument("--content-type", help="default: from each file's suffix")
     transform.add_argument("--attributes", help="X-Amzn-SageMaker-Custom-Attributes on every request")
-    transform.add_argument(
-        "--max-concurrent-transforms", type=int, help="default: the server's /execution-parameters"
-    )
+    transform.add_argument("--max-concurrent-transforms", type=int, help="default: the server's /execution-parameters")
     transform.add_argument("--max-payload-mb", type=int, help="default: the server's, else 6")
     transform.add_argument("--batch-strategy", choices=("SINGLE_RECORD", "MULTI_RECORD"))
     transform.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
@@ -239,8 +229,7 @@ def cmd_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     )
     held = summary["heldout"]
     print(
-        f"demo: segm AP50 {held['segm_AP50']:.3f}, segm mAP {held['segm_mAP']:.3f} "
-        f"on {held['images']} held-out images"
+        f"demo: segm AP50 {held['segm_AP50']:.3f}, segm mAP {held['segm_mAP']:.3f} on {held['images']} held-out images"
     )
     print(f"demo output: {summary['folder']}")
     return 0 if summary["passed"] else 1

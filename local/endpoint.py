@@ -69,9 +69,7 @@ class Endpoint:
         self.start()
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
     def _place_model(self, base: Path) -> None:
@@ -133,8 +131,7 @@ class Endpoint:
                 return
             time.sleep(0.25)
         raise EndpointError(
-            f"serve did not answer /ping within {self.startup_timeout_s:.0f}s; last lines:\n"
-            + "\n".join(self.recent)
+            f"serve did not answer /ping within {self.startup_timeout_s:.0f}s; last lines:\n" + "\n".join(self.recent)
         )
 
     def alive(self) -> bool:

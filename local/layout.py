@@ -113,9 +113,7 @@ def resourceconfig(hosts: list[str], current: str) -> dict[str, object]:
         "current_instance_type": "local",
         "current_group_name": "homogeneousCluster",
         "hosts": hosts,
-        "instance_groups": [
-            {"instance_group_name": "homogeneousCluster", "instance_type": "local", "hosts": hosts}
-        ],
+        "instance_groups": [{"instance_group_name": "homogeneousCluster", "instance_type": "local", "hosts": hosts}],
         "network_interface_name": "eth0",
     }
 

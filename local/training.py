@@ -82,9 +82,7 @@ class MetricsReader:
         self.history.append(record)
         if record.get("phase") == "eval":
             self.final = {k: v for k, v in values.items() if k.startswith("validation:")}
-        shown = {
-            k.split(":", 1)[1]: v for k, v in values.items() if k in ("train:loss", "validation:segm_AP50")
-        }
+        shown = {k.split(":", 1)[1]: v for k, v in values.items() if k in ("train:loss", "validation:segm_AP50")}
         if self.unit == "step":
             if isinstance(record.get("step"), int):
                 self.progress.advance(record["step"], **shown)
@@ -182,9 +180,7 @@ def run_training(
                     errors="replace",
                     start_new_session=True,
                 )
-                threading.Thread(
-                    target=_pump, args=(host, processes[host].stdout, lines), daemon=True
-                ).start()
+                threading.Thread(target=_pump, args=(host, processes[host].stdout, lines), daemon=True).start()
             open_streams = len(hosts)
             while open_streams or len(codes) < len(hosts):
                 try:

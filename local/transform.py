@@ -110,9 +110,7 @@ def transform_files(
 
     def one(source: Path, target: Path) -> str | None:
         if source.stat().st_size > limit:
-            return (
-                f"{source.stat().st_size / MB:.1f} MB exceeds MaxPayloadInMB={parameters['MaxPayloadInMB']}"
-            )
+            return f"{source.stat().st_size / MB:.1f} MB exceeds MaxPayloadInMB={parameters['MaxPayloadInMB']}"
         reply = client.invoke(
             url,
             source.read_bytes(),
