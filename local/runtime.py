@@ -62,22 +62,7 @@ class Runtime:
         """(argv, environment) that run ``train`` on the tree at ``base``."""
         if self.mode == "process":
             return self.entrypoint("train"), {**self.environ, **env, "SAGEMAKER_BASE_DIR": str(base)}
-        argv = [
-            self.docker,
-            "run",
-            "--rm",
-            "--name",
-            container_name,
-            "--network",
-            "host",
-            "--shm-size",
-            SHM_SIZE,
-            "-v",
-            f"{base.resolve()}:{CONTAINER_BASE}",
-        ]
-        argv += self._env_flags(env)
-        if self.gpus:
-            argv += ["--gpus", "all"]
+        argv = self._docker_run(container_name, env, "--network", "host", "-v", f"{base.resolve()}:{CONTAINER_BASE}")
         return [*argv, self.image, "train"], dict(self.environ)
 
     def serve_command(
@@ -88,23 +73,17 @@ class Runtime:
             extra = {"SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_BIND_TO_PORT": str(port)}
             return self.entrypoint("serve"), {**self.environ, **env, **extra}
         model = (base / "model").resolve()
-        argv = [
-            self.docker,
-            "run",
-            "--rm",
-            "--name",
-            container_name,
-            "-p",
-            f"127.0.0.1:{port}:8080",
-            "--shm-size",
-            SHM_SIZE,
-            "-v",
-            f"{model}:{CONTAINER_BASE}/model",
-        ]
+        mounts = ("-v", f"{model}:{CONTAINER_BASE}/model")
+        argv = self._docker_run(container_name, env, "-p", f"127.0.0.1:{port}:8080", *mounts)
+        return [*argv, self.image, "serve"], dict(self.environ)
+
+    def _docker_run(self, container_name: str, env: Mapping[str, str], *flags: str) -> list[str]:
+        """``docker run`` up to the image: name, shared memory for loader workers, env, GPUs, ``flags``."""
+        argv = [self.docker, "run", "--rm", "--name", container_name, *flags, "--shm-size", SHM_SIZE]
         argv += self._env_flags(env)
         if self.gpus:
             argv += ["--gpus", "all"]
-        return [*argv, self.image, "serve"], dict(self.environ)
+        return argv
 
     def remove_container(self, name: str) -> None:
         """Best effort: a container left behind by a killed CLI."""

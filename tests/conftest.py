@@ -30,8 +30,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(FOLDER_LAYERS[parts[0]])
 
 
-def required_layers() -> set[str]:
-    return {x.strip() for x in os.environ.get("MASKRCNN_REQUIRE_LAYERS", "").split(",") if x.strip()}
+REQUIRED_LAYERS = frozenset(  # read at import, before any test fixture edits the environment
+    x.strip() for x in os.environ.get("MASKRCNN_REQUIRE_LAYERS", "").split(",") if x.strip()
+)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -41,7 +42,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     report = outcome.get_result()
     if not report.skipped or hasattr(report, "wasxfail"):
         return
-    demanded = {m.name for m in item.iter_markers()} & required_layers()
+    demanded = {m.name for m in item.iter_markers()} & REQUIRED_LAYERS
     if demanded:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
@@ -52,8 +53,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No SageMaker or project variable leaks from the developer's shell into a test."""
     for name in list(os.environ):
-        ours = name.startswith(("SAGEMAKER_", "SM_", "MASKRCNN_")) or name == "TRAINING_JOB_NAME"
-        if ours and name != "MASKRCNN_REQUIRE_LAYERS":
+        if name.startswith(("SAGEMAKER_", "SM_", "MASKRCNN_")) or name == "TRAINING_JOB_NAME":
             monkeypatch.delenv(name, raising=False)
 
 

@@ -19,14 +19,6 @@ from tinyjob import REPO, tiny_spec
 from local import runtime as rt
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No SageMaker or job variable leaks in from the shell running the tests (IMAGE, the tag, stays)."""
-    for name in list(os.environ):
-        if name.startswith(("SAGEMAKER_", "MASKRCNN_", "SM_")) or name == "TRAINING_JOB_NAME":
-            monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 synthetic 128 px images in COCO format, made once."""
