@@ -66,6 +66,7 @@ def train_one_epoch(
     state: LoopState,
     *,
     scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
     clip_grad_norm: float = 0.0,
     max_steps: int = 0,
     log_every: int = 10,
@@ -86,8 +87,8 @@ def train_one_epoch(
         timer.data_wait += fetched - start
         images, targets = move_to(images, targets, device)
         autocast = (
-            torch.autocast(device_type="cuda", dtype=torch.float16)
-            if scaler is not None
+            torch.autocast(device_type=device.type, dtype=amp_dtype)
+            if amp_dtype is not None
             else contextlib.nullcontext()
         )
         with autocast:

@@ -4,8 +4,9 @@ Architectures (``arch``):
 
 * ``resnet50_fpn`` / ``resnet50_fpn_v2``: torchvision's Mask R-CNN, for GPUs.
 * ``lite``: a CPU-sized preset for laptops and CI: ResNet-18 body without its last stage, a 96-channel
-  FPN on strides 4-32, a slimmer box head and a narrow two-layer mask head, fewer proposals. At small image sizes the
-  heads dominate the cost, so they shrink the most.
+  FPN on strides 4-16, a box head of two GroupNorm convolutions and one 256-wide layer, a narrow two-layer
+  mask head, fewer proposals. At small image sizes the heads dominate the cost, so they shrink the most;
+  training pools regions with :class:`maskrcnn.roi_align.TrainingRoIAlign` (same values, fast backward).
 
 Pretrained weights come only from a file (the ``pretrained`` channel, or a path baked into the
 image): a torchvision detection checkpoint or a backbone (ImageNet) state dict, as ``.safetensors``
@@ -33,16 +34,17 @@ from torchvision.models import resnet18
 from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops import FrozenBatchNorm2d
 
 from maskrcnn.errors import ModelError
+from maskrcnn.roi_align import TrainingRoIAlign
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: lite's box head has two convolutions
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 # (min_size, max_size) used when the hyperparameters leave them at 0
@@ -115,6 +117,12 @@ def build_model(
             box_detections_per_img=max_detections,
             **sizes,
         )
+        for name in ("box_roi_pool", "mask_roi_pool"):  # same pooling, a backward pass fast on CPU
+            pool = getattr(model.roi_heads, name)
+            setattr(model.roi_heads, name, TrainingRoIAlign(
+                pool.featmap_names, pool.output_size, pool.sampling_ratio,
+                canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level,
+            ))
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model
@@ -161,17 +169,19 @@ def _lite(
         num_classes=None,  # the predictors below carry it
         rpn_anchor_generator=anchors,
         rpn_head=RPNHead(channels, anchors.num_anchors_per_location()[0]),
-        rpn_pre_nms_top_n_train=1000,
-        rpn_post_nms_top_n_train=500,
+        rpn_pre_nms_top_n_train=600,
+        rpn_post_nms_top_n_train=300,
         rpn_pre_nms_top_n_test=500,
         rpn_post_nms_top_n_test=300,
-        box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2, canonical_scale=CANONICAL_SCALE),
-        box_head=TwoMLPHead(channels * 7 * 7, 256),
+        box_roi_pool=TrainingRoIAlign(levels, output_size=7, sampling_ratio=2, canonical_scale=CANONICAL_SCALE),
+        # Two 3x3 convolutions before the FC layer: telling a circle from a rotated square in a 7x7 pool is a
+        # spatial question, which a flat MLP learns far more slowly (held-out AP50 0.74 against 0.67 at epoch 8).
+        box_head=FastRCNNConvFCHead((channels, 7, 7), [channels, channels], [256], norm_layer=group_norm),
         box_predictor=FastRCNNPredictor(256, num_classes),
         box_batch_size_per_image=64,
         box_positive_fraction=0.5,  # 32 positives per image: more signal per step for the classifier and masks
         box_detections_per_img=max_detections,
-        mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2, canonical_scale=CANONICAL_SCALE),
+        mask_roi_pool=TrainingRoIAlign(levels, output_size=14, sampling_ratio=2, canonical_scale=CANONICAL_SCALE),
         mask_head=MaskRCNNHeads(channels, [64, 64], 1, norm_layer=group_norm),
         mask_predictor=MaskRCNNPredictor(64, 64, num_classes),
         **sizes,

@@ -127,6 +127,18 @@ def make_scheduler(optimizer: torch.optim.Optimizer, hp: Hyperparameters, steps_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """float16 on CUDA; bfloat16 on CPUs that compute it natively (AVX512-BF16 or AMX); else none.
+
+    Without native bfloat16 the CPU would emulate it, slower than float32, so those train in float32.
+    """
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    return None
+
+
 def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if hp.optimizer == "adamw":
@@ -212,8 +224,9 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal) 
         total_steps = min(total_steps, hp.max_steps)
     optimizer = make_optimizer(model, hp)
     scheduler = make_scheduler(optimizer, hp, steps_per_epoch, total_steps)
-    use_amp = hp.amp and ctx.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    amp_dtype = autocast_dtype(ctx.device) if hp.amp else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    log.info("mixed precision: %s", amp_dtype or "off")
     fingerprint = {"arch": hp.arch, "classes": train_index.class_names, "seed": hp.seed,
                    "batch_size": hp.batch_size, "world_size": ctx.world_size}
 
@@ -265,7 +278,7 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal) 
         )
         finished = train_one_epoch(
             train_model, optimizer, scheduler, loader, ctx.device, state,
-            scaler=scaler, clip_grad_norm=hp.clip_grad_norm, max_steps=hp.max_steps, log_every=hp.log_every,
+            scaler=scaler, amp_dtype=amp_dtype, clip_grad_norm=hp.clip_grad_norm, max_steps=hp.max_steps, log_every=hp.log_every,
             world_size=ctx.world_size, after_step=after_step,
         )
         if distributed.any_rank(stop(), ctx):
