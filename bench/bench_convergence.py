@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,9 +50,20 @@ def main() -> int:
     (job / "input" / "config" / "hyperparameters.json").write_text(json.dumps(hp))
     env = {**os.environ, "SAGEMAKER_BASE_DIR": str(job), "PYTHONUNBUFFERED": "1"}
     print(f"hyperparameters: {hp}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the job too
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, str(REPO / "images/maskrcnn/train")], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    try:
+        return report(process, job, started)
+    finally:
+        if process.poll() is None:  # interrupted (Ctrl-C, timeout): do not leave the job training
+            process.terminate()
+            process.wait()
+
+
+def report(process: subprocess.Popen[str], job: Path, started: float) -> int:
     eval_seconds = 0.0
     first_hit = None
     loss = "?"

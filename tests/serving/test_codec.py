@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torchvision
 from maskrcnn import codec
 from maskrcnn.codec import RequestOptions
 from maskrcnn.errors import NotAcceptable, RequestError, UnsupportedMediaType
@@ -270,6 +271,22 @@ def test_small_chunks_give_the_same_masks() -> None:
     whole = np.concatenate(list(detections.mask_chunks()), axis=2)
     one_by_one = np.concatenate(list(detections.mask_chunks(pixel_budget=1)), axis=2)
     assert np.array_equal(whole, one_by_one)
+
+
+def test_chunks_equal_torchvision_pasting_for_any_box() -> None:
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(40, 2, generator=generator) * 120
+    sizes = torch.rand(40, 2, generator=generator) * 90
+    sizes[:3] = 0.2  # degenerate, sub-pixel boxes
+    boxes = torch.cat([corners, corners + sizes], dim=1)
+    # clipped to the image as the model's boxes are; pasting still spills a pixel past the edges
+    boxes = torchvision.ops.clip_boxes_to_image(boxes, (90, 120)).numpy().astype(np.float32)
+    probs = torch.rand(40, 1, 28, 28, generator=generator)
+    detections = Detections(boxes, np.linspace(1, 0.1, 40, dtype=np.float32), np.ones(40, np.int64), probs, (90, 120))
+    chunks = np.concatenate(list(detections.mask_chunks(pixel_budget=90 * 120 * 7)), axis=2)
+    expected = np.stack([detections.mask(i) for i in range(40)], axis=2)
+    assert chunks.flags.f_contiguous and chunks.shape == (90, 120, 40)
+    assert np.array_equal(chunks.astype(bool), expected)
 
 
 def test_polygon_and_none_formats() -> None:

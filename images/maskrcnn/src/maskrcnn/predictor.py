@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 
 from maskrcnn.model import ModelSpec, load_model
@@ -63,17 +64,27 @@ class Detections:
     def mask_chunks(self, pixel_budget: int = PASTE_PIXEL_BUDGET) -> Iterator[np.ndarray]:
         """Every binary mask, in order, as (H, W, n) Fortran-ordered uint8 chunks.
 
-        That is the layout pycocotools encodes without copying; pasting a chunk at once costs
-        half as much per mask as one at a time, and the budget bounds the memory it takes.
+        That is the layout pycocotools encodes without copying. Each mask is resized and cut within its
+        own box, exactly as :func:`paste_masks_in_image` does, and only that box is written into the
+        zeroed chunk: no full-size float frame per mask. The budget bounds a chunk's memory.
         """
         height, width = self.image_size
         step = max(1, pixel_budget // max(1, height * width))
+        padded, scale = expand_masks(self.mask_probs, padding=1)
+        boxes = expand_boxes(torch.from_numpy(self.boxes), scale).to(torch.int64).tolist()
         for start in range(0, len(self), step):
-            boxes = torch.from_numpy(self.boxes[start : start + step])
-            probs = paste_masks_in_image(self.mask_probs[start : start + step], boxes, self.image_size)[:, 0]
-            # (n, W, H) C-contiguous is (H, W, n) Fortran-contiguous once transposed.
-            cut = (probs > self.mask_threshold).transpose(1, 2).contiguous().to(torch.uint8)
-            yield cut.numpy().transpose(2, 1, 0)
+            count = min(step, len(self) - start)
+            chunk = np.zeros((height, width, count), dtype=np.uint8, order="F")
+            for j in range(count):
+                bx0, by0, bx1, by1 = boxes[start + j]
+                size = (max(by1 - by0 + 1, 1), max(bx1 - bx0 + 1, 1))
+                x0, x1, y0, y1 = max(bx0, 0), min(bx1 + 1, width), max(by0, 0), min(by1 + 1, height)
+                if x1 <= x0 or y1 <= y0:
+                    continue
+                probs = F.interpolate(padded[start + j][None], size=size, mode="bilinear", align_corners=False)
+                crop = probs[0, 0, y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] > self.mask_threshold
+                chunk[y0:y1, x0:x1, j] = crop.numpy()
+            yield chunk
 
     @classmethod
     def empty(cls, image_size: tuple[int, int]) -> Detections:

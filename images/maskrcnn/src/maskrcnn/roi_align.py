@@ -16,6 +16,8 @@ Inference, CUDA and adaptive sampling (``sampling_ratio <= 0``) keep torchvision
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign, roi_align
@@ -84,16 +86,17 @@ class TrainingRoIAlign(MultiScaleRoIAlign):
         features = _filter_input(x, self.featmap_names)
         if not (torch.is_grad_enabled() and features[0].device.type == "cpu" and self.sampling_ratio > 0):
             return super().forward(x, boxes, image_shapes)
-        if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(
-                features, image_shapes, self.canonical_scale, self.canonical_level
-            )
+        scales: list[float] | None = self.scales  # type: ignore[has-type]  # torchvision leaves it untyped
+        mapper: Any = self.map_levels  # type: ignore[has-type]
+        if scales is None or mapper is None:
+            scales, mapper = _setup_scales(features, image_shapes, self.canonical_scale, self.canonical_level)
+            self.scales, self.map_levels = scales, mapper
         rois = _convert_to_roi_format(boxes)
         if len(features) == 1:
-            return separable_roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
-        levels = self.map_levels(boxes)
+            return separable_roi_align(features[0], rois, self.output_size, scales[0], self.sampling_ratio)
+        levels = mapper(boxes)
         result = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
-        for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
+        for level, (feature, scale) in enumerate(zip(features, scales, strict=True)):
             index = torch.nonzero(levels == level).squeeze(1)
             if index.numel():
                 result[index] = separable_roi_align(

@@ -278,7 +278,8 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal) 
         )
         finished = train_one_epoch(
             train_model, optimizer, scheduler, loader, ctx.device, state,
-            scaler=scaler, amp_dtype=amp_dtype, clip_grad_norm=hp.clip_grad_norm, max_steps=hp.max_steps, log_every=hp.log_every,
+            scaler=scaler, amp_dtype=amp_dtype, clip_grad_norm=hp.clip_grad_norm, max_steps=hp.max_steps,
+            log_every=hp.log_every,
             world_size=ctx.world_size, after_step=after_step,
         )
         if distributed.any_rank(stop(), ctx):
