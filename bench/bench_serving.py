@@ -182,6 +182,43 @@ class Baseline:
                 proc.kill()
 
 
+def _process_table() -> dict[int, tuple[int, str, float]]:
+    """pid -> (parent pid, command line, CPU seconds so far) for every process /proc lists."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        table[int(entry.name)] = (int(fields[1]), cmdline, (int(fields[11]) + int(fields[12])) / tick)
+    return table
+
+
+def stack_cpu(root: int) -> dict[str, float]:
+    """CPU seconds used so far by ``serve`` (pid ``root``) and its descendants, by role."""
+    table = _process_table()
+    roles: dict[str, float] = {"workers": 0.0, "nginx": 0.0, "serve + gunicorn arbiter": 0.0}
+    for pid, (_, cmdline, cpu) in table.items():
+        chain, parent = [], pid
+        while parent in table and parent != root and parent > 1:
+            chain.append(parent)
+            parent = table[parent][0]
+        if parent != root and pid != root:
+            continue
+        if "nginx" in cmdline:
+            roles["nginx"] += cpu
+        elif "maskrcnn.wsgi" in cmdline and len(chain) >= 2:  # forked by the arbiter
+            roles["workers"] += cpu
+        else:
+            roles["serve + gunicorn arbiter"] += cpu
+    return roles
+
+
 def run_server_load(
     port: int, clients: int, jpeg: bytes, attributes: str, seconds: float, ping_every: float
 ) -> tuple[float, list[float], list[float], int]:
@@ -292,10 +329,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         try:
             wait_ready(port, process=server)
+            cpu: dict[str, float] = {}
             for _ in range(args.rounds):
                 base_lat += baseline.phase()
+                before, client_before, wall_before = stack_cpu(server.pid), time.process_time(), time.perf_counter()
                 # Throughput rounds ping rarely: each ping costs the CPU-bound workers a little.
                 _, round_lat, _, round_errors = run_server_load(port, workers, jpeg, attributes, phase, 1.0)
+                after = stack_cpu(server.pid)
+                for role, seconds in after.items():
+                    cpu[role] = cpu.get(role, 0.0) + seconds - before[role]
+                cpu["load generator (this process)"] = (
+                    cpu.get("load generator (this process)", 0.0) + time.process_time() - client_before
+                )
+                cpu["wall"] = cpu.get("wall", 0.0) + time.perf_counter() - wall_before
                 lat += round_lat
                 errors += round_errors
             # Then saturate with twice as many clients as workers and ping every 20 ms.
@@ -322,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         f"full stack via nginx      : {rps:7.2f} req/s   p50 {1000 * statistics.median(lat):7.1f} ms   "
         f"errors {errors}"
     )
+    capacity = cpu.pop("wall") * cpu_count()
+    shares = ", ".join(f"{role} {seconds / capacity:.1%}" for role, seconds in cpu.items())
+    print(f"CPU during full-stack rounds (share of {cpu_count()} cores) : {shares}")
     ratio = rps / base_rps
     overhead = 1000 * (statistics.median(lat) - statistics.median(base_lat))
     ping_p50, ping_p99 = 1000 * pct(pings, 0.5), 1000 * pct(pings, 0.99)
