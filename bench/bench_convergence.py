@@ -73,7 +73,8 @@ def report(process: subprocess.Popen[str], job: Path, started: float) -> int:
             now = time.perf_counter() - started
             ap50 = float(re.search(r"segm_AP50=([0-9.e-]+)", line).group(1))
             epoch = re.search(r"epoch=(\d+)", line).group(1)
-            print(f"epoch {epoch}: {now:6.1f} s wall, held-out segm AP50 {ap50:.3f} (train loss {loss})", flush=True)
+            print(f"epoch {epoch}: {now:6.1f} s wall, {now - eval_seconds:6.1f} s without evaluation, "
+                  f"held-out segm AP50 {ap50:.3f} (train loss {loss})", flush=True)
             if ap50 >= TARGET_AP50 and first_hit is None:
                 first_hit = now
         elif "phase=train" in line:
