@@ -68,19 +68,23 @@ def report(process: subprocess.Popen[str], job: Path, started: float) -> int:
     first_hit = None
     loss = "?"
     assert process.stdout is not None
+    pending: tuple[str, float, float] | None = None  # an evaluation's line comes before its duration
     for line in process.stdout:
         if "phase=eval" in line:
             now = time.perf_counter() - started
             ap50 = float(re.search(r"segm_AP50=([0-9.e-]+)", line).group(1))
-            epoch = re.search(r"epoch=(\d+)", line).group(1)
-            print(f"epoch {epoch}: {now:6.1f} s wall, {now - eval_seconds:6.1f} s without evaluation, "
-                  f"held-out segm AP50 {ap50:.3f} (train loss {loss})", flush=True)
+            pending = (re.search(r"epoch=(\d+)", line).group(1), ap50, now)
             if ap50 >= TARGET_AP50 and first_hit is None:
                 first_hit = now
         elif "phase=train" in line:
             loss = re.search(r" loss=([0-9.e+-]+|nan)", line).group(1)
         elif "evaluation took" in line:
             eval_seconds += float(re.search(r"took ([0-9.]+)s", line).group(1))
+            if pending is not None:
+                epoch, ap50, now = pending
+                print(f"epoch {epoch}: {now:6.1f} s wall, {now - eval_seconds:6.1f} s without evaluation, "
+                      f"held-out segm AP50 {ap50:.3f} (train loss {loss})", flush=True)
+                pending = None
     if process.wait() != 0:
         print((job / "output" / "failure").read_text() if (job / "output" / "failure").exists() else "failed")
         return 1
