@@ -52,6 +52,7 @@ lint: setup  ## ruff, mypy on the package, hadolint on the Dockerfile
 bench: setup  ## training benchmarks (minutes; see docs/benchmarks.md)
 	$(PY) bench/bench_train_loop.py
 	$(PY) bench/bench_coco_eval.py
+	$(PY) bench/bench_roi_align.py
 	$(PY) bench/bench_convergence.py
 
 bench-serving: setup  ## full stack vs bare predictor, response size, cold start (docs/serving.md)

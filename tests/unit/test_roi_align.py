@@ -42,7 +42,7 @@ def test_adaptive_sampling_is_refused() -> None:
         separable_roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(1, 5), (2, 2), 1.0, 0)
 
 
-def test_multiscale_pooler_matches_torchvision_across_levels() -> None:
+def test_multiscale_pooler_matches_torchvision_across_levels(monkeypatch: pytest.MonkeyPatch) -> None:
     generator = torch.Generator().manual_seed(0)
     features = {name: torch.randn(2, 4, 64 // 2**i, 64 // 2**i, generator=generator)
                 for i, name in enumerate(["0", "1", "2"])}
@@ -53,9 +53,18 @@ def test_multiscale_pooler_matches_torchvision_across_levels() -> None:
     shapes = [(256, 256)] * 2
     reference = MultiScaleRoIAlign(["0", "1", "2"], 7, 2, canonical_scale=64)
     ours = TrainingRoIAlign(["0", "1", "2"], 7, 2, canonical_scale=64)
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return separable_roi_align(*args, **kwargs)
+
+    monkeypatch.setattr("maskrcnn.roi_align.separable_roi_align", counted)
     leaves = {k: v.clone().requires_grad_(True) for k, v in features.items()}
     out = ours(leaves, boxes, shapes)
-    assert out.requires_grad  # the separable path ran
+    assert len(calls) == 3 and sum(calls) == 60  # training: the separable form, once per level, every region
     torch.testing.assert_close(out, reference(features, boxes, shapes), rtol=1e-5, atol=1e-5)
+    calls.clear()
     with torch.no_grad():  # inference keeps torchvision's kernel
         torch.testing.assert_close(ours(features, boxes, shapes), reference(features, boxes, shapes))
+    assert calls == []

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 
@@ -105,4 +105,4 @@ class TrainingRoIAlign(MultiScaleRoIAlign):
         return result
 
 
-__all__ = ["TrainingRoIAlign", "roi_align", "separable_roi_align"]
+__all__ = ["TrainingRoIAlign", "separable_roi_align"]
