@@ -2,7 +2,8 @@
 
 Writes a training set and a held-out set (another seed), runs the real `train` entrypoint on a
 hand-made /opt/ml tree with the held-out set as the validation channel, evaluating after every
-epoch, and prints for each evaluation the training seconds so far and the held-out segm AP50.
+epoch, and prints for each evaluation the seconds so far (wall, and without the evaluations, which
+only draw the curve) and the held-out segm AP50.
 The target: AP50 >= 0.85 within 300 s of training on 2 CPU cores.
 
     .venv/bin/python bench/bench_convergence.py [--hp key=value ...] [--images 400] [--size 160]
@@ -37,6 +38,7 @@ def main() -> int:
     parser.add_argument("--heldout", type=int, default=60)
     parser.add_argument("--size", type=int, default=SYNTHETIC_CPU_IMAGE_SIZE)
     parser.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--log", type=Path, help="also write the job's whole log here")
     args = parser.parse_args()
     hp = {**HYPERPARAMETERS, **dict(item.split("=", 1) for item in args.hp)}
     base = Path(tempfile.mkdtemp(prefix="bench-convergence-"))
@@ -56,32 +58,36 @@ def main() -> int:
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
     try:
-        return report(process, job, started)
+        return report(process, job, started, args.log)
     finally:
         if process.poll() is None:  # interrupted (Ctrl-C, timeout): do not leave the job training
             process.terminate()
             process.wait()
 
 
-def report(process: subprocess.Popen[str], job: Path, started: float) -> int:
+def report(process: subprocess.Popen[str], job: Path, started: float, log_path: Path | None) -> int:
     eval_seconds = 0.0
     first_hit = None
     loss = "?"
     assert process.stdout is not None
     pending: tuple[str, float, float] | None = None  # an evaluation's line comes before its duration
+    log = open(log_path, "w") if log_path else None  # noqa: SIM115
     for line in process.stdout:
+        if log is not None:
+            log.write(line)
+            log.flush()
         if "phase=eval" in line:
             now = time.perf_counter() - started
             ap50 = float(re.search(r"segm_AP50=([0-9.e-]+)", line).group(1))
             pending = (re.search(r"epoch=(\d+)", line).group(1), ap50, now)
-            if ap50 >= TARGET_AP50 and first_hit is None:
-                first_hit = now
         elif "phase=train" in line:
             loss = re.search(r" loss=([0-9.e+-]+|nan)", line).group(1)
         elif "evaluation took" in line:
             eval_seconds += float(re.search(r"took ([0-9.]+)s", line).group(1))
             if pending is not None:
                 epoch, ap50, now = pending
+                if ap50 >= TARGET_AP50 and first_hit is None:
+                    first_hit = now - eval_seconds  # training time: start-up included, evaluations not
                 print(f"epoch {epoch}: {now:6.1f} s wall, {now - eval_seconds:6.1f} s without evaluation, "
                       f"held-out segm AP50 {ap50:.3f} (train loss {loss})", flush=True)
                 pending = None
@@ -94,9 +100,9 @@ def report(process: subprocess.Popen[str], job: Path, started: float) -> int:
     if first_hit is None:
         print(f"AP50 never reached {TARGET_AP50}")
         return 1
-    print(f"reached AP50 >= {TARGET_AP50} after {first_hit:.0f} s (wall, incl. start-up and evaluation): "
-          f"{first_hit / BUDGET_S:.2f}x of the {BUDGET_S:.0f} s budget")
-    return 0
+    print(f"reached AP50 >= {TARGET_AP50} after {first_hit:.0f} s of training (start-up included, the "
+          f"per-epoch evaluations not): {first_hit / BUDGET_S:.2f}x of the {BUDGET_S:.0f} s budget")
+    return 0 if first_hit <= BUDGET_S else 1
 
 
 if __name__ == "__main__":

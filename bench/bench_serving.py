@@ -219,10 +219,20 @@ def stack_cpu(root: int) -> dict[str, float]:
     return roles
 
 
+def server_timing(header: str | None) -> dict[str, float]:
+    """``decode;dur=0.41, inference;dur=80.2, ...`` -> {"decode": 0.00041, ...} in seconds."""
+    parts = (item.strip().split(";dur=") for item in (header or "").split(",") if ";dur=" in item)
+    return {name: float(ms) / 1000 for name, ms in parts}
+
+
 def run_server_load(
-    port: int, clients: int, jpeg: bytes, attributes: str, seconds: float, ping_every: float
+    port: int, clients: int, jpeg: bytes, attributes: str, seconds: float, ping_every: float,
+    timings: list[dict[str, float]] | None = None,
 ) -> tuple[float, list[float], list[float], int]:
-    """Closed-loop clients for ``seconds``; returns (req/s, latencies, ping latencies, errors)."""
+    """Closed-loop clients for ``seconds``; returns (req/s, latencies, ping latencies, errors).
+
+    With ``timings``, each answer's Server-Timing (decode, inference, encode) is appended to it.
+    """
     latencies: list[float] = []
     pings: list[float] = []
     errors = [0]
@@ -238,6 +248,8 @@ def run_server_load(
                 response = response_ok = conn.getresponse()
                 response.read()
                 response_ok = response.status == 200
+                if timings is not None and not stop.is_set():
+                    timings.append(server_timing(response.getheader("Server-Timing")))
             except OSError:
                 response_ok = False
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -267,6 +279,8 @@ def run_server_load(
     time.sleep(warmup)
     latencies.clear()
     pings.clear()
+    if timings is not None:
+        timings.clear()
     errors[0] = 0
     time.sleep(seconds)
     count = len(latencies)
@@ -315,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     base_lat: list[float] = []
     lat: list[float] = []
     pings: list[float] = []
+    timings: list[dict[str, float]] = []
     errors = 0
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
@@ -334,7 +349,11 @@ def main(argv: list[str] | None = None) -> int:
                 base_lat += baseline.phase()
                 before, client_before, wall_before = stack_cpu(server.pid), time.process_time(), time.perf_counter()
                 # Throughput rounds ping rarely: each ping costs the CPU-bound workers a little.
-                _, round_lat, _, round_errors = run_server_load(port, workers, jpeg, attributes, phase, 1.0)
+                round_timings: list[dict[str, float]] = []
+                _, round_lat, _, round_errors = run_server_load(
+                    port, workers, jpeg, attributes, phase, 1.0, round_timings
+                )
+                timings += round_timings
                 after = stack_cpu(server.pid)
                 for role, seconds in after.items():
                     cpu[role] = cpu.get(role, 0.0) + seconds - before[role]
@@ -367,6 +386,17 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"full stack via nginx      : {rps:7.2f} req/s   p50 {1000 * statistics.median(lat):7.1f} ms   "
         f"errors {errors}"
+    )
+    inside = {name: 1000 * statistics.median(t.get(name, 0.0) for t in timings) for name in timings[0]}
+    print(
+        "inside the worker (Server-Timing, p50)    : "
+        + ", ".join(f"{name} {ms:.1f} ms" for name, ms in inside.items())
+        + f"; the rest of the p50 (HTTP, nginx, gunicorn, Flask, client) "
+        f"{1000 * statistics.median(lat) - sum(inside.values()):.1f} ms"
+    )
+    print(
+        f"forward in a server worker / bare predictor forward (p50): "
+        f"{inside['inference'] / (1000 * statistics.median(base_lat)):.3f}"
     )
     capacity = cpu.pop("wall") * cpu_count()
     shares = ", ".join(f"{role} {seconds / capacity:.1%}" for role, seconds in cpu.items())

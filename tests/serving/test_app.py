@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -80,6 +81,20 @@ def test_json_answer(client, fake: FakePredictor, sample_jpeg: bytes) -> None:  
     assert item["label"] == 2 and item["label_name"] == "dog" and item["score"] == 0.9
     assert set(item["mask"]) == {"size", "counts"}
     assert fake.calls == [(0.5, 10)]  # model.json's defaults
+
+
+def test_server_timing_splits_the_time(fake: FakePredictor, sample_jpeg: bytes) -> None:
+    """Server-Timing tells the model's milliseconds from decode and encode (here a 60 ms model)."""
+
+    def slow(image: np.ndarray, *options: object) -> Detections:
+        time.sleep(0.06)
+        return FakePredictor.__call__(fake, image, *options)  # type: ignore[arg-type]
+
+    slow.ready, slow.spec = True, fake.spec  # type: ignore[attr-defined]
+    answer = post(create_app(slow, SETTINGS).test_client(), sample_jpeg)  # type: ignore[arg-type]
+    parts = dict(item.strip().split(";dur=") for item in answer.headers["Server-Timing"].split(","))
+    assert set(parts) == {"decode", "inference", "encode"}
+    assert float(parts["inference"]) >= 60 and 0 < float(parts["decode"]) < 60 and 0 < float(parts["encode"]) < 60
 
 
 def test_attributes_reach_the_predictor(client, fake: FakePredictor, sample_jpeg: bytes) -> None:  # type: ignore[no-untyped-def]

@@ -4,7 +4,8 @@
     app = create_app(predictor, settings, run_blocking) # workers: inference off the event loop
 
 Routes: ``GET /ping`` (200 once the predictor is loaded and warm, 503 before), ``POST
-/invocations`` (see :mod:`maskrcnn.codec` for formats and options), ``GET /execution-parameters``
+/invocations`` (see :mod:`maskrcnn.codec` for formats and options; every answer carries a
+``Server-Timing`` header with the milliseconds of decode, inference and encode), ``GET /execution-parameters``
 (batch transform). Everything else is a JSON 404 (405 for a wrong method).
 
 ``run_blocking(fn, timeout)`` runs the CPU-bound part of an invocation (decode, predict, encode)
@@ -19,6 +20,7 @@ else -> 500, logged with its traceback. Bodies are always ``{"error": "..."}``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -61,18 +63,35 @@ def answer(
     response_type: str,
     options: RequestOptions,
     settings: ServeSettings,
-) -> tuple[bytes, str]:
-    """Bytes in, bytes out: decode every image, predict, encode. Runs off the event loop."""
+) -> tuple[bytes, str, str]:
+    """Bytes in, bytes out: decode every image, predict, encode. Runs off the event loop.
+
+    Returns the payload, its media type and a ``Server-Timing`` header value (milliseconds spent in
+    decode, inference and encode), so a client can tell the model's time from everything else's.
+    """
+    started = time.perf_counter()
     images = codec.decode_request(
         body, content_type, max_pixels=settings.max_image_pixels, max_images=settings.max_images
     )
     if response_type == codec.PNG_TYPE and len(images) != 1:
         raise NotAcceptable(f"{codec.PNG_TYPE} answers exactly one image; this request holds {len(images)}")
+    decoded = time.perf_counter()
     results = [predictor(image, options.score_threshold, options.max_detections) for image in images]
+    predicted = time.perf_counter()
     names = predictor.spec.class_names
     if response_type == codec.PNG_TYPE:
-        return codec.encode_png(images[0], results[0], names), codec.PNG_TYPE
-    return codec.encode_json(results, names, options.mask_format), codec.JSON_TYPE
+        payload, mimetype = codec.encode_png(images[0], results[0], names), codec.PNG_TYPE
+    else:
+        payload, mimetype = codec.encode_json(results, names, options.mask_format), codec.JSON_TYPE
+    timing = ", ".join(
+        f"{name};dur={1000 * seconds:.2f}"
+        for name, seconds in (
+            ("decode", decoded - started),
+            ("inference", predicted - decoded),
+            ("encode", time.perf_counter() - predicted),
+        )
+    )
+    return payload, mimetype, timing
 
 
 def create_app(
@@ -111,11 +130,11 @@ def create_app(
         content_type = request.headers.get("Content-Type")
         codec.check_content_type(content_type)
         body = request.get_data(cache=False)
-        payload, mimetype = run(
+        payload, mimetype, timing = run(
             lambda: answer(predictor, body, content_type, response_type, options, settings),
             settings.timeout_s,
         )
-        return Response(payload, status=200, mimetype=mimetype)
+        return Response(payload, status=200, mimetype=mimetype, headers={"Server-Timing": timing})
 
     @app.errorhandler(RequestError)
     def request_error(exc: RequestError) -> tuple[Response, int]:

@@ -4,9 +4,11 @@ Architectures (``arch``):
 
 * ``resnet50_fpn`` / ``resnet50_fpn_v2``: torchvision's Mask R-CNN, for GPUs.
 * ``lite``: a CPU-sized preset for laptops and CI: ResNet-18 body without its last stage, a 96-channel
-  FPN on strides 4-16, a box head of two GroupNorm convolutions and one 256-wide layer, a narrow two-layer
-  mask head, fewer proposals. At small image sizes the heads dominate the cost, so they shrink the most;
-  training pools regions with :class:`maskrcnn.roi_align.TrainingRoIAlign` (same values, fast backward).
+  FPN on strides 4-16, a box head of two GroupNorm convolutions and one LayerNorm'd 256-wide layer
+  (:class:`BoxHead`), a narrow two-layer mask head predicting one mask for all classes, fewer proposals,
+  and :class:`MaskClassifyingRoIHeads` (a second class opinion from the mask head's features). At small
+  image sizes the heads dominate the cost, so they shrink the most; training pools regions with
+  :class:`maskrcnn.roi_align.TrainingRoIAlign` (same values, fast backward).
 
 Pretrained weights come only from a file (the ``pretrained`` channel, or a path baked into the
 image): a torchvision detection checkpoint or a backbone (ImageNet) state dict, as ``.safetensors``
@@ -34,17 +36,18 @@ from torchvision.models import resnet18
 from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import Conv2dNormActivation, FrozenBatchNorm2d
 
 from maskrcnn.errors import ModelError
 from maskrcnn.roi_align import TrainingRoIAlign
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: lite's box head has two convolutions
+FORMAT_VERSION = 3  # 2: lite's box head has two convolutions; 3: lite classifies from the mask head too
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 # (min_size, max_size) used when the hyperparameters leave them at 0
@@ -164,28 +167,154 @@ def _lite(
     # FPN's level rule sends a 224-px box to stride 16; at lite's small image sizes nearly every object
     # would land on the shallowest level, whose features barely tell a circle from a square. Sending a
     # 64-px box to stride 16 (32 px to stride 8) pools every object from features with some depth.
-    return MaskRCNN(
+    model = MaskRCNN(
         backbone,
         num_classes=None,  # the predictors below carry it
         rpn_anchor_generator=anchors,
         rpn_head=RPNHead(channels, anchors.num_anchors_per_location()[0]),
-        rpn_pre_nms_top_n_train=600,
-        rpn_post_nms_top_n_train=300,
+        # 300 candidates per level and 150 regions per image still cover the few objects of a small image;
+        # the region NMS was 10 % of a late training step at 600/300.
+        rpn_pre_nms_top_n_train=300,
+        rpn_post_nms_top_n_train=150,
         rpn_pre_nms_top_n_test=500,
         rpn_post_nms_top_n_test=300,
         box_roi_pool=TrainingRoIAlign(levels, output_size=7, sampling_ratio=2, canonical_scale=CANONICAL_SCALE),
         # Two 3x3 convolutions before the FC layer: telling a circle from a rotated square in a 7x7 pool is a
         # spatial question, which a flat MLP learns far more slowly (held-out AP50 0.74 against 0.67 at epoch 8).
-        box_head=FastRCNNConvFCHead((channels, 7, 7), [channels, channels], [256], norm_layer=group_norm),
+        box_head=BoxHead(channels, 7, 256),
         box_predictor=FastRCNNPredictor(256, num_classes),
-        box_batch_size_per_image=64,
-        box_positive_fraction=0.5,  # 32 positives per image: more signal per step for the classifier and masks
-        box_detections_per_img=max_detections,
         mask_roi_pool=TrainingRoIAlign(levels, output_size=14, sampling_ratio=2, canonical_scale=CANONICAL_SCALE),
         mask_head=MaskRCNNHeads(channels, [64, 64], 1, norm_layer=group_norm),
-        mask_predictor=MaskRCNNPredictor(64, 64, num_classes),
+        mask_predictor=ClassAgnosticMaskPredictor(64, 64, num_classes),
         **sizes,
     )
+    heads = model.roi_heads
+    model.roi_heads = MaskClassifyingRoIHeads(
+        heads.box_roi_pool, heads.box_head, heads.box_predictor,
+        # 48 sampled regions per image, up to half of them objects: the positives train the box classifier,
+        # the masks and the mask classifier; more regions learn more per step but cost more per step (the
+        # mask head runs on every positive), and within 300 s 48 learned most (docs/benchmarks.md).
+        fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=48, positive_fraction=0.5,
+        bbox_reg_weights=None, score_thresh=0.05, nms_thresh=0.5, detections_per_img=max_detections,
+        mask_roi_pool=heads.mask_roi_pool, mask_head=heads.mask_head, mask_predictor=heads.mask_predictor,
+        mask_classifier=MaskClassifier(64, num_classes, width=32),
+    )
+    return model
+
+
+class BoxHead(nn.Sequential):
+    """torchvision's FastRCNNConvFCHead (two 3x3 GroupNorm convolutions, one wide layer) with the wide layer
+    normalised before its ReLU. Without it, three quarters of the 256 units stop firing for good early in
+    training from scratch (measured on two trained models: 59 and 60 of 256 ever active)."""
+
+    def __init__(self, channels: int, pooled: int, width: int):
+        super().__init__(
+            Conv2dNormActivation(channels, channels, 3, norm_layer=group_norm),
+            Conv2dNormActivation(channels, channels, 3, norm_layer=group_norm),
+            nn.Flatten(),
+            nn.Linear(channels * pooled * pooled, width, bias=False),
+            nn.LayerNorm(width),
+            nn.ReLU(inplace=True),
+        )
+
+
+class ClassAgnosticMaskPredictor(MaskRCNNPredictor):
+    """One mask per region whatever its class, presented as the same mask for every class.
+
+    torchvision's loss and inference pick the channel of the region's class; here every channel is one
+    and the same (an expanded view), so each object trains it, three times the signal per weight with three
+    classes, and a region given the wrong class still gets the right outline.
+    """
+
+    def __init__(self, in_channels: int, dim_reduced: int, num_classes: int):
+        super().__init__(in_channels, dim_reduced, 1)
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits.expand(-1, self.num_classes, -1, -1)
+
+
+class MaskClassifier(nn.Module):
+    """Class logits (foreground classes only) from the mask head's 14x14 features of a region.
+
+    Two GroupNorm convolutions (the first halves the grid) and one linear layer. No ReLU sits between
+    unnormalised linear layers: a first version with a 128-wide hidden layer lost 124 of its 128 units
+    to ReLUs that never fire again within a few hundred steps (all 128 with another seed), and the
+    classifier never learned (held-out AP50 0.73 against 0.85).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, pooled: int = 14, width: int = 32):
+        super().__init__()
+        reduced = (pooled + 1) // 2
+        self.conv = nn.Sequential(
+            Conv2dNormActivation(in_channels, width, 3, stride=2, norm_layer=group_norm),
+            Conv2dNormActivation(width, width, 3, norm_layer=group_norm),
+        )
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(width * reduced * reduced, num_classes - 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x))
+
+
+class MaskClassifyingRoIHeads(RoIHeads):
+    """torchvision's RoIHeads plus a second opinion on each region's class from the mask head's features.
+
+    The box head sees a 7x7 pool of every sampled region, background included; telling a circle from a
+    rotated square there is slow to learn from scratch (the lite model's largest error: a rectangle read as
+    a circle a quarter of the time). The mask head already learns each object's outline at 14x14, so a small
+    classifier over its features (:class:`MaskClassifier`) learns the class from the outline.
+
+    Training: cross-entropy of that classifier on the regions the mask head trains on (``loss_mask_class``);
+    its gradient also shapes the shared features. Inference: each detection's score becomes the geometric
+    mean of the box head's score for its class and the mask classifier's probability of the same class,
+    so that of the two answers the box head hedges between ("circle 0.60", "rectangle 0.56") the one the
+    outline contradicts drops. Detections then below ``score_thresh`` are dropped.
+    """
+
+    def __init__(self, *args: Any, mask_classifier: nn.Module, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.mask_classifier = mask_classifier
+        self._sampled_labels: list[torch.Tensor] = []
+
+    def select_training_samples(
+        self, proposals: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None
+    ) -> Any:
+        sampled = super().select_training_samples(proposals, targets)
+        self._sampled_labels = sampled[2]  # per image, in the order the mask head will see the positives
+        return sampled
+
+    def forward(
+        self,
+        features: dict[str, torch.Tensor],
+        proposals: list[torch.Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, torch.Tensor]] | None = None,
+    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        captured: list[torch.Tensor] = []
+        hook = self.mask_head.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            result, losses = super().forward(features, proposals, image_shapes, targets)
+        finally:
+            hook.remove()
+            sampled, self._sampled_labels = self._sampled_labels, []
+        logits = self.mask_classifier(captured[0]).float()
+        if self.training:
+            labels = torch.cat([image_labels[image_labels > 0] for image_labels in sampled]) - 1
+            losses["loss_mask_class"] = (
+                nn.functional.cross_entropy(logits, labels) if len(labels) else logits.sum() * 0.0
+            )
+            return result, losses
+        probabilities = logits.softmax(dim=1).split([len(r["boxes"]) for r in result])
+        for detections, probability in zip(result, probabilities, strict=True):
+            agree = probability.gather(1, (detections["labels"] - 1)[:, None])[:, 0]
+            scores = (detections["scores"].float() * agree).sqrt()
+            keep = torch.where(scores >= self.score_thresh)[0]
+            keep = keep[scores[keep].argsort(descending=True)]
+            for key in list(detections):
+                detections[key] = detections[key][keep]
+            detections["scores"] = scores[keep].to(detections["boxes"].dtype)
+        return result, losses
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
