@@ -387,17 +387,19 @@ def main(argv: list[str] | None = None) -> int:
         f"full stack via nginx      : {rps:7.2f} req/s   p50 {1000 * statistics.median(lat):7.1f} ms   "
         f"errors {errors}"
     )
-    inside = {name: 1000 * statistics.median(t.get(name, 0.0) for t in timings) for name in timings[0]}
+    names = timings[0] if timings else {}
+    inside = {name: 1000 * statistics.median(t.get(name, 0.0) for t in timings) for name in names}
     print(
         "inside the worker (Server-Timing, p50)    : "
         + ", ".join(f"{name} {ms:.1f} ms" for name, ms in inside.items())
         + f"; the rest of the p50 (HTTP, nginx, gunicorn, Flask, client) "
         f"{1000 * statistics.median(lat) - sum(inside.values()):.1f} ms"
     )
-    print(
-        f"forward in a server worker / bare predictor forward (p50): "
-        f"{inside['inference'] / (1000 * statistics.median(base_lat)):.3f}"
-    )
+    if "inference" in inside:
+        print(
+            f"forward in a server worker / bare predictor forward (p50): "
+            f"{inside['inference'] / (1000 * statistics.median(base_lat)):.3f}"
+        )
     capacity = cpu.pop("wall") * cpu_count()
     shares = ", ".join(f"{role} {seconds / capacity:.1%}" for role, seconds in cpu.items())
     print(f"CPU during full-stack rounds (share of {cpu_count()} cores) : {shares}")

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # The demo's training job: the training engineer's CPU preset for the synthetic set (tuned for 2 cores,
 # shared with bench/bench_convergence.py, so the demo trains what the benchmark measured), for 12 epochs
 # instead of 10: the benchmark's budget is 300 s of training, the demo's 600 s for everything, and the
-# longer schedule ends a little higher (~390 s in all on 2 cores). Override one value with
+# longer schedule ends a little higher (~420 s in all on 2 cores). Override one value with
 # `--hp KEY=VALUE`; change the preset in maskrcnn/config.py.
 DEMO_HYPERPARAMETERS: dict[str, str] = {**SYNTHETIC_CPU_PRESET, "epochs": "12"}
 TRAIN_IMAGES = SYNTHETIC_CPU_TRAIN_IMAGES  # synthetic training images, all trained on (as in the benchmark)

@@ -103,14 +103,14 @@ def _square_target(label: int) -> dict[str, torch.Tensor]:
     return {"boxes": torch.tensor([[30.0, 20.0, 80.0, 70.0]]), "labels": torch.tensor([label]), "masks": masks}
 
 
-def test_mask_classifier_trains_on_each_positive_regions_true_class() -> None:
+def test_mask_classifier_loss_reads_the_regions_class() -> None:
     torch.manual_seed(3)
     model = build_model("lite", 4, 96, 96).train()
     model.roi_heads.mask_classifier = _FixedLogits([20.0, -20.0, -20.0])  # "class 1", certain
     image = torch.rand(3, 96, 96)
     right = model([image], [_square_target(1)])["loss_mask_class"]
     wrong = model([image], [_square_target(3)])["loss_mask_class"]
-    assert float(right) < 1e-6 and float(wrong) > 30  # cross-entropy of 40 logits apart
+    assert float(right.detach()) < 1e-6 and float(wrong.detach()) > 30  # cross-entropy of 40 logits apart
 
 
 def test_mask_classifier_gradient_reaches_the_mask_head() -> None:
@@ -121,26 +121,80 @@ def test_mask_classifier_gradient_reaches_the_mask_head() -> None:
     assert grad is not None and float(grad.abs().sum()) > 0
 
 
+def _heads_input(model: torch.nn.Module, seed: int):  # type: ignore[no-untyped-def]
+    torch.manual_seed(seed)
+    images, _ = model.transform([torch.rand(3, 96, 96)])
+    features = model.backbone(images.tensors)
+    proposals, _ = model.rpn(images, features)
+    return features, proposals, images.image_sizes
+
+
 def test_detection_scores_are_rescored_by_the_mask_classifier() -> None:
     from torchvision.models.detection.roi_heads import RoIHeads
 
     torch.manual_seed(5)
     model = build_model("lite", 4, 96, 96).eval()
     heads = model.roi_heads
-    heads.score_thresh = 0.01
     heads.mask_classifier = _FixedLogits([0.0, 0.0, 40.0])  # "class 3", certain
     with torch.inference_mode():
-        images, _ = model.transform([torch.rand(3, 96, 96)])
-        features = model.backbone(images.tensors)
-        proposals, _ = model.rpn(images, features)
-        (plain,), _ = RoIHeads.forward(heads, features, proposals, images.image_sizes)
-        (rescored,), _ = heads(features, proposals, images.image_sizes)
+        features, proposals, sizes = _heads_input(model, 5)
+        heads.score_thresh, heads.detections_per_img = 0.0, 1000
+        (plain,), _ = RoIHeads.forward(heads, features, proposals, sizes)  # box scores, every candidate
+        heads.score_thresh, heads.detections_per_img = 0.3, 5
+        (rescored,), _ = heads(features, proposals, sizes)
     assert (plain["labels"] != 3).any() and (plain["labels"] == 3).any()
     threes = plain["labels"] == 3
-    expected = plain["scores"][threes].sqrt()  # geometric mean with probability 1
-    assert (rescored["labels"] == 3).all()  # the others' probability is 0: dropped below the threshold
-    assert torch.allclose(rescored["scores"], expected.sort(descending=True).values)
-    assert len(rescored["masks"]) == len(rescored["boxes"]) == len(rescored["scores"])
+    final = plain["scores"][threes].sqrt()  # geometric mean with probability 1; the others' is 0
+    order = final.argsort(descending=True)
+    passing = order[final[order] > 0.3][:5]
+    assert (final < 0.3).any() or len(passing) == 5  # the threshold or the limit is doing something
+    assert (rescored["labels"] == 3).all()
+    assert torch.allclose(rescored["scores"], final[passing])
+    assert torch.equal(rescored["boxes"], plain["boxes"][threes][passing])  # boxes follow their scores
+    assert len(rescored["masks"]) == len(rescored["boxes"])
+
+
+def test_the_limit_applies_after_rescoring() -> None:
+    """The box head's top answer is another class; asked for one detection, lite returns the class-3 one."""
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    model = build_model("lite", 4, 96, 96).eval()
+    heads = model.roi_heads
+    heads.mask_classifier = _FixedLogits([0.0, 0.0, 40.0])
+    for seed in range(20):
+        with torch.inference_mode():
+            features, proposals, sizes = _heads_input(model, seed)
+            heads.score_thresh, heads.detections_per_img = 0.05, 1
+            (top,), _ = RoIHeads.forward(heads, features, proposals, sizes)
+            (ours,), _ = heads(features, proposals, sizes)
+        if len(top) and int(top["labels"][0]) != 3:
+            break
+    else:
+        pytest.skip("no seed made the box head put another class first")
+    assert ours["labels"].tolist() == [3]
+
+
+def test_one_foreground_class_keeps_the_box_scores() -> None:
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    torch.manual_seed(8)
+    model = build_model("lite", 2, 96, 96).eval()
+    with torch.inference_mode():
+        features, proposals, sizes = _heads_input(model, 8)
+        (plain,), _ = RoIHeads.forward(model.roi_heads, features, proposals, sizes)
+        (ours,), _ = model.roi_heads(features, proposals, sizes)
+    assert torch.equal(plain["scores"], ours["scores"]) and torch.equal(plain["boxes"], ours["boxes"])
+    model.train()
+    losses = model([torch.rand(3, 96, 96)], [_square_target(1)])
+    assert float(losses["loss_mask_class"].detach()) == 0.0
+
+
+def test_model_json_versions_per_architecture() -> None:
+    old_resnet = ModelSpec("resnet50_fpn", ("a",), 800, 1333, format_version=2).to_json()
+    assert ModelSpec.from_json(old_resnet).format_version == 2  # its network did not change
+    old_lite = ModelSpec("lite", ("a",), 160, 160, format_version=2).to_json()
+    with pytest.raises(ModelError, match=r"format_version 2 .* 'lite' \(3-3\); retrain"):
+        ModelSpec.from_json(old_lite)
 
 
 def test_lite_masks_do_not_depend_on_the_class() -> None:
@@ -154,9 +208,10 @@ def test_lite_masks_do_not_depend_on_the_class() -> None:
     assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in predictor.parameters())
 
 
-def test_lite_box_head_cannot_go_silent() -> None:
+def test_lite_box_head_is_normalised_before_its_relu() -> None:
     """Pushed where unnormalised ReLU units die (every pre-activation negative), torchvision's conv head
-    answers all zeros and learns nothing more; lite's head, normalised before its ReLU, still fires."""
+    answers all zeros; lite's, normalised before its ReLU, still has about half its units firing per region
+    (a learned LayerNorm bias could still silence a unit; what this rules out is the whole layer going dark)."""
     from maskrcnn.model import group_norm
     from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 

@@ -4,7 +4,7 @@
     app = create_app(predictor, settings, run_blocking) # workers: inference off the event loop
 
 Routes: ``GET /ping`` (200 once the predictor is loaded and warm, 503 before), ``POST
-/invocations`` (see :mod:`maskrcnn.codec` for formats and options; every answer carries a
+/invocations`` (see :mod:`maskrcnn.codec` for formats and options; every 200 carries a
 ``Server-Timing`` header with the milliseconds of decode, inference and encode), ``GET /execution-parameters``
 (batch transform). Everything else is a JSON 404 (405 for a wrong method).
 

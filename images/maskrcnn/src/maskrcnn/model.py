@@ -48,6 +48,8 @@ from maskrcnn.roi_align import TrainingRoIAlign
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3  # 2: lite's box head has two convolutions; 3: lite classifies from the mask head too
+# The oldest model.json each architecture still loads from: only lite's network changed since.
+OLDEST_FORMAT = {"lite": 3, "resnet50_fpn": 2, "resnet50_fpn_v2": 2}
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 # (min_size, max_size) used when the hyperparameters leave them at 0
@@ -85,8 +87,12 @@ class ModelSpec:
         try:
             data = json.loads(text)
             data.pop("num_classes", None)
-            if data.get("format_version") != FORMAT_VERSION:
-                raise ModelError(f"model.json format_version {data.get('format_version')} is not {FORMAT_VERSION}")
+            version, oldest = data.get("format_version"), OLDEST_FORMAT.get(data.get("arch"), FORMAT_VERSION)
+            if not isinstance(version, int) or not oldest <= version <= FORMAT_VERSION:
+                raise ModelError(
+                    f"model.json format_version {version} is not one this image loads for arch "
+                    f"{data.get('arch')!r} ({oldest}-{FORMAT_VERSION}); retrain the model with this image"
+                )
             data["class_names"] = tuple(data["class_names"])
             names = {f.name for f in dataclasses.fields(cls)}
             return cls(**{k: v for k, v in data.items() if k in names})
@@ -269,7 +275,10 @@ class MaskClassifyingRoIHeads(RoIHeads):
     its gradient also shapes the shared features. Inference: each detection's score becomes the geometric
     mean of the box head's score for its class and the mask classifier's probability of the same class,
     so that of the two answers the box head hedges between ("circle 0.60", "rectangle 0.56") the one the
-    outline contradicts drops. Detections then below ``score_thresh`` are dropped.
+    outline contradicts drops. ``score_thresh`` and ``detections_per_img`` apply to the final scores: the box
+    head's candidates are taken down to ``score_thresh ** 2`` (the lowest box score that can still pass, as
+    the probability is at most 1) and up to twice ``detections_per_img``, then rescored, cut and sorted.
+    With a single foreground class there is nothing to tell apart: no rescoring, and the loss is zero.
     """
 
     def __init__(self, *args: Any, mask_classifier: nn.Module, **kwargs: Any):
@@ -291,29 +300,38 @@ class MaskClassifyingRoIHeads(RoIHeads):
         image_shapes: list[tuple[int, int]],
         targets: list[dict[str, torch.Tensor]] | None = None,
     ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        threshold: float = self.score_thresh  # type: ignore[has-type]  # torchvision sets it untyped
+        limit: int = self.detections_per_img  # type: ignore[has-type]
+        rescore = not self.training and self.box_predictor.cls_score.out_features > 2
+        if rescore:
+            self.score_thresh, self.detections_per_img = threshold**2, 2 * limit
         captured: list[torch.Tensor] = []
         hook = self.mask_head.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
             result, losses = super().forward(features, proposals, image_shapes, targets)
         finally:
             hook.remove()
+            self.score_thresh, self.detections_per_img = threshold, limit
             sampled, self._sampled_labels = self._sampled_labels, []
         logits = self.mask_classifier(captured[0]).float()
         if self.training:
             labels = torch.cat([image_labels[image_labels > 0] for image_labels in sampled]) - 1
+            useful = len(labels) and logits.shape[1] > 1
             losses["loss_mask_class"] = (
-                nn.functional.cross_entropy(logits, labels) if len(labels) else logits.sum() * 0.0
+                nn.functional.cross_entropy(logits, labels) if useful else logits.sum() * 0.0
             )
+            return result, losses
+        if not rescore:
             return result, losses
         probabilities = logits.softmax(dim=1).split([len(r["boxes"]) for r in result])
         for detections, probability in zip(result, probabilities, strict=True):
             agree = probability.gather(1, (detections["labels"] - 1)[:, None])[:, 0]
-            scores = (detections["scores"].float() * agree).sqrt()
-            keep = torch.where(scores >= self.score_thresh)[0]
-            keep = keep[scores[keep].argsort(descending=True)]
+            scores = (detections["scores"].float() * agree).sqrt().to(detections["scores"].dtype)
+            keep = torch.where(scores > threshold)[0]
+            keep = keep[scores[keep].argsort(descending=True)][:limit]
             for key in list(detections):
                 detections[key] = detections[key][keep]
-            detections["scores"] = scores[keep].to(detections["boxes"].dtype)
+            detections["scores"] = scores[keep]
         return result, losses
 
 

@@ -107,7 +107,8 @@ class Predictor:
       CHW tensor; an image larger than the model's working size is shrunk (antialiased, in uint8)
       before it becomes floats, so memory follows the model's size and not the upload's;
     * per-call ``score_threshold`` and ``max_detections`` (defaults from model.json), applied
-      inside the ROI heads so that masks are computed only for detections that will be returned;
+      inside the ROI heads so that masks are computed only for detections that may be returned
+      (lite's heads rescore with the mask head and look at up to twice as many candidates);
     * output: :class:`Detections` with numpy boxes in the original image's coordinates and masks
       pasted lazily at full resolution, cut at model.json's ``mask_threshold``;
     * ``torch.inference_mode`` and a warm-up inference at load; ``ready`` is True only after it.

@@ -50,7 +50,7 @@ from maskrcnn.data import (
 )
 from maskrcnn.engine import LoopState, evaluate, train_one_epoch
 from maskrcnn.errors import ConfigError, DataError, JobError
-from maskrcnn.model import DEFAULT_SIZES, ModelSpec, build_model, save_model
+from maskrcnn.model import DEFAULT_SIZES, FORMAT_VERSION, ModelSpec, build_model, save_model
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +230,8 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal) 
     amp_dtype = autocast_dtype(ctx.device) if hp.amp else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     log.info("mixed precision: %s", amp_dtype or "off")
-    fingerprint = {"arch": hp.arch, "classes": train_index.class_names, "seed": hp.seed,
-                   "batch_size": hp.batch_size, "world_size": ctx.world_size}
+    fingerprint = {"arch": hp.arch, "format": FORMAT_VERSION, "classes": train_index.class_names,
+                   "seed": hp.seed, "batch_size": hp.batch_size, "world_size": ctx.world_size}
 
     state = LoopState()
     payload = checkpoint.load(config.paths.checkpoints_dir) if ctx.is_main else None
