@@ -302,7 +302,8 @@ class MaskClassifyingRoIHeads(RoIHeads):
     ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
         threshold: float = self.score_thresh  # type: ignore[has-type]  # torchvision sets it untyped
         limit: int = self.detections_per_img  # type: ignore[has-type]
-        rescore = not self.training and self.box_predictor.cls_score.out_features > 2
+        several = self.box_predictor.cls_score.out_features > 2  # more than one foreground class to tell apart
+        rescore = several and not self.training
         if rescore:
             self.score_thresh, self.detections_per_img = threshold**2, 2 * limit
         captured: list[torch.Tensor] = []
@@ -316,9 +317,8 @@ class MaskClassifyingRoIHeads(RoIHeads):
         logits = self.mask_classifier(captured[0]).float()
         if self.training:
             labels = torch.cat([image_labels[image_labels > 0] for image_labels in sampled]) - 1
-            useful = len(labels) and logits.shape[1] > 1
             losses["loss_mask_class"] = (
-                nn.functional.cross_entropy(logits, labels) if useful else logits.sum() * 0.0
+                nn.functional.cross_entropy(logits, labels) if several and len(labels) else logits.sum() * 0.0
             )
             return result, losses
         if not rescore:
