@@ -140,3 +140,28 @@ def test_bad_data_fails_fast_with_an_actionable_reason(tmp_path: Path, case: str
         root.mkdir()
     with pytest.raises(DataError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         load_index(root)
+
+
+def test_a_cached_dataset_decodes_each_file_once_and_serves_the_same_samples(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import maskrcnn.data
+
+    write_coco_dataset(tmp_path, num_images=4, seed=0, size=64)
+    index = load_index(tmp_path)
+    plain = InstanceDataset(index, train_transforms(0.5, True), seed=3)
+    cached = InstanceDataset(index, train_transforms(0.5, True), seed=3, cache=True)
+    reads: list[Path] = []
+    real_load = maskrcnn.data.load_rgb
+    monkeypatch.setattr(maskrcnn.data, "load_rgb", lambda path: reads.append(path) or real_load(path))
+    for epoch in range(3):
+        for dataset in (plain, cached):
+            dataset.set_epoch(epoch)
+        for i in range(4):
+            (image_a, target_a), (image_b, target_b) = plain[i], cached[i]
+            assert torch.equal(image_a, image_b)
+            assert all(torch.equal(target_a[k], target_b[k]) for k in ("boxes", "masks", "labels"))
+            target_b["masks"].zero_()  # what a consumer does to its sample does not reach the cache
+    assert len(reads) == 3 * 4 + 4  # the plain set reads every epoch, the cached one once
+    expected = sum(64 * 64 * (3 + len(index.annotations.get(im["id"], []))) for im in index.images)
+    assert index.decoded_bytes() == expected

@@ -192,8 +192,8 @@ def test_one_foreground_class_keeps_the_box_scores() -> None:
 def test_model_json_versions_per_architecture() -> None:
     old_resnet = ModelSpec("resnet50_fpn", ("a",), 800, 1333, format_version=2).to_json()
     assert ModelSpec.from_json(old_resnet).format_version == 2  # its network did not change
-    old_lite = ModelSpec("lite", ("a",), 160, 160, format_version=2).to_json()
-    with pytest.raises(ModelError, match=r"format_version 2 .* 'lite' \(3-3\); retrain"):
+    old_lite = ModelSpec("lite", ("a",), 160, 160, format_version=3).to_json()
+    with pytest.raises(ModelError, match=r"format_version 3 .* 'lite' \(4-4\); retrain"):
         ModelSpec.from_json(old_lite)
 
 
@@ -230,3 +230,19 @@ def test_lite_box_head_is_normalised_before_its_relu() -> None:
     assert not bool((silent > 0).any())
     active = (alive > 0).float().mean(dim=1)  # per region: about half the units fire
     assert alive.shape == (32, 256) and bool(((active > 0.25) & (active < 0.75)).all())
+
+
+def test_lite_pools_masks_one_level_finer_than_boxes() -> None:
+    """Masks are pooled one FPN level finer than the box head's features (stride 4 for objects up to
+    ~90 px): at stride 8 a 40-px shape is 5x5 cells, too coarse to see where a shape in front cuts it."""
+    torch.manual_seed(9)
+    model = build_model("lite", 4, 160, 160).eval()
+    with torch.inference_mode():
+        model([torch.rand(3, 160, 160)])  # the poolers learn the feature strides on their first call
+    heads = model.roi_heads
+    sides = torch.tensor([24.0, 40.0, 63.0, 90.0])
+    boxes = torch.stack([torch.zeros(4), torch.zeros(4), sides, sides], dim=1)
+    box_levels = heads.box_roi_pool.map_levels([boxes]).tolist()
+    mask_levels = heads.mask_roi_pool.map_levels([boxes]).tolist()
+    assert box_levels == [0, 1, 1, 2]  # level 0 is stride 4, 1 stride 8, 2 stride 16
+    assert mask_levels == [0, 0, 0, 1]

@@ -47,7 +47,7 @@ class Hyperparameters:
     warmup_steps: int = 50  # linear warm-up from lr * warmup_factor to lr
     warmup_factor: float = 0.001  # starting fraction of lr during warm-up
     clip_grad_norm: float = 10.0  # max gradient L2 norm (0 = no clipping)
-    amp: bool = True  # mixed precision: float16 on CUDA, bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX)
+    amp: bool = True  # mixed precision: float16 on CUDA, bfloat16 on CPUs with AMX (elsewhere float32 is faster)
     min_size: int = 0  # shorter image side fed to the model (0 = the arch's default)
     max_size: int = 0  # longer side cap (0 = the arch's default)
     hflip: float = 0.5  # horizontal flip probability (boxes and masks move with the image)
@@ -309,7 +309,7 @@ def _read_json(path: Path, default: Any) -> Any:
 # bench/bench_convergence.py train with, tuned for 2 CPU cores (docs/benchmarks.md has the curve).
 SYNTHETIC_CPU_PRESET: dict[str, str] = {
     "arch": "lite",
-    "epochs": "10",  # ~270 s of training on 2 cores (bench/bench_convergence.py)
+    "epochs": "10",  # ~270-340 s of training on 2 cores (bench/bench_convergence.py)
     "batch_size": "4",
     "min_size": "160",
     "max_size": "160",

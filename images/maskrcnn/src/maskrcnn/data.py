@@ -59,6 +59,14 @@ class DatasetIndex:
         """Including background, as torchvision's Mask R-CNN counts them."""
         return len(self.class_names) + 1
 
+    def decoded_bytes(self) -> int:
+        """Memory for every image decoded (3 bytes a pixel) with its instance masks (1 byte a pixel each)."""
+        total = 0
+        for im in self.images:
+            masks = sum(1 for a in self.annotations.get(im["id"], []) if not a.get("iscrowd", 0))
+            total += im["width"] * im["height"] * (3 + masks)
+        return total
+
     def subset(self, image_ids: Sequence[int]) -> DatasetIndex:
         keep = set(image_ids)
         return DatasetIndex(
@@ -271,13 +279,20 @@ class InstanceDataset(torch.utils.data.Dataset):
 
     Augmentation is seeded per (seed, epoch, sample) in a forked RNG, so results do not depend on
     worker count or on where a resumed run picks up, and the caller's RNG is left untouched.
+    With ``cache=True`` each image and its masks are decoded once and kept (uint8) for later epochs;
+    augmentation still runs on every read. Only worth it in the training process itself (``num_workers=0``):
+    a loader worker's cache dies with the worker at the end of each epoch.
     """
 
-    def __init__(self, index: DatasetIndex, transforms: Callable[..., Any] | None, seed: int = 0):
+    def __init__(self, index: DatasetIndex, transforms: Callable[..., Any] | None, seed: int = 0,
+                 cache: bool = False):
         self.index = index
         self.transforms = transforms
         self.seed = seed
         self.epoch = 0
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = (
+            {} if cache else None
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -285,7 +300,8 @@ class InstanceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _decode(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image (uint8 CHW), masks (uint8 NHW), boxes (XYXY) and labels of sample ``i``."""
         meta = self.index.images[i]
         image = load_rgb(meta["path"])
         width, height = image.size
@@ -299,13 +315,25 @@ class InstanceDataset(torch.utils.data.Dataset):
             ys, xs = torch.nonzero(mask_t[k], as_tuple=True)
             if len(xs):
                 boxes[k] = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+        labels = torch.tensor([a["label"] for a in anns], dtype=torch.int64)
+        return F.pil_to_tensor(image), mask_t, boxes, labels
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        if self._cache is None:
+            pixels, masks, boxes, labels = self._decode(i)
+        else:
+            if i not in self._cache:
+                self._cache[i] = self._decode(i)
+            # copies: neither augmentation nor the model may write into what later epochs read
+            pixels, masks, boxes, labels = (t.clone() for t in self._cache[i])
+        height, width = pixels.shape[-2:]
         target: dict[str, Any] = {
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
-            "masks": tv_tensors.Mask(mask_t),
-            "labels": torch.tensor([a["label"] for a in anns], dtype=torch.int64),
-            "image_id": meta["id"],
+            "masks": tv_tensors.Mask(masks),
+            "labels": labels,
+            "image_id": self.index.images[i]["id"],
         }
-        img = tv_tensors.Image(F.pil_to_tensor(image))
+        img = tv_tensors.Image(pixels)
         if self.transforms is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + i) % (2**63))
