@@ -131,10 +131,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, hp: Hyperparameters, steps_
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """float16 on CUDA; bfloat16 on CPUs with AMX tiles; else none (float32).
 
-    bfloat16 pays on a CPU only where its matrix units do the work: with AMX a lite step took 284 ms
-    against 409 ms in float32, but on a Xeon that exposes AVX512-BF16 without AMX the same step took 396 ms
-    against 283 ms (the casts around every op cost more than the narrower dot products save), and
-    without either the CPU would emulate it. docs/benchmarks.md has both measurements.
+    Measured on two VMs of the same class: on session 2's, bfloat16 made a lite step 1.4x faster (284 against
+    409 ms); on session 4's, which exposes AVX512-BF16 but no AMX tiles, 1.4x slower (396 against 283 ms: the
+    casts around every op cost more than the narrower dot products save). AMX is what tells them apart from
+    inside; without AVX512-BF16 either, the CPU would emulate bfloat16. docs/benchmarks.md has both.
     """
     if device.type == "cuda":
         return torch.float16
