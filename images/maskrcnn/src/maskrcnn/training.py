@@ -224,9 +224,10 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal) 
     ).to(ctx.device)
     # Decode each training image once, not every epoch (4 % of a lite step on 2 cores), where it fits and the
     # samples are read in this process: a loader worker's copy would die with the worker at each epoch's end.
-    cache = hp.num_workers == 0 and train_index.decoded_bytes() <= DECODED_CACHE_LIMIT
+    decoded = train_index.decoded_bytes()
+    cache = hp.num_workers == 0 and decoded <= DECODED_CACHE_LIMIT
     if cache:
-        log.info("keeping the decoded training images in memory (%.0f MB)", train_index.decoded_bytes() / 2**20)
+        log.info("keeping the decoded training images in memory (%.0f MB)", decoded / 2**20)
     train_set = InstanceDataset(train_index, train_transforms(hp.hflip, hp.photometric), seed=hp.seed, cache=cache)
     sampler: DistributedSampler = DistributedSampler(
         train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=hp.seed
