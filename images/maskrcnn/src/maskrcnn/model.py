@@ -4,10 +4,10 @@ Architectures (``arch``):
 
 * ``resnet50_fpn`` / ``resnet50_fpn_v2``: torchvision's Mask R-CNN, for GPUs.
 * ``lite``: a CPU-sized preset for laptops and CI: ResNet-18 body without its last stage, a 96-channel
-  FPN on strides 4-16, a box head of two GroupNorm convolutions and one LayerNorm'd 256-wide layer
-  (:class:`BoxHead`), a narrow two-layer mask head predicting one mask for all classes from features
-  pooled one FPN level finer than the box head's, fewer proposals,
-  and :class:`MaskClassifyingRoIHeads` (a second class opinion from the mask head's features). At small
+  FPN on strides 4-16 whose RPN proposes from strides 8-32 only (:class:`LevelsRPN`), a box head of two
+  GroupNorm convolutions and one LayerNorm'd 256-wide layer (:class:`BoxHead`), a narrow two-layer mask
+  head predicting one mask for all classes from features pooled one FPN level finer than the box head's,
+  fewer proposals, and :class:`MaskClassifyingRoIHeads` (a second class opinion from the mask head's features). At small
   image sizes the heads dominate the cost, so they shrink the most; training pools regions with
   :class:`maskrcnn.roi_align.TrainingRoIAlign` (same values, fast backward).
 
@@ -40,7 +40,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import Conv2dNormActivation, FrozenBatchNorm2d
 
 from maskrcnn.errors import ModelError
@@ -49,10 +50,10 @@ from maskrcnn.roi_align import TrainingRoIAlign
 log = logging.getLogger(__name__)
 
 # 2: lite's box head has two convolutions; 3: lite classifies from the mask head too; 4: lite pools masks
-# from finer features (MASK_CANONICAL_SCALE)
-FORMAT_VERSION = 4
+# from finer features (MASK_CANONICAL_SCALE); 5: lite's RPN proposes from strides 8-32 (LevelsRPN)
+FORMAT_VERSION = 5
 # The oldest model.json each architecture still loads from: only lite's network changed since.
-OLDEST_FORMAT = {"lite": 4, "resnet50_fpn": 2, "resnet50_fpn_v2": 2}
+OLDEST_FORMAT = {"lite": 5, "resnet50_fpn": 2, "resnet50_fpn_v2": 2}
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 # (min_size, max_size) used when the hyperparameters leave them at 0
@@ -170,9 +171,10 @@ def _lite(
         out_channels=channels,
         norm_layer=group_norm,
     )
-    anchors = AnchorGenerator(
-        sizes=((12, 16), (24, 32), (48, 64), (96, 128)), aspect_ratios=((0.5, 1.0, 2.0),) * 4
-    )
+    # Proposals from strides 8 to 32 only: the RPN's stride-4 level held three quarters of the anchors and its
+    # 3x3 convolution at 40x40 a tenth of a training step, for 12-16 px anchors that small images rarely need.
+    rpn_levels = ["1", "2", "pool"]
+    anchors = AnchorGenerator(sizes=((16, 24), (32, 48), (64, 128)), aspect_ratios=((0.5, 1.0, 2.0),) * 3)
     levels = ["0", "1", "2"]
     # FPN's level rule sends a 224-px box to stride 16; at lite's small image sizes nearly every object
     # would land on the shallowest level, whose features barely tell a circle from a square. Sending a
@@ -203,6 +205,12 @@ def _lite(
         mask_predictor=ClassAgnosticMaskPredictor(64, 64, num_classes),
         **sizes,
     )
+    rpn = model.rpn
+    model.rpn = LevelsRPN(
+        rpn_levels, rpn.anchor_generator, rpn.head, fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
+        positive_fraction=0.5, pre_nms_top_n=rpn._pre_nms_top_n, post_nms_top_n=rpn._post_nms_top_n,
+        nms_thresh=rpn.nms_thresh, score_thresh=rpn.score_thresh,
+    )
     heads = model.roi_heads
     model.roi_heads = MaskClassifyingRoIHeads(
         heads.box_roi_pool, heads.box_head, heads.box_predictor,
@@ -217,6 +225,22 @@ def _lite(
         mask_classifier=MaskClassifier(64, num_classes, width=32),
     )
     return model
+
+
+class LevelsRPN(RegionProposalNetwork):
+    """torchvision's RPN on a subset of the feature levels (``levels``, in order); the others are ignored."""
+
+    def __init__(self, levels: list[str], *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.levels = levels
+
+    def forward(
+        self,
+        images: ImageList,
+        features: dict[str, torch.Tensor],
+        targets: list[dict[str, torch.Tensor]] | None = None,
+    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        return super().forward(images, {name: features[name] for name in self.levels}, targets)
 
 
 class BoxHead(nn.Sequential):
