@@ -175,6 +175,28 @@ def test_the_limit_applies_after_rescoring() -> None:
     assert ours["labels"].tolist() == [3]
 
 
+def test_masks_are_predicted_for_the_survivors_only_and_match_the_full_path() -> None:
+    """lite predicts masks only for the detections that survive rescoring; each is the mask torchvision's
+    path computes for the same box and class among all the candidates."""
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    model = build_model("lite", 4, 96, 96).eval()
+    heads = model.roi_heads
+    calls: list[int] = []
+    heads.mask_predictor.register_forward_hook(lambda _m, inputs, _o: calls.append(len(inputs[0])))
+    with torch.inference_mode():
+        features, proposals, sizes = _heads_input(model, 3)
+        heads.score_thresh, heads.detections_per_img = 0.05, 5
+        (ours,), _ = heads(features, proposals, sizes)
+        heads.score_thresh, heads.detections_per_img = 0.05**2, 10  # the candidates lite rescores
+        (every,), _ = RoIHeads.forward(heads, features, proposals, sizes)
+    assert calls[0] == len(ours["boxes"]) == 5 and calls[1] == len(every["boxes"]) == 10
+    for box, label, mask in zip(ours["boxes"], ours["labels"], ours["masks"], strict=True):
+        same = [i for i in range(len(every["boxes"])) if torch.equal(every["boxes"][i], box)
+                and every["labels"][i] == label]
+        assert len(same) == 1 and torch.allclose(every["masks"][same[0]], mask, atol=1e-6)
+
+
 def test_one_foreground_class_keeps_the_box_scores() -> None:
     from torchvision.models.detection.roi_heads import RoIHeads
 

@@ -38,9 +38,9 @@ from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn, maskrc
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import Conv2dNormActivation, FrozenBatchNorm2d
 
@@ -312,8 +312,9 @@ class MaskClassifyingRoIHeads(RoIHeads):
     so that of the two answers the box head hedges between ("circle 0.60", "rectangle 0.56") the one the
     outline contradicts drops. ``score_thresh`` and ``detections_per_img`` apply to the final scores: the box
     head's candidates are taken down to ``score_thresh ** 2`` (the lowest box score that can still pass, as
-    the probability is at most 1) and up to twice ``detections_per_img``, then rescored, cut and sorted.
-    With a single foreground class there is nothing to tell apart: no rescoring, and the loss is zero.
+    the probability is at most 1) and up to twice ``detections_per_img``, then rescored, cut and sorted, and
+    only the survivors go on to the mask predictor. With a single foreground class there is nothing to tell
+    apart: no rescoring, and the loss is zero.
     """
 
     def __init__(self, *args: Any, mask_classifier: nn.Module, **kwargs: Any):
@@ -335,39 +336,56 @@ class MaskClassifyingRoIHeads(RoIHeads):
         image_shapes: list[tuple[int, int]],
         targets: list[dict[str, torch.Tensor]] | None = None,
     ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-        threshold: float = self.score_thresh  # type: ignore[has-type]  # torchvision sets it untyped
-        limit: int = self.detections_per_img  # type: ignore[has-type]
         several = self.box_predictor.cls_score.out_features > 2  # more than one foreground class to tell apart
-        rescore = several and not self.training
-        if rescore:
-            self.score_thresh, self.detections_per_img = threshold**2, 2 * limit
+        if not self.training:
+            return (self._detect(features, proposals, image_shapes) if several else
+                    super().forward(features, proposals, image_shapes))
         captured: list[torch.Tensor] = []
         hook = self.mask_head.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
             result, losses = super().forward(features, proposals, image_shapes, targets)
         finally:
             hook.remove()
-            self.score_thresh, self.detections_per_img = threshold, limit
             sampled, self._sampled_labels = self._sampled_labels, []
         logits = self.mask_classifier(captured[0]).float()
-        if self.training:
-            labels = torch.cat([image_labels[image_labels > 0] for image_labels in sampled]) - 1
-            losses["loss_mask_class"] = (
-                nn.functional.cross_entropy(logits, labels) if several and len(labels) else logits.sum() * 0.0
-            )
-            return result, losses
-        if not rescore:
-            return result, losses
-        probabilities = logits.softmax(dim=1).split([len(r["boxes"]) for r in result])
-        for detections, probability in zip(result, probabilities, strict=True):
-            agree = probability.gather(1, (detections["labels"] - 1)[:, None])[:, 0]
-            scores = (detections["scores"].float() * agree).sqrt().to(detections["scores"].dtype)
-            keep = torch.where(scores > threshold)[0]
-            keep = keep[scores[keep].argsort(descending=True)][:limit]
-            for key in list(detections):
-                detections[key] = detections[key][keep]
-            detections["scores"] = scores[keep]
+        labels = torch.cat([image_labels[image_labels > 0] for image_labels in sampled]) - 1
+        losses["loss_mask_class"] = (
+            nn.functional.cross_entropy(logits, labels) if several and len(labels) else logits.sum() * 0.0
+        )
         return result, losses
+
+    def _detect(
+        self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor], image_shapes: list[tuple[int, int]]
+    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """Inference: the box head's candidates, rescored by the mask classifier and cut; only the detections
+        that survive get a mask (the transposed convolution costs as much as the mask head before it)."""
+        threshold: float = self.score_thresh  # type: ignore[has-type]  # torchvision sets it untyped
+        limit: int = self.detections_per_img  # type: ignore[has-type]
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        self.score_thresh, self.detections_per_img = threshold**2, 2 * limit
+        try:
+            boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        finally:
+            self.score_thresh, self.detections_per_img = threshold, limit
+        mask_features = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
+        probabilities = self.mask_classifier(mask_features).float().softmax(dim=1)
+        result: list[dict[str, torch.Tensor]] = []
+        kept: list[torch.Tensor] = []
+        offset = 0
+        for image_boxes, image_scores, image_labels in zip(boxes, scores, labels, strict=True):
+            agree = probabilities[offset : offset + len(image_boxes)].gather(1, (image_labels - 1)[:, None])[:, 0]
+            rescored = (image_scores.float() * agree).sqrt().to(image_scores.dtype)
+            keep = torch.where(rescored > threshold)[0]
+            keep = keep[rescored[keep].argsort(descending=True)][:limit]
+            result.append({"boxes": image_boxes[keep], "labels": image_labels[keep], "scores": rescored[keep]})
+            kept.append(keep + offset)
+            offset += len(image_boxes)
+        mask_logits = self.mask_predictor(mask_features[torch.cat(kept)])
+        masks = maskrcnn_inference(mask_logits, [r["labels"] for r in result])
+        for detections, image_masks in zip(result, masks, strict=True):
+            detections["masks"] = image_masks
+        return result, {}
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
