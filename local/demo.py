@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 # The demo's training job: the training engineer's CPU preset for the synthetic set (tuned for 2 cores,
 # shared with bench/bench_convergence.py, so the demo trains what the benchmark measured). Its 10 epochs
-# take ~340 s of training on a 2-core VM without AMX (session 3's 12 epochs would have taken ~10 min in
+# take ~305 s of training on a 2-core VM without AMX (session 3's 12 epochs would have taken ~10 min in
 # all there). Override one value with `--hp KEY=VALUE`; change the preset in maskrcnn/config.py.
 DEMO_HYPERPARAMETERS: dict[str, str] = dict(SYNTHETIC_CPU_PRESET)
 TRAIN_IMAGES = SYNTHETIC_CPU_TRAIN_IMAGES  # synthetic training images, all trained on (as in the benchmark)

@@ -205,12 +205,7 @@ def _lite(
         mask_predictor=ClassAgnosticMaskPredictor(64, 64, num_classes),
         **sizes,
     )
-    rpn = model.rpn
-    model.rpn = LevelsRPN(
-        rpn_levels, rpn.anchor_generator, rpn.head, fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
-        positive_fraction=0.5, pre_nms_top_n=rpn._pre_nms_top_n, post_nms_top_n=rpn._post_nms_top_n,
-        nms_thresh=rpn.nms_thresh, score_thresh=rpn.score_thresh,
-    )
+    model.rpn = LevelsRPN.from_rpn(model.rpn, rpn_levels)
     heads = model.roi_heads
     model.roi_heads = MaskClassifyingRoIHeads(
         heads.box_roi_pool, heads.box_head, heads.box_predictor,
@@ -233,6 +228,18 @@ class LevelsRPN(RegionProposalNetwork):
     def __init__(self, levels: list[str], *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.levels = levels
+
+    @classmethod
+    def from_rpn(cls, rpn: RegionProposalNetwork, levels: list[str]) -> LevelsRPN:
+        """The same RPN (its modules and every setting) restricted to ``levels``."""
+        return cls(
+            levels, rpn.anchor_generator, rpn.head,
+            fg_iou_thresh=rpn.proposal_matcher.high_threshold, bg_iou_thresh=rpn.proposal_matcher.low_threshold,
+            batch_size_per_image=rpn.fg_bg_sampler.batch_size_per_image,
+            positive_fraction=rpn.fg_bg_sampler.positive_fraction,
+            pre_nms_top_n=rpn._pre_nms_top_n, post_nms_top_n=rpn._post_nms_top_n,
+            nms_thresh=rpn.nms_thresh, score_thresh=rpn.score_thresh,
+        )
 
     def forward(
         self,
