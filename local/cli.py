@@ -159,17 +159,21 @@ def cmd_train(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from local.endpoint import Endpoint, wait_for_signal
+    from local.endpoint import Endpoint, wait_until_stopped
+    from local.runtime import stop_on_signals
 
-    with Endpoint(
-        _runtime(args, environ),
-        args.model,
-        args.port,
-        parse_pairs(args.env, "--env"),
-        log_sink=for_stream(sys.stdout).line,
-    ) as endpoint:
+    with (
+        Endpoint(
+            _runtime(args, environ),
+            args.model,
+            args.port,
+            parse_pairs(args.env, "--env"),
+            log_sink=for_stream(sys.stdout).line,
+        ) as endpoint,
+        stop_on_signals() as stop,
+    ):
         print(f"serving {args.model} at {endpoint.url} (Ctrl-C stops)", flush=True)
-        wait_for_signal(endpoint)
+        wait_until_stopped(endpoint, stop)
     return 0
 
 

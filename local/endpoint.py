@@ -155,16 +155,8 @@ class Endpoint:
             self._workdir = None
 
 
-def wait_for_signal(endpoint: Endpoint) -> None:
-    """Block until SIGINT/SIGTERM (then return, so the caller stops the endpoint) or the server dies."""
-    stop = threading.Event()
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        while not stop.wait(0.5):
-            if not endpoint.alive():
-                raise EndpointError("serve exited on its own; last lines:\n" + "\n".join(endpoint.recent))
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def wait_until_stopped(endpoint: Endpoint, stop: threading.Event) -> None:
+    """Block until ``stop`` is set (then return, so the caller stops the endpoint) or the server dies."""
+    while not stop.wait(0.5):
+        if not endpoint.alive():
+            raise EndpointError("serve exited on its own; last lines:\n" + "\n".join(endpoint.recent))

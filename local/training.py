@@ -20,8 +20,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -34,7 +33,7 @@ from local.artifacts import pack_dir
 from local.errors import JobFailed
 from local.layout import JOB_FILE, MODEL_ARCHIVE, OUTPUT_ARCHIVE, JobSpec, write_job
 from local.progress import Progress
-from local.runtime import Runtime, free_port
+from local.runtime import Runtime, free_port, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -116,22 +115,6 @@ def read_failure(base: Path) -> str | None:
     return None
 
 
-@contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT/SIGTERM set ``stop`` instead of killing the harness (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def _pump(host: str, stream: IO[str], lines: queue.Queue) -> None:
     for line in stream:
         lines.put((host, line.rstrip("\n")))
@@ -161,12 +144,11 @@ def run_training(
     lines: queue.Queue = queue.Queue()
     processes: dict[str, subprocess.Popen] = {}
     containers = {host: f"{spec.name}-{host}" for host in hosts}
-    stop = threading.Event()
     codes: dict[str, int] = {}
     stopping_since: float | None = None
     progress.start(total, unit, f"train {spec.name}")
     try:
-        with _stop_on_signals(stop):
+        with stop_on_signals() as stop:
             for host in hosts:
                 argv, proc_env = runtime.train_command(trees[host].base, env, containers[host])
                 # A session of its own: Ctrl-C reaches the harness only, which stops hosts in order.

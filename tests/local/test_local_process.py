@@ -162,10 +162,11 @@ def test_serve_cli_stops_cleanly_on_ctrl_c(trained_job, tmp_path):
         while time.monotonic() < deadline:
             line = process.stdout.readline()
             seen.append(line)
-            if f"at http://127.0.0.1:{port}" in line or not line:
-                break
-        assert client.ping(f"http://127.0.0.1:{port}"), "".join(seen[-20:])
+            if f"at http://127.0.0.1:{port} (Ctrl-C stops)" in line or not line:
+                break  # not the harness's "endpoint ready at ..." log line, which comes before it
+        # At once: the line is the promise that Ctrl-C stops cleanly from this moment on.
         process.send_signal(signal.SIGINT)
+        assert seen[-1].startswith("serving "), "".join(seen[-20:])
         rest, _ = process.communicate(timeout=60)
         assert process.returncode == 0, rest[-2000:]
         assert not client.ping(f"http://127.0.0.1:{port}", timeout=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import tarfile
 from pathlib import Path
 
@@ -249,6 +250,15 @@ def test_process_commands_use_the_base_dir_seam(tmp_path):
     assert env == {"PATH": "/bin", "TRAINING_JOB_NAME": "j", "SAGEMAKER_BASE_DIR": str(tmp_path)}
     argv, env = runtime.serve_command(tmp_path, 8123, {}, "unused")
     assert argv[-1].endswith("images/maskrcnn/serve") and env["SAGEMAKER_BIND_TO_PORT"] == "8123"
+
+
+def test_stop_on_signals_turns_ctrl_c_and_sigterm_into_a_stop_request():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with rt.stop_on_signals() as stop:
+            os.kill(os.getpid(), sig)  # delivered before the next bytecode: no KeyboardInterrupt, no exit
+            assert stop.wait(5)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_resolve_falls_back_to_process_and_refuses_docker_without_engine():
