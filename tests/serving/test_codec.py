@@ -226,6 +226,7 @@ def test_bad_attributes_are_400(text: str) -> None:
     ("accept", "expected"),
     [
         (None, "application/json"),
+        ("", "application/json"),  # an empty header is no preference, as the OpenAPI document says
         ("*/*", "application/json"),
         ("application/json", "application/json"),
         ("image/png", "image/png"),
