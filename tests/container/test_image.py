@@ -81,7 +81,8 @@ def test_image_metadata(docker_client, image: str) -> None:
     """Label, entrypoint, environment, and what must not be in the image (/opt/ml, compilers)."""
     attrs = docker_client.images.get(image).attrs["Config"]
     assert attrs["Labels"]["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
-    assert attrs["Entrypoint"] == ["/usr/bin/tini", "--"]
+    assert attrs["Entrypoint"] == ["/usr/bin/tini", "--", "/usr/local/bin/entrypoint"]
+    assert attrs["Cmd"] == ["train"]  # SDK v3's local mode starts training containers with no argument
     env = dict(item.split("=", 1) for item in attrs["Env"])
     assert env["PYTHONUNBUFFERED"] == "1"
     assert env["PATH"].startswith("/opt/venv/bin:")
@@ -90,7 +91,7 @@ def test_image_metadata(docker_client, image: str) -> None:
         " && command -v nginx"
         " && python3 -c 'import sys, maskrcnn, torch; assert sys.version_info[:2] == (3, 11)'"
     )
-    out = docker_client.containers.run(image, ["bash", "-c", probe + " && echo probe-ok"], remove=True)
+    out = docker_client.containers.run(image, ["-c", probe + " && echo probe-ok"], entrypoint="bash", remove=True)
     assert b"probe-ok" in out
 
 
@@ -100,6 +101,19 @@ def test_train_writes_model(trained_model: Path) -> None:
     assert (model / "model.safetensors").stat().st_size > 0
     json.loads((model / "model.json").read_text())
     assert not (trained_model / "output" / "failure").exists()
+
+
+def test_no_argument_trains_and_anything_else_is_refused(
+    opt_ml_factory, run_to_completion, smoke_hyperparameters: dict[str, str]
+) -> None:
+    """SDK v3's local mode starts the image with no command: that trains. A stray argument is refused."""
+    opt_ml = opt_ml_factory(smoke_hyperparameters)
+    code, logs = run_to_completion(None, opt_ml, timeout=600)
+    assert code == 0, f"no-argument start exited {code}:\n{logs[-4000:]}"
+    assert (opt_ml / "model" / "model.safetensors").is_file()
+    code, logs = run_to_completion("bash", opt_ml_factory(smoke_hyperparameters), timeout=60)
+    assert code == 2
+    assert "usage: docker run IMAGE [train|serve]" in logs and "'bash'" in logs
 
 
 def test_serve_ping_and_invocations(docker_client, image: str, trained_model: Path, containers: list) -> None:
@@ -174,7 +188,9 @@ def test_train_on_gpu(
 
     gpus = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
     probe = "import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name(0))"
-    out = docker_client.containers.run(image, ["python3", "-c", probe], remove=True, device_requests=gpus)
+    out = docker_client.containers.run(
+        image, ["-c", probe], entrypoint="python3", remove=True, device_requests=gpus
+    )
     assert out.strip()
     opt_ml = opt_ml_factory(smoke_hyperparameters)
     code, logs = run_to_completion("train", opt_ml, timeout=900, device_requests=gpus)
