@@ -72,6 +72,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--env", action="append", default=[], metavar="KEY=VALUE", help="the job's Environment map (repeat)"
     )
     train.add_argument("--instance-count", type=int, default=1, help="hosts that train together (algo-1..N)")
+    train.add_argument(
+        "--distribution",
+        choices=("replicated", "sharded"),
+        default="replicated",
+        help="the training channel's S3DistributionType: every host gets all of --data (FullyReplicated), "
+        "or each host a disjoint part (ShardedByS3Key)",
+    )
     train.add_argument("--job-name", help="TRAINING_JOB_NAME (default maskrcnn-<timestamp>)")
     train.add_argument("--output", type=Path, required=True, help="job folder: host trees, model.tar.gz, job.json")
     train.add_argument("--overwrite", action="store_true", help="clear a previous job in --output first")
@@ -148,6 +155,7 @@ def cmd_train(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         hyperparameters=parse_pairs(args.hp),
         instance_count=args.instance_count,
         environment=parse_pairs(args.env, "--env"),
+        distribution=args.distribution,
     )
     result = run_training(spec, args.output, _runtime(args, environ), for_stream(sys.stdout), args.overwrite)
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.final_metrics.items())

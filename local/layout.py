@@ -14,6 +14,12 @@
         model/  output/  checkpoints/
       algo-2/ ...
 
+With ``--distribution sharded`` (S3DistributionType ShardedByS3Key) each host's ``training`` channel holds
+its own disjoint part of ``--data``: every N-th image (sorted by file name), with a COCO annotation file
+listing just those, or PennFudan's image/mask pairs. SageMaker deals whole S3 objects to hosts; a COCO
+annotation file is one object, so a dataset meant for sharding on SageMaker carries one annotation file per
+shard. The harness gives each host what such a dataset gives it: a self-contained part.
+
 Channels are hard links to the files of ``--data`` (a copy where the data lies on another file
 system). Not symlinks: the tree is mounted into a container in docker mode, where a link to a host
 path would dangle, and the training code should see plain files as File mode gives it. Not copies
@@ -39,7 +45,7 @@ from local.errors import HarnessError
 JOB_FILE = "job.json"
 MODEL_ARCHIVE = "model.tar.gz"
 OUTPUT_ARCHIVE = "output.tar.gz"
-CHANNEL_NAMES = ("training", "validation", "pretrained")  # the ones the image accepts
+DISTRIBUTIONS = {"replicated": "FullyReplicated", "sharded": "ShardedByS3Key"}  # --distribution -> SageMaker's
 
 
 def parse_pairs(pairs: Iterable[str], what: str = "--hp") -> dict[str, str]:
@@ -79,6 +85,7 @@ class JobSpec:
     hyperparameters: Mapping[str, str] = field(default_factory=dict)
     instance_count: int = 1
     environment: Mapping[str, str] = field(default_factory=dict)  # the job's Environment map
+    distribution: str = "replicated"  # the training channel's: replicated (FullyReplicated) or sharded
 
     @property
     def hosts(self) -> list[str]:
@@ -94,13 +101,16 @@ class JobSpec:
         if len(self.hyperparameters) > 100 or too_long:
             raise HarnessError("SageMaker allows at most 100 hyperparameters of at most 2500 characters each")
         host_names(self.instance_count)
+        if self.distribution not in DISTRIBUTIONS:
+            raise HarnessError(f"--distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}")
 
 
-def inputdataconfig(channels: Iterable[str]) -> dict[str, dict[str, str]]:
+def inputdataconfig(channels: Iterable[str], sharded: str | None = None) -> dict[str, dict[str, str]]:
+    """One File-mode entry per channel; ``sharded`` names the channel distributed ShardedByS3Key."""
     return {
         name: {
             "TrainingInputMode": "File",
-            "S3DistributionType": "FullyReplicated",
+            "S3DistributionType": DISTRIBUTIONS["sharded" if name == sharded else "replicated"],
             "RecordWrapperType": "None",
         }
         for name in sorted(channels)
@@ -132,25 +142,62 @@ def prepare_output(output: Path, overwrite: bool) -> None:
 
 def link_tree(src: Path, dest: Path) -> None:
     """Mirror ``src`` into ``dest`` with hard links, copying where linking is impossible."""
+    shutil.copytree(src, dest, copy_function=lambda s, d: _link_file(Path(s), Path(d)), symlinks=False)
 
-    def link_or_copy(s: str, d: str) -> None:
-        try:
-            os.link(s, d)
-        except OSError:  # another file system, or links not allowed
-            shutil.copy2(s, d)
 
-    shutil.copytree(src, dest, copy_function=link_or_copy, symlinks=False)
+def shard_tree(src: Path, dest: Path, shard: int, count: int) -> int:
+    """Hard-link host ``shard``'s part of dataset ``src`` (every ``count``-th image) into ``dest``.
+
+    Returns the number of images in the part. COCO: a filtered ``annotations.json`` beside the images it
+    lists; PennFudan: the part's ``PNGImages``/``PedMasks`` pairs.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    if (src / "PNGImages").is_dir() and (src / "PedMasks").is_dir():
+        images = sorted((src / "PNGImages").glob("*.png"))[shard::count]
+        for image in images:
+            for path in (image, src / "PedMasks" / f"{image.stem}_mask.png"):
+                _link_file(path, dest / path.relative_to(src))
+        return len(images)
+    candidates = sorted(src.glob("*.json"))
+    preferred = [p for p in candidates if p.name in ("annotations.json", "instances.json")] or candidates
+    if not preferred:
+        raise HarnessError(f"--distribution sharded: {src} holds no COCO *.json nor PennFudan folders")
+    try:
+        coco = json.loads(preferred[0].read_text())
+        entries = sorted(coco["images"], key=lambda im: im["file_name"])[shard::count]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise HarnessError(f"--distribution sharded: cannot read {preferred[0]}: {exc}") from None
+    ids = {im["id"] for im in entries}
+    part = {**coco, "images": entries, "annotations": [a for a in coco.get("annotations", []) if a.get("image_id") in ids]}
+    (dest / preferred[0].name).write_text(json.dumps(part))
+    for im in entries:
+        found = next((p for p in (src / im["file_name"], src / "images" / im["file_name"]) if p.is_file()), None)
+        if found is not None:  # a missing file is the job's to report, as it would be on SageMaker
+            _link_file(found, dest / found.relative_to(src))
+    return len(entries)
+
+
+def _link_file(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dest)
 
 
 def write_host_tree(base: Path, spec: JobSpec, current_host: str) -> SageMakerPaths:
     """One host's /opt/ml tree: config files, channel data, empty model/ output/ checkpoints/."""
     paths = SageMakerPaths(base)
+    sharded = "training" if spec.distribution == "sharded" else None
     paths.input_config.mkdir(parents=True, exist_ok=True)
     paths.hyperparameters_file.write_text(json.dumps(dict(spec.hyperparameters), indent=1))
-    paths.inputdataconfig_file.write_text(json.dumps(inputdataconfig(spec.channels), indent=1))
+    paths.inputdataconfig_file.write_text(json.dumps(inputdataconfig(spec.channels, sharded), indent=1))
     paths.resourceconfig_file.write_text(json.dumps(resourceconfig(spec.hosts, current_host), indent=1))
     for name, folder in spec.channels.items():
-        link_tree(Path(folder), paths.channel(name))
+        if name == sharded:
+            shard_tree(Path(folder), paths.channel(name), spec.hosts.index(current_host), len(spec.hosts))
+        else:
+            link_tree(Path(folder), paths.channel(name))
     for folder in (paths.model_dir, paths.output_data_dir, paths.checkpoints_dir):
         folder.mkdir(parents=True, exist_ok=True)
     return paths

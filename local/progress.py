@@ -31,6 +31,10 @@ class Progress:
         self.total, self.unit, self.desc, self.n = total, unit, desc, 0
         self._last = 0.0
 
+    def set_total(self, total: int | None) -> None:
+        """The total, once it is known (a training job tells its step count after reading its data)."""
+        self.total = total
+
     def advance(self, n: int | None = None, **postfix: Any) -> None:
         """Move to ``n`` (absolute), or one further when ``n`` is None."""
         self.n = self.n + 1 if n is None else max(n, self.n)
@@ -63,6 +67,12 @@ class TerminalProgress(Progress):
         self.close()
         super().start(total, unit, desc)
         self._bar = tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def set_total(self, total: int | None) -> None:
+        super().set_total(total)
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
 
     def advance(self, n: int | None = None, **postfix: Any) -> None:
         before = self.n

@@ -25,8 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from maskrcnn.config import Hyperparameters
-from maskrcnn.errors import ConfigError
 from maskrcnn.metrics import parse_metrics
 
 from local.artifacts import pack_dir
@@ -40,6 +38,7 @@ log = logging.getLogger(__name__)
 EXIT_STOPPED = 143
 STOP_TIMEOUT_S = 120.0  # StopTrainingJob: SIGTERM, then SIGKILL after 120 s
 _POSITION = re.compile(r"\b(phase|epoch|step)=(\w+)")
+_PLAN = re.compile(r"\bplan: (\d+) steps\b")  # maskrcnn.training logs it before the first step
 
 
 @dataclass
@@ -64,14 +63,22 @@ class TrainResult:
 
 @dataclass
 class MetricsReader:
-    """Folds log lines into a metrics history and drives the progress bar."""
+    """Folds log lines into a metrics history and drives the progress bar, in optimizer steps.
+
+    The job logs its plan (``plan: N steps ...``) once it knows the data, and a metrics line for its
+    first and last step: the bar's total is the true one and it ends there, whatever ended the job
+    (max_steps or the epochs).
+    """
 
     progress: Progress
-    unit: str  # "step" or "epoch"
     history: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, float] = field(default_factory=dict)
 
     def feed(self, line: str) -> None:
+        plan = _PLAN.search(line)
+        if plan:
+            self.progress.set_total(int(plan.group(1)))
+            return
         values = parse_metrics(line)
         if not values:
             return
@@ -82,13 +89,10 @@ class MetricsReader:
         if record.get("phase") == "eval":
             self.final = {k: v for k, v in values.items() if k.startswith("validation:")}
         shown = {k.split(":", 1)[1]: v for k, v in values.items() if k in ("train:loss", "validation:segm_AP50")}
-        if self.unit == "step":
-            if isinstance(record.get("step"), int):
-                self.progress.advance(record["step"], **shown)
-        elif isinstance(record.get("epoch"), int):
-            # eval lines carry the epochs completed; train lines the 0-based epoch in progress,
-            # which is also the number completed before it
-            self.progress.advance(record["epoch"], **shown)
+        if isinstance(record.get("step"), int):
+            self.progress.advance(record["step"], **shown)
+        elif shown:
+            self.progress.advance(self.progress.n, **shown)  # an eval line: same step, new figures
 
 
 def _number(text: str) -> Any:
@@ -96,15 +100,6 @@ def _number(text: str) -> Any:
         return int(text)
     except ValueError:
         return text
-
-
-def progress_plan(hyperparameters: dict[str, str]) -> tuple[int | None, str]:
-    """(total, unit) for the bar: max_steps when set, else epochs; (None, ...) when the values are bad."""
-    try:
-        hp = Hyperparameters.from_strings(hyperparameters)
-    except ConfigError:
-        return None, "epoch"  # the job will fail and say why; the bar needs no total
-    return (hp.max_steps, "step") if hp.max_steps else (hp.epochs, "epoch")
 
 
 def read_failure(base: Path) -> str | None:
@@ -139,14 +134,13 @@ def run_training(
         env.update(MASKRCNN_MASTER_ADDR="127.0.0.1", MASKRCNN_MASTER_PORT=str(free_port()))
     log.info("training job %s: %d host(s), %s mode, tree %s", spec.name, len(hosts), runtime.mode, output)
 
-    total, unit = progress_plan(dict(spec.hyperparameters))
-    reader = MetricsReader(progress, unit)
+    reader = MetricsReader(progress)
     lines: queue.Queue = queue.Queue()
     processes: dict[str, subprocess.Popen] = {}
     containers = {host: f"{spec.name}-{host}" for host in hosts}
     codes: dict[str, int] = {}
     stopping_since: float | None = None
-    progress.start(total, unit, f"train {spec.name}")
+    progress.start(None, "step", f"train {spec.name}")
     try:
         with stop_on_signals() as stop:
             for host in hosts:

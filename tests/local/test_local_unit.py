@@ -18,7 +18,7 @@ from local.cli import main
 from local.demo import detections_to_coco
 from local.errors import HarnessError, UnsafeArchiveError
 from local.progress import Progress
-from local.training import MetricsReader, _job_code, progress_plan
+from local.training import MetricsReader, _job_code
 
 pytestmark = pytest.mark.unit
 
@@ -195,7 +195,7 @@ class Recorder(Progress):
 
 def test_metrics_reader_uses_the_image_regexes():
     progress = Recorder()
-    reader = MetricsReader(progress, "epoch")
+    reader = MetricsReader(progress)
     reader.feed("2026-01-01 INFO maskrcnn.training: data: 10 training images")
     reader.feed(
         "x INFO maskrcnn.engine: #metrics phase=train epoch=0 step=10 loss=1.25 lr=0.02 images_per_sec=3.1"
@@ -216,13 +216,21 @@ def test_metrics_reader_uses_the_image_regexes():
         "validation:segm_mAP": 0.4,
         "validation:segm_AP50": 0.875,
     }
-    assert progress.moves == [(0, {"loss": 1.25}), (1, {"segm_AP50": 0.875})]
+    # the bar counts steps; an eval line keeps the step and shows its figure
+    assert progress.moves[0] == (10, {"loss": 1.25})
+    assert progress.moves[1][1] == {"segm_AP50": 0.875}
 
 
-def test_progress_plan():
-    assert progress_plan({"max_steps": "4"}) == (4, "step")
-    assert progress_plan({"epochs": "3"}) == (3, "epoch")
-    assert progress_plan({"bogus": "1"}) == (None, "epoch")
+def test_progress_counts_steps_to_the_total_the_job_announces():
+    """The bar's total is the job's own plan (epochs may end before max_steps), and it ends there."""
+    progress = Progress()
+    reader = MetricsReader(progress)
+    reader.feed("x INFO maskrcnn.training: plan: 16 steps (2 epochs of 8 steps)")
+    assert progress.total == 16
+    reader.feed("x INFO maskrcnn.engine: #metrics phase=train epoch=0 step=1 loss=2.5 lr=0.01")
+    reader.feed("x INFO maskrcnn.engine: #metrics phase=eval epoch=1 bbox_mAP=0.1 segm_mAP=0.1 segm_AP50=0.2")
+    reader.feed("x INFO maskrcnn.engine: #metrics phase=train epoch=1 step=16 loss=1.5 lr=0.0")
+    assert progress.n == 16 == progress.total
 
 
 def test_job_code():

@@ -58,7 +58,8 @@ class Hyperparameters:
     num_workers: int = 2  # data-loader worker processes per training process
     checkpoint_every: int = 200  # steps between checkpoints in /opt/ml/checkpoints (0 = only on stop)
     eval_every: int = 1  # evaluate every N epochs (the last epoch is always evaluated)
-    log_every: int = 10  # steps between training metric lines
+    log_every: int = 10  # steps between training metric lines (the first and the last step are always logged)
+    collective_timeout: int = 600  # seconds a distributed collective may wait for a peer before the job fails
     trainable_backbone_layers: int = 3  # resnet stages left trainable when pretrained weights are used
     score_threshold: float = 0.5  # serving default: minimum detection score
     mask_threshold: float = 0.5  # serving default: mask probability cut-off
@@ -108,6 +109,7 @@ class Hyperparameters:
         need(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
         need(self.eval_every >= 1, "eval_every must be >= 1")
         need(self.log_every >= 1, "log_every must be >= 1")
+        need(self.collective_timeout >= 10, "collective_timeout must be >= 10 (seconds)")
         need(0.0 <= self.score_threshold <= 1.0, "score_threshold must be within [0, 1]")
         need(0.0 < self.mask_threshold < 1.0, "mask_threshold must be within (0, 1)")
         need(self.max_detections >= 1, "max_detections must be >= 1")
@@ -203,6 +205,33 @@ class SageMakerPaths:
         return self.base / "checkpoints"
 
 
+INPUT_MODES = ("File", "FastFile")  # both present the channel as files; Pipe (FIFOs) is not read
+DISTRIBUTIONS = ("FullyReplicated", "ShardedByS3Key")
+
+
+def channel_distributions(inputdataconfig: Mapping[str, Any]) -> dict[str, str]:
+    """Each channel's ``S3DistributionType`` (FullyReplicated when absent, as SDK local modes write none).
+
+    ``TrainingInputMode`` Pipe is refused: the job reads datasets as files (File and FastFile both give files).
+    """
+    out: dict[str, str] = {}
+    for name, entry in inputdataconfig.items():
+        entry = entry or {}
+        mode = entry.get("TrainingInputMode", "File")
+        if mode not in INPUT_MODES:
+            raise ConfigError(
+                f"channel {name!r}: TrainingInputMode {mode!r} is not supported; use File or FastFile "
+                "(the job reads the dataset as files, Pipe mode streams FIFOs)"
+            )
+        distribution = entry.get("S3DistributionType", "FullyReplicated")
+        if distribution not in DISTRIBUTIONS:
+            raise ConfigError(
+                f"channel {name!r}: S3DistributionType {distribution!r} is not one of {', '.join(DISTRIBUTIONS)}"
+            )
+        out[name] = distribution
+    return out
+
+
 @dataclass(frozen=True)
 class ResourceConfig:
     """Which host this is among the job's hosts (resourceconfig.json)."""
@@ -233,6 +262,7 @@ class TrainConfig:
     resources: ResourceConfig
     channels: tuple[str, ...]
     job_name: str = "local-job"
+    distributions: Mapping[str, str] = field(default_factory=dict)  # channel -> S3DistributionType
     master_addr: str | None = None  # overrides hosts[0]; lets emulated hosts share one machine
     master_port: int = 29500
     pretrained_path: Path | None = None  # a weights file baked into the image, if any
@@ -267,12 +297,17 @@ class TrainConfig:
             hp=Hyperparameters.from_strings(hyperparameters or {}),
             resources=ResourceConfig.from_dict(resourceconfig or {}),
             channels=tuple(sorted(inputdataconfig)),
+            distributions=channel_distributions(inputdataconfig),
             job_name=environ.get("TRAINING_JOB_NAME", "local-job"),
             master_addr=environ.get("MASKRCNN_MASTER_ADDR") or None,
             master_port=int(environ.get("MASKRCNN_MASTER_PORT", "29500")),
             pretrained_path=Path(pretrained) if pretrained else None,
             procs_per_host=int(environ["MASKRCNN_PROCS_PER_HOST"]) if environ.get("MASKRCNN_PROCS_PER_HOST") else None,
         )
+
+    def sharded(self, channel: str) -> bool:
+        """True when each host received its own part of ``channel`` (ShardedByS3Key), not all of it."""
+        return self.distributions.get(channel) == "ShardedByS3Key"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TrainConfig:

@@ -4,6 +4,11 @@ One process per GPU on each host (one per host on CPU); the master is the first 
 ``hosts`` (or ``MASKRCNN_MASTER_ADDR``, which lets two emulated hosts share one machine); a
 host's node rank is its index in ``hosts``. NCCL on CUDA, gloo on CPU. Hostnames of other hosts
 may resolve only some seconds after start, so resolution is retried.
+
+Every collective waits at most ``collective_timeout`` seconds (a hyperparameter, default 10 minutes,
+not torch's 30): a peer that hangs or died fails the job within it. A collective that fails because a
+peer went away becomes a :class:`~maskrcnn.errors.PeerLostError` whose message says which host, at
+which step, and where to look (:func:`describe_failure`), instead of the backend's raw text.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from maskrcnn.config import TrainConfig
-from maskrcnn.errors import ConfigError
+from maskrcnn.errors import ConfigError, DataError, PeerLostError
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +84,7 @@ def init(config: TrainConfig, local_rank: int, nprocs: int) -> DistContext:
             init_method=f"tcp://{master}:{config.master_port}",
             rank=rank,
             world_size=world_size,
-            timeout=timedelta(minutes=30),
+            timeout=timedelta(seconds=config.hp.collective_timeout),
         )
     return DistContext(rank, local_rank, world_size, device)
 
@@ -93,6 +98,31 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     return bool(tensor.item())
 
 
+def agreed_min(value: int, ctx: DistContext) -> int:
+    """The smallest ``value`` over all ranks: hosts holding different amounts of data run the same steps."""
+    if not ctx.distributed:
+        return value
+    tensor = torch.tensor([value], device=ctx.device, dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def check_same_classes(class_names: list[str], ctx: DistContext, config: TrainConfig) -> None:
+    """Every rank must train the same class list (label ids are positions in it); else all fail, naming both."""
+    if not ctx.distributed:
+        return
+    gathered: list[list[str] | None] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, list(class_names))
+    nprocs = ctx.world_size // len(config.resources.hosts)
+    for rank, names in enumerate(gathered):
+        if names != gathered[0]:
+            first, other = config.resources.hosts[0], config.resources.hosts[rank // nprocs]
+            raise DataError(
+                f"the hosts' datasets have different classes: {first} has {gathered[0]}, {other} has {names}; "
+                "every host's training data must list the same categories"
+            )
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()
@@ -101,3 +131,44 @@ def barrier(ctx: DistContext) -> None:
 def shutdown(ctx: DistContext) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# Texts of torch's gloo / NCCL / store errors when a peer went away or stopped answering.
+_LOST_PEER = (
+    ("timed out", "no answer within the collective timeout"),
+    ("timeout", "no answer within the collective timeout"),
+    ("connection reset", "connection reset"),
+    ("connection closed", "connection closed"),
+    ("broken pipe", "connection closed"),
+    ("connection refused", "connection refused"),
+    ("size doesn't match", "the hosts ran different collectives (a data or step mismatch)"),
+    ("collective mismatch", "the hosts ran different collectives (a data or step mismatch)"),
+)
+
+
+def describe_failure(exc: BaseException, ctx: DistContext, config: TrainConfig, where: str) -> PeerLostError | None:
+    """A failed collective as a person should read it, or None when ``exc`` is not a lost peer.
+
+    ``where`` says what the job was doing ("epoch 0 step 12"). The other hosts are named: with two
+    hosts that is exactly the one that went away; its own log and failure file say why.
+    """
+    if not ctx.distributed or not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc).lower()
+    backend_error = isinstance(exc, dist.DistError) or any(k in text for k in ("gloo", "nccl", "pair.cc", "store"))
+    condition = next((why for needle, why in _LOST_PEER if needle in text), None)
+    if condition is None or not backend_error and "connection" not in text:
+        return None
+    hosts = config.resources.hosts
+    nprocs = ctx.world_size // len(hosts)
+    others = [h for h in hosts if h != config.resources.current_host]
+    if len(others) == 1 and nprocs == 1:
+        peer = f"{others[0]} (rank {hosts.index(others[0])})"
+        look = f"see {others[0]}'s own log and failure"
+    elif others:
+        peer = "another process of the job (hosts " + ", ".join(others) + ")"
+        look = "see the other hosts' logs and failures"
+    else:
+        peer = f"another process on {config.resources.current_host}"
+        look = "see the other ranks' lines in this log"
+    return PeerLostError(f"lost contact with {peer} at {where}: {condition}; {look}")

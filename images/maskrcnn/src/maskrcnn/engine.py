@@ -72,17 +72,28 @@ def train_one_epoch(
     log_every: int = 10,
     world_size: int = 1,
     after_step: Callable[[LoopState], bool] | None = None,
+    epoch_steps: int = 0,
+    last_step: int = 0,
+    any_rank: Callable[[bool], bool] | None = None,
 ) -> bool:
-    """Train until the loader ends; returns False when stopped early (max_steps or ``after_step``).
+    """Train until the loader ends or the epoch has ``epoch_steps`` steps; False when stopped early.
 
-    ``after_step(state)`` runs after every optimizer step (checkpointing, stop signals) and returns
-    False to stop. ``state`` is advanced in place.
+    Stopped early means ``max_steps`` reached or ``after_step(state)`` returned False; that hook runs
+    after every optimizer step (checkpointing, stop signals). A metrics line is logged every
+    ``log_every`` steps and always for the first step of the run and for ``last_step`` (the job's
+    last), so any job, however short, reports its loss. ``any_rank(flag)`` is True when ``flag`` is true
+    on any rank: with it, a non-finite loss on one rank stops every rank at the same step. ``state`` is
+    advanced in place.
     """
     model.train()
     timer = StepTimer()
     running: dict[str, float] = {}
+    counted = 0
+    first = True
     start = time.perf_counter()
     for images, targets in loader:
+        if epoch_steps and state.step_in_epoch >= epoch_steps:
+            break
         fetched = time.perf_counter()
         timer.data_wait += fetched - start
         images, targets = move_to(images, targets, device)
@@ -95,7 +106,13 @@ def train_one_epoch(
             losses = model(images, targets)
             loss = sum(losses.values())
         loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
+        finite = math.isfinite(loss_value)
+        if any_rank is not None and any_rank(not finite) and finite:
+            raise NonFiniteLossError(
+                f"loss became non-finite on another rank at epoch {state.epoch} step {state.global_step}; "
+                f"see that rank's log; lower lr (now {scheduler.get_last_lr()[0]:.4g}) or keep clip_grad_norm > 0"
+            )
+        if not finite:
             parts = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
             raise NonFiniteLossError(
                 f"loss became {loss_value} at epoch {state.epoch} step {state.global_step} ({parts}); "
@@ -121,13 +138,16 @@ def train_one_epoch(
             running[key] = running.get(key, 0.0) + float(value.detach())
         running["loss"] = running.get("loss", 0.0) + loss_value
         timer.images += len(images) * world_size
+        counted += 1
         now = time.perf_counter()
         timer.total += now - start
         start = now
-        if state.global_step % log_every == 0:
-            _log_train(state, running, timer, scheduler, log_every)
+        if first or state.global_step % log_every == 0 or state.global_step == last_step:
+            _log_train(state, running, timer, scheduler, counted)
             running.clear()
             timer.reset()
+            counted = 0
+        first = False
         if max_steps and state.global_step >= max_steps:
             return False
         if after_step is not None and not after_step(state):

@@ -24,6 +24,10 @@ class NonFiniteLossError(JobError):
     """The loss became NaN or infinite; training cannot continue meaningfully."""
 
 
+class PeerLostError(JobError):
+    """Another host or process of a distributed job went away, hung, or ran different collectives."""
+
+
 class ModelError(JobError):
     """Model files are missing, unreadable or do not match their description."""
 

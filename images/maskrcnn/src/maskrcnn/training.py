@@ -84,6 +84,19 @@ class SkipSampler(Sampler[int]):
         return max(len(self.sampler) - self.skip, 0)
 
 
+def training_sampler(dataset: InstanceDataset, config: TrainConfig, ctx: distributed.DistContext) -> DistributedSampler:
+    """Each rank's part of the training set.
+
+    FullyReplicated (every host holds all data): split across every rank of the job. ShardedByS3Key
+    (each host already holds its own part): split only among this host's processes, never across hosts.
+    """
+    if config.sharded("training"):
+        nprocs = ctx.world_size // len(config.resources.hosts)
+        return DistributedSampler(dataset, num_replicas=nprocs, rank=ctx.local_rank, shuffle=True,
+                                  seed=config.hp.seed)
+    return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.hp.seed)
+
+
 def load_data(config: TrainConfig) -> tuple[DatasetIndex, DatasetIndex]:
     hp = config.hp
     training = load_index(config.paths.channel("training"), hp.dataset_format)
@@ -197,13 +210,21 @@ def worker(local_rank: int, config: TrainConfig, nprocs: int) -> int:
     ctx = distributed.init(config, local_rank, nprocs)
     if not ctx.is_main:
         logging.getLogger("maskrcnn.engine").setLevel(logging.WARNING)  # one metrics stream per job
+    state = LoopState()
     try:
-        return _train(config, ctx, stop)
+        return _train(config, ctx, stop, state)
+    except RuntimeError as exc:
+        where = f"epoch {state.epoch} step {state.global_step}"
+        lost = distributed.describe_failure(exc, ctx, config, where)
+        if lost is None:
+            raise
+        raise lost from exc
     finally:
         distributed.shutdown(ctx)
 
 
-def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal) -> int:
+def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, state: LoopState) -> int:
+    """The job on one rank; ``state`` is advanced in place, so a failure can say where it happened."""
     hp = config.hp
     torch.manual_seed(hp.seed)
     if ctx.device.type == "cpu":
@@ -216,6 +237,7 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal) 
         "data: %d training and %d validation images, classes %s (%s format)",
         len(train_index.images), len(val_index.images), train_index.class_names, train_index.source,
     )
+    distributed.check_same_classes(train_index.class_names, ctx, config)
     weights = pretrained_file(config)
     model = build_model(
         hp.arch, train_index.num_classes, hp.min_size, hp.max_size,
@@ -229,13 +251,18 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal) 
     if cache:
         log.info("keeping the decoded training images in memory (%.0f MB)", decoded / 2**20)
     train_set = InstanceDataset(train_index, train_transforms(hp.hflip, hp.photometric), seed=hp.seed, cache=cache)
-    sampler: DistributedSampler = DistributedSampler(
-        train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=hp.seed
-    )
-    steps_per_epoch = math.ceil(len(sampler) / hp.batch_size)
+    sampler = training_sampler(train_set, config, ctx)
+    # Hosts of a sharded channel hold different amounts of data, but every rank must run the same
+    # collectives: all train the smallest rank's number of steps an epoch (a new shuffle each epoch).
+    own_steps = math.ceil(len(sampler) / hp.batch_size)
+    steps_per_epoch = distributed.agreed_min(own_steps, ctx)
+    if steps_per_epoch < own_steps:
+        log.info("this rank holds %d steps of data an epoch; every rank trains %d (the smallest rank's)",
+                 own_steps, steps_per_epoch)
     total_steps = hp.epochs * steps_per_epoch
     if hp.max_steps:
         total_steps = min(total_steps, hp.max_steps)
+    log.info("plan: %d steps (%d epochs of %d steps)", total_steps, hp.epochs, steps_per_epoch)
     optimizer = make_optimizer(model, hp)
     scheduler = make_scheduler(optimizer, hp, steps_per_epoch, total_steps)
     amp_dtype = autocast_dtype(ctx.device) if hp.amp else None
@@ -244,7 +271,6 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal) 
     fingerprint = {"arch": hp.arch, "format": FORMAT_VERSION, "classes": train_index.class_names,
                    "seed": hp.seed, "batch_size": hp.batch_size, "world_size": ctx.world_size}
 
-    state = LoopState()
     payload = checkpoint.load(config.paths.checkpoints_dir) if ctx.is_main else None
     if ctx.distributed:
         box = [payload]
@@ -256,7 +282,8 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal) 
                 f"the checkpoint in {config.paths.checkpoints_dir} was made by a different job "
                 f"({payload['fingerprint']}); remove it or restore that job's settings ({fingerprint})"
             )
-        state = checkpoint.restore(payload, model, optimizer, scheduler, scaler)
+        restored = checkpoint.restore(payload, model, optimizer, scheduler, scaler)
+        vars(state).update(vars(restored))
         log.info("resuming from checkpoint: epoch %d, step %d", state.epoch, state.global_step)
 
     train_model = model
@@ -293,8 +320,9 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal) 
         finished = train_one_epoch(
             train_model, optimizer, scheduler, loader, ctx.device, state,
             scaler=scaler, amp_dtype=amp_dtype, clip_grad_norm=hp.clip_grad_norm, max_steps=hp.max_steps,
-            log_every=hp.log_every,
-            world_size=ctx.world_size, after_step=after_step,
+            log_every=hp.log_every, world_size=ctx.world_size, after_step=after_step,
+            epoch_steps=steps_per_epoch, last_step=total_steps,
+            any_rank=(lambda flag: distributed.any_rank(flag, ctx)) if ctx.distributed else None,
         )
         if distributed.any_rank(stop(), ctx):
             save_checkpoint()
