@@ -168,7 +168,8 @@ def shard_tree(src: Path, dest: Path, shard: int, count: int) -> int:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise HarnessError(f"--distribution sharded: cannot read {preferred[0]}: {exc}") from None
     ids = {im["id"] for im in entries}
-    part = {**coco, "images": entries, "annotations": [a for a in coco.get("annotations", []) if a.get("image_id") in ids]}
+    annotations = [a for a in coco.get("annotations", []) if a.get("image_id") in ids]
+    part = {**coco, "images": entries, "annotations": annotations}
     (dest / preferred[0].name).write_text(json.dumps(part))
     for im in entries:
         found = next((p for p in (src / im["file_name"], src / "images" / im["file_name"]) if p.is_file()), None)

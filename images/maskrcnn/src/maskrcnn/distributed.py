@@ -157,7 +157,7 @@ def describe_failure(exc: BaseException, ctx: DistContext, config: TrainConfig, 
     text = str(exc).lower()
     backend_error = isinstance(exc, dist.DistError) or any(k in text for k in ("gloo", "nccl", "pair.cc", "store"))
     condition = next((why for needle, why in _LOST_PEER if needle in text), None)
-    if condition is None or not backend_error and "connection" not in text:
+    if condition is None or (not backend_error and "connection" not in text):
         return None
     hosts = config.resources.hosts
     nprocs = ctx.world_size // len(hosts)
