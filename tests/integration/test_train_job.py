@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -207,3 +208,63 @@ def test_a_failing_device_process_leaves_its_reason(make_job, tmp_path: Path) ->
     result = run_train(base, MASKRCNN_PROCS_PER_HOST="2", MASKRCNN_MASTER_PORT=str(free_port()))
     assert result.returncode == 1
     assert "has no images" in failure_reason(base)
+
+
+def test_a_short_job_still_reports_its_loss(make_job) -> None:
+    """max_steps below log_every: the first and the last step are logged, so MetricDefinitions see a loss."""
+    result = run_train(make_job({"max_steps": "3", "log_every": "10"}))
+    assert result.returncode == 0, result.stdout[-3000:]
+    steps = [parse_metrics(line) and line for line in result.stdout.splitlines() if "#metrics phase=train" in line]
+    assert len(steps) == 2 and " step=1 " in steps[0] and " step=3 " in steps[1], steps
+    assert all("train:loss" in parse_metrics(line) for line in steps)
+
+
+def _two_hosts(make_job, hyperparameters: dict[str, str], channels: list[dict[str, Path]] | None = None):
+    hosts = ["algo-1", "algo-2"]
+    return [
+        make_job(
+            hyperparameters,
+            channels=channels[i] if channels else None,
+            resourceconfig={"current_host": h, "hosts": hosts},
+            name=h,
+        )
+        for i, h in enumerate(hosts)
+    ]
+
+
+def test_a_host_that_dies_is_named_in_the_survivors_failure(make_job) -> None:
+    """kill -9 of algo-2 mid-training: algo-1 fails at once, saying whom it lost and when (not gloo's text)."""
+    bases = _two_hosts(make_job, {"max_steps": "500", "epochs": "100"})
+    extra = {"MASKRCNN_MASTER_ADDR": "127.0.0.1", "MASKRCNN_MASTER_PORT": str(free_port())}
+    first = subprocess.Popen(
+        TRAIN, env=env_for(bases[0], **extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    second = subprocess.Popen(TRAIN, env=env_for(bases[1], **extra), stdout=subprocess.DEVNULL)
+    try:
+        wait_for_line(first, " step=2 ", timeout=240)
+        second.kill()
+        rest = first.communicate(timeout=120)[0]
+    finally:
+        first.kill()
+        second.kill()
+    assert first.returncode == 1, rest[-3000:]
+    reason = failure_reason(bases[0])
+    assert reason.startswith("lost contact with algo-2 (rank 1) at epoch 0 step "), reason
+    assert "see algo-2's own log and failure" in reason
+
+
+def test_hosts_with_different_classes_fail_naming_both_lists(make_job, synthetic_dir: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other-classes"
+    shutil.copytree(synthetic_dir, other)
+    coco = json.loads((other / "annotations.json").read_text())
+    for category in coco["categories"]:
+        category["name"] = "renamed-" + category["name"]
+    (other / "annotations.json").write_text(json.dumps(coco))
+    bases = _two_hosts(make_job, {"max_steps": "2"}, [{"training": synthetic_dir}, {"training": other}])
+    extra = {"MASKRCNN_MASTER_ADDR": "127.0.0.1", "MASKRCNN_MASTER_PORT": str(free_port())}
+    processes = [subprocess.Popen(TRAIN, env=env_for(b, **extra), stdout=subprocess.PIPE, text=True) for b in bases]
+    outputs = [p.communicate(timeout=240)[0] for p in processes]
+    assert [p.returncode for p in processes] == [1, 1], outputs[0][-2000:] + outputs[1][-2000:]
+    for base in bases:
+        reason = failure_reason(base)
+        assert "different classes" in reason and "algo-2 has ['renamed-" in reason, reason

@@ -14,6 +14,7 @@ from tinyjob import REPO, TINY_HP, tiny_spec
 
 from local import client
 from local.errors import JobFailed
+from local.progress import Progress
 from local.training import run_training
 from local.transform import TransformSettings, run_transform
 
@@ -70,10 +71,7 @@ def test_failure_prints_the_reason_and_exits_non_zero(dataset, tmp_path):
 def test_two_hosts_train_together(dataset, process_runtime, tmp_path):
     lines: list[str] = []
 
-    class Collect:
-        def start(self, *a, **k): ...
-        def advance(self, *a, **k): ...
-        def close(self): ...
+    class Collect(Progress):
         def line(self, text):
             lines.append(text)
 
@@ -207,3 +205,32 @@ def test_ctrl_c_stops_the_job_like_stop_training_job(dataset, tmp_path):
     assert "training stopped" in err
     assert (tmp_path / "job/algo-1/checkpoints/last.pt").is_file()
     assert not (tmp_path / "job/model.tar.gz").exists()
+
+
+def test_sharded_hosts_each_train_their_own_part_for_the_same_steps(process_runtime, tmp_path):
+    """--distribution sharded: disjoint parts of unequal size; every rank runs the smallest part's steps."""
+    from maskrcnn.synthetic import write_coco_dataset
+
+    data = tmp_path / "data"
+    write_coco_dataset(data, num_images=9, seed=5, size=128)  # algo-1 gets 5 images, algo-2 gets 4
+    hp = {**TINY_HP, "max_steps": "0", "epochs": "2", "batch_size": "1", "val_fraction": "0.25"}
+    lines: list[str] = []
+
+    class Collect(Progress):
+        def line(self, text):
+            lines.append(text)
+
+    spec = tiny_spec(data, "sharded", instance_count=2, distribution="sharded", hyperparameters=hp)
+    result = run_training(spec, tmp_path / "job", process_runtime, Collect())
+    assert result.exit_code == 0
+    parts = [
+        json.loads((tmp_path / f"job/{h}/input/data/training/annotations.json").read_text()) for h in result.hosts
+    ]
+    names = [{im["file_name"] for im in part["images"]} for part in parts]
+    assert [len(n) for n in names] == [5, 4] and not names[0] & names[1]
+    config = json.loads((tmp_path / "job/algo-2/input/config/inputdataconfig.json").read_text())
+    assert config["training"]["S3DistributionType"] == "ShardedByS3Key"
+    # 4 training images on algo-1 after its held-out image, 3 on algo-2: both train 3 steps an epoch
+    assert any("algo-1 | " in line and "every rank trains 3" in line for line in lines), lines[-20:]
+    spec_json = json.loads(tarfile.open(result.model_archive).extractfile("model.json").read())
+    assert spec_json["training"]["steps"] == 6
