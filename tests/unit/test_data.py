@@ -36,14 +36,14 @@ def square_rle(x0: int, y0: int, size: int, h: int = 30, w: int = 40) -> dict:
 
 def test_polygon_rle_and_uncompressed_masks_all_decode(tmp_path: Path) -> None:
     uncompressed = mask_utils.frPyObjects(
-        {"size": [30, 40], "counts": [30 * 5 + 2, 4, 26, 4, 26, 4, 26, 4]}, 30, 40
+        {"size": [30, 40], "counts": [30 * 5 + 2, 4, 26, 4, 26, 4, 26, 4, 954]}, 30, 40
     )
     assert uncompressed is not None
     anns = [
         {"id": 1, "image_id": 1, "category_id": 7, "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]], "iscrowd": 0},
         {"id": 2, "image_id": 1, "category_id": 9, "segmentation": square_rle(20, 5, 6), "iscrowd": 0},
         {"id": 3, "image_id": 1, "category_id": 9,
-         "segmentation": {"size": [30, 40], "counts": [30 * 5 + 2, 4, 26, 4, 26, 4, 26, 4]}, "iscrowd": 1},
+         "segmentation": {"size": [30, 40], "counts": [30 * 5 + 2, 4, 26, 4, 26, 4, 26, 4, 954]}, "iscrowd": 1},
     ]
     index = load_index(write_coco(tmp_path, anns))
     assert index.class_names == ["thing", "other"] and index.num_classes == 3
