@@ -179,14 +179,17 @@ def _load_coco(channel: Path) -> DatasetIndex:
     annotations: dict[Any, list[dict[str, Any]]] = {}
     seen: set[tuple[Any, ...]] = set()
     for position, ann in enumerate(coco["annotations"]):
-        checked = _checked_annotation(ann, position, image_of, label_of, where, repairs)
+        fixes: Counter[str] = Counter()  # counted only if the annotation is kept: one reason per annotation
+        checked = _checked_annotation(ann, position, image_of, label_of, where, fixes)
         if checked is None:
+            repairs["annotations with a zero-area bbox dropped"] += 1
             continue
         instance = _annotation_key(checked)
         if instance in seen:  # trained twice and counted twice in mAP otherwise
             repairs["duplicate annotations (same image, category and mask as an earlier one) dropped"] += 1
             continue
         seen.add(instance)
+        repairs.update(fixes)
         annotations.setdefault(checked["image_id"], []).append(checked)
     if repairs:
         # one line per dataset, however many annotations: the counts say how much, the rule is in the docstring
@@ -319,7 +322,6 @@ def _checked_annotation(
     if "bbox" in ann:
         box = _checked_box(ann["bbox"], height, width, name)
         if box is None:
-            repairs["annotations with a zero-area bbox dropped"] += 1
             return None
         if box != ann["bbox"]:
             repairs["bboxes clipped to their image"] += 1
