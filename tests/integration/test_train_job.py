@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from maskrcnn.metrics import parse_metrics
+from PIL import Image
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,6 +101,41 @@ def test_bad_input_fails_with_a_reason_and_nonzero_exit(make_job, tmp_path: Path
     assert fragment in reason
     assert len((base / "output" / "failure").read_text()) <= 1025
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_bad_annotation_fails_the_job_before_any_training_step(make_job, tmp_path: Path) -> None:
+    """A 2-point polygon used to pass the checks and kill a data-loader worker 25 s in, naming nothing."""
+    data = tmp_path / "bad"
+    data.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (64, 64), "white").save(data / name)
+    square = [[8, 8, 40, 8, 40, 40, 8, 40]]
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 1, "segmentation": square, "iscrowd": 0},
+        {"id": 2, "image_id": 2, "category_id": 1, "segmentation": square, "iscrowd": 0},
+        {"id": 17, "image_id": 1, "category_id": 1, "segmentation": [[10, 10, 60, 80]], "iscrowd": 0},
+    ]
+    (data / "annotations.json").write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"id": i, "file_name": n, "width": 64, "height": 64} for i, n in ((1, "a.png"), (2, "b.png"))
+                ],
+                "annotations": anns,
+                "categories": [{"id": 1, "name": "a"}],
+            }
+        )
+    )
+    base = make_job({"max_steps": "50"}, channels={"training": data})
+    started = time.monotonic()
+    result = run_train(base, timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert failure_reason(base) == (
+        "training/annotations.json: annotation 17 (image 'a.png'): polygon has 2 points, needs at least 3"
+    )
+    assert "phase=train" not in result.stdout  # refused up front, not by a worker mid-epoch
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to refuse its data"
 
 
 def test_non_finite_loss_stops_the_job_with_a_clear_failure(make_job) -> None:

@@ -13,16 +13,48 @@ Formats, detected by :func:`detect_format` (or forced by the ``dataset_format`` 
 * ``pennfudan``: ``PNGImages/*.png`` and ``PedMasks/*_mask.png``, one grey level per instance and 0
   for background (the seed article's data). One class, ``pedestrian``.
 
-Every problem a person could fix (missing channel, unreadable image, annotation naming a missing
-file, empty set, unknown category) raises :class:`maskrcnn.errors.DataError` naming the file.
+Validation happens once, in :func:`load_index`, before any training step: every image header is read
+(PIL's lazy open: size only, no pixels) and every annotation is checked, so a bad record fails the job
+in seconds, not in a data-loader worker hours in (and again on every resume). Every problem a person must
+fix raises :class:`maskrcnn.errors.DataError` naming the file and, for an annotation, its id and image
+(``training/annotations.json: annotation 17 (image 'img_003.png'): polygon has 2 points, needs at least 3``):
+
+* files: missing channel or file, unreadable image, an image's ``width``/``height`` not those of its file
+  header, no images, no annotated instances;
+* images: an entry without ``id``, one ``id`` for two different entries, one file listed under two ids
+  (which id owns its annotations is the author's call, so it is refused, not merged);
+* categories: without integer ``id`` or ``name``, an id defined twice; an annotation whose ``category_id``
+  is not defined, or whose ``image_id`` names no image, or whose ``iscrowd`` is not 0/1;
+* polygons: not a list of coordinate lists, a non-finite or non-numeric coordinate, an odd number of
+  coordinates, an empty list, or no part with at least 3 points (6 numbers);
+* RLE: ``size`` not the image's ``[height, width]``, ``counts`` neither a list of non-negative integers
+  (uncompressed) nor a valid COCO string (compressed), or runs that do not cover exactly height x width
+  pixels (pycocotools would decode garbage or read past the mask);
+* ``bbox`` (optional; training boxes come from the masks): not 4 finite numbers, a negative width or
+  height, or no overlap with the image.
+
+Where the intent is plain the record is repaired instead, and ONE warning line per dataset counts what was
+done (``training/annotations.json: repaired on load: 2 duplicate image entries dropped; ...``):
+
+* an image entry repeated verbatim is kept once;
+* an annotation repeating an earlier one's image, category, crowd flag and mask (whatever its id) is
+  dropped, since it would be trained twice and counted twice in mAP;
+* a polygon part with fewer than 3 points is dropped from an annotation that has a good part;
+* an annotation whose bbox has zero width or height is dropped (no object to learn);
+* a bbox reaching past the image is clipped to it.
+
+PennFudan masks are generated from the grey levels, so only the image header is checked against the mask.
+A split (:func:`split_index`) is by file: no image is on both sides.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import signal
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +159,47 @@ def load_index(channel: Path, fmt: str = "auto") -> DatasetIndex:
 
 
 def _load_coco(channel: Path) -> DatasetIndex:
+    path = _annotation_file(channel)
+    try:
+        coco = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not readable JSON: {exc}") from None
+    where = f"{channel.name}/{path.name}"
+    if not isinstance(coco, dict):
+        raise DataError(f"{where} is not a COCO annotation file (a JSON object with images, annotations, categories)")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(key), list):
+            raise DataError(f"{where} lacks the COCO list {key!r}")
+    repairs: Counter[str] = Counter()
+    categories = _coco_categories(coco["categories"], where)
+    label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
+    images = _coco_images(coco["images"], channel, where, repairs)
+    _check_headers(images, where)
+    image_of = {im["id"]: im for im in images}
+    annotations: dict[Any, list[dict[str, Any]]] = {}
+    seen: set[tuple[Any, ...]] = set()
+    for position, ann in enumerate(coco["annotations"]):
+        fixes: Counter[str] = Counter()  # counted only if the annotation is kept: one reason per annotation
+        checked = _checked_annotation(ann, position, image_of, label_of, where, fixes)
+        if checked is None:
+            repairs["annotations with a zero-area bbox dropped"] += 1
+            continue
+        instance = _annotation_key(checked)
+        if instance in seen:  # trained twice and counted twice in mAP otherwise
+            repairs["duplicate annotations (same image, category and mask as an earlier one) dropped"] += 1
+            continue
+        seen.add(instance)
+        repairs.update(fixes)
+        annotations.setdefault(checked["image_id"], []).append(checked)
+    if repairs:
+        # one line per dataset, however many annotations: the counts say how much, the rule is in the docstring
+        log.warning("%s: repaired on load: %s", where, "; ".join(f"{n} {what}" for what, n in repairs.items()))
+    return DatasetIndex(
+        channel, images, annotations, [c["name"] for c in categories], "coco", [c["id"] for c in categories]
+    )
+
+
+def _annotation_file(channel: Path) -> Path:
     candidates = sorted(channel.glob("*.json"))
     preferred = [p for p in candidates if p.name in ("annotations.json", "instances.json")]
     if not candidates:
@@ -136,61 +209,235 @@ def _load_coco(channel: Path) -> DatasetIndex:
             f"several annotation files in {channel} ({', '.join(p.name for p in candidates)}); "
             "name the one to use annotations.json"
         )
-    path = (preferred or candidates)[0]
-    try:
-        coco = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path} is not readable JSON: {exc}") from None
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(coco.get(key), list):
-            raise DataError(f"{path} lacks the COCO list {key!r}")
-    categories = sorted(coco["categories"], key=lambda c: c["id"])
-    if not categories:
-        raise DataError(f"{path} defines no categories")
-    label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
+    return (preferred or candidates)[0]
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int | str) and not isinstance(value, bool)
+
+
+def _coco_categories(entries: list[Any], where: str) -> list[dict[str, Any]]:
+    if not entries:
+        raise DataError(f"{where} defines no categories")
+    seen: set[int] = set()
+    for position, cat in enumerate(entries, start=1):
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or isinstance(cat.get("id"), bool):
+            raise DataError(f"{where}: category #{position} has no integer 'id'")
+        if not isinstance(cat.get("name"), str) or not cat["name"]:
+            raise DataError(f"{where}: category {cat['id']} has no 'name'")
+        if cat["id"] in seen:
+            raise DataError(f"{where}: category id {cat['id']} is defined twice")
+        seen.add(cat["id"])
+    return sorted(entries, key=lambda c: c["id"])
+
+
+def _coco_images(entries: list[Any], channel: Path, where: str, repairs: Counter[str]) -> list[dict[str, Any]]:
+    """The image entries, each with its file found; an image is listed once, under one id."""
+    by_id: dict[Any, dict[str, Any]] = {}
+    id_of_file: dict[Path, Any] = {}
     images = []
-    for im in coco["images"]:
-        file_path = _find_image(channel, im.get("file_name", ""))
+    for position, im in enumerate(entries, start=1):
+        if not isinstance(im, dict) or not _is_id(im.get("id")):
+            raise DataError(f"{where}: image entry #{position} has no 'id'")
+        image_id = im["id"]
+        if image_id in by_id:
+            if by_id[image_id] == im:  # the same entry pasted twice: one image, read once
+                repairs["duplicate image entries dropped"] += 1
+                continue
+            raise DataError(
+                f"{where}: image id {image_id!r} is listed twice with different entries "
+                f"({by_id[image_id].get('file_name')!r} and {im.get('file_name')!r}); image ids must be unique"
+            )
+        file_name = im.get("file_name")
+        file_path = _find_image(channel, file_name) if isinstance(file_name, str) else None
         if file_path is None:
             raise DataError(
-                f"{path.name}: image id {im.get('id')} names {im.get('file_name')!r}, "
-                f"which is not in {channel} or {channel / 'images'}"
+                f"{where}: image id {image_id!r} names {file_name!r}, which is not in {channel} or {channel / 'images'}"
             )
-        images.append({**im, "path": file_path})
-    _check_headers(images)
-    known_ids = {im["id"] for im in images}
-    annotations: dict[int, list[dict[str, Any]]] = {}
-    for ann in coco["annotations"]:
-        if ann.get("category_id") not in label_of:
+        # two ids for one file would train it twice an epoch and could put it on both sides of a split;
+        # which id its annotations belong to is the dataset author's call, so refuse rather than guess
+        real = file_path.resolve()
+        if real in id_of_file:
             raise DataError(
-                f"{path.name}: annotation {ann.get('id')} has category_id {ann.get('category_id')}, "
-                f"not among the categories {sorted(label_of)}"
+                f"{where}: images {id_of_file[real]!r} and {image_id!r} are the same file {file_name!r}; "
+                "list each image once and put all its annotations under that one id"
             )
-        if ann.get("image_id") not in known_ids:
-            raise DataError(f"{path.name}: annotation {ann.get('id')} names unknown image {ann.get('image_id')}")
-        if "segmentation" not in ann:
-            raise DataError(f"{path.name}: annotation {ann.get('id')} has no segmentation")
-        annotations.setdefault(ann["image_id"], []).append({**ann, "label": label_of[ann["category_id"]]})
-    return DatasetIndex(
-        channel, images, annotations, [c["name"] for c in categories], "coco", [c["id"] for c in categories]
-    )
+        by_id[image_id] = im
+        id_of_file[real] = image_id
+        images.append({**im, "path": file_path})
+    return images
 
 
-def _check_headers(images: list[dict[str, Any]]) -> None:
-    """Open every image's header (cheap) so a bad file fails the job now, not hours in."""
+def _check_headers(images: list[dict[str, Any]], where: str) -> None:
+    """Open every image's header (cheap: no pixels decoded) so a bad file fails the job now, not hours in."""
     for im in images:
         try:
             with Image.open(im["path"]) as handle:
                 width, height = handle.size
         except (OSError, UnidentifiedImageError) as exc:
             raise DataError(f"cannot read image {im['path']}: {exc}") from None
-        if (im.get("width"), im.get("height")) != (width, height):
-            if im.get("width") is not None:
-                raise DataError(
-                    f"image {im['path'].name} is {width}x{height} but its annotation says "
-                    f"{im.get('width')}x{im.get('height')}"
-                )
+        if im.get("width") is None and im.get("height") is None:
             im["width"], im["height"] = width, height
+        elif (im.get("width"), im.get("height")) != (width, height):
+            raise DataError(
+                f"{where}: image {im['id']!r} ({im['path'].name}) is {width}x{height} but its entry says "
+                f"{im.get('width')}x{im.get('height')}"
+            )
+
+
+def _checked_annotation(
+    ann: Any,
+    position: int,
+    image_of: dict[Any, dict[str, Any]],
+    label_of: dict[int, int],
+    where: str,
+    repairs: Counter[str],
+) -> dict[str, Any] | None:
+    """``ann`` with its label, repaired where the docstring's rules allow; None to drop it; else DataError."""
+    if not isinstance(ann, dict):
+        raise DataError(f"{where}: annotation #{position + 1} is not a JSON object")
+    name = f"annotation {ann['id']!r}" if _is_id(ann.get("id")) else f"annotation #{position + 1} (no id)"
+    image = image_of.get(ann.get("image_id")) if _is_id(ann.get("image_id")) else None
+    if image is None:
+        raise DataError(f"{where}: {name} names unknown image id {ann.get('image_id')!r}")
+    name = f"{where}: {name} (image {image['file_name']!r})"
+    if ann.get("category_id") not in label_of or isinstance(ann.get("category_id"), bool):
+        raise DataError(f"{name} has category_id {ann.get('category_id')}, not among the categories {sorted(label_of)}")
+    if ann.get("iscrowd", 0) not in (0, 1):
+        raise DataError(f"{name}: iscrowd is {ann['iscrowd']!r}, expected 0 or 1")
+    height, width = image["height"], image["width"]
+    segmentation = ann.get("segmentation")
+    if segmentation is None:
+        raise DataError(f"{name} has no segmentation")
+    if isinstance(segmentation, list):
+        polygons, short = _checked_polygons(segmentation, name)
+        if short:
+            repairs["polygon parts with fewer than 3 points dropped from otherwise good annotations"] += short
+            segmentation = polygons
+    elif isinstance(segmentation, dict):
+        _check_rle(segmentation, height, width, name)
+    else:
+        raise DataError(f"{name}: segmentation must be polygons (a list) or RLE (an object)")
+    checked = {**ann, "segmentation": segmentation, "label": label_of[ann["category_id"]]}
+    if "bbox" in ann:
+        box = _checked_box(ann["bbox"], height, width, name)
+        if box is None:
+            return None
+        if box != ann["bbox"]:
+            repairs["bboxes clipped to their image"] += 1
+            checked["bbox"] = box
+    return checked
+
+
+def _checked_polygons(segmentation: list[Any], name: str) -> tuple[list[list[float]], int]:
+    """The polygon parts with at least 3 points, and how many shorter parts were left out."""
+    if not segmentation:
+        raise DataError(f"{name}: segmentation is an empty list of polygons")
+    good: list[list[float]] = []
+    short: list[list[float]] = []
+    for part in segmentation:
+        if not isinstance(part, list):
+            raise DataError(f"{name}: segmentation must be a list of polygons [[x1, y1, x2, y2, ...], ...]")
+        try:
+            finite = all(map(math.isfinite, part))
+        except TypeError:
+            raise DataError(f"{name}: polygon has a coordinate that is not a number") from None
+        if not finite:
+            raise DataError(f"{name}: polygon has a coordinate that is not a finite number")
+        if len(part) % 2:
+            raise DataError(f"{name}: polygon has {len(part)} coordinates, an odd count (x, y pairs expected)")
+        # pycocotools reads a 4-number list as a box and fails on shorter ones: never let one through
+        (good if len(part) >= 6 else short).append(part)
+    if not good:
+        points = " and ".join(str(len(p) // 2) for p in short)
+        raise DataError(f"{name}: polygon has {points} point{'s' * (points != '1')}, needs at least 3")
+    return good, len(short)
+
+
+def _check_rle(rle: dict[str, Any], height: int, width: int, name: str) -> None:
+    size, counts = rle.get("size"), rle.get("counts")
+    if size is None or counts is None:
+        raise DataError(f"{name}: RLE segmentation needs 'size' and 'counts'")
+    if size != [height, width]:
+        raise DataError(f"{name}: RLE size {size} is not the image's [height, width] [{height}, {width}]")
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise DataError(f"{name}: uncompressed RLE counts must be non-negative integers")
+        total = sum(counts)
+    elif isinstance(counts, str):
+        try:
+            total = sum(_rle_string_counts(counts))
+        except ValueError as exc:
+            raise DataError(f"{name}: compressed RLE counts are malformed: {exc}") from None
+    else:
+        raise DataError(f"{name}: RLE counts must be a list (uncompressed) or a string (compressed)")
+    # pycocotools decodes a short RLE into uninitialised memory and reads past a long one: check the sum
+    if total != height * width:
+        raise DataError(f"{name}: RLE counts cover {total} pixels, the {width}x{height} image has {height * width}")
+
+
+def _rle_string_counts(text: str) -> list[int]:
+    """Run lengths of a COCO compressed RLE string (``rleFrString`` in cocoapi's maskApi.c).
+
+    pycocotools has no public call that parses without decoding the whole mask, hence these lines:
+    each count is a little-endian run of 5-bit groups (ASCII 48 + value, bit 6 = more follows, sign-extended),
+    and from the third count on each is stored as the difference to the count two before.
+    """
+    counts: list[int] = []
+    position = 0
+    while position < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(text):
+                raise ValueError("the string ends inside a number")
+            char = ord(text[position]) - 48
+            if not 0 <= char < 64:
+                raise ValueError(f"character {text[position]!r} is not an RLE digit")
+            value |= (char & 0x1F) << shift
+            more = bool(char & 0x20)
+            position += 1
+            shift += 5
+            if not more and char & 0x10:
+                value |= -1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        if value < 0:
+            raise ValueError("a run length is negative")
+        counts.append(value)
+    return counts
+
+
+def _checked_box(bbox: Any, height: int, width: int, name: str) -> list[float] | None:
+    """The [x, y, w, h] box clipped to the image; None for a zero-area box (no object to learn)."""
+    numbers = isinstance(bbox, list) and len(bbox) == 4
+    try:
+        numbers = numbers and all(map(math.isfinite, bbox))
+    except TypeError:
+        numbers = False
+    if not numbers:
+        raise DataError(f"{name}: bbox must be 4 finite numbers [x, y, width, height], got {bbox!r}")
+    x, y, w, h = bbox
+    if w < 0 or h < 0:
+        raise DataError(f"{name}: bbox {bbox} has a negative width or height")
+    if w == 0 or h == 0:
+        return None
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+    if x1 <= x0 or y1 <= y0:
+        raise DataError(f"{name}: bbox {bbox} lies outside the {width}x{height} image")
+    if (x0, y0, x1, y1) == (x, y, x + w, y + h):
+        return bbox
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def _annotation_key(ann: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two annotations the same instance: image, category, crowd flag and mask (not the id)."""
+    seg = ann["segmentation"]
+    if isinstance(seg, list):
+        mask: Any = tuple(tuple(part) for part in seg)
+    else:
+        counts = seg["counts"]
+        mask = (tuple(seg["size"]), counts if isinstance(counts, str) else tuple(counts))
+    return ann["image_id"], ann["category_id"], ann.get("iscrowd", 0), mask
 
 
 def _find_image(channel: Path, file_name: str) -> Path | None:
@@ -211,6 +458,16 @@ def _load_pennfudan(channel: Path) -> DatasetIndex:
         if grey.ndim == 3:
             raise DataError(f"{mask_path} must be single-channel (one grey level per instance)")
         height, width = grey.shape
+        try:
+            with Image.open(path) as handle:  # the header only: a mismatch fails now, not in the data loader
+                image_size = handle.size
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"cannot read image {path}: {exc}") from None
+        if image_size != (width, height):
+            raise DataError(
+                f"PennFudan image {path.name} is {image_size[0]}x{image_size[1]} but its mask {mask_path.name} "
+                f"is {width}x{height}"
+            )
         anns = []
         for level in np.unique(grey):
             if level == 0:
@@ -223,13 +480,22 @@ def _load_pennfudan(channel: Path) -> DatasetIndex:
 
 
 def split_index(index: DatasetIndex, fraction: float, seed: int) -> tuple[DatasetIndex, DatasetIndex]:
-    """A seeded train/validation split by image; both parts keep at least one image."""
-    ids = [im["id"] for im in index.images]
-    if len(ids) < 2:
+    """A seeded train/validation split by image file; both parts keep at least one image.
+
+    Entries that share a file (an index not built by :func:`load_index`, which refuses them) stay on one side:
+    an image in both parts would be scored on what it was trained on.
+    """
+    ids_of_file: dict[Path, list[Any]] = {}
+    for im in index.images:
+        ids_of_file.setdefault(Path(im["path"]).resolve(), []).append(im["id"])
+    files = list(ids_of_file)
+    if len(files) < 2:
         raise DataError("need at least 2 images to hold out a validation split (or pass a validation channel)")
-    random.Random(seed).shuffle(ids)
-    n_val = min(max(1, round(len(ids) * fraction)), len(ids) - 1)
-    return index.subset(ids[n_val:]), index.subset(ids[:n_val])
+    random.Random(seed).shuffle(files)
+    n_val = min(max(1, round(len(files) * fraction)), len(files) - 1)
+    ids = [image_id for file in files for image_id in ids_of_file[file]]
+    n_val_ids = sum(len(ids_of_file[file]) for file in files[:n_val])
+    return index.subset(ids[n_val_ids:]), index.subset(ids[:n_val_ids])
 
 
 def _open_image(path: Path) -> Image.Image:
@@ -284,8 +550,7 @@ class InstanceDataset(torch.utils.data.Dataset):
     a loader worker's cache dies with the worker at the end of each epoch.
     """
 
-    def __init__(self, index: DatasetIndex, transforms: Callable[..., Any] | None, seed: int = 0,
-                 cache: bool = False):
+    def __init__(self, index: DatasetIndex, transforms: Callable[..., Any] | None, seed: int = 0, cache: bool = False):
         self.index = index
         self.transforms = transforms
         self.seed = seed
