@@ -232,5 +232,6 @@ def test_sharded_hosts_each_train_their_own_part_for_the_same_steps(process_runt
     assert config["training"]["S3DistributionType"] == "ShardedByS3Key"
     # 4 training images on algo-1 after its held-out image, 3 on algo-2: both train 3 steps an epoch
     assert any("algo-1 | " in line and "every rank trains 3" in line for line in lines), lines[-20:]
-    spec_json = json.loads(tarfile.open(result.model_archive).extractfile("model.json").read())
+    with tarfile.open(result.model_archive) as tar:
+        spec_json = json.loads(tar.extractfile("model.json").read())
     assert spec_json["training"]["steps"] == 6
