@@ -304,3 +304,10 @@ def test_hosts_with_different_classes_fail_naming_both_lists(make_job, synthetic
     for base in bases:
         reason = failure_reason(base)
         assert "different classes" in reason and "algo-2 has ['renamed-" in reason, reason
+
+
+def test_validation_images_that_are_also_training_images_are_refused(make_job, synthetic_dir: Path) -> None:
+    base = make_job(channels={"training": synthetic_dir, "validation": synthetic_dir})
+    result = run_train(base)
+    assert result.returncode == 1
+    assert "in both the training and the validation channel" in failure_reason(base)

@@ -106,6 +106,18 @@ def load_data(config: TrainConfig) -> tuple[DatasetIndex, DatasetIndex]:
             raise DataError(
                 f"validation classes {validation.class_names} differ from training classes {training.class_names}"
             )
+        # The same file (or a hard link to it, as the local harness lays channels out) on both sides.
+        def files(index: DatasetIndex) -> dict[tuple[int, int], str]:
+            return {(st.st_dev, st.st_ino): im["file_name"] for im in index.images if (st := im["path"].stat())}
+
+        train_files, val_files = files(training), files(validation)
+        shared = [name for key, name in val_files.items() if key in train_files]
+        if shared:
+            names = ", ".join(sorted(shared)[:5])
+            raise DataError(
+                f"{len(shared)} image(s) are in both the training and the validation channel ({names}...); "
+                "validation images must be held out of training"
+            )
         return training, validation
     return split_index(training, hp.val_fraction, hp.seed)
 
