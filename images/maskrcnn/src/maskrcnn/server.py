@@ -3,8 +3,10 @@
     docker run -p 8080:8080 -v $PWD/model:/opt/ml/model IMAGE serve
     SAGEMAKER_BASE_DIR=/tmp/job images/maskrcnn/serve          # on a laptop
 
-Reads :class:`~maskrcnn.settings.ServeSettings` once from the environment, checks that the model
-directory holds a saved model, writes a run directory (settings for the gunicorn child, nginx.conf,
+Reads :class:`~maskrcnn.settings.ServeSettings` once from the environment, checks the saved model
+without torch (:func:`~maskrcnn.model_spec.check_saved_model`: both files, model.json's format
+version and arch, the safetensors header; a bad setting or model exits ``EXIT_REFUSED`` (2) in well
+under a second, one line naming the path and the fix, nothing started), writes a run directory (settings for the gunicorn child, nginx.conf,
 sockets, nginx temp files), then starts
 
 * gunicorn (``python -m maskrcnn.wsgi RUN_DIR``) with gevent workers on two unix sockets, and
@@ -14,9 +16,12 @@ sockets, nginx temp files), then starts
 Where nginx is not installed (``MASKRCNN_NGINX=off`` forces it), gunicorn listens on the port
 itself and a warning says so: fine on a laptop, but nothing buffers slow clients.
 
-If either child exits, ``serve`` stops the other and exits non-zero. On SIGTERM (SageMaker sends
-SIGKILL 30 s later) nginx stops listening and drains its in-flight requests, then gunicorn drains
-its workers; everything is gone within ``graceful_timeout_s`` + a few seconds, and ``serve`` exits 0.
+If either child exits, ``serve`` stops the other and exits non-zero. On SIGTERM, SIGINT or SIGQUIT
+(SageMaker sends SIGKILL 30 s after SIGTERM) nginx stops listening and drains its in-flight
+requests, then gunicorn drains its workers; everything is gone within ``graceful_timeout_s`` + a few
+seconds, the run directory too, and ``serve`` exits 0. SIGHUP reloads: nginx and gunicorn each get
+it once they handle it themselves, and each replaces its workers gracefully (old ones finish their
+requests). SIGUSR1/2 are ignored: their default action would kill ``serve`` and orphan its children.
 """
 
 from __future__ import annotations
