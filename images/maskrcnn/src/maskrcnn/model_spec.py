@@ -86,7 +86,7 @@ def check_saved_model(model_dir: Path) -> ModelSpec:
         present = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else []
         raise ModelError(
             f"{model_dir} holds no saved model: {' and '.join(missing)} missing "
-            f"(found: {', '.join(present) or 'nothing'}); pickled weights (.pth, .pt, .pkl) are never loaded; "
+            f"(found: {', '.join(present) or 'nothing'}); pickled weights are never loaded (.pth, .pt, .pkl); "
             f"put a model this image trained there (model.tar.gz unpacked) or {RETRAIN}"
         )
     try:

@@ -6,8 +6,8 @@
 Reads :class:`~maskrcnn.settings.ServeSettings` once from the environment, checks the saved model
 without torch (:func:`~maskrcnn.model_spec.check_saved_model`: both files, model.json's format
 version and arch, the safetensors header; a bad setting or model exits ``EXIT_REFUSED`` (2) in well
-under a second, one line naming the path and the fix, nothing started), writes a run directory (settings for the gunicorn child, nginx.conf,
-sockets, nginx temp files), then starts
+under a second, one line naming the path and the fix, nothing started), writes a run directory
+(settings for the gunicorn child, nginx.conf, sockets, nginx temp files), then starts
 
 * gunicorn (``python -m maskrcnn.wsgi RUN_DIR``) with gevent workers on two unix sockets, and
 * nginx on the public port (8080 or ``SAGEMAKER_BIND_TO_PORT``), ``daemon off``, error log to
