@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -90,6 +91,12 @@ class Server:
     def worker_pids(self) -> list[int]:
         return children(self.gunicorn_master())
 
+    def run_dir(self) -> Path:
+        """The supervisor's private directory (settings, sockets, nginx files), from its log."""
+        match = re.search(r"-m maskrcnn\.wsgi (\S+)", self.log())
+        assert match, "serve has not started gunicorn"
+        return Path(match.group(1))
+
 
 def children(pid: int, cmd_contains: str = "") -> list[int]:
     """Direct children of ``pid`` (from /proc), optionally only those whose command line contains a string."""
@@ -108,6 +115,21 @@ def children(pid: int, cmd_contains: str = "") -> list[int]:
                 found.append(int(entry.name))
         except (OSError, ValueError, IndexError):
             continue
+    return sorted(found)
+
+
+def group_processes(pgid: int) -> list[int]:
+    """Live processes of a process group: `serve` is started in a session of its own, so this is it and
+    everything it started (nginx, gunicorn and their workers), even those that outlived it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                state, _ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue
+            if state != "Z" and int(pgrp) == pgid:
+                found.append(int(entry.name))
     return sorted(found)
 
 

@@ -6,7 +6,6 @@ Order matters only at the end: the kill -9 test restarts a worker, so it runs la
 from __future__ import annotations
 
 import base64
-import contextlib
 import http.client
 import io
 import json
@@ -20,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from maskrcnn.server import EXIT_REFUSED
 from PIL import Image
-from serving_support import DETECT, Server, encode, rss_mb
+from serving_support import DETECT, Server, encode, group_processes, rss_mb, wait_until_ready
 
 pytestmark = pytest.mark.integration
 
@@ -74,15 +74,10 @@ def test_body_over_the_limit_is_413_from_nginx(server: Server) -> None:
     )
     assert status == 413 and "error" in json.loads(body)
     # Exactly at the limit passes nginx and reaches the app (as an undecodable image).
-    assert (
-        server.request("POST", "/invocations", b"\0" * (6 * 1024 * 1024), {"Content-Type": "image/jpeg"})[0]
-        == 400
-    )
+    assert server.request("POST", "/invocations", b"\0" * (6 * 1024 * 1024), {"Content-Type": "image/jpeg"})[0] == 400
 
 
-def malformed_corpus(
-    sample_rgb: np.ndarray, sample_jpeg: bytes
-) -> Iterator[tuple[str, bytes, dict[str, str]]]:
+def malformed_corpus(sample_rgb: np.ndarray, sample_jpeg: bytes) -> Iterator[tuple[str, bytes, dict[str, str]]]:
     """At least 50 odd requests: (name, body, headers). Generated, seeded, no files."""
     rng = random.Random(7)
     png = encode(sample_rgb, "PNG")
@@ -175,9 +170,7 @@ def malformed_corpus(
         yield f"accept-{accept}", sample_jpeg, {"Content-Type": "image/jpeg", "Accept": accept}
 
 
-def test_malformed_corpus_never_yields_a_5xx(
-    server: Server, sample_rgb: np.ndarray, sample_jpeg: bytes
-) -> None:
+def test_malformed_corpus_never_yields_a_5xx(server: Server, sample_rgb: np.ndarray, sample_jpeg: bytes) -> None:
     workers_before = server.worker_pids()
     corpus = list(malformed_corpus(sample_rgb, sample_jpeg))
     assert len(corpus) >= 50
@@ -266,17 +259,22 @@ def test_soak_no_errors_and_bounded_memory(server: Server, sample_jpeg: bytes) -
     assert max(growth.values()) < 100, growth
 
 
+def send_slow_invocation(server: Server) -> http.client.HTTPConnection:
+    """Four large images in one request (seconds of CPU), fully written: in flight, not still being sent."""
+    big = encode((np.random.default_rng(0).random((900, 1200, 3)) * 255).astype(np.uint8), "JPEG")
+    document = json.dumps({"instances": [{"image": base64.b64encode(big).decode()}] * 4}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/invocations", document, {"Content-Type": "application/json", ATTRS: DETECT})
+    time.sleep(0.3)
+    return conn
+
+
 def test_serve_drains_in_flight_requests_on_sigterm(
     launch: Callable[..., Server], model_base: Path, nginx_path: str
 ) -> None:
     server = launch(model_base, SAGEMAKER_MODEL_SERVER_WORKERS="1")
-    big = encode((np.random.default_rng(0).random((900, 1200, 3)) * 255).astype(np.uint8), "JPEG")
-    document = json.dumps({"instances": [{"image": base64.b64encode(big).decode()}] * 4}).encode()
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn = send_slow_invocation(server)
     try:
-        # The whole request is written before the signal, so it is in flight, not still being sent.
-        conn.request("POST", "/invocations", document, {"Content-Type": "application/json", ATTRS: DETECT})
-        time.sleep(0.3)
         started = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         response = conn.getresponse()
@@ -292,9 +290,119 @@ def test_serve_drains_in_flight_requests_on_sigterm(
         server.ping(timeout=1)
 
 
-def test_process_mode_without_nginx(
-    launch: Callable[..., Server], model_base: Path, sample_jpeg: bytes
+def assert_stopped_cleanly(server: Server, run_dir: Path, signum: int) -> None:
+    """`signum` ends serve with 0 within its drain deadline, and nothing it started outlives it."""
+    started = time.monotonic()
+    server.process.send_signal(signum)
+    assert server.process.wait(timeout=35) == 0
+    assert time.monotonic() - started < 30
+    assert group_processes(server.process.pid) == [], "a child of serve outlived it"
+    assert not run_dir.exists(), f"{run_dir} left behind"
+    assert f"received {signal.Signals(signum).name}: draining and stopping" in server.log()
+
+
+def test_sighup_reloads_the_workers_without_losing_a_request(
+    launch: Callable[..., Server], model_base: Path, nginx_path: str
 ) -> None:
+    server = launch(model_base, wait=False, SAGEMAKER_MODEL_SERVER_WORKERS="1")
+    # A HUP while the children are still starting: held until each one handles HUP itself, not fatal.
+    time.sleep(0.5)
+    server.process.send_signal(signal.SIGHUP)
+    wait_until_ready(server)
+    run_dir = server.run_dir()
+    workers = server.worker_pids()
+
+    conn = send_slow_invocation(server)
+    try:
+        server.process.send_signal(signal.SIGHUP)
+        response = conn.getresponse()
+        status = response.status
+        response.read()
+    finally:
+        conn.close()
+    assert status == 200
+
+    # The old worker drains and goes; a new one loads the model. /ping answers all along (503 while
+    # no worker is ready), then 200 from the new worker; serve itself never stopped.
+    deadline = time.monotonic() + 90
+    while True:
+        ping = server.ping()  # an OSError here (nothing listening) fails the test
+        assert ping in (200, 503), ping
+        if ping == 200 and not set(server.worker_pids()) & set(workers):
+            break
+        assert time.monotonic() < deadline, "no new worker answered /ping within 90 s of SIGHUP"
+        time.sleep(0.2)
+    assert server.process.poll() is None
+    assert server.log().count("received SIGHUP: reloading nginx and the gunicorn workers") == 2
+    assert (
+        server.request("POST", "/invocations", encode(np.zeros((64, 64, 3), np.uint8)), {"Content-Type": "image/jpeg"})[
+            0
+        ]
+        == 200
+    )
+    assert "Traceback" not in server.log()
+
+    assert_stopped_cleanly(server, run_dir, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGQUIT], ids=["INT", "QUIT"])
+def test_stop_signals_stop_every_child_and_remove_the_run_dir(
+    launch: Callable[..., Server], model_base: Path, nginx_path: str, signum: int
+) -> None:
+    server = launch(model_base, SAGEMAKER_MODEL_SERVER_WORKERS="1")
+    server.process.send_signal(signal.SIGUSR1)  # ignored: its default action would orphan the children
+    assert server.ping() == 200
+    assert_stopped_cleanly(server, server.run_dir(), signum)
+
+
+def write_model(base: Path, model_base: Path, **changes: object) -> Path:
+    """A copy of the tiny model in base/model, with model.json's fields changed (None deletes a file)."""
+    model_dir = base / "model"
+    model_dir.mkdir()
+    spec = json.loads((model_base / "model" / "model.json").read_text())
+    spec.update({k: v for k, v in changes.items() if k != "weights"})
+    (model_dir / "model.json").write_text(json.dumps(spec))
+    (model_dir / "model.safetensors").write_bytes(
+        changes.get("weights", (model_base / "model" / "model.safetensors").read_bytes())  # type: ignore[arg-type]
+    )
+    return model_dir
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("format_version", "format_version 1 is not one this image loads for arch 'lite' (5-5); retrain"),
+        ("arch", "arch 'resnet18' is not one this image builds"),
+        ("no model.json", "model.json missing (found: model.safetensors)"),
+        ("no weights", "model.safetensors missing (found: model.json)"),
+        ("not safetensors", "model.safetensors is not a safetensors file"),
+    ],
+)
+def test_an_unusable_model_stops_serve_at_once_with_one_code_and_one_message(
+    launch: Callable[..., Server], model_base: Path, tmp_path: Path, case: str, expected: str
+) -> None:
+    changes: dict[str, object] = {
+        "format_version": {"format_version": 1},
+        "arch": {"arch": "resnet18"},
+        "not safetensors": {"weights": b"\x80\x04 not a safetensors header"},
+    }.get(case, {})
+    model_dir = write_model(tmp_path, model_base, **changes)
+    if case == "no model.json":
+        (model_dir / "model.json").unlink()
+    if case == "no weights":
+        (model_dir / "model.safetensors").unlink()
+    started = time.monotonic()
+    server = launch(tmp_path, wait=False)
+    assert server.process.wait(timeout=30) == EXIT_REFUSED
+    assert time.monotonic() - started < 5
+    log = server.log()
+    assert expected in log and str(model_dir) in log, log
+    assert "serve cannot start" in log.strip().splitlines()[-1]  # the last line says why
+    assert "Traceback" not in log
+    assert "gunicorn" not in log and "nginx" not in log  # nothing was started
+
+
+def test_process_mode_without_nginx(launch: Callable[..., Server], model_base: Path, sample_jpeg: bytes) -> None:
     server = launch(model_base, MASKRCNN_NGINX="off", SAGEMAKER_MODEL_SERVER_WORKERS="1")
     assert "gunicorn listens on port" in server.log()
     assert server.request("POST", "/invocations", sample_jpeg, {"Content-Type": "image/jpeg"})[0] == 200
@@ -326,7 +434,7 @@ def test_pickled_weights_alone_are_refused(launch: Callable[..., Server], tmp_pa
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "model.pth").write_bytes(pickle_bytes(marker))
     server = launch(tmp_path, wait=False)
-    assert server.process.wait(timeout=60) == 1
+    assert server.process.wait(timeout=60) == EXIT_REFUSED
     assert "never loaded" in server.log()
     assert not marker.exists()
 
@@ -339,13 +447,9 @@ def test_a_pickle_dressed_as_safetensors_stops_serve(
     (tmp_path / "model" / "model.json").write_text((model_base / "model" / "model.json").read_text())
     (tmp_path / "model" / "model.safetensors").write_bytes(pickle_bytes(marker))
     server = launch(tmp_path, wait=False)
-    deadline = time.monotonic() + 90
-    while server.process.poll() is None and time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            assert server.ping() != 200
-        time.sleep(0.2)
-    assert server.process.poll() not in (None, 0)
-    assert "cannot load the model" in server.log()
+    # serve reads the safetensors header before it starts anything: a pickle has none.
+    assert server.process.wait(timeout=30) == EXIT_REFUSED
+    assert "is not a safetensors file" in server.log()
     assert not marker.exists()
 
 

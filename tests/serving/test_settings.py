@@ -6,9 +6,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from maskrcnn.errors import ConfigError
+from maskrcnn.errors import ConfigError, ModelError
 from maskrcnn.gunicorn_conf import RunDir, assign_device_slot, gunicorn_options
-from maskrcnn.server import check_model_dir, render_nginx_conf
+from maskrcnn.model_spec import ModelSpec, check_saved_model
+from maskrcnn.server import render_nginx_conf
 from maskrcnn.settings import ServeSettings
 
 pytestmark = pytest.mark.unit
@@ -84,16 +85,12 @@ def test_bad_values_fail_with_the_variable_name(name: str, value: str) -> None:
 
 def test_nginx_choice() -> None:
     assert ServeSettings.from_env({}, cpu_count=2, nginx="/usr/sbin/nginx").nginx == "/usr/sbin/nginx"
-    assert (
-        ServeSettings.from_env({"MASKRCNN_NGINX": "off"}, cpu_count=2, nginx="/usr/sbin/nginx").nginx is None
-    )
+    assert ServeSettings.from_env({"MASKRCNN_NGINX": "off"}, cpu_count=2, nginx="/usr/sbin/nginx").nginx is None
     assert ServeSettings.from_env({}, cpu_count=2, nginx=None).nginx is None
 
 
 def test_settings_survive_json() -> None:
-    settings = ServeSettings.from_env(
-        {"SAGEMAKER_BASE_DIR": "/x", "SAGEMAKER_BATCH": "1"}, cpu_count=4, nginx="n"
-    )
+    settings = ServeSettings.from_env({"SAGEMAKER_BASE_DIR": "/x", "SAGEMAKER_BATCH": "1"}, cpu_count=4, nginx="n")
     assert ServeSettings.from_json(settings.to_json()) == settings
 
 
@@ -130,11 +127,17 @@ def test_nginx_conf_is_fully_rendered() -> None:
     assert "unix:/tmp/run/inference.sock" in text and "error_log stderr" in text
 
 
-def test_model_dir_check(tmp_path: Path) -> None:
+def test_saved_model_check(tmp_path: Path) -> None:
     (tmp_path / "model.pth").write_bytes(b"pickle")
-    with pytest.raises(Exception, match="never loaded"):
-        check_model_dir(tmp_path)
+    with pytest.raises(ModelError, match=r"model.json and model.safetensors missing \(found: model.pth\).*loaded"):
+        check_saved_model(tmp_path)
     (tmp_path / "model.json").write_text("[1]")
     (tmp_path / "model.safetensors").write_bytes(b"x")
-    with pytest.raises(Exception, match="JSON object"):
-        check_model_dir(tmp_path)
+    with pytest.raises(ModelError, match=f"{tmp_path}: model.json is not a JSON object"):
+        check_saved_model(tmp_path)
+    (tmp_path / "model.json").write_text('{"arch": "lite", "format_version": 5, "class_names": ["a"]}')
+    with pytest.raises(ModelError, match=r"malformed: TypeError: .*min_size"):
+        check_saved_model(tmp_path)
+    (tmp_path / "model.json").write_text(ModelSpec("lite", ("a",), 128, 256).to_json())
+    with pytest.raises(ModelError, match=f"{tmp_path / 'model.safetensors'} is not a safetensors file"):
+        check_saved_model(tmp_path)

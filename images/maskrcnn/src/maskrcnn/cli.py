@@ -32,10 +32,20 @@ def setup_logging(rank: int | None = None) -> None:
 
 
 def write_failure(paths: SageMakerPaths, reason: str, detail: str = "") -> None:
+    """The reason as one line, then as much of ``detail``'s END as fits: a traceback's last lines say
+    where it failed, so a long one loses its outer frames, never the innermost."""
     paths.output_dir.mkdir(parents=True, exist_ok=True)
     text = reason.strip().replace("\n", " ")[:FAILURE_LIMIT]
-    if detail:
-        text = (text + "\n" + detail)[:FAILURE_LIMIT]
+    room = FAILURE_LIMIT - len(text) - 1
+    detail = detail.strip()
+    if detail and room > 0:
+        if len(detail) > room:
+            tail = detail[-room:]
+            # Start at a whole traceback frame ("  File ..." and its source line), else a whole line.
+            start = tail.find("\n  File ")
+            start = start if start >= 0 else tail.find("\n")
+            detail = tail[start + 1 :] if start >= 0 else tail
+        text += "\n" + detail
     paths.failure_file.write_text(text + "\n")
 
 
@@ -57,7 +67,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the boundary: anything unexpected still leaves a reason behind
         log.exception("training failed unexpectedly")
         if not paths.failure_file.exists():
-            write_failure(paths, f"internal error: {type(exc).__name__}: {exc}", traceback.format_exc(limit=3))
+            write_failure(paths, f"internal error: {type(exc).__name__}: {exc}", traceback.format_exc())
         return 1
 
 

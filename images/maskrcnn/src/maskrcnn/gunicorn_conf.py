@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,15 @@ class RunDir:
     def nginx_conf(self) -> Path:
         return self.path / "nginx.conf"
 
+    @property
+    def nginx_pid(self) -> Path:
+        return self.path / "nginx.pid"
+
+    @property
+    def gunicorn_ready(self) -> Path:
+        """Touched by gunicorn's when_ready hook: from then on its master handles SIGHUP (a reload)."""
+        return self.path / "gunicorn.ready"
+
 
 def gunicorn_options(settings: ServeSettings, run_dir: RunDir) -> dict[str, Any]:
     behind_nginx = settings.nginx is not None
@@ -65,8 +75,13 @@ def gunicorn_options(settings: ServeSettings, run_dir: RunDir) -> dict[str, Any]
         # The heartbeat file on tmpfs: a slow disk must not make a healthy worker look hung.
         "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
         "pre_fork": assign_device_slot,
+        "when_ready": partial(mark_ready, run_dir.gunicorn_ready),
         "control_socket_disable": True,  # gunicorn's admin socket would land in $HOME; we never use it
     }
+
+
+def mark_ready(path: Path, arbiter: Any) -> None:
+    path.touch()
 
 
 def assign_device_slot(arbiter: Any, worker: Any) -> None:

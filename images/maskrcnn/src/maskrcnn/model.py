@@ -16,16 +16,14 @@ image): a torchvision detection checkpoint or a backbone (ImageNet) state dict, 
 or a tensor-only ``.pth`` read with ``weights_only=True``. Nothing is downloaded.
 
 The saved model (``/opt/ml/model``) is ``model.safetensors`` (the state dict; loading it runs no
-code) and ``model.json`` (:class:`ModelSpec`: everything serving needs to rebuild the network and
-answer requests). :func:`load_model` refuses any other weights file.
+code) and ``model.json`` (:class:`~maskrcnn.model_spec.ModelSpec`, in a module of its own so that
+``serve`` checks a saved model without importing torch: everything serving needs to rebuild the network
+and answer requests). :func:`load_model` refuses any other weights file.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,64 +43,15 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import Conv2dNormActivation, FrozenBatchNorm2d
 
 from maskrcnn.errors import ModelError
+from maskrcnn.model_spec import FORMAT_VERSION, SPEC_FILE, WEIGHTS_FILE, ModelSpec, check_saved_model
 from maskrcnn.roi_align import TrainingRoIAlign
 
 log = logging.getLogger(__name__)
 
-# 2: lite's box head has two convolutions; 3: lite classifies from the mask head too; 4: lite pools masks
-# from finer features (MASK_CANONICAL_SCALE); 5: lite's RPN proposes from strides 8-32 (LevelsRPN)
-FORMAT_VERSION = 5
-# The oldest model.json each architecture still loads from: only lite's network changed since.
-OLDEST_FORMAT = {"lite": 5, "resnet50_fpn": 2, "resnet50_fpn_v2": 2}
-WEIGHTS_FILE = "model.safetensors"
-SPEC_FILE = "model.json"
 # (min_size, max_size) used when the hyperparameters leave them at 0
 CANONICAL_SCALE = 64  # lite: box side pooled from the deepest level (torchvision's default: 224)
 MASK_CANONICAL_SCALE = 128  # lite's masks: the same rule one level finer (docs/benchmarks.md, session 4)
 DEFAULT_SIZES = {"lite": (256, 512), "resnet50_fpn": (800, 1333), "resnet50_fpn_v2": (800, 1333)}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """model.json: how to rebuild the network and the defaults serving answers with."""
-
-    arch: str
-    class_names: tuple[str, ...]  # label 1 is class_names[0]; label 0 is background
-    min_size: int
-    max_size: int
-    score_threshold: float = 0.5
-    mask_threshold: float = 0.5
-    max_detections: int = 100
-    metrics: dict[str, float] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)  # resolved hyperparameters, job name
-    format_version: int = FORMAT_VERSION
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names) + 1
-
-    def to_json(self) -> str:
-        data = dataclasses.asdict(self)
-        data["class_names"] = list(self.class_names)
-        data["num_classes"] = self.num_classes
-        return json.dumps(data, indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelSpec:
-        try:
-            data = json.loads(text)
-            data.pop("num_classes", None)
-            version, oldest = data.get("format_version"), OLDEST_FORMAT.get(data.get("arch"), FORMAT_VERSION)
-            if not isinstance(version, int) or not oldest <= version <= FORMAT_VERSION:
-                raise ModelError(
-                    f"model.json format_version {version} is not one this image loads for arch "
-                    f"{data.get('arch')!r} ({oldest}-{FORMAT_VERSION}); retrain the model with this image"
-                )
-            data["class_names"] = tuple(data["class_names"])
-            names = {f.name for f in dataclasses.fields(cls)}
-            return cls(**{k: v for k, v in data.items() if k in names})
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ModelError(f"model.json is malformed: {exc}") from None
 
 
 def build_model(
@@ -437,18 +386,11 @@ def save_model(model_dir: Path, model: nn.Module, spec: ModelSpec) -> None:
 
 def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec]:
     """Rebuild the network from model.json and fill it from model.safetensors; eval mode."""
-    spec_path, weights_path = model_dir / SPEC_FILE, model_dir / WEIGHTS_FILE
-    if not spec_path.is_file() or not weights_path.is_file():
-        present = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else []
-        raise ModelError(
-            f"{model_dir} must hold {SPEC_FILE} and {WEIGHTS_FILE} (found: {present or 'nothing'}); "
-            "pickled weights are never loaded"
-        )
-    spec = ModelSpec.from_json(spec_path.read_text())
+    spec = check_saved_model(model_dir)
     model = build_model(spec.arch, spec.num_classes, spec.min_size, spec.max_size,
                         max_detections=spec.max_detections)
     try:
-        state = load_file(str(weights_path))
+        state = load_file(str(model_dir / WEIGHTS_FILE))
         model.load_state_dict(state, strict=True)
     except (RuntimeError, OSError, ValueError, SafetensorError) as exc:
         raise ModelError(f"{WEIGHTS_FILE} does not match model.json ({spec.arch}): {exc}") from None
@@ -465,4 +407,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ModelSpec", "build_model", "count_parameters", "load_model", "load_pretrained", "save_model"]
+__all__ = [  # FORMAT_VERSION, ModelSpec ... live in maskrcnn.model_spec (no torch); re-exported here
+    "FORMAT_VERSION", "SPEC_FILE", "WEIGHTS_FILE", "ModelSpec",
+    "build_model", "count_parameters", "load_model", "load_pretrained", "save_model",
+]

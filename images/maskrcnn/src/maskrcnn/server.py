@@ -3,9 +3,11 @@
     docker run -p 8080:8080 -v $PWD/model:/opt/ml/model IMAGE serve
     SAGEMAKER_BASE_DIR=/tmp/job images/maskrcnn/serve          # on a laptop
 
-Reads :class:`~maskrcnn.settings.ServeSettings` once from the environment, checks that the model
-directory holds a saved model, writes a run directory (settings for the gunicorn child, nginx.conf,
-sockets, nginx temp files), then starts
+Reads :class:`~maskrcnn.settings.ServeSettings` once from the environment, checks the saved model
+without torch (:func:`~maskrcnn.model_spec.check_saved_model`: both files, model.json's format
+version and arch, the safetensors header; a bad setting or model exits ``EXIT_REFUSED`` (2) in well
+under a second, one line naming the path and the fix, nothing started), writes a run directory
+(settings for the gunicorn child, nginx.conf, sockets, nginx temp files), then starts
 
 * gunicorn (``python -m maskrcnn.wsgi RUN_DIR``) with gevent workers on two unix sockets, and
 * nginx on the public port (8080 or ``SAGEMAKER_BIND_TO_PORT``), ``daemon off``, error log to
@@ -14,9 +16,12 @@ sockets, nginx temp files), then starts
 Where nginx is not installed (``MASKRCNN_NGINX=off`` forces it), gunicorn listens on the port
 itself and a warning says so: fine on a laptop, but nothing buffers slow clients.
 
-If either child exits, ``serve`` stops the other and exits non-zero. On SIGTERM (SageMaker sends
-SIGKILL 30 s later) nginx stops listening and drains its in-flight requests, then gunicorn drains
-its workers; everything is gone within ``graceful_timeout_s`` + a few seconds, and ``serve`` exits 0.
+If either child exits, ``serve`` stops the other and exits non-zero. On SIGTERM, SIGINT or SIGQUIT
+(SageMaker sends SIGKILL 30 s after SIGTERM) nginx stops listening and drains its in-flight
+requests, then gunicorn drains its workers; everything is gone within ``graceful_timeout_s`` + a few
+seconds, the run directory too, and ``serve`` exits 0. SIGHUP reloads: nginx and gunicorn each get
+it once they handle it themselves, and each replaces its workers gracefully (old ones finish their
+requests). SIGUSR1/2 are ignored: their default action would kill ``serve`` and orphan its children.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import json
 import logging
 import math
 import os
@@ -40,13 +44,18 @@ from types import FrameType
 
 from maskrcnn.errors import ConfigError, ModelError
 from maskrcnn.gunicorn_conf import RunDir
+from maskrcnn.model_spec import check_saved_model
 from maskrcnn.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2
 KILL_AFTER_S = 28  # SageMaker's SIGKILL comes 30 s after SIGTERM
+EXIT_REFUSED = 2  # a bad setting or an unusable model: refused before anything started
 MAX_NGINX_WORKERS = 2  # proxying is cheap; more processes would only take CPU from the model
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)  # SIGHUP reloads (Supervisor._on_reload)
+# Their default action would kill serve and orphan its children; nothing here has a use for them.
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 def main(argv: list[str]) -> int:
@@ -58,10 +67,17 @@ def main(argv: list[str]) -> int:
         settings = ServeSettings.from_env(
             os.environ, cpu_count=cpu_count(), gpu_count=gpu_count(), nginx=shutil.which("nginx")
         )
-        check_model_dir(settings.model_dir)
+        spec = check_saved_model(settings.model_dir)
     except (ConfigError, ModelError) as exc:
         log.error("serve cannot start: %s", exc)
-        return 1
+        return EXIT_REFUSED
+    log.info(
+        "model %s: %s, %d classes, format %d",
+        settings.model_dir,
+        spec.arch,
+        len(spec.class_names),
+        spec.format_version,
+    )
     return Supervisor(settings).run()
 
 
@@ -84,27 +100,11 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def check_model_dir(model_dir: Path) -> None:
-    """Fail before starting anything if there is no saved model (the workers validate it fully)."""
-    spec, weights = model_dir / "model.json", model_dir / "model.safetensors"
-    if not spec.is_file() or not weights.is_file():
-        present = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else []
-        raise ModelError(
-            f"{model_dir} must hold model.json and model.safetensors "
-            f"(found: {', '.join(present) or 'nothing'}); "
-            "pickled weights (.pth, .pt, .pkl) are never loaded"
-        )
-    try:
-        if not isinstance(json.loads(spec.read_text()), dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{spec} is not a JSON object: {exc}") from None
-
-
 def render_nginx_conf(settings: ServeSettings, run_dir: RunDir, cpus: int) -> str:
     template = resources.files("maskrcnn").joinpath("nginx.conf.tmpl").read_text()
     values = {
         "RUN_DIR": str(run_dir.path),
+        "NGINX_PID": str(run_dir.nginx_pid),
         "PORT": str(settings.port),
         "NGINX_WORKERS": str(max(1, min(cpus, MAX_NGINX_WORKERS))),
         "MAX_BODY": str(settings.max_payload_bytes),
@@ -127,23 +127,36 @@ def _die_with_parent() -> None:
 
 
 class Supervisor:
-    """Owns the two child processes and the run directory."""
+    """Owns the two child processes and the run directory; turns signals into stop or reload."""
 
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.stop_requested = False
+        self.reload_requested = False
+        self.reload_pending: set[str] = set()  # children a SIGHUP has not reached yet
         self.children: dict[str, subprocess.Popen[bytes]] = {}
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
         log.info("received %s: draining and stopping", signal.Signals(signum).name)
         self.stop_requested = True
 
+    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
+        self.reload_requested = True
+
+    def _on_ignored(self, signum: int, frame: FrameType | None) -> None:
+        log.warning("received %s: ignored (HUP reloads; TERM, INT or QUIT stop)", signal.Signals(signum).name)
+
     def run(self) -> int:
+        # Before anything exists to leak: a signal whose default action kills serve would orphan the
+        # children (gunicorn drains for seconds on its own) and leave the run directory behind.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        for signum in IGNORED_SIGNALS:
+            signal.signal(signum, self._on_ignored)
         run_dir = RunDir(Path(tempfile.mkdtemp(prefix="maskrcnn-serve-")))
         # nginx's workers drop to an unprivileged user when started as root: let them reach the sockets.
         run_dir.path.chmod(0o711)
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
         try:
             return self._run(run_dir)
         finally:
@@ -181,17 +194,32 @@ class Supervisor:
             for name, child in self.children.items():
                 code = child.poll()
                 if code is not None:
-                    why = (
-                        " (a worker failed to boot; its error is above)"
-                        if (name, code) == ("gunicorn", 3)
-                        else ""
-                    )
+                    why = " (a worker failed to boot; its error is above)" if (name, code) == ("gunicorn", 3) else ""
                     log.error("%s exited with code %s%s; stopping the server", name, code, why)
                     self._stop_gracefully(time.monotonic() + 5)
                     return code if code > 0 else 1
+            self._forward_reload(run_dir)
             time.sleep(POLL_S)
         self._stop_gracefully(time.monotonic() + KILL_AFTER_S)
         return 0
+
+    def _forward_reload(self, run_dir: RunDir) -> None:
+        """SIGHUP to each child once it has its own HUP handler: before that, HUP would kill it.
+        nginx has one when it has written its pid file; gunicorn when its when_ready hook has run."""
+        if self.reload_requested:
+            self.reload_requested = False
+            try:  # new workers load the model from disk again: one that cannot would halt gunicorn
+                check_saved_model(self.settings.model_dir)
+            except ModelError as exc:
+                log.error("received SIGHUP: not reloading, the running workers keep serving: %s", exc)
+                return
+            log.info("received SIGHUP: reloading nginx and the gunicorn workers (in-flight requests finish)")
+            self.reload_pending = set(self.children)
+        ready = {"nginx": run_dir.nginx_pid, "gunicorn": run_dir.gunicorn_ready}
+        for name in sorted(self.reload_pending):
+            if ready[name].exists():
+                self.children[name].send_signal(signal.SIGHUP)
+                self.reload_pending.discard(name)
 
     def _start(self, name: str, command: list[str]) -> None:
         log.info("starting %s: %s", name, " ".join(command))
