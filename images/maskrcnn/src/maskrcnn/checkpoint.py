@@ -3,20 +3,27 @@
 SageMaker syncs that folder to S3 and restores it when a job restarts (spot interruption), so a
 job that finds ``last.pt`` there resumes from it by itself. The file holds tensors and plain
 Python values only and is read back with ``torch.load(weights_only=True)``: no code runs. Writes
-are atomic (temp file, then rename), so a SIGKILL mid-write leaves the previous checkpoint intact.
+are atomic (serialised in memory, written to a temporary file in the same folder, fsync'd, renamed),
+so a SIGKILL mid-write leaves the previous checkpoint intact, and a failed write (a full disk) leaves
+no temporary file behind (SageMaker would sync it to S3) and says what happened, naming the path.
+A checkpoint that cannot be read is never retried with unpickling: the job fails, saying to remove it.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from maskrcnn.engine import LoopState
+from maskrcnn.errors import StorageError, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +54,52 @@ def save(
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
     path = directory / FILENAME
-    tmp = directory / (FILENAME + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)  # in memory first: torch's writer reports a full disk as "unexpected pos"
+    write_atomic(path, buffer.getbuffer())
     log.info("checkpoint saved: %s (epoch %d, step %d)", path, state.epoch, state.global_step)
     return path
 
 
+def write_atomic(path: Path, data: bytes | memoryview) -> None:
+    """``data`` to ``path`` via a temporary file in the same folder, fsync'd and renamed; on failure none is left."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(exc, path, "writing") from exc
+
+
 def load(directory: Path) -> dict[str, Any] | None:
+    """The checkpoint's payload, None when there is none; a damaged or foreign file fails, naming it."""
     path = directory / FILENAME
     if not path.is_file():
         return None
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    payload["history"] = json.loads(payload["history"])
-    payload["fingerprint"] = json.loads(payload["fingerprint"])
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload["history"] = json.loads(payload["history"])
+        payload["fingerprint"] = json.loads(payload["fingerprint"])
+        missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step")
+                   if k not in payload]
+        if missing:  # not one of our checkpoints
+            raise KeyError(f"no {', '.join(missing)}")
+    except OSError as exc:
+        raise storage_error(exc, path, "reading") from exc
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError, TypeError) as exc:
+        # Never retry with weights_only=False, as torch's own message suggests: that would run code from the file.
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+            first = "it holds Python objects, which a safe load does not unpickle"
+        raise StorageError(
+            f"the checkpoint {path} cannot be read ({type(exc).__name__}: {first}); it is damaged or not a checkpoint "
+            f"of this job: remove it to start from scratch, or restore an intact copy"
+        ) from exc
     return payload
 
 

@@ -19,6 +19,7 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -121,6 +122,17 @@ def check_same_classes(class_names: list[str], ctx: DistContext, config: TrainCo
                 f"the hosts' datasets have different classes: {first} has {gathered[0]}, {other} has {names}; "
                 "every host's training data must list the same categories"
             )
+
+
+def gather_to_main(items: list[Any], ctx: DistContext) -> list[Any] | None:
+    """Every rank's ``items`` concatenated on rank 0 (None on the others)."""
+    if not ctx.distributed:
+        return list(items)
+    parts: list[list[Any] | None] | None = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(items, parts, dst=0)
+    if parts is None:
+        return None
+    return [item for part in parts for item in (part or [])]
 
 
 def barrier(ctx: DistContext) -> None:

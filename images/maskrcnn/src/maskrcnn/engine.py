@@ -247,10 +247,21 @@ def evaluate(
     device: torch.device,
     epoch: int = 0,
     should_stop: Callable[[], bool] | None = None,
+    gather: Callable[[list[dict[str, Any]]], list[dict[str, Any]] | None] | None = None,
 ) -> dict[str, float]:
-    """Predict ``loader`` and score it; logs one metrics line."""
+    """Predict ``loader`` and score it; logs one metrics line.
+
+    With ``gather`` (distributed evaluation: each rank predicts its part), the predictions of every rank
+    are merged on the main rank, which scores them; the other ranks get None from it and return {}.
+    """
     started = time.perf_counter()
+    log.info("evaluating epoch %d", epoch)
     results = predict_coco(model, loader, device, should_stop=should_stop)
+    if gather is not None:
+        merged = gather(results)
+        if merged is None:
+            return {}
+        results = merged
     scores = coco_scores(ground_truth, results)
     log.info(format_metrics("eval", {"epoch": epoch, **scores}))
     log.info("evaluation took %.1fs for %d detections", time.perf_counter() - started, len(results))

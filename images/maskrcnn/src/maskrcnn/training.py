@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
@@ -49,7 +50,7 @@ from maskrcnn.data import (
     train_transforms,
 )
 from maskrcnn.engine import LoopState, evaluate, train_one_epoch
-from maskrcnn.errors import ConfigError, DataError, JobError
+from maskrcnn.errors import ConfigError, DataError, JobError, storage_error
 from maskrcnn.model import DEFAULT_SIZES, FORMAT_VERSION, ModelSpec, build_model, save_model
 
 log = logging.getLogger(__name__)
@@ -313,12 +314,20 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
             save_checkpoint()
         return True
 
-    val_loader = DataLoader(
-        InstanceDataset(val_index, eval_transforms()), batch_size=2, collate_fn=collate,
-        num_workers=min(hp.num_workers, 2), worker_init_fn=ignore_stop_signals,
-    )
+    val_loader, shared_eval = validation_loader(val_index, config, ctx)
     ground_truth = val_index.to_coco()
+
+    def run_evaluation() -> dict[str, float]:
+        """Every rank scores its part of a validation set they all hold; else rank 0 scores it alone.
+
+        Stops at the next batch on SIGTERM (the scores are then partial, and unused)."""
+        if not (shared_eval or ctx.is_main):
+            return {}
+        gather = (lambda results: distributed.gather_to_main(results, ctx)) if shared_eval else None
+        return evaluate(model, val_loader, ground_truth, ctx.device, state.epoch, should_stop=stop, gather=gather)
+
     scores: dict[str, float] = {}
+    evaluated = False
     reached_limit = hp.max_steps and state.global_step >= hp.max_steps
     started = time.perf_counter()
     while state.epoch < hp.epochs and not reached_limit:
@@ -336,29 +345,56 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
             epoch_steps=steps_per_epoch, last_step=total_steps,
             any_rank=(lambda flag: distributed.any_rank(flag, ctx)) if ctx.distributed else None,
         )
-        if distributed.any_rank(stop(), ctx):
-            save_checkpoint()
-            log.warning("stopped by SIGTERM at step %d; checkpoint saved, a restart resumes from it",
-                        state.global_step)
-            return EXIT_STOPPED
         reached_limit = bool(hp.max_steps) and state.global_step >= hp.max_steps
         if finished:
             state.epoch += 1
             state.step_in_epoch = 0
-        last = state.epoch >= hp.epochs or reached_limit
-        if ctx.is_main and (last or state.epoch % hp.eval_every == 0):
-            scores = evaluate(model, val_loader, ground_truth, ctx.device, state.epoch)
-            state.history.append({"phase": "eval", "epoch": state.epoch, "step": state.global_step, **scores})
-        distributed.barrier(ctx)
-        if not last:
-            save_checkpoint()
-    if ctx.is_main:
-        if not scores:  # resumed from a finished checkpoint: score the restored weights
-            scores = evaluate(model, val_loader, ground_truth, ctx.device, state.epoch)
-        write_outputs(config, model, train_index, scores, state, time.perf_counter() - started)
+        # The step's checkpoint comes first: a stop, a failed evaluation or a full disk later loses no training.
         save_checkpoint()
+        if distributed.any_rank(stop(), ctx):
+            return stopped(state)
+        last = state.epoch >= hp.epochs or bool(reached_limit)
+        if last or state.epoch % hp.eval_every == 0:
+            scores, evaluated = run_evaluation(), last
+            if distributed.any_rank(stop(), ctx):  # also every rank's wait for the evaluation to end
+                return stopped(state)
+            if ctx.is_main:
+                state.history.append({"phase": "eval", "epoch": state.epoch, "step": state.global_step, **scores})
+    if not evaluated:  # resumed from a finished checkpoint: score the restored weights
+        scores = run_evaluation()
+        if distributed.any_rank(stop(), ctx):
+            return stopped(state)
+    if ctx.is_main:
+        write_outputs(config, model, train_index, scores, state, time.perf_counter() - started)
     distributed.barrier(ctx)
     return 0
+
+
+def stopped(state: LoopState) -> int:
+    log.warning("stopped by SIGTERM at step %d; checkpoint saved, a restart resumes from it", state.global_step)
+    return EXIT_STOPPED
+
+
+def validation_loader(
+    index: DatasetIndex, config: TrainConfig, ctx: distributed.DistContext
+) -> tuple[DataLoader, bool]:
+    """The validation loader of this rank, and whether every rank evaluates a part of one shared set.
+
+    Shared when every host holds the same validation images: a validation channel FullyReplicated, or a
+    split of a FullyReplicated training channel (same files, same seed). Each rank then predicts every
+    world_size-th image (no padding: no image counted twice) and rank 0 scores the merged predictions.
+    Otherwise (sharded data) rank 0 scores its own host's validation images.
+    """
+    channel = "validation" if "validation" in config.channels else "training"
+    shared = ctx.distributed and not config.sharded(channel)
+    dataset: torch.utils.data.Dataset = InstanceDataset(index, eval_transforms())
+    if shared:
+        dataset = torch.utils.data.Subset(dataset, range(ctx.rank, len(index.images), ctx.world_size))
+    loader = DataLoader(
+        dataset, batch_size=2, collate_fn=collate, num_workers=min(config.hp.num_workers, 2),
+        worker_init_fn=ignore_stop_signals,
+    )
+    return loader, shared
 
 
 def write_outputs(
@@ -379,11 +415,17 @@ def write_outputs(
         training={"job_name": config.job_name, "hyperparameters": hp.to_dict(), "steps": state.global_step,
                   "train_seconds": round(seconds, 1)},
     )
-    save_model(config.paths.model_dir, model, spec)
+    try:
+        save_model(config.paths.model_dir, model, spec)
+    except (OSError, SafetensorError) as exc:
+        raise storage_error(exc, config.paths.model_dir, "writing the model to") from exc
     out = config.paths.output_data_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({"history": state.history, "final": scores}, indent=1))
-    plot_history(state.history, out / "metrics.png")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"history": state.history, "final": scores}, indent=1))
+        plot_history(state.history, out / "metrics.png")
+    except OSError as exc:
+        raise storage_error(exc, out, "writing metrics to") from exc
     log.info("model written to %s (%s)", config.paths.model_dir,
              ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
 
