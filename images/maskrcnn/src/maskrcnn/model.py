@@ -566,7 +566,8 @@ def load_pretrained(model: nn.Module, path: Path, arch: str) -> None:
 
 def backbone_norm(model: nn.Module) -> str:
     """The NORM_LAYERS name of the backbone body's normalisation."""
-    layer = type(_unwrap(model).backbone.body.bn1)
+    backbone: Any = _unwrap(model).backbone  # typed as Tensor | Module by nn.Module.__getattr__
+    layer = type(backbone.body.bn1)
     return next(name for name, (_, kind) in NORM_LAYERS.items() if kind is layer)
 
 
