@@ -22,9 +22,20 @@ from torchvision.models import resnet18, resnet50
 from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
 from torchvision.ops import FrozenBatchNorm2d
 
-# warmup_steps 0: the first step at the full learning rate, so that every trainable tensor visibly moves
-FINETUNE_HP = {"max_steps": "2", "batch_size": "1", "warmup_steps": "0", "amp": "false"}
+# One step (a ResNet-50 step is seconds on CPU) at the full learning rate (warmup_steps 0), so that every
+# trainable tensor visibly moves
+FINETUNE_HP = {"max_steps": "1", "batch_size": "1", "warmup_steps": "0", "amp": "false"}
 BODY = "backbone.body."
+
+
+@pytest.fixture(scope="module")
+def channels(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The synthetic training set and a one-image validation set: the evaluation is not what is tested."""
+    from maskrcnn.synthetic import write_coco_dataset
+
+    validation = tmp_path_factory.mktemp("validation")
+    write_coco_dataset(validation, num_images=1, seed=4, size=128)
+    return {"training": synthetic_dir, "validation": validation}
 
 
 def write_weights(directory: Path, name: str, state: dict[str, torch.Tensor]) -> Path:
@@ -73,22 +84,22 @@ def check_finetuned_and_served(base: Path, source: dict[str, torch.Tensor], batc
     ],
 )
 def test_resnet50_fine_tunes_a_coco_checkpoint_and_serves(
-    make_job, synthetic_dir: Path, tmp_path: Path, arch: str, factory, filename: str
+    make_job, channels: dict[str, Path], tmp_path: Path, arch: str, factory, filename: str
 ) -> None:
     torch.manual_seed(0)
     state = factory(weights=None, weights_backbone=None).state_dict()  # 91 COCO classes, as published
     weights = write_weights(tmp_path / "weights", filename, state)
-    base = make_job({**FINETUNE_HP, "arch": arch}, channels={"training": synthetic_dir, "pretrained": weights.parent})
+    base = make_job({**FINETUNE_HP, "arch": arch}, channels={**channels, "pretrained": weights.parent})
     result = run_train(base, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     check_finetuned_and_served(base, state, batch_norms=53)
 
 
-def test_lite_fine_tunes_a_resnet18_backbone_and_serves(make_job, synthetic_dir: Path, tmp_path: Path) -> None:
+def test_lite_fine_tunes_a_resnet18_backbone_and_serves(make_job, channels: dict[str, Path], tmp_path: Path) -> None:
     torch.manual_seed(0)
     state = resnet18(weights=None).state_dict()
     weights = write_weights(tmp_path / "weights", "resnet18-f37072fd.pth", state)
-    base = make_job({**FINETUNE_HP, "arch": "lite"}, channels={"training": synthetic_dir, "pretrained": weights.parent})
+    base = make_job({**FINETUNE_HP, "arch": "lite"}, channels={**channels, "pretrained": weights.parent})
     result = run_train(base)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # ResNet-18 without layer4: bn1, two BatchNorms in each of 6 blocks, the downsamples of layer2 and layer3
@@ -102,9 +113,9 @@ def resnet50_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_lite_refuses_a_resnet50_backbone_from_the_channel(
-    make_job, synthetic_dir: Path, resnet50_backbone: Path
+    make_job, channels: dict[str, Path], resnet50_backbone: Path
 ) -> None:
-    base = make_job({"arch": "lite"}, channels={"training": synthetic_dir, "pretrained": resnet50_backbone.parent})
+    base = make_job({"arch": "lite"}, channels={**channels, "pretrained": resnet50_backbone.parent})
     result = run_train(base)
     assert result.returncode != 0
     reason = failure_reason(base)

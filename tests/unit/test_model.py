@@ -11,6 +11,7 @@ import pytest
 import torch
 from maskrcnn.errors import ModelError
 from maskrcnn.model import ModelSpec, build_model, load_model, load_pretrained, save_model
+from safetensors.torch import save_file
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,16 @@ def test_a_resnet50_backbone_is_refused_by_lite_naming_the_archs_that_take_it(tm
         r"resnet50_fpn_v2 .*lite takes a ResNet-18",
     ):
         build_model("lite", 3, pretrained=tmp_path / "resnet50.pth")
+
+
+def test_a_detection_checkpoint_of_another_arch_is_refused_naming_its_arch(tmp_path: Path) -> None:
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    save_file(maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict(), tmp_path / "coco.safetensors")
+    for arch in ("lite", "resnet50_fpn_v2"):
+        expected = rf"not fit arch '{arch}': it is a detection checkpoint for resnet50_fpn \("
+        with pytest.raises(ModelError, match=expected):
+            build_model(arch, 3, pretrained=tmp_path / "coco.safetensors")
 
 
 def test_a_checkpoint_missing_part_of_the_network_is_refused_not_half_applied(tmp_path: Path) -> None:
