@@ -172,10 +172,10 @@ def build_model(
     if backbone_norm is None:
         backbone_norm = _pretrained_norm(arch, state) if state is not None else SCRATCH_NORM[arch]
     # torchvision's rule: every backbone stage trains from scratch; with pretrained weights only the last few
-    pretrained_ = state is not None
-    trainable = _validate_trainable_layers(pretrained_, trainable_backbone_layers if pretrained_ else None, 5, 3)
+    from_file = state is not None
+    trainable = _validate_trainable_layers(from_file, trainable_backbone_layers if from_file else None, 5, 3)
     model = _build(arch, num_classes, min_size, max_size, backbone_norm, trainable, max_detections)
-    if state is not None and pretrained is not None:
+    if state is not None and pretrained is not None:  # (both or neither: mypy cannot tell)
         _load_whole(model, state, arch, pretrained.name)
     return model
 
@@ -511,7 +511,7 @@ def _fit(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tup
     ]
     problems = [
         f"{len(items)} {what} (e.g. {', '.join(items[:2])})"
-        for items, what in ((missing, "tensors missing"), (unknown, "tensors it does not have"),
+        for items, what in ((missing, "tensors missing"), (unknown, "tensors the network does not have"),
                             (other_shape, "tensors of another shape"))
         if items
     ]
