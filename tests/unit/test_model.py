@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pickle
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 from maskrcnn.errors import ModelError
 from maskrcnn.model import ModelSpec, build_model, load_model, load_pretrained, save_model
+from safetensors.torch import save_file
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def test_saved_model_round_trips_to_identical_predictions(lite: torch.nn.Module,
     spec = ModelSpec(arch="lite", class_names=("a", "b", "c"), min_size=96, max_size=96, score_threshold=0.0)
     save_model(tmp_path, lite, spec)
     loaded, loaded_spec = load_model(tmp_path)
-    assert loaded_spec == spec and loaded_spec.num_classes == 4
+    assert loaded_spec == dataclasses.replace(spec, backbone_norm="group_norm") and loaded_spec.num_classes == 4
     image = torch.rand(3, 96, 96)
     with torch.inference_mode():
         a, b = lite([image])[0], loaded([image])[0]
@@ -49,7 +52,7 @@ def test_pickled_weights_are_never_unpickled(tmp_path: Path) -> None:
         load_model(tmp_path)
     model = build_model("lite", 4)
     with pytest.raises(ModelError, match=r"not a tensor-only weights file"):
-        load_pretrained(model, tmp_path / "model.pth")
+        load_pretrained(model, tmp_path / "model.pth", "lite")
     assert not marker.exists()
 
 
@@ -76,8 +79,64 @@ def test_backbone_only_weights_fill_the_backbone(tmp_path: Path) -> None:
 
 def test_weights_that_fit_nothing_are_refused(tmp_path: Path) -> None:
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "w.pth")
-    with pytest.raises(ModelError, match=r"no tensor of w\.pth fits"):
+    with pytest.raises(ModelError, match=r"w\.pth do not fit arch 'lite': it is a backbone state dict that fits no"):
         build_model("lite", 3, pretrained=tmp_path / "w.pth")
+
+
+def test_a_resnet50_backbone_is_refused_by_lite_naming_the_archs_that_take_it(tmp_path: Path) -> None:
+    from torchvision.models import resnet50
+
+    torch.save(resnet50().state_dict(), tmp_path / "resnet50.pth")
+    with pytest.raises(
+        ModelError,
+        match=r"not fit arch 'lite': it is a backbone state dict for resnet50_fpn / "
+        r"resnet50_fpn_v2 .*lite takes a ResNet-18",
+    ):
+        build_model("lite", 3, pretrained=tmp_path / "resnet50.pth")
+
+
+def test_a_detection_checkpoint_of_another_arch_is_refused_naming_its_arch(tmp_path: Path) -> None:
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    save_file(maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict(), tmp_path / "coco.safetensors")
+    for arch in ("lite", "resnet50_fpn_v2"):
+        expected = rf"not fit arch '{arch}': it is a detection checkpoint for resnet50_fpn \("
+        with pytest.raises(ModelError, match=expected):
+            build_model(arch, 3, pretrained=tmp_path / "coco.safetensors")
+
+
+def test_a_checkpoint_missing_part_of_the_network_is_refused_not_half_applied(tmp_path: Path) -> None:
+    state = build_model("lite", 4).state_dict()
+    del state["roi_heads.mask_head.0.0.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(ModelError, match=r"1 tensors missing \(e\.g\. roi_heads\.mask_head\.0\.0\.weight\)"):
+        build_model("lite", 4, pretrained=tmp_path / "partial.pth")
+
+
+def test_pretrained_weights_freeze_batch_norm_and_the_first_stages(tmp_path: Path) -> None:
+    from torchvision.models import resnet18
+    from torchvision.ops import FrozenBatchNorm2d
+
+    torch.save(resnet18().state_dict(), tmp_path / "resnet18.pth")
+    model = build_model("lite", 3, pretrained=tmp_path / "resnet18.pth", trainable_backbone_layers=3)
+    body = model.backbone.body
+    assert not any(isinstance(m, torch.nn.BatchNorm2d | torch.nn.GroupNorm) for m in body.modules())
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in body.modules()) == 15
+    trainable = {name.split(".")[0] for name, p in body.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3"}  # 3 stages counting layer4, which lite does not have
+    scratch = build_model("lite", 3).backbone.body
+    assert all(p.requires_grad for p in scratch.parameters()) and isinstance(scratch.bn1, torch.nn.GroupNorm)
+
+
+def test_a_model_json_without_backbone_norm_rebuilds_the_scratch_network(lite: torch.nn.Module, tmp_path: Path) -> None:
+    save_model(tmp_path, lite, ModelSpec(arch="lite", class_names=("a", "b", "c"), min_size=96, max_size=96))
+    data = json.loads((tmp_path / "model.json").read_text())
+    assert data.pop("backbone_norm") == "group_norm"
+    (tmp_path / "model.json").write_text(json.dumps(data))  # as saved before the field existed
+    assert load_model(tmp_path)[1].backbone_norm is None
+    (tmp_path / "model.json").write_text(json.dumps({**data, "backbone_norm": "layer_norm"}))
+    with pytest.raises(ModelError, match=r"backbone_norm 'layer_norm' is not one of"):
+        load_model(tmp_path)
 
 
 def test_mismatched_weights_are_a_model_error(lite: torch.nn.Module, tmp_path: Path) -> None:
@@ -192,8 +251,9 @@ def test_masks_are_predicted_for_the_survivors_only_and_match_the_full_path() ->
         (every,), _ = RoIHeads.forward(heads, features, proposals, sizes)
     assert calls[0] == len(ours["boxes"]) == 5 and calls[1] == len(every["boxes"]) == 10
     for box, label, mask in zip(ours["boxes"], ours["labels"], ours["masks"], strict=True):
-        same = [i for i in range(len(every["boxes"])) if torch.equal(every["boxes"][i], box)
-                and every["labels"][i] == label]
+        same = [
+            i for i in range(len(every["boxes"])) if torch.equal(every["boxes"][i], box) and every["labels"][i] == label
+        ]
         assert len(same) == 1 and torch.allclose(every["masks"][same[0]], mask, atol=1e-6)
 
 

@@ -12,8 +12,12 @@ Architectures (``arch``):
   regions with :class:`maskrcnn.roi_align.TrainingRoIAlign` (same values, fast backward).
 
 Pretrained weights come only from a file (the ``pretrained`` channel, or a path baked into the
-image): a torchvision detection checkpoint or a backbone (ImageNet) state dict, as ``.safetensors``
-or a tensor-only ``.pth`` read with ``weights_only=True``. Nothing is downloaded.
+image): a detection checkpoint of the same architecture or a backbone (ImageNet) state dict, as
+``.safetensors`` or a tensor-only ``.pth`` read with ``weights_only=True``. Nothing is downloaded. A file
+is applied whole or refused (:func:`check_pretrained`); only the class-specific predictor layers of a
+checkpoint with other classes start afresh. With pretrained weights the backbone is fine-tuned as
+torchvision's builders do it: its BatchNorm frozen (:class:`FrozenBatchNorm2d`: the file's statistics, not
+a small batch's) and only its last ``trainable_backbone_layers`` stages trained (docs/image.md).
 
 The saved model (``/opt/ml/model``) is ``model.safetensors`` (the state dict; loading it runs no
 code) and ``model.json`` (:class:`~maskrcnn.model_spec.ModelSpec`, in a module of its own so that
@@ -23,7 +27,10 @@ and answer requests). :func:`load_model` refuses any other weights file.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +38,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torchvision.models import resnet18
+from torchvision.models import resnet18, resnet50
 from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.backbone_utils import (
+    BackboneWithFPN,
+    _resnet_fpn_extractor,
+    _validate_trainable_layers,
+)
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -54,6 +65,36 @@ MASK_CANONICAL_SCALE = 128  # lite's masks: the same rule one level finer (docs/
 DEFAULT_SIZES = {"lite": (256, 512), "resnet50_fpn": (800, 1333), "resnet50_fpn_v2": (800, 1333)}
 
 
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm: normalises the same way in training and inference, at any batch size."""
+    return nn.GroupNorm(16, channels)
+
+
+# The ResNet body's normalisation, by its name in model.json (``backbone_norm``), and its module type
+FROZEN_BN = "frozen_batch_norm"
+NORM_LAYERS: dict[str, tuple[Callable[[int], nn.Module], type[nn.Module]]] = {
+    FROZEN_BN: (FrozenBatchNorm2d, FrozenBatchNorm2d),
+    "batch_norm": (nn.BatchNorm2d, nn.BatchNorm2d),
+    "group_norm": (group_norm, nn.GroupNorm),
+}
+# ... when trained from scratch, and for models saved before model.json recorded it
+SCRATCH_NORM = {"lite": "group_norm", "resnet50_fpn": "batch_norm", "resnet50_fpn_v2": "batch_norm"}
+# The files each architecture takes (docs/image.md says the same)
+ACCEPTS = {
+    "lite": "a ResNet-18 backbone state dict (e.g. torchvision's ResNet18_Weights.IMAGENET1K_V1; its layer4 and "
+    "fc are not used) or a lite checkpoint (a model.safetensors trained by this image)",
+    "resnet50_fpn": "a ResNet-50 backbone state dict (e.g. ResNet50_Weights.IMAGENET1K_V1/V2; fc is not used) or a "
+    "maskrcnn_resnet50_fpn checkpoint (MaskRCNN_ResNet50_FPN_Weights.COCO_V1, or a model this image trained)",
+    "resnet50_fpn_v2": "a ResNet-50 backbone state dict (e.g. ResNet50_Weights.IMAGENET1K_V1/V2; fc is not used) or "
+    "a maskrcnn_resnet50_fpn_v2 checkpoint (MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1, or a model this image "
+    "trained)",
+}
+# Layers whose shape follows the number of classes: a checkpoint's are used only when the classes agree
+CLASS_LAYERS = (
+    "roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.", "roi_heads.mask_classifier.fc."
+)
+
+
 def build_model(
     arch: str,
     num_classes: int,
@@ -63,45 +104,60 @@ def build_model(
     pretrained: Path | None = None,
     trainable_backbone_layers: int = 3,
     max_detections: int = 100,
+    backbone_norm: str | None = None,
 ) -> nn.Module:
-    """A Mask R-CNN for ``num_classes`` (background included), optionally initialised from a file."""
-    default_min, default_max = DEFAULT_SIZES[arch]
-    sizes = {"min_size": min_size or default_min, "max_size": max_size or default_max}
-    frozen = pretrained is not None
-    if arch == "lite":
-        model = _lite(num_classes, sizes, frozen, trainable_backbone_layers if frozen else 5, max_detections)
-    else:
-        factory = maskrcnn_resnet50_fpn if arch == "resnet50_fpn" else maskrcnn_resnet50_fpn_v2
-        model = factory(
-            weights=None,
-            weights_backbone=None,
-            num_classes=num_classes,
-            trainable_backbone_layers=trainable_backbone_layers if frozen else 5,
-            box_detections_per_img=max_detections,
-            **sizes,
-        )
-        for name in ("box_roi_pool", "mask_roi_pool"):  # same pooling, a backward pass fast on CPU
-            pool = getattr(model.roi_heads, name)
-            setattr(model.roi_heads, name, TrainingRoIAlign(
-                pool.featmap_names, pool.output_size, pool.sampling_ratio,
-                canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level,
-            ))
-    if pretrained is not None:
-        load_pretrained(model, pretrained)
+    """A Mask R-CNN for ``num_classes`` (background included), optionally initialised from a file.
+
+    ``backbone_norm`` (serving: model.json's) overrides the body's normalisation; by default it is frozen
+    BatchNorm with pretrained weights that carry BatchNorm statistics, else the architecture's own.
+    """
+    state = read_state_dict(pretrained) if pretrained is not None else None
+    if backbone_norm is None:
+        backbone_norm = _pretrained_norm(arch, state) if state is not None else SCRATCH_NORM[arch]
+    # torchvision's rule: every backbone stage trains from scratch; with pretrained weights only the last few
+    from_file = state is not None
+    trainable = _validate_trainable_layers(from_file, trainable_backbone_layers if from_file else None, 5, 3)
+    model = _build(arch, num_classes, min_size, max_size, backbone_norm, trainable, max_detections)
+    if state is not None and pretrained is not None:  # (both or neither: mypy cannot tell)
+        _load_whole(model, state, arch, pretrained.name)
     return model
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm: normalises the same way in training and inference, at any batch size."""
-    return nn.GroupNorm(16, channels)
+def _build(
+    arch: str, num_classes: int, min_size: int, max_size: int, norm: str, trainable: int, max_detections: int
+) -> MaskRCNN:
+    default_min, default_max = DEFAULT_SIZES[arch]
+    sizes = {"min_size": min_size or default_min, "max_size": max_size or default_max}
+    if arch == "lite":
+        return _lite(num_classes, sizes, NORM_LAYERS[norm][0], trainable, max_detections)
+    factory = maskrcnn_resnet50_fpn if arch == "resnet50_fpn" else maskrcnn_resnet50_fpn_v2
+    model = factory(
+        weights=None, weights_backbone=None, num_classes=num_classes, box_detections_per_img=max_detections, **sizes
+    )
+    # torchvision's builders choose the body's norm and frozen stages only for weights they download; the
+    # backbone is built here as they build it then (v1: FrozenBatchNorm2d in the body; v2: BatchNorm2d in
+    # its FPN, which the v2 builder keeps, and here frozen BatchNorm in the body too, as for v1).
+    body = resnet50(weights=None, norm_layer=NORM_LAYERS[norm][0])
+    fpn_norm = nn.BatchNorm2d if arch == "resnet50_fpn_v2" else None
+    model.backbone = _resnet_fpn_extractor(body, trainable, norm_layer=fpn_norm)
+    for name in ("box_roi_pool", "mask_roi_pool"):  # same pooling, a backward pass fast on CPU
+        pool = getattr(model.roi_heads, name)
+        setattr(model.roi_heads, name, TrainingRoIAlign(
+            pool.featmap_names, pool.output_size, pool.sampling_ratio,
+            canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level,
+        ))
+    return model
 
 
 def _lite(
-    num_classes: int, sizes: dict[str, int], frozen_bn: bool, trainable_layers: int, max_detections: int
+    num_classes: int,
+    sizes: dict[str, int],
+    norm: Callable[[int], nn.Module],
+    trainable_layers: int,
+    max_detections: int,
 ) -> MaskRCNN:
     # Pretrained ImageNet statistics stay frozen; from scratch, GroupNorm: BatchNorm's running averages
     # lag far behind weights that change this fast, so evaluation would see other features than training.
-    norm = FrozenBatchNorm2d if frozen_bn else group_norm
     body = resnet18(weights=None, norm_layer=norm)
     # layer4 holds 8 of ResNet-18's 11M parameters and sees objects at stride 32, which small images
     # barely have; without it the network is 4x smaller, faster, and learns far quicker from scratch.
@@ -362,23 +418,105 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_pretrained(model: nn.Module, path: Path) -> None:
-    """Copy every tensor whose name and shape match; a backbone-only file fills the backbone."""
-    state = read_state_dict(path)
-    target = model.state_dict()
-    if not any(k in target for k in state) and any(("backbone.body." + k) in target for k in state):
+def _pretrained_norm(arch: str, state: dict[str, torch.Tensor]) -> str:
+    """Frozen BatchNorm for a file that carries BatchNorm statistics (ImageNet and COCO weights, resnet models
+    this image trained); else the architecture's own (a lite model trained from scratch: GroupNorm)."""
+    has_statistics = "bn1.running_mean" in state or "backbone.body.bn1.running_mean" in state
+    return FROZEN_BN if has_statistics else SCRATCH_NORM[arch]
+
+
+def _is_counter(name: str) -> bool:
+    return name.endswith("num_batches_tracked")  # BatchNorm's step counter: FrozenBatchNorm2d has none
+
+
+def _fit(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """What of ``state`` to load into a network whose state dict is ``target``, or why it does not fit.
+
+    A detection checkpoint (``backbone.body.*`` names) must hold every tensor of the network and no other,
+    in the same shapes, except the class-specific layers (CLASS_LAYERS), which start afresh when the
+    classes differ. A backbone state dict must hold every tensor of the backbone's body; it may hold layers
+    the body does not use (the classifier ``fc``; ``layer4``, which lite drops), nothing else.
+    """
+    detection = any(name.startswith("backbone.body.") for name in state)
+    if detection:
+        wanted = {k: v for k, v in target.items() if not _is_counter(k)}
+        unused: tuple[str, ...] = ()
+    else:
         state = {"backbone.body." + k: v for k, v in state.items()}
-    matched = {k: v for k, v in state.items() if k in target and target[k].shape == v.shape}
-    if not matched:
-        raise ModelError(f"no tensor of {path.name} fits this architecture; is it the right weights file?")
-    model.load_state_dict(matched, strict=False)
-    skipped = sorted(set(state) - set(matched))
-    log.info("pretrained %s: loaded %d tensors, skipped %d (e.g. %s)", path.name, len(matched), len(skipped),
-             ", ".join(skipped[:3]))
+        wanted = {k: v for k, v in target.items() if k.startswith("backbone.body.") and not _is_counter(k)}
+        unused = ("backbone.body.fc.", "backbone.body.layer4.")
+    missing = [k for k in wanted if k not in state]
+    unknown = [k for k in state if k not in target and not _is_counter(k) and not k.startswith(unused)]
+    other_shape = [
+        f"{k} {list(state[k].shape)} (needs {list(v.shape)})"
+        for k, v in wanted.items()
+        if k in state and state[k].shape != v.shape and not k.startswith(CLASS_LAYERS)
+    ]
+    problems = [
+        f"{len(items)} {what} (e.g. {', '.join(items[:2])})"
+        for items, what in ((missing, "tensors missing"), (unknown, "tensors the network does not have"),
+                            (other_shape, "tensors of another shape"))
+        if items
+    ]
+    fitting = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape}
+    return fitting, "; ".join(problems)
+
+
+@cache
+def _meta_state(arch: str, norm: str) -> dict[str, torch.Tensor]:
+    """The state dict of ``arch`` built with ``norm``, on the meta device: names and shapes, no memory."""
+    with torch.device("meta"):
+        return _build(arch, 2, 0, 0, norm, 5, 1).state_dict()
+
+
+def _misfit(arch: str, state: dict[str, torch.Tensor], name: str, reason: str) -> ModelError:
+    """The refusal, naming the architectures that would take the file."""
+    takers = [
+        other for other in DEFAULT_SIZES
+        if other != arch and not _fit(_meta_state(other, _pretrained_norm(other, state)), state)[1]
+    ]
+    kind = "detection checkpoint" if any(k.startswith("backbone.body.") for k in state) else "backbone state dict"
+    hint = f"it is a {kind} for {' / '.join(takers)}" if takers else f"it is a {kind} that fits no architecture"
+    return ModelError(
+        f"pretrained weights {name} do not fit arch {arch!r}: {hint} ({reason}); {arch} takes {ACCEPTS[arch]}"
+    )
+
+
+def check_pretrained(arch: str, path: Path) -> None:
+    """Raise :class:`ModelError` unless ``path`` initialises ``arch`` whole (what build_model would do)."""
+    state = read_state_dict(path)
+    reason = _fit(_meta_state(arch, _pretrained_norm(arch, state)), state)[1]
+    if reason:
+        raise _misfit(arch, state, path.name, reason)
+
+
+def _load_whole(model: nn.Module, state: dict[str, torch.Tensor], arch: str, name: str) -> None:
+    fitting, reason = _fit(model.state_dict(), state)
+    if reason:
+        raise _misfit(arch, state, name, reason)
+    result = model.load_state_dict(fitting, strict=False)
+    fresh = [k for k in result.missing_keys if not _is_counter(k)]
+    log.info(
+        "pretrained %s: loaded %d tensors%s", name, len(fitting),
+        f"; {', '.join(sorted({k.rsplit('.', 1)[0] for k in fresh}))} start afresh" if fresh else "",
+    )
+
+
+def load_pretrained(model: nn.Module, path: Path, arch: str) -> None:
+    """Initialise ``model`` (an ``arch``) from every tensor of ``path``, or refuse it whole."""
+    _load_whole(model, read_state_dict(path), arch, path.name)
+
+
+def backbone_norm(model: nn.Module) -> str:
+    """The NORM_LAYERS name of the backbone body's normalisation."""
+    backbone: Any = _unwrap(model).backbone  # typed as Tensor | Module by nn.Module.__getattr__
+    layer = type(backbone.body.bn1)
+    return next(name for name, (_, kind) in NORM_LAYERS.items() if kind is layer)
 
 
 def save_model(model_dir: Path, model: nn.Module, spec: ModelSpec) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
+    spec = dataclasses.replace(spec, backbone_norm=backbone_norm(model))  # serving rebuilds the trained network
     state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
     save_file(state, str(model_dir / WEIGHTS_FILE), metadata={"arch": spec.arch})
     (model_dir / SPEC_FILE).write_text(spec.to_json())
@@ -388,7 +526,7 @@ def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.
     """Rebuild the network from model.json and fill it from model.safetensors; eval mode."""
     spec = check_saved_model(model_dir)
     model = build_model(spec.arch, spec.num_classes, spec.min_size, spec.max_size,
-                        max_detections=spec.max_detections)
+                        max_detections=spec.max_detections, backbone_norm=spec.backbone_norm)
     try:
         state = load_file(str(model_dir / WEIGHTS_FILE))
         model.load_state_dict(state, strict=True)
@@ -408,6 +546,6 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = [  # FORMAT_VERSION, ModelSpec ... live in maskrcnn.model_spec (no torch); re-exported here
-    "FORMAT_VERSION", "SPEC_FILE", "WEIGHTS_FILE", "ModelSpec",
-    "build_model", "count_parameters", "load_model", "load_pretrained", "save_model",
+    "FORMAT_VERSION", "SPEC_FILE", "WEIGHTS_FILE", "ModelSpec", "backbone_norm", "build_model", "check_pretrained",
+    "count_parameters", "load_model", "load_pretrained", "save_model",
 ]

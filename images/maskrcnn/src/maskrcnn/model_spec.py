@@ -26,6 +26,8 @@ FORMAT_VERSION = 5
 OLDEST_FORMAT = {"lite": 5, "resnet50_fpn": 2, "resnet50_fpn_v2": 2}
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
+# The ResNet body's normalisation, as model.json's ``backbone_norm`` names it (maskrcnn.model builds each)
+BACKBONE_NORMS = ("frozen_batch_norm", "batch_norm", "group_norm")
 RETRAIN = "retrain the model with this image (its training job writes model.json and model.safetensors)"
 
 
@@ -43,6 +45,9 @@ class ModelSpec:
     metrics: dict[str, float] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)  # resolved hyperparameters, job name
     format_version: int = FORMAT_VERSION
+    # The backbone body's normalisation (one of BACKBONE_NORMS), set by save_model from the network itself;
+    # None (models saved before it was recorded): what that arch is built with from scratch.
+    backbone_norm: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -69,6 +74,10 @@ class ModelSpec:
                 raise ModelError(
                     f"{SPEC_FILE} format_version {version} is not one this image loads for arch "
                     f"{arch!r} ({oldest}-{FORMAT_VERSION}); {RETRAIN}"
+                )
+            if data.get("backbone_norm") not in (None, *BACKBONE_NORMS):
+                raise ModelError(
+                    f"{SPEC_FILE} backbone_norm {data['backbone_norm']!r} is not one of {list(BACKBONE_NORMS)}"
                 )
             data["class_names"] = tuple(data["class_names"])
             names = {f.name for f in dataclasses.fields(cls)}

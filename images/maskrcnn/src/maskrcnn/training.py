@@ -50,8 +50,8 @@ from maskrcnn.data import (
     train_transforms,
 )
 from maskrcnn.engine import LoopState, evaluate, train_one_epoch
-from maskrcnn.errors import ConfigError, DataError, JobError, storage_error
-from maskrcnn.model import DEFAULT_SIZES, FORMAT_VERSION, ModelSpec, build_model, save_model
+from maskrcnn.errors import ConfigError, DataError, JobError, ModelError, storage_error
+from maskrcnn.model import DEFAULT_SIZES, FORMAT_VERSION, ModelSpec, build_model, check_pretrained, save_model
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def load_data(config: TrainConfig) -> tuple[DatasetIndex, DatasetIndex]:
 
 
 def pretrained_file(config: TrainConfig) -> Path | None:
-    """The ``pretrained`` channel's single weights file, else a file baked into the image."""
+    """The ``pretrained`` channel's single weights file, else a file baked into the image if it fits the arch."""
     if "pretrained" in config.channels:
         channel = config.paths.channel("pretrained")
         files = sorted(p for p in channel.glob("*") if p.suffix in (".pth", ".pt", ".safetensors"))
@@ -134,6 +134,11 @@ def pretrained_file(config: TrainConfig) -> Path | None:
             )
         return files[0]
     if config.pretrained_path is not None and config.pretrained_path.is_file():
+        try:  # the image's weights serve the architectures they fit; a channel's file must fit
+            check_pretrained(config.hp.arch, config.pretrained_path)
+        except ModelError as exc:
+            log.warning("not using the image's weights, training from scratch: %s", exc)
+            return None
         return config.pretrained_path
     return None
 
