@@ -90,9 +90,7 @@ def test_bad_hyperparameters_are_refused_before_any_aws_call(
 
 def run_cli(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    clean.update(
-        AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null", AWS_EC2_METADATA_DISABLED="true"
-    )
+    clean.update(AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null", AWS_EC2_METADATA_DISABLED="true")
     clean.update(env)
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args], cwd=REPO, env=clean, capture_output=True, text=True, timeout=60
@@ -123,9 +121,7 @@ def test_every_preset_decodes_with_the_image_schema() -> None:
 
 
 @pytest.mark.integration
-def test_rendered_example_input_trains_the_image_for_one_step(
-    tmp_path: Path, make_job: Callable[..., Path]
-) -> None:
+def test_rendered_example_input_trains_the_image_for_one_step(tmp_path: Path, make_job: Callable[..., Path]) -> None:
     assert main(["render", "--out", str(tmp_path / "render")]) == 0
     sent = json.loads((tmp_path / "render" / "example-input.json").read_text())["Training"]["HyperParameters"]
     Hyperparameters.from_strings(sent)
