@@ -142,3 +142,10 @@ def test_rendered_example_input_trains_the_image_for_one_step(tmp_path: Path, ma
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     spec = json.loads((base / "model" / "model.json").read_text())
     assert (spec["arch"], spec["training"]["steps"]) == (sent["arch"], 1)
+
+
+@pytest.mark.unit
+def test_the_pipeline_imports_the_schema_without_torch() -> None:
+    # The pipeline runs on a laptop or in CI without torch: the image's config module must stay light.
+    code = "import sys, pipeline.__main__; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
