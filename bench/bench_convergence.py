@@ -25,6 +25,8 @@ from pathlib import Path
 from maskrcnn.config import SYNTHETIC_CPU_IMAGE_SIZE, SYNTHETIC_CPU_PRESET, SYNTHETIC_CPU_TRAIN_IMAGES
 from maskrcnn.synthetic import write_coco_dataset
 
+from local.layout import parse_pairs
+
 REPO = Path(__file__).resolve().parents[1]
 # The preset this benchmark (and `make demo`) uses; --hp overrides single keys.
 HYPERPARAMETERS = {**SYNTHETIC_CPU_PRESET, "log_every": "25", "checkpoint_every": "0"}
@@ -40,7 +42,7 @@ def main() -> int:
     parser.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--log", type=Path, help="also write the job's whole log here")
     args = parser.parse_args()
-    hp = {**HYPERPARAMETERS, **dict(item.split("=", 1) for item in args.hp)}
+    hp = {**HYPERPARAMETERS, **parse_pairs(args.hp)}
     base = Path(tempfile.mkdtemp(prefix="bench-convergence-"))
     write_coco_dataset(base / "train", args.images, seed=0, size=args.size)
     write_coco_dataset(base / "heldout", args.heldout, seed=1000, size=args.size)

@@ -15,12 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.execution import DEFAULT_HYPERPARAMETERS, ExecutionInput, InputError, example_input
+from botocore.exceptions import BotoCoreError, ClientError
+from maskrcnn.config import Hyperparameters
+
+from local.errors import HarnessError
+from local.layout import parse_pairs
+from pipeline import release
+from pipeline.execution import WORKFLOW_PRESET, ExecutionInput, InputError, example_input
 from pipeline.settings import StackSettings
 from pipeline.shapes import validate_definition
 from pipeline.template import build_template
@@ -79,7 +86,8 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help=f"one of {sorted(DEFAULT_HYPERPARAMETERS)}; repeatable",
+        help=f"any image hyperparameter ({', '.join(Hyperparameters.accepted())}; README's table), "
+        f"over the {WORKFLOW_PRESET!r} preset in maskrcnn/config.py; repeatable",
     )
     promote = commands.add_parser("promote", help="retag a tested digest as a release (no rebuild)")
     promote.add_argument("--repository", required=True)
@@ -91,13 +99,13 @@ def parser() -> argparse.ArgumentParser:
 def execution_from_args(
     args: argparse.Namespace,
     settings: StackSettings,
-    outputs: dict[str, str],
+    bucket: str,
     stamp: str,
     head_sha: str | None,
 ) -> ExecutionInput:
-    bucket = outputs["ArtifactBucketName"]
+    """The execution ``start`` sends; ``bucket`` is the stack's artifact bucket."""
     job = f"{settings.prefix}-{stamp}"
-    hyperparameters = dict(item.split("=", 1) for item in args.hyperparameter)
+    hyperparameters = parse_pairs(args.hyperparameter, "-p")
     return ExecutionInput(
         prefix=settings.prefix,
         job_name=job,
@@ -119,10 +127,28 @@ def execution_from_args(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, run one command, and turn every error a person can act on into one line and an exit code."""
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
+    try:
+        return run(args)
+    except (InputError, HarnessError) as error:  # the arguments; nothing was started
+        log.error("%s", error)
+        return 2
+    except release.PromotionError as error:
+        log.error("%s", error)
+        return 1
+    except (BotoCoreError, ClientError) as error:  # no credentials or region, a missing stack, a denied call
+        log.error("AWS: %s", error)
+        return 1
+    except subprocess.CalledProcessError as error:
+        log.error("%s failed: %s", " ".join(error.cmd), (error.stderr or "").strip())
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
     settings = StackSettings(prefix=args.prefix)
     if args.command == "render":
         for path in render(settings, args.out):
@@ -142,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import boto3
 
-    from pipeline import aws, release
+    from pipeline import aws
 
     session = boto3.session.Session()
     if args.command == "deploy":
@@ -150,27 +176,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("stack outputs: %s", json.dumps(outputs, indent=2))
         return 0
     if args.command == "start":
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        head_sha = None if args.image_uri or args.git_sha else aws.git_sha(REPO_ROOT)
+        # Check the whole input before any AWS call; only the bucket comes from the stack, and a
+        # stand-in one passes the same checks as the real one.
+        execution_from_args(args, settings, "stack-artifact-bucket", stamp, head_sha)
         outputs = aws.stack_outputs(session, args.stack)
-        try:
-            execution = execution_from_args(
-                args,
-                settings,
-                outputs,
-                time.strftime("%Y%m%d-%H%M%S"),
-                None if args.image_uri or args.git_sha else aws.git_sha(REPO_ROOT),
-            )
-        except InputError as error:
-            log.error("%s", error)
-            return 2
+        execution = execution_from_args(args, settings, outputs["ArtifactBucketName"], stamp, head_sha)
         arn = aws.start(session, outputs["StateMachineArn"], execution.to_document(), execution.job_name)
         log.info("started %s", arn)
         return 0
     if args.command == "promote":
-        try:
-            release.promote(session.client("ecr"), args.repository, args.digest, args.tag)
-        except release.PromotionError as error:
-            log.error("%s", error)
-            return 1
+        release.promote(session.client("ecr"), args.repository, args.digest, args.tag)
         return 0
     raise AssertionError(args.command)
 

@@ -15,22 +15,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-# The hyperparameters the training container reads; the defaults are the tuned ones.
-DEFAULT_HYPERPARAMETERS: dict[str, str] = {
-    "epochs": "10",  # full passes over the training channel
-    "max_steps": "0",  # 0 = no step cap
-    "batch_size": "4",  # per GPU
-    "lr": "0.01",  # SGD base learning rate
-    "arch": "resnet50_fpn",  # resnet50_fpn | resnet50_fpn_v2 | lite
-    "min_size": "800",  # shorter image side after resize
-    "max_size": "1333",  # longer side cap
-    "seed": "0",
-    "checkpoint_every": "1",  # epochs between checkpoints in /opt/ml/checkpoints
-}
-ARCHES = ("resnet50_fpn", "resnet50_fpn_v2", "lite")
-CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
+from maskrcnn.config import DEFAULT_BASE_DIR, PRESETS, Hyperparameters, SageMakerPaths
+from maskrcnn.errors import ConfigError
+
+# What the workflow trains unless `-p KEY=VALUE` overrides a key: a preset of the image's own schema
+# (maskrcnn.config.Hyperparameters), so every name, type and default has one definition, the image's.
+WORKFLOW_PRESET = "gpu-resnet50"
+CHECKPOINT_LOCAL_PATH = str(SageMakerPaths(Path(DEFAULT_BASE_DIR)).checkpoints_dir)
 
 _DIGEST_URI = re.compile(
     r"^\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+@sha256:[0-9a-f]{64}$"
@@ -41,6 +35,20 @@ _NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker job/model
 
 class InputError(ValueError):
     """The execution input would fail in the workflow; raised before anything is started."""
+
+
+def workflow_hyperparameters(overrides: Mapping[str, object]) -> dict[str, str]:
+    """The workflow preset with ``overrides`` on top, as strings, checked by the image's own decoder.
+
+    An unknown key or a bad value fails here with the message the training job would write to
+    ``output/failure`` (naming the accepted keys), before any AWS call.
+    """
+    resolved = {**PRESETS[WORKFLOW_PRESET], **{k: str(v) for k, v in overrides.items()}}
+    try:
+        Hyperparameters.from_strings(resolved)
+    except ConfigError as error:
+        raise InputError(str(error)) from None
+    return resolved
 
 
 def _check_s3(name: str, uri: str) -> None:
@@ -72,7 +80,7 @@ class ExecutionInput:
     max_runtime_seconds: int = 24 * 3600
     use_spot: bool = False
     max_wait_seconds: int = 48 * 3600  # spot only: runtime plus time waiting for capacity
-    hyperparameters: Mapping[str, str] = field(default_factory=dict)
+    hyperparameters: Mapping[str, str] = field(default_factory=dict)  # overrides of WORKFLOW_PRESET
 
     def __post_init__(self) -> None:
         for label, name in (
@@ -103,18 +111,13 @@ class ExecutionInput:
             raise InputError(
                 f"image_uri must be an ECR URI pinned by digest (@sha256:...), got {self.image_uri!r}"
             )
-        unknown = set(self.hyperparameters) - set(DEFAULT_HYPERPARAMETERS)
-        if unknown:
-            raise InputError(f"unknown hyperparameters: {sorted(unknown)}")
-        arch = self.hyperparameters.get("arch", DEFAULT_HYPERPARAMETERS["arch"])
-        if arch not in ARCHES:
-            raise InputError(f"arch must be one of {ARCHES}, got {arch!r}")
+        workflow_hyperparameters(self.hyperparameters)
         if self.use_spot and self.max_wait_seconds < self.max_runtime_seconds:
             raise InputError("max_wait_seconds must be at least max_runtime_seconds for spot training")
 
     def resolved_hyperparameters(self) -> dict[str, str]:
-        """Defaults overridden by the given values, every value a string as SageMaker requires."""
-        return {**DEFAULT_HYPERPARAMETERS, **{k: str(v) for k, v in self.hyperparameters.items()}}
+        """The workflow preset overridden by the given values, every value a string as SageMaker requires."""
+        return workflow_hyperparameters(self.hyperparameters)
 
     def input_data_config(self) -> list[dict[str, Any]]:
         channels = [

@@ -106,8 +106,9 @@ def test_execution_input_renders_strings_optional_channels_and_spot() -> None:
     [
         ({"image_uri": DIGEST_URI.split("@")[0] + ":latest"}, "pinned by digest"),
         ({"job_name": "other-job"}, "must start with"),
-        ({"hyperparameters": {"epochs": "1", "momentum": "0.9"}}, "unknown hyperparameters"),
+        ({"hyperparameters": {"epochs": "1", "bogus_knob": "0.9"}}, "unknown hyperparameter 'bogus_knob'; accepted: "),
         ({"hyperparameters": {"arch": "resnet101"}}, "arch must be one of"),
+        ({"hyperparameters": {"amp": "maybe"}}, "'amp' must be true or false"),
         ({"training_data": "/local/path"}, "s3://"),
         ({"git_sha": "main"}, "git_sha"),
     ],

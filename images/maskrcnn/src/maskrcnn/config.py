@@ -355,3 +355,20 @@ SYNTHETIC_CPU_PRESET: dict[str, str] = {
 }
 SYNTHETIC_CPU_IMAGE_SIZE = 160
 SYNTHETIC_CPU_TRAIN_IMAGES = 400
+
+# The SageMaker GPU preset: what the AWS workflow (`python -m pipeline start`) trains unless `-p KEY=VALUE`
+# overrides a key. It holds only the keys that differ from Hyperparameters' defaults (sizes stay 0: the
+# arch's own 800/1333). checkpoint_every counts optimizer steps: a resnet50 checkpoint (weights and
+# optimizer state) is hundreds of MB, so it is written every few minutes of GPU work, not every step.
+GPU_RESNET50_PRESET: dict[str, str] = {
+    "arch": "resnet50_fpn",
+    "epochs": "10",
+    "lr": "0.01",  # the workflow's SGD rate before this preset existed (the schema's default is 0.02)
+    "checkpoint_every": "500",
+}
+
+# Every named preset of the schema above; each must decode with Hyperparameters.from_strings.
+PRESETS: dict[str, dict[str, str]] = {
+    "gpu-resnet50": GPU_RESNET50_PRESET,
+    "synthetic-cpu": SYNTHETIC_CPU_PRESET,
+}
