@@ -1,6 +1,7 @@
 """``python -m local VERB ...``: the parser, logging set-up, and the one place errors become exit codes.
 
-Verbs: ``train``, ``serve``, ``invoke``, ``transform``, ``synth``, ``demo`` (docs/local.md has every flag).
+Verbs: ``train``, ``serve``, ``invoke``, ``transform``, ``synth``, ``demo``, ``check`` (docs/local.md has every
+flag).
 Exit codes: 0 done; 1 the job / a request / the demo failed; 2 a usage or set-up problem; 143 the
 training job was stopped (SIGTERM/Ctrl-C) after checkpointing; 130 interrupted otherwise.
 """
@@ -135,6 +136,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     _runtime_flags(demo, environ)
     demo.set_defaults(func=cmd_demo)
+
+    check = verbs.add_parser("check", help="check an image against the SageMaker container contract")
+    check.add_argument("--image", default=environ.get("IMAGE", rt.DEFAULT_IMAGE), help="the image tag to check")
+    check.add_argument("--data", type=Path, required=True, help="a training channel the image can train on")
+    check.add_argument("--payload", type=Path, help="a request body for /invocations (without it: SKIP)")
+    check.add_argument("--content-type", help="the payload's Content-Type (default: from its suffix)")
+    check.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeat)")
+    check.set_defaults(func=cmd_check)
     return parser
 
 
@@ -248,6 +257,15 @@ def cmd_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     print(f"demo output: {summary['folder']}")
     # A score below target is a result to read, not a crash; failed requests are a broken demo.
     return 1 if summary["inference"].get("failed_requests") else 0
+
+
+def cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from local.check import CheckSpec, exit_code, render_table, run_check
+
+    spec = CheckSpec(args.image, args.data, parse_pairs(args.hp), args.payload, args.content_type)
+    rows = run_check(spec)
+    print(render_table(rows))
+    return exit_code(rows)
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

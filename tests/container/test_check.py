@@ -1,0 +1,63 @@
+"""``python -m local check`` on a real Docker engine: our image passes every point; a broken one fails.
+
+    IMAGE=maskrcnn-sagemaker:latest MASKRCNN_SKIP_BUILD=1 pytest tests/container/test_check.py -rs
+
+Each test runs the whole check (six training runs, three servers): about 4 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+from pathlib import Path
+
+import pytest
+
+from local.check import FAIL, PASS, SERVE_GPU, SKIP, TRAIN_GPU, TRAIN_V3, CheckSpec, exit_code, run_check
+from local.cli import main
+
+# The hyperparameters docs/local.md gives for a quick check of our image.
+TINY = {"max_steps": "2", "batch_size": "2", "min_size": "128", "max_size": "128", "num_workers": "0"}
+
+
+def _payload(dataset: Path) -> Path:
+    return sorted((dataset / "images").iterdir())[0]
+
+
+@pytest.mark.timeout(900)
+def test_our_image_passes_every_point(image: str, dataset: Path) -> None:
+    """Every row PASS; only the GPU rows SKIP here, and they say why."""
+    rows = run_check(CheckSpec(image, dataset, TINY, _payload(dataset)))
+    statuses = {row.point: row.status for row in rows}
+    assert len(rows) == 15
+    gpu = {TRAIN_GPU, SERVE_GPU}
+    assert {p: s for p, s in statuses.items() if p not in gpu and s != PASS} == {}, rows
+    for row in rows:
+        if row.point in gpu and row.status == SKIP:
+            assert "nvidia runtime" in row.evidence
+    assert exit_code(rows) == 0
+
+
+@pytest.fixture
+def old_entrypoint_image(docker_client, image: str):
+    """Our image with the entrypoint it had before SDK v3: tini alone, no default command."""
+    tag = f"contract-check-old-entrypoint:{secrets.token_hex(3)}"
+    dockerfile = f'FROM {image}\nENTRYPOINT ["/usr/bin/tini", "--"]\n'  # also resets CMD
+    docker_client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True)
+    yield tag
+    docker_client.images.remove(tag, force=True)
+
+
+@pytest.mark.timeout(900)
+def test_image_that_needs_an_argument_fails_the_v3_row(
+    old_entrypoint_image: str, dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SDK v3 starts training with no argument: such an image FAILs that row, and the check exits 1."""
+    hp = [arg for key, value in TINY.items() for arg in ("--hp", f"{key}={value}")]
+    argv = ["check", "--image", old_entrypoint_image, "--data", str(dataset), "--payload", str(_payload(dataset))]
+    assert main([*argv, *hp]) == 1
+    table = capsys.readouterr().out
+    v3_line = next(line for line in table.splitlines() if line.startswith(TRAIN_V3))
+    assert f"  {FAIL}  " in v3_line, table
+    # `docker run IMAGE train` still works: the other training rows are unaffected.
+    assert all(f"  {FAIL}  " not in line for line in table.splitlines() if line.startswith("train: `train`"))
