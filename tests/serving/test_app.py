@@ -115,6 +115,13 @@ def test_instances_list(client, sample_jpeg: bytes) -> None:  # type: ignore[no-
     assert post(client, body, "application/json", Accept="image/png").status_code == 406
 
 
+def test_content_type_parameters_and_case_do_not_matter(client, sample_jpeg: bytes) -> None:  # type: ignore[no-untyped-def]
+    body = json.dumps({"image": base64.b64encode(sample_jpeg).decode()}).encode()
+    assert post(client, body, "Application/JSON; charset=utf-8").status_code == 200
+    assert post(client, sample_jpeg, "IMAGE/JPEG; q=1").status_code == 200
+    assert post(client, sample_jpeg, "text/plain; charset=utf-8").status_code == 415
+
+
 def test_png_answer(client, sample_jpeg: bytes) -> None:  # type: ignore[no-untyped-def]
     answer = post(client, sample_jpeg, "application/x-image", Accept="image/png")
     assert answer.status_code == 200 and answer.mimetype == "image/png"

@@ -149,7 +149,7 @@ def test_json_forms(sample_jpeg: bytes) -> None:
     b64 = base64.b64encode(sample_jpeg).decode()
     one = codec.decode_request(
         json.dumps({"image": b64}).encode(),
-        "application/json; charset=utf-8",
+        "application/json",
         max_pixels=MAX_PIXELS,
         max_images=4,
     )
@@ -234,6 +234,8 @@ def test_bad_attributes_are_400(text: str) -> None:
         ("image/png;q=0.5, application/json", "application/json"),
         ("text/html, image/png", "image/png"),
         ("application/json;q=0, image/png", "image/png"),
+        ("image/png, application/json", "application/json"),  # a tie: the server's order, JSON first
+        ("image/*;q=0.9, application/json;q=0.8", "image/png"),
     ],
 )
 def test_accept_negotiation(accept: str | None, expected: str) -> None:

@@ -127,7 +127,7 @@ def create_app(
         options = codec.parse_attributes(
             request.headers.get(ATTRIBUTES_HEADER), defaults, spec.max_detections
         )
-        content_type = request.headers.get("Content-Type")
+        content_type = request.mimetype  # werkzeug's: lower case, parameters (charset ...) dropped
         codec.check_content_type(content_type)
         body = request.get_data(cache=False)
         payload, mimetype, timing = run(

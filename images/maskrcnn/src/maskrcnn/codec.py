@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
+from werkzeug.datastructures import MIMEAccept
+from werkzeug.http import parse_accept_header
 
 from maskrcnn.errors import NotAcceptable, RequestError, UnsupportedMediaType
 
@@ -59,11 +61,6 @@ class RequestOptions:
     score_threshold: float = 0.5
     max_detections: int = 100
     mask_format: str = "rle"
-
-
-def media_type(header: str | None) -> str:
-    """``"Image/PNG; charset=x"`` -> ``"image/png"``; missing -> ``""``."""
-    return (header or "").split(";", 1)[0].strip().lower()
 
 
 def parse_attributes(text: str | None, defaults: RequestOptions, max_detections_cap: int) -> RequestOptions:
@@ -111,40 +108,23 @@ def parse_attributes(text: str | None, defaults: RequestOptions, max_detections_
 
 
 def negotiate(accept: str | None) -> str:
-    """The response type for an ``Accept`` header: JSON unless PNG is preferred; 406 if neither fits."""
+    """The response type for an ``Accept`` header: JSON unless PNG is strictly preferred; 406 if neither fits.
+
+    werkzeug parses the header (q-values, wildcards, specificity); on a tie the server's order decides,
+    and JSON comes first. An absent or empty header is no preference: JSON.
+    """
     if not accept or not accept.strip():
         return JSON_TYPE
-    best: tuple[float, int, str] | None = None
-    for position, part in enumerate(accept.split(",")):
-        fields = part.split(";")
-        media = fields[0].strip().lower()
-        quality = 1.0
-        for param in fields[1:]:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    quality = float(value)
-                except ValueError:
-                    quality = 0.0
-        if quality <= 0:
-            continue
-        if media in (JSON_TYPE, "application/*", "*/*"):
-            offer = JSON_TYPE
-        elif media in (PNG_TYPE, "image/*"):
-            offer = PNG_TYPE
-        else:
-            continue
-        # Highest quality wins; on a tie, the one the client listed first.
-        if best is None or quality > best[0]:
-            best = (quality, position, offer)
+    best = parse_accept_header(accept, MIMEAccept).best_match([JSON_TYPE, PNG_TYPE])
     if best is None:
         raise NotAcceptable(f"cannot answer with {accept!r}; offered: {JSON_TYPE}, {PNG_TYPE}")
-    return best[2]
+    return best
 
 
-def check_content_type(content_type: str | None) -> str:
-    """The request's media type if we accept it; 415 otherwise."""
-    kind = media_type(content_type)
+def check_content_type(kind: str | None) -> str:
+    """``kind``, the request's media type without parameters (Flask's ``request.mimetype``), if we accept it;
+    415 otherwise."""
+    kind = kind or ""
     if kind not in SUPPORTED_TYPES:
         raise UnsupportedMediaType(
             f"unsupported content type {kind or '(none)'!r}; send one of {', '.join(SUPPORTED_TYPES)}"
@@ -152,11 +132,9 @@ def check_content_type(content_type: str | None) -> str:
     return kind
 
 
-def decode_request(
-    body: bytes, content_type: str | None, *, max_pixels: int, max_images: int
-) -> list[np.ndarray]:
-    """The images in a request body, each H x W x 3 uint8 RGB."""
-    if check_content_type(content_type) == JSON_TYPE:
+def decode_request(body: bytes, mimetype: str | None, *, max_pixels: int, max_images: int) -> list[np.ndarray]:
+    """The images in a request body of media type ``mimetype`` (no parameters), each H x W x 3 uint8 RGB."""
+    if check_content_type(mimetype) == JSON_TYPE:
         return [decode_image(data, max_pixels) for data in _json_images(body, max_images)]
     return [decode_image(body, max_pixels)]
 
@@ -283,11 +261,6 @@ def encode_json(results: Sequence[Detections], class_names: Sequence[str], mask_
         for d in results
     ]
     return json.dumps({"predictions": predictions}, separators=(",", ":")).encode()
-
-
-def rle(mask: np.ndarray) -> dict[str, Any]:
-    """COCO compressed RLE of an (H, W) bool mask: ``{"size": [h, w], "counts": "..."}``."""
-    return _rle_dict(mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8)))
 
 
 def _rle_dict(encoded: dict[str, Any]) -> dict[str, Any]:

@@ -6,8 +6,9 @@ turns those into :class:`TrainConfig`; nothing else in the package reads ``os.en
 config files. Tests build configs from plain dicts with :meth:`TrainConfig.from_dicts`.
 
 Hyperparameters arrive as strings written by either SDK generation: v2 writes ``str(v)``
-(``"True"``, ``"[16, 22]"``), v3 writes ``json.dumps(v)`` (``"true"``, ``"\\"lite\\""``).
-Both decode here; an unknown key fails with the list of accepted ones.
+(``"True"``, ``"[16, 22]"``); v3 passes strings as they are and writes everything else as
+``json.dumps(v)`` (``"true"``, ``"[16, 22]"``); framework estimators JSON-quote strings too
+(``"\\"lite\\""``). All decode here; an unknown key fails with the list of accepted ones.
 """
 
 from __future__ import annotations

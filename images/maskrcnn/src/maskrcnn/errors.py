@@ -80,10 +80,6 @@ class NotAcceptable(RequestError):
     status = 406
 
 
-class PayloadTooLarge(RequestError):
-    status = 413
-
-
 class ServiceUnavailable(RequestError):
     """The server cannot answer now (model not loaded yet, inference over its deadline); retry later."""
 

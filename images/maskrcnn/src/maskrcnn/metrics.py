@@ -15,7 +15,6 @@ This module imports nothing heavy: ``pipeline/`` imports it without torch.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 
@@ -61,7 +60,3 @@ def parse_metrics(line: str) -> dict[str, float]:
         if match:
             found[definition["Name"]] = float(match.group(1))
     return found
-
-
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)

@@ -541,11 +541,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 __all__ = [  # FORMAT_VERSION, ModelSpec ... live in maskrcnn.model_spec (no torch); re-exported here
     "FORMAT_VERSION", "SPEC_FILE", "WEIGHTS_FILE", "ModelSpec", "backbone_norm", "build_model", "check_pretrained",
-    "count_parameters", "load_model", "load_pretrained", "save_model",
+    "load_model", "load_pretrained", "save_model",
 ]
