@@ -15,6 +15,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from maskrcnn.contract import EXIT_STOPPED
+
 from local import runtime as rt
 from local.errors import HarnessError, JobFailed
 from local.layout import JobSpec, default_job_name, parse_pairs
@@ -26,7 +28,6 @@ DESCRIPTION = """SageMaker training jobs, endpoints and batch transform on this 
 
 exit codes: 0 done; 1 the job, a request or the demo failed; 2 a usage or set-up problem;
 143 the training job was stopped (Ctrl-C / SIGTERM) after checkpointing; 130 interrupted."""
-EXIT_STOPPED = 143  # the job's own code for a SIGTERM stop after checkpointing
 
 
 def setup_logging(verbose: bool) -> None:

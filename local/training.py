@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from maskrcnn.contract import EXIT_STOPPED
 from maskrcnn.metrics import parse_metrics
 
 from local.artifacts import pack_dir
@@ -35,7 +36,6 @@ from local.runtime import Runtime, free_port, stop_on_signals
 
 log = logging.getLogger(__name__)
 
-EXIT_STOPPED = 143
 STOP_TIMEOUT_S = 120.0  # StopTrainingJob: SIGTERM, then SIGKILL after 120 s
 _POSITION = re.compile(r"\b(phase|epoch|step)=(\w+)")
 _PLAN = re.compile(r"\bplan: (\d+) steps\b")  # maskrcnn.training logs it before the first step

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from maskrcnn import cli
+from maskrcnn import cli, contract
 from maskrcnn.config import SageMakerPaths
 
 
@@ -39,7 +39,7 @@ def test_an_internal_error_names_the_innermost_frame_within_the_limit(
     text = SageMakerPaths(tmp_path).failure_file.read_text()
     reason, detail = text.split("\n", 1)
     assert reason == "internal error: RuntimeError: the tensor shapes disagree"
-    assert len(text.rstrip("\n")) <= cli.FAILURE_LIMIT
+    assert len(text.rstrip("\n")) <= contract.FAILURE_LIMIT
     assert "in innermost_failing_step" in detail
     assert 'raise RuntimeError("the tensor shapes disagree")' in detail
     assert "in train_main" not in detail  # the outermost frames are what gave way
@@ -48,7 +48,9 @@ def test_an_internal_error_names_the_innermost_frame_within_the_limit(
 
 def test_a_short_traceback_is_kept_whole(tmp_path: Path) -> None:
     paths = SageMakerPaths(tmp_path)
-    cli.write_failure(paths, "internal error: ValueError: x", "Traceback (most recent call last):\nValueError: x\n")
+    contract.write_failure(
+        paths, "internal error: ValueError: x", "Traceback (most recent call last):\nValueError: x\n"
+    )
     assert paths.failure_file.read_text() == (
         "internal error: ValueError: x\nTraceback (most recent call last):\nValueError: x\n"
     )

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from maskrcnn import checkpoint, distributed
 from maskrcnn.config import Hyperparameters, TrainConfig
+from maskrcnn.contract import EXIT_STOPPED, setup_logging, write_failure
 from maskrcnn.data import (
     DatasetIndex,
     InstanceDataset,
@@ -55,7 +56,6 @@ from maskrcnn.model import DEFAULT_SIZES, FORMAT_VERSION, ModelSpec, build_model
 
 log = logging.getLogger(__name__)
 
-EXIT_STOPPED = 143
 DECODED_CACHE_LIMIT = 2**30  # bytes of decoded training images (uint8) worth keeping between epochs
 
 
@@ -209,8 +209,6 @@ def run(config: TrainConfig) -> int:
 
 def spawned_worker(local_rank: int, config: TrainConfig, nprocs: int) -> None:
     """One GPU's process: its own logging, its failure reason on disk, its exit code as the process's."""
-    from maskrcnn.cli import setup_logging, write_failure
-
     setup_logging(rank=local_rank)
     try:
         code = worker(local_rank, config, nprocs)

@@ -140,7 +140,7 @@ def _address(sock: Any) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from maskrcnn.cli import setup_logging
+    from maskrcnn.contract import setup_logging
 
     setup_logging()
     if len(argv) != 1:
