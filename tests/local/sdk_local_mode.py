@@ -71,8 +71,14 @@ def main() -> int:
     estimator.fit({"training": f"file://{args.data.resolve()}"}, logs=True)
     result: dict = {"model_data": str(estimator.model_data)}
 
+    # wait=False: local create_endpoint returns once /ping answers 200; wait=True would only add
+    # wait_for_endpoint, which sleeps its 30 s poll interval before it first looks.
     predictor = estimator.deploy(
-        1, "local", serializer=IdentitySerializer("image/png"), deserializer=JSONDeserializer()
+        1,
+        "local",
+        serializer=IdentitySerializer("image/png"),
+        deserializer=JSONDeserializer(),
+        wait=False,
     )
     try:
         result["predictions"] = predictor.predict(args.image_file.read_bytes())["predictions"]
