@@ -13,7 +13,7 @@ DOCKER_BUILD_ARGS ?=
 AWS_REGION ?=
 
 .PHONY: setup demo test test-unit test-integration test-container test-gpu lint bench clean \
-	base-image build push pipeline-tools test-pipeline bench-serving bench-local sdk-venv
+	base-image build push pipeline-tools test-pipeline bench-serving bench-local sdk-venv sdk3-venv
 
 setup: $(STAMP)  ## create .venv with every pinned dependency
 
@@ -77,6 +77,9 @@ pipeline-tools:  ## asl-validator (npm, pinned in pipeline/package-lock.json) an
 
 sdk-venv:  ## the SageMaker Python SDK v2 in its own venv (.venv-sdk), for the real-client container test
 	test -x .venv-sdk/bin/python || ($(PYTHON) -m venv .venv-sdk && .venv-sdk/bin/pip install -q "sagemaker==2.257.7")
+
+sdk3-venv:  ## the SageMaker Python SDK v3 in its own venv (.venv-sdk3), for the real-client container test
+	test -x .venv-sdk3/bin/python || ($(PYTHON) -m venv .venv-sdk3 && .venv-sdk3/bin/pip install -q "sagemaker==3.27.0")
 
 clean:
 	rm -rf $(DEMO_OUT) build .pytest_cache .mypy_cache .ruff_cache
