@@ -159,8 +159,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, hp: Hyperparameters, steps_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """float16 on CUDA; bfloat16 on CPUs with AMX tiles; else none (float32).
+def autocast_dtype(
+    device: torch.device, *, bf16_supported: bool | None = None, amx: bool | None = None
+) -> torch.dtype | None:
+    """bfloat16 on CUDA devices that have it (Ampere and newer), float16 on older GPUs; bfloat16 on CPUs
+    with AMX tiles; else none (float32). ``bf16_supported`` and ``amx`` override what the machine says.
+
+    bfloat16 has float32's exponent range, so it needs no GradScaler (torchvision's reference and torch's
+    AMP recipe use the scaler for float16 only); the caller makes one only for float16.
 
     Measured on two VMs of the same class: on session 2's, bfloat16 made a lite step 1.4x faster (284 against
     409 ms); on session 4's, which exposes AVX512-BF16 but no AMX tiles, 1.4x slower (396 against 283 ms: the
@@ -168,10 +174,20 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     inside; without AVX512-BF16 either, the CPU would emulate bfloat16. docs/benchmarks.md has both.
     """
     if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and torch.cpu._is_amx_tile_supported():
-        return torch.bfloat16
+        if bf16_supported is None:
+            with torch.cuda.device(device):
+                bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if bf16_supported else torch.float16
+    if device.type == "cpu":
+        if amx is None:
+            amx = torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if amx else None
     return None
+
+
+def grad_scaler(amp_dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """float16 needs loss scaling (its small range underflows gradients); bfloat16 and float32 do not."""
+    return torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
 
 def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
@@ -186,22 +202,32 @@ def run(config: TrainConfig) -> int:
     """Train on this host; returns the exit code (0 done, 143 stopped)."""
     nprocs = config.procs_per_host or distributed.processes_per_host()
     if nprocs == 1:
-        return worker(0, config, 1)
-    context = mp.start_processes(spawned_worker, args=(config, nprocs), nprocs=nprocs, join=False,
-                                 start_method="spawn")
+        stop = StopSignal()
+        stop.install()
+        return worker(0, config, 1, stop)
+    # SIGTERM stays blocked while the GPU processes start: they inherit the mask through spawn's exec, so
+    # a stop that comes while one is still importing torch waits until its handler is in place
+    # (spawned_worker unblocks it) instead of killing it, which would read as a failure.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        context = mp.start_processes(spawned_worker, args=(config, nprocs), nprocs=nprocs, join=False,
+                                     start_method="spawn")
 
-    def forward(signum: int, _frame: Any) -> None:
-        # SageMaker signals PID 1 only; every GPU process must hear the stop to checkpoint in step.
-        for process in context.processes:
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signum)
+        def forward(signum: int, _frame: Any) -> None:
+            # SageMaker signals PID 1 only; every GPU process must hear the stop to checkpoint in step.
+            for process in context.processes:
+                if process.is_alive() and process.pid is not None:
+                    os.kill(process.pid, signum)
 
-    signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGTERM, forward)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a stop that came meanwhile: forwarded now
+    log.info("started %d training processes", nprocs)
     try:
         while not context.join():
             pass
     except mp.ProcessExitedException as exc:
-        if exc.exit_code == EXIT_STOPPED:
+        if exc.exit_code in (EXIT_STOPPED, -signal.SIGTERM):  # a process killed by SIGTERM was stopped too
             return EXIT_STOPPED
         raise
     return 0
@@ -209,11 +235,14 @@ def run(config: TrainConfig) -> int:
 
 def spawned_worker(local_rank: int, config: TrainConfig, nprocs: int) -> None:
     """One GPU's process: its own logging, its failure reason on disk, its exit code as the process's."""
+    stop = StopSignal()
+    stop.install()  # first: SIGTERM was blocked since before this process started (see run)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     from maskrcnn.cli import setup_logging, write_failure
 
     setup_logging(rank=local_rank)
     try:
-        code = worker(local_rank, config, nprocs)
+        code = worker(local_rank, config, nprocs, stop)
     except JobError as exc:
         if local_rank == 0:
             write_failure(config.paths, str(exc))
@@ -222,9 +251,7 @@ def spawned_worker(local_rank: int, config: TrainConfig, nprocs: int) -> None:
         raise SystemExit(code)
 
 
-def worker(local_rank: int, config: TrainConfig, nprocs: int) -> int:
-    stop = StopSignal()
-    stop.install()
+def worker(local_rank: int, config: TrainConfig, nprocs: int, stop: StopSignal) -> int:
     ctx = distributed.init(config, local_rank, nprocs)
     if not ctx.is_main:
         logging.getLogger("maskrcnn.engine").setLevel(logging.WARNING)  # one metrics stream per job
@@ -284,7 +311,7 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
     optimizer = make_optimizer(model, hp)
     scheduler = make_scheduler(optimizer, hp, steps_per_epoch, total_steps)
     amp_dtype = autocast_dtype(ctx.device) if hp.amp else None
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    scaler = grad_scaler(amp_dtype)
     log.info("mixed precision: %s", amp_dtype or "off")
     fingerprint = {"arch": hp.arch, "format": FORMAT_VERSION, "classes": train_index.class_names,
                    "seed": hp.seed, "batch_size": hp.batch_size, "world_size": ctx.world_size}
@@ -300,7 +327,7 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
                 f"the checkpoint in {config.paths.checkpoints_dir} was made by a different job "
                 f"({payload['fingerprint']}); remove it or restore that job's settings ({fingerprint})"
             )
-        restored = checkpoint.restore(payload, model, optimizer, scheduler, scaler)
+        restored = checkpoint.restore(payload, model, optimizer, scheduler, scaler, rank=ctx.rank)
         vars(state).update(vars(restored))
         log.info("resuming from checkpoint: epoch %d, step %d", state.epoch, state.global_step)
 
@@ -309,8 +336,11 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
         train_model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
 
     def save_checkpoint() -> None:
+        # Every rank's random state (each draws its own augmentations and dropout), written by rank 0.
+        rng = distributed.gather_to_main([checkpoint.rng_state()], ctx)
         if ctx.is_main:
-            checkpoint.save(config.paths.checkpoints_dir, model, optimizer, scheduler, scaler, state, fingerprint)
+            checkpoint.save(config.paths.checkpoints_dir, model, optimizer, scheduler, scaler, state, fingerprint,
+                            rng=rng)
 
     def after_step(current: LoopState) -> bool:
         if distributed.any_rank(stop(), ctx):
