@@ -41,7 +41,9 @@ from maskrcnn import checkpoint, distributed
 from maskrcnn.config import Hyperparameters, TrainConfig
 from maskrcnn.data import (
     DatasetIndex,
+    GroupedOrder,
     InstanceDataset,
+    aspect_ratio_groups,
     collate,
     eval_transforms,
     ignore_stop_signals,
@@ -75,14 +77,14 @@ class StopSignal:
 class SkipSampler(Sampler[int]):
     """The epoch's sampler order, minus the first ``skip`` samples already trained before a restart."""
 
-    def __init__(self, sampler: DistributedSampler, skip: int):
+    def __init__(self, sampler: Sampler[int], skip: int):
         self.sampler, self.skip = sampler, skip
 
     def __iter__(self) -> Iterator[int]:
         return itertools.islice(iter(self.sampler), self.skip, None)
 
     def __len__(self) -> int:
-        return max(len(self.sampler) - self.skip, 0)
+        return max(len(self.sampler) - self.skip, 0)  # type: ignore[arg-type]  # ours are sized
 
 
 def training_sampler(dataset: InstanceDataset, config: TrainConfig, ctx: distributed.DistContext) -> DistributedSampler:
@@ -141,6 +143,21 @@ def pretrained_file(config: TrainConfig) -> Path | None:
             return None
         return config.pretrained_path
     return None
+
+
+MAX_AUTO_WORKERS = 4  # torchvision's reference default; decoding and flips of a few images keep up with a GPU
+
+
+def data_workers(requested: int, cpus: int, procs_per_host: int) -> int:
+    """``requested`` loader workers, or for -1 the host's vCPUs shared among its training processes (at most 4)."""
+    if requested >= 0:
+        return requested
+    return min(MAX_AUTO_WORKERS, cpus // max(procs_per_host, 1))
+
+
+def loader_workers(config: TrainConfig, ctx: distributed.DistContext) -> int:
+    procs = max(ctx.world_size // len(config.resources.hosts), 1)
+    return data_workers(config.hp.num_workers, len(os.sched_getaffinity(0)), procs)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, hp: Hyperparameters, steps_per_epoch: int, total: int):
@@ -292,11 +309,14 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
     # Decode each training image once, not every epoch (4 % of a lite step on 2 cores), where it fits and the
     # samples are read in this process: a loader worker's copy would die with the worker at each epoch's end.
     decoded = train_index.decoded_bytes()
-    cache = hp.num_workers == 0 and decoded <= DECODED_CACHE_LIMIT
+    workers = loader_workers(config, ctx)
+    cache = workers == 0 and decoded <= DECODED_CACHE_LIMIT
     if cache:
         log.info("keeping the decoded training images in memory (%.0f MB)", decoded / 2**20)
     train_set = InstanceDataset(train_index, train_transforms(hp.hflip, hp.photometric), seed=hp.seed, cache=cache)
     sampler = training_sampler(train_set, config, ctx)
+    # Batches of similar aspect ratios (torchvision's reference does the same): less padding, less GPU work.
+    order = GroupedOrder(sampler, aspect_ratio_groups(train_index, hp.aspect_ratio_group_factor), hp.batch_size)
     # Hosts of a sharded channel hold different amounts of data, but every rank must run the same
     # collectives: all train the smallest rank's number of steps an epoch (a new shuffle each epoch).
     own_steps = math.ceil(len(sampler) / hp.batch_size)
@@ -369,8 +389,8 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
         train_set.set_epoch(state.epoch)
         sampler.set_epoch(state.epoch)
         loader = DataLoader(
-            train_set, batch_size=hp.batch_size, sampler=SkipSampler(sampler, state.step_in_epoch * hp.batch_size),
-            collate_fn=collate, num_workers=hp.num_workers, pin_memory=ctx.device.type == "cuda",
+            train_set, batch_size=hp.batch_size, sampler=SkipSampler(order, state.step_in_epoch * hp.batch_size),
+            collate_fn=collate, num_workers=workers, pin_memory=ctx.device.type == "cuda",
             generator=torch.Generator().manual_seed(hp.seed + state.epoch), worker_init_fn=ignore_stop_signals,
         )
         finished = train_one_epoch(
@@ -426,7 +446,7 @@ def validation_loader(
     if shared:
         dataset = torch.utils.data.Subset(dataset, range(ctx.rank, len(index.images), ctx.world_size))
     loader = DataLoader(
-        dataset, batch_size=2, collate_fn=collate, num_workers=min(config.hp.num_workers, 2),
+        dataset, batch_size=2, collate_fn=collate, num_workers=min(loader_workers(config, ctx), 2),
         worker_init_fn=ignore_stop_signals,
     )
     return loader, shared
