@@ -233,6 +233,10 @@ def test_one_process_per_device_launcher_trains_and_stops_together(make_job) -> 
         process.kill()
     assert process.returncode == 143, rest
     assert (stopped / "checkpoints" / "last.pt").exists()
+    import torch
+
+    payload = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)
+    assert len(payload["rng"]) == 2  # each rank's own random state, restored to that rank on resume
 
 
 def test_a_failing_device_process_leaves_its_reason(make_job, tmp_path: Path) -> None:

@@ -68,3 +68,16 @@ def test_multiscale_pooler_matches_torchvision_across_levels(monkeypatch: pytest
     with torch.no_grad():  # inference keeps torchvision's kernel
         torch.testing.assert_close(ours(features, boxes, shapes), reference(features, boxes, shapes))
     assert calls == []
+
+
+def test_a_level_without_regions_still_gives_its_parameters_a_gradient() -> None:
+    """DDP without find_unused_parameters fails a step where a parameter gets no gradient."""
+    weights = {name: torch.nn.Parameter(torch.ones(())) for name in ["0", "1", "2"]}
+    generator = torch.Generator().manual_seed(0)
+    features = {name: torch.randn(1, 4, 64 // 2**i, 64 // 2**i, generator=generator) * weights[name]
+                for i, name in enumerate(["0", "1", "2"])}
+    boxes = [torch.tensor([[0.0, 0.0, 250.0, 250.0], [10.0, 10.0, 240.0, 200.0]])]  # all on the coarse level
+    pooled = TrainingRoIAlign(["0", "1", "2"], 7, 2, canonical_scale=64)(features, boxes, [(256, 256)])
+    pooled.sum().backward()
+    assert all(w.grad is not None for w in weights.values()), {k: w.grad for k, w in weights.items()}
+    assert float(weights["0"].grad) == 0.0 and float(weights["2"].grad) != 0.0

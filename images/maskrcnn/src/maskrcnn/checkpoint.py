@@ -38,7 +38,9 @@ def save(
     scaler: torch.amp.GradScaler | None,
     state: LoopState,
     fingerprint: dict[str, Any],
+    rng: list[dict[str, torch.Tensor]] | None = None,
 ) -> Path:
+    """Write ``last.pt``; ``rng`` holds every rank's :func:`rng_state`, in rank order (default: this process's)."""
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model.state_dict(),
@@ -50,8 +52,7 @@ def save(
         "global_step": state.global_step,
         "history": json.dumps(state.history),
         "fingerprint": json.dumps(fingerprint, sort_keys=True),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng": rng if rng is not None else [rng_state()],
     }
     path = directory / FILENAME
     buffer = io.BytesIO()
@@ -59,6 +60,14 @@ def save(
     write_atomic(path, buffer.getbuffer())
     log.info("checkpoint saved: %s (epoch %d, step %d)", path, state.epoch, state.global_step)
     return path
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's random state: the CPU generator and, on a GPU rank, its own device's generator."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device: each rank set its own
+    return state
 
 
 def write_atomic(path: Path, data: bytes | memoryview) -> None:
@@ -109,13 +118,17 @@ def restore(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler | None,
+    rank: int = 0,
 ) -> LoopState:
+    """Load the saved state into the given objects; ``rank`` gets back its own random state, not rank 0's."""
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     if scaler is not None and payload["scaler"]:
         scaler.load_state_dict(payload["scaler"])
-    torch.set_rng_state(payload["rng_cpu"])
-    if torch.cuda.is_available() and payload["rng_cuda"]:
-        torch.cuda.set_rng_state_all(payload["rng_cuda"])
+    states = payload.get("rng") or [{"cpu": payload["rng_cpu"]}]  # before per-rank states: rank 0's only
+    own = states[rank] if rank < len(states) else states[0]
+    torch.set_rng_state(own["cpu"])
+    if "cuda" in own and torch.cuda.is_available():
+        torch.cuda.set_rng_state(own["cuda"])
     return LoopState(payload["epoch"], payload["step_in_epoch"], payload["global_step"], payload["history"])

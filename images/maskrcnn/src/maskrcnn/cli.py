@@ -26,6 +26,9 @@ def train_main(argv: list[str] | None = None) -> int:
     paths.failure_file.unlink(missing_ok=True)
     try:
         config = TrainConfig.from_env(os.environ)
+        from maskrcnn.device import probe, require_usable_gpu
+
+        require_usable_gpu(probe(os.environ))  # a GPU CUDA cannot use fails here, never trains on CPU
         from maskrcnn.training import run  # torch loads here, after the config is known to be valid
 
         return run(config)

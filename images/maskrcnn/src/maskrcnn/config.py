@@ -48,7 +48,7 @@ class Hyperparameters:
     warmup_steps: int = 50  # linear warm-up from lr * warmup_factor to lr
     warmup_factor: float = 0.001  # starting fraction of lr during warm-up
     clip_grad_norm: float = 10.0  # max gradient L2 norm (0 = no clipping)
-    amp: bool = True  # mixed precision: float16 on CUDA, bfloat16 on CPUs with AMX (elsewhere float32 is faster)
+    amp: bool = True  # mixed precision: bfloat16 on CUDA (float16 + loss scaling before Ampere) and on CPUs with AMX
     min_size: int = 0  # shorter image side fed to the model (0 = the arch's default)
     max_size: int = 0  # longer side cap (0 = the arch's default)
     hflip: float = 0.5  # horizontal flip probability (boxes and masks move with the image)
@@ -56,7 +56,8 @@ class Hyperparameters:
     seed: int = 0  # seeds data order, augmentation and init; CPU runs are bit-reproducible
     val_fraction: float = 0.2  # held-out share of training when no validation channel is given
     dataset_format: str = "auto"  # auto, coco or pennfudan
-    num_workers: int = 2  # data-loader worker processes per training process
+    num_workers: int = -1  # data-loader worker processes per training process (-1 = min(4, vCPUs per process))
+    aspect_ratio_group_factor: int = 3  # batch images of similar aspect ratio, in 2x this many bins (0 = off)
     checkpoint_every: int = 200  # steps between checkpoints in /opt/ml/checkpoints (0 = only on stop)
     eval_every: int = 1  # evaluate every N epochs (the last epoch is always evaluated)
     log_every: int = 10  # steps between training metric lines (the first and the last step are always logged)
@@ -106,7 +107,8 @@ class Hyperparameters:
         need(0.0 < self.val_fraction < 1.0, "val_fraction must be between 0 and 1")
         need(0.0 <= self.hflip <= 1.0, "hflip must be a probability")
         need(self.min_size >= 0 and self.max_size >= 0, "min_size and max_size must be >= 0")
-        need(self.num_workers >= 0, "num_workers must be >= 0")
+        need(self.num_workers >= -1, "num_workers must be >= 0, or -1 (sized to the host)")
+        need(self.aspect_ratio_group_factor >= 0, "aspect_ratio_group_factor must be >= 0")
         need(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
         need(self.eval_every >= 1, "eval_every must be >= 1")
         need(self.log_every >= 1, "log_every must be >= 1")

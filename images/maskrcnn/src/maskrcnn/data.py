@@ -49,13 +49,14 @@ A split (:func:`split_index`) is by file: no image is on both sides.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
 import random
 import signal
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -630,3 +631,42 @@ def ignore_stop_signals(_worker_id: int) -> None:
 def collate(batch: list[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
     images, targets = zip(*batch, strict=True)
     return list(images), list(targets)
+
+
+def aspect_ratio_groups(index: DatasetIndex, factor: int) -> list[int]:
+    """Each image's aspect-ratio group: ``2 * factor`` bins of width/height between 1/2 and 2 (plus the two
+    open ends), as torchvision's ``references/detection/group_by_aspect_ratio.py`` (``create_aspect_ratio_groups``,
+    BSD-3) makes them; that module is not part of the torchvision package. ``factor`` 0: one group."""
+    if factor <= 0:
+        return [0] * len(index.images)
+    bins = (2 ** np.linspace(-1, 1, 2 * factor + 1)).tolist()
+    return [bisect.bisect_right(bins, im["width"] / im["height"]) for im in index.images]
+
+
+class GroupedOrder(torch.utils.data.Sampler[int]):
+    """``sampler``'s indices reordered so that each run of ``batch_size`` holds one aspect-ratio group.
+
+    The batching of torchvision's ``GroupedBatchSampler`` (same reference module): indices are buffered
+    per group in the sampler's order and a group's batch is emitted when it fills, so images padded into
+    one batch have similar shapes and the padding wastes little GPU work. Unlike that sampler this yields
+    single indices (the DataLoader batches them), so a resumed epoch skips ``steps * batch_size`` of them
+    exactly as before; and the partial groups left at the end close the epoch in the sampler's order
+    (their last batches may mix groups) instead of being topped up with repeated images: every image
+    is seen once. With one group (square images, or the factor 0) the order is the sampler's own.
+    """
+
+    def __init__(self, sampler: Iterable[int], groups: Sequence[int], batch_size: int):
+        self.sampler, self.groups, self.batch_size = sampler, groups, batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        buffers: dict[int, list[tuple[int, int]]] = {}
+        for position, index in enumerate(self.sampler):
+            buffer = buffers.setdefault(self.groups[index], [])
+            buffer.append((position, index))
+            if len(buffer) == self.batch_size:
+                yield from (i for _, i in buffer)
+                buffer.clear()
+        yield from (i for _, i in sorted(item for buffer in buffers.values() for item in buffer))
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]

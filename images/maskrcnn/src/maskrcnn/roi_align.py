@@ -102,6 +102,12 @@ class TrainingRoIAlign(MultiScaleRoIAlign):
                 result[index] = separable_roi_align(
                     feature, rois[index], self.output_size, scale, self.sampling_ratio
                 )
+            else:
+                # A level with no regions still joins the graph (a zero-size read of its features, as
+                # torchvision's roi_align on an empty set does): the FPN convolutions that feed only this
+                # level then get a zero gradient, not none, which DDP (without find_unused_parameters)
+                # requires of every parameter every step.
+                result = result + feature.flatten()[:0].sum()
         return result
 
 

@@ -6,8 +6,10 @@
 Reads :class:`~maskrcnn.settings.ServeSettings` once from the environment, checks the saved model
 without torch (:func:`~maskrcnn.model_spec.check_saved_model`: both files, model.json's format
 version and arch, the safetensors header; a bad setting or model exits ``EXIT_REFUSED`` (2) in well
-under a second, one line naming the path and the fix, nothing started), writes a run directory
-(settings for the gunicorn child, nginx.conf, sockets, nginx temp files), then starts
+under a second, one line naming the path and the fix, nothing started) -- and before those, that a
+GPU the host has is one CUDA can use (:func:`~maskrcnn.device.require_usable_gpu`: refused the same
+way, never served on CPU) --, writes a run directory (settings for the gunicorn child, nginx.conf,
+sockets, nginx temp files), then starts
 
 * gunicorn (``python -m maskrcnn.wsgi RUN_DIR``) with gevent workers on two unix sockets, and
 * nginx on the public port (8080 or ``SAGEMAKER_BIND_TO_PORT``), ``daemon off``, error log to
@@ -42,6 +44,7 @@ from importlib import resources
 from pathlib import Path
 from types import FrameType
 
+from maskrcnn.device import probe, require_usable_gpu
 from maskrcnn.errors import ConfigError, ModelError
 from maskrcnn.gunicorn_conf import RunDir
 from maskrcnn.model_spec import check_saved_model
@@ -64,6 +67,8 @@ def main(argv: list[str]) -> int:
     )
     parser.parse_args(argv)
     try:
+        if os.environ.get("MASKRCNN_DEVICE", "auto").lower() != "cpu":  # MASKRCNN_DEVICE=cpu: the CPU on purpose
+            require_usable_gpu(probe(os.environ))  # a GPU CUDA cannot use: refused, never served on CPU
         settings = ServeSettings.from_env(
             os.environ, cpu_count=cpu_count(), gpu_count=gpu_count(), nginx=shutil.which("nginx")
         )

@@ -42,7 +42,9 @@ from maskrcnn.config import Hyperparameters, TrainConfig
 from maskrcnn.contract import EXIT_STOPPED, setup_logging, write_failure
 from maskrcnn.data import (
     DatasetIndex,
+    GroupedOrder,
     InstanceDataset,
+    aspect_ratio_groups,
     collate,
     eval_transforms,
     ignore_stop_signals,
@@ -75,14 +77,14 @@ class StopSignal:
 class SkipSampler(Sampler[int]):
     """The epoch's sampler order, minus the first ``skip`` samples already trained before a restart."""
 
-    def __init__(self, sampler: DistributedSampler, skip: int):
+    def __init__(self, sampler: Sampler[int], skip: int):
         self.sampler, self.skip = sampler, skip
 
     def __iter__(self) -> Iterator[int]:
         return itertools.islice(iter(self.sampler), self.skip, None)
 
     def __len__(self) -> int:
-        return max(len(self.sampler) - self.skip, 0)
+        return max(len(self.sampler) - self.skip, 0)  # type: ignore[arg-type]  # ours are sized
 
 
 def training_sampler(dataset: InstanceDataset, config: TrainConfig, ctx: distributed.DistContext) -> DistributedSampler:
@@ -143,6 +145,21 @@ def pretrained_file(config: TrainConfig) -> Path | None:
     return None
 
 
+MAX_AUTO_WORKERS = 4  # torchvision's reference default; decoding and flips of a few images keep up with a GPU
+
+
+def data_workers(requested: int, cpus: int, procs_per_host: int) -> int:
+    """``requested`` loader workers, or for -1 the host's vCPUs shared among its training processes (at most 4)."""
+    if requested >= 0:
+        return requested
+    return min(MAX_AUTO_WORKERS, cpus // max(procs_per_host, 1))
+
+
+def loader_workers(config: TrainConfig, ctx: distributed.DistContext) -> int:
+    procs = max(ctx.world_size // len(config.resources.hosts), 1)
+    return data_workers(config.hp.num_workers, len(os.sched_getaffinity(0)), procs)
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, hp: Hyperparameters, steps_per_epoch: int, total: int):
     def factor(step: int) -> float:
         if step < hp.warmup_steps:
@@ -159,8 +176,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, hp: Hyperparameters, steps_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """float16 on CUDA; bfloat16 on CPUs with AMX tiles; else none (float32).
+def autocast_dtype(
+    device: torch.device, *, bf16_supported: bool | None = None, amx: bool | None = None
+) -> torch.dtype | None:
+    """bfloat16 on CUDA devices that have it (Ampere and newer), float16 on older GPUs; bfloat16 on CPUs
+    with AMX tiles; else none (float32). ``bf16_supported`` and ``amx`` override what the machine says.
+
+    bfloat16 has float32's exponent range, so it needs no GradScaler (torchvision's reference and torch's
+    AMP recipe use the scaler for float16 only); the caller makes one only for float16.
 
     Measured on two VMs of the same class: on session 2's, bfloat16 made a lite step 1.4x faster (284 against
     409 ms); on session 4's, which exposes AVX512-BF16 but no AMX tiles, 1.4x slower (396 against 283 ms: the
@@ -168,10 +191,20 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     inside; without AVX512-BF16 either, the CPU would emulate bfloat16. docs/benchmarks.md has both.
     """
     if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and torch.cpu._is_amx_tile_supported():
-        return torch.bfloat16
+        if bf16_supported is None:
+            with torch.cuda.device(device):
+                bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if bf16_supported else torch.float16
+    if device.type == "cpu":
+        if amx is None:
+            amx = torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if amx else None
     return None
+
+
+def grad_scaler(amp_dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """float16 needs loss scaling (its small range underflows gradients); bfloat16 and float32 do not."""
+    return torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
 
 def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
@@ -186,22 +219,32 @@ def run(config: TrainConfig) -> int:
     """Train on this host; returns the exit code (0 done, 143 stopped)."""
     nprocs = config.procs_per_host or distributed.processes_per_host()
     if nprocs == 1:
-        return worker(0, config, 1)
-    context = mp.start_processes(spawned_worker, args=(config, nprocs), nprocs=nprocs, join=False,
-                                 start_method="spawn")
+        stop = StopSignal()
+        stop.install()
+        return worker(0, config, 1, stop)
+    # SIGTERM stays blocked while the GPU processes start: they inherit the mask through spawn's exec, so
+    # a stop that comes while one is still importing torch waits until its handler is in place
+    # (spawned_worker unblocks it) instead of killing it, which would read as a failure.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        context = mp.start_processes(spawned_worker, args=(config, nprocs), nprocs=nprocs, join=False,
+                                     start_method="spawn")
 
-    def forward(signum: int, _frame: Any) -> None:
-        # SageMaker signals PID 1 only; every GPU process must hear the stop to checkpoint in step.
-        for process in context.processes:
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signum)
+        def forward(signum: int, _frame: Any) -> None:
+            # SageMaker signals PID 1 only; every GPU process must hear the stop to checkpoint in step.
+            for process in context.processes:
+                if process.is_alive() and process.pid is not None:
+                    os.kill(process.pid, signum)
 
-    signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGTERM, forward)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a stop that came meanwhile: forwarded now
+    log.info("started %d training processes", nprocs)
     try:
         while not context.join():
             pass
     except mp.ProcessExitedException as exc:
-        if exc.exit_code == EXIT_STOPPED:
+        if exc.exit_code in (EXIT_STOPPED, -signal.SIGTERM):  # a process killed by SIGTERM was stopped too
             return EXIT_STOPPED
         raise
     return 0
@@ -209,9 +252,12 @@ def run(config: TrainConfig) -> int:
 
 def spawned_worker(local_rank: int, config: TrainConfig, nprocs: int) -> None:
     """One GPU's process: its own logging, its failure reason on disk, its exit code as the process's."""
+    stop = StopSignal()
+    stop.install()  # first: SIGTERM was blocked since before this process started (see run)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     setup_logging(rank=local_rank)
     try:
-        code = worker(local_rank, config, nprocs)
+        code = worker(local_rank, config, nprocs, stop)
     except JobError as exc:
         if local_rank == 0:
             write_failure(config.paths, str(exc))
@@ -220,9 +266,7 @@ def spawned_worker(local_rank: int, config: TrainConfig, nprocs: int) -> None:
         raise SystemExit(code)
 
 
-def worker(local_rank: int, config: TrainConfig, nprocs: int) -> int:
-    stop = StopSignal()
-    stop.install()
+def worker(local_rank: int, config: TrainConfig, nprocs: int, stop: StopSignal) -> int:
     ctx = distributed.init(config, local_rank, nprocs)
     if not ctx.is_main:
         logging.getLogger("maskrcnn.engine").setLevel(logging.WARNING)  # one metrics stream per job
@@ -263,11 +307,14 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
     # Decode each training image once, not every epoch (4 % of a lite step on 2 cores), where it fits and the
     # samples are read in this process: a loader worker's copy would die with the worker at each epoch's end.
     decoded = train_index.decoded_bytes()
-    cache = hp.num_workers == 0 and decoded <= DECODED_CACHE_LIMIT
+    workers = loader_workers(config, ctx)
+    cache = workers == 0 and decoded <= DECODED_CACHE_LIMIT
     if cache:
         log.info("keeping the decoded training images in memory (%.0f MB)", decoded / 2**20)
     train_set = InstanceDataset(train_index, train_transforms(hp.hflip, hp.photometric), seed=hp.seed, cache=cache)
     sampler = training_sampler(train_set, config, ctx)
+    # Batches of similar aspect ratios (torchvision's reference does the same): less padding, less GPU work.
+    order = GroupedOrder(sampler, aspect_ratio_groups(train_index, hp.aspect_ratio_group_factor), hp.batch_size)
     # Hosts of a sharded channel hold different amounts of data, but every rank must run the same
     # collectives: all train the smallest rank's number of steps an epoch (a new shuffle each epoch).
     own_steps = math.ceil(len(sampler) / hp.batch_size)
@@ -282,7 +329,7 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
     optimizer = make_optimizer(model, hp)
     scheduler = make_scheduler(optimizer, hp, steps_per_epoch, total_steps)
     amp_dtype = autocast_dtype(ctx.device) if hp.amp else None
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    scaler = grad_scaler(amp_dtype)
     log.info("mixed precision: %s", amp_dtype or "off")
     fingerprint = {"arch": hp.arch, "format": FORMAT_VERSION, "classes": train_index.class_names,
                    "seed": hp.seed, "batch_size": hp.batch_size, "world_size": ctx.world_size}
@@ -298,7 +345,7 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
                 f"the checkpoint in {config.paths.checkpoints_dir} was made by a different job "
                 f"({payload['fingerprint']}); remove it or restore that job's settings ({fingerprint})"
             )
-        restored = checkpoint.restore(payload, model, optimizer, scheduler, scaler)
+        restored = checkpoint.restore(payload, model, optimizer, scheduler, scaler, rank=ctx.rank)
         vars(state).update(vars(restored))
         log.info("resuming from checkpoint: epoch %d, step %d", state.epoch, state.global_step)
 
@@ -307,8 +354,11 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
         train_model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
 
     def save_checkpoint() -> None:
+        # Every rank's random state (each draws its own augmentations and dropout), written by rank 0.
+        rng = distributed.gather_to_main([checkpoint.rng_state()], ctx)
         if ctx.is_main:
-            checkpoint.save(config.paths.checkpoints_dir, model, optimizer, scheduler, scaler, state, fingerprint)
+            checkpoint.save(config.paths.checkpoints_dir, model, optimizer, scheduler, scaler, state, fingerprint,
+                            rng=rng)
 
     def after_step(current: LoopState) -> bool:
         if distributed.any_rank(stop(), ctx):
@@ -337,8 +387,8 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
         train_set.set_epoch(state.epoch)
         sampler.set_epoch(state.epoch)
         loader = DataLoader(
-            train_set, batch_size=hp.batch_size, sampler=SkipSampler(sampler, state.step_in_epoch * hp.batch_size),
-            collate_fn=collate, num_workers=hp.num_workers, pin_memory=ctx.device.type == "cuda",
+            train_set, batch_size=hp.batch_size, sampler=SkipSampler(order, state.step_in_epoch * hp.batch_size),
+            collate_fn=collate, num_workers=workers, pin_memory=ctx.device.type == "cuda",
             generator=torch.Generator().manual_seed(hp.seed + state.epoch), worker_init_fn=ignore_stop_signals,
         )
         finished = train_one_epoch(
@@ -394,7 +444,7 @@ def validation_loader(
     if shared:
         dataset = torch.utils.data.Subset(dataset, range(ctx.rank, len(index.images), ctx.world_size))
     loader = DataLoader(
-        dataset, batch_size=2, collate_fn=collate, num_workers=min(config.hp.num_workers, 2),
+        dataset, batch_size=2, collate_fn=collate, num_workers=min(loader_workers(config, ctx), 2),
         worker_init_fn=ignore_stop_signals,
     )
     return loader, shared

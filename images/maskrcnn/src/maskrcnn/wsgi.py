@@ -49,6 +49,10 @@ def build_app(settings: ServeSettings, device_slot: int) -> Flask:
     from maskrcnn.predictor import Predictor
 
     device = f"cuda:{device_slot % settings.gpu_count}" if settings.device == "cuda" else "cpu"
+    if settings.device == "cuda":
+        # The current device too, not only the model's: whatever uses it (new tensors, streams, the
+        # first CUDA call's context) would otherwise put a context on GPU 0 in every worker.
+        torch.cuda.set_device(device)
     # Inter-op parallelism only adds threads competing for the cores (RuntimeError: already set).
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
