@@ -10,6 +10,8 @@
 * ``client``: ``/invocations`` requests; ``transform``: batch transform;
 * ``progress``: a progress bar on a terminal, log lines elsewhere;
 * ``demo``: the main job (synthetic data -> train -> endpoint -> held-out AP);
+* ``workflow``: the pipeline's state machine run here (moto's interpreter, adapted by ``sfn``), with real
+  training jobs and endpoints behind its SageMaker calls;
 * ``cli``: the argument parser and the one place errors become exit codes.
 
 Importing it imports nothing heavy (no torch).

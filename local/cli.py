@@ -1,7 +1,7 @@
 """``python -m local VERB ...``: the parser, logging set-up, and the one place errors become exit codes.
 
-Verbs: ``train``, ``serve``, ``invoke``, ``transform``, ``synth``, ``demo``, ``check`` (docs/local.md has every
-flag).
+Verbs: ``train``, ``serve``, ``invoke``, ``transform``, ``synth``, ``demo``, ``check``, ``workflow`` (docs/local.md
+has every flag).
 Exit codes: 0 done; 1 the job / a request / the demo failed; 2 a usage or set-up problem; 143 the
 training job was stopped (SIGTERM/Ctrl-C) after checkpointing; 130 interrupted otherwise.
 """
@@ -145,6 +145,20 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     check.add_argument("--content-type", help="the payload's Content-Type (default: from its suffix)")
     check.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeat)")
     check.set_defaults(func=cmd_check)
+
+    workflow = verbs.add_parser("workflow", help="run the deployed state machine here: real training and endpoint")
+    workflow.add_argument("--training-data", type=Path, required=True, help="the training channel's folder")
+    workflow.add_argument("--validation-data", type=Path, help="the validation channel's folder")
+    workflow.add_argument("--pretrained", type=Path, help="the pretrained channel's folder")
+    image = workflow.add_mutually_exclusive_group(required=True)
+    image.add_argument("--image", help="a local image tag: the workflow's given-image branch")
+    image.add_argument("--build", action="store_true", help="the build branch (not yet served locally)")
+    workflow.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeat)")
+    workflow.add_argument("--mode", choices=rt.MODES, default="auto", help="where the job and the endpoint run")
+    workflow.add_argument("--gpus", action="store_true", help="docker run --gpus all")
+    workflow.add_argument("--keep-endpoint", action="store_true", help="serve the endpoint until Ctrl-C")
+    workflow.add_argument("--output", type=Path, required=True, help="new or empty folder: history, jobs, models")
+    workflow.set_defaults(func=cmd_workflow)
     return parser
 
 
@@ -267,6 +281,24 @@ def cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     rows = run_check(spec)
     print(render_table(rows))
     return exit_code(rows)
+
+
+def cmd_workflow(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from local.endpoint import wait_until_stopped
+    from local.runtime import stop_on_signals
+    from local.workflow import LocalWorkflow, WorkflowRun, report
+
+    run = WorkflowRun(args.training_data, args.validation_data, args.pretrained, args.image, args.build, args.hp)
+    runtime = rt.resolve(args.mode, args.image or environ.get("IMAGE", rt.DEFAULT_IMAGE), args.gpus, environ)
+    with LocalWorkflow(runtime, args.output, sys.stdout) as workflow:
+        outcome = workflow.run(run)
+        report(outcome, sys.stdout)
+        endpoint = workflow.endpoint(outcome.endpoint_name)
+        if outcome.ok and args.keep_endpoint and endpoint is not None:
+            with stop_on_signals() as stop:
+                print(f"serving at {endpoint.url} (Ctrl-C stops)", flush=True)
+                wait_until_stopped(endpoint, stop)
+    return 0 if outcome.ok else 1
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

@@ -123,8 +123,12 @@ def run_training(
     progress: Progress | None = None,
     overwrite: bool = False,
     stop_timeout_s: float = STOP_TIMEOUT_S,
+    stop_request: threading.Event | None = None,
 ) -> TrainResult:
-    """Run the job to its end; raises :class:`JobFailed` (with the failure reason) when it fails."""
+    """Run the job to its end; raises :class:`JobFailed` (with the failure reason) when it fails.
+
+    ``stop_request`` is StopTrainingJob from another thread (signals reach only the main thread).
+    """
     progress = progress or Progress()
     started = time.monotonic()
     trees = write_job(output, spec, overwrite)
@@ -142,7 +146,8 @@ def run_training(
     stopping_since: float | None = None
     progress.start(None, "step", f"train {spec.name}")
     try:
-        with stop_on_signals() as stop:
+        with stop_on_signals() as signalled:
+            stop = _AnyEvent(signalled, stop_request)
             for host in hosts:
                 argv, proc_env = runtime.train_command(trees[host].base, env, containers[host])
                 # A session of its own: Ctrl-C reaches the harness only, which stops hosts in order.
@@ -210,6 +215,16 @@ def run_training(
     if result.exit_code != 0:
         raise JobFailed(result.failure_reason or "training failed", result.exit_code)
     return result
+
+
+class _AnyEvent:
+    """Set when any of its events is set."""
+
+    def __init__(self, *events: threading.Event | None):
+        self.events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
 
 
 def _signal_all(processes: dict[str, subprocess.Popen], codes: dict[str, int], sig: int) -> None:

@@ -1,0 +1,255 @@
+"""What moto 5.2.5's Step Functions interpreter lacks to run this project's state machine.
+
+moto executes state machines for real with ``mock_aws(config={"stepfunctions":
+{"execute_state_machine": True}})`` (the interpreter under moto/stepfunctions/parser, derived from
+LocalStack's), but:
+
+* it refuses ``.sync`` for SageMaker ("Unsupported .sync callback procedure");
+  ``SyncSageMaker`` resolves ``createTrainingJob.sync`` by polling DescribeTrainingJob, as
+  Step Functions does, and fails the task with ``SageMaker.TrainingJobFailed`` /
+  ``SageMaker.TrainingJobStopped`` and the job's FailureReason as the cause;
+* its Lambda invoke needs Docker; ``invoke_in_process`` calls the Python handler instead and
+  reports exceptions the way Lambda does (FunctionError + errorType);
+* moto implements neither SageMaker UpdateEndpoint nor CodeBuild UpdateProject; both are
+  added with the minimal behaviour the workflow relies on (``SageMakerModelBackend.update_endpoint``
+  is the hook :mod:`local.workflow` replaces with a real endpoint update);
+* its aws-sdk integration skips the PascalCase <-> API-casing conversion Step Functions does
+  (``_normalise_parameters`` / ``_normalise_response`` are stubs in moto); ``sdk_casing`` restores
+  it with moto's own ``_to_boto_request`` / ``_from_boto_response`` and botocore's shapes.
+
+:func:`interpreter_patches` lists every change as ``(owner, attribute, value)``; the caller applies
+them with what it has (``unittest.mock.patch.object`` in :mod:`local.workflow`, pytest's monkeypatch
+in tests/pipeline), so both undo them the same way. Everything is pinned to moto 5.2.5
+(``MOTO_VERSION``): :func:`check_moto` refuses another version rather than run against internals
+that moved.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from local.errors import HarnessError
+
+MOTO_VERSION = "5.2.5"
+Patch = tuple[Any, str, Any]  # (owner, attribute name, new value)
+
+
+class UnsupportedMoto(HarnessError):
+    """The installed moto is not the version the interpreter adapter is written against."""
+
+
+def check_moto() -> None:
+    import moto
+
+    if moto.__version__ != MOTO_VERSION:
+        raise UnsupportedMoto(
+            f"the Step Functions adapter is written against moto {MOTO_VERSION}, found {moto.__version__} "
+            "(constraints.txt pins it)"
+        )
+
+
+def json_safe(value: Any) -> Any:
+    """Timestamps and other non-JSON values as strings, as they reach a state in Step Functions."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def sync_sagemaker_class() -> type:
+    """The ``.sync`` SageMaker task class, built lazily so importing this module needs no moto internals."""
+    from moto.stepfunctions.parser.api import HistoryEventType, TaskFailedEventDetails
+    from moto.stepfunctions.parser.asl.component.common.error_name.custom_error_name import CustomErrorName
+    from moto.stepfunctions.parser.asl.component.common.error_name.failure_event import (
+        FailureEvent,
+        FailureEventException,
+    )
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.resource import (
+        ResourceCondition,
+    )
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_unsupported import (
+        StateTaskServiceUnsupported,
+    )
+    from moto.stepfunctions.parser.asl.eval.event.event_detail import EventDetails
+    from moto.stepfunctions.parser.asl.utils.boto_client import boto_client_for
+
+    class SyncSageMaker(StateTaskServiceUnsupported):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self._supported_integration_patterns = {
+                ResourceCondition.WaitForTaskToken,
+                ResourceCondition.Sync,
+            }
+
+        def _build_sync_resolver(self, env, resource_runtime_part, normalised_parameters, state_credentials):  # type: ignore[no-untyped-def]
+            client = boto_client_for(
+                service="sagemaker", region=resource_runtime_part.region, state_credentials=state_credentials
+            )
+            env.stack.pop()  # CreateTrainingJob's own answer; .sync answers with the description
+            name = normalised_parameters["TrainingJobName"]
+
+            def resolve() -> dict[str, Any] | None:
+                described = client.describe_training_job(TrainingJobName=name)
+                described.pop("ResponseMetadata", None)
+                status = described["TrainingJobStatus"]
+                if status == "Completed":
+                    return dict(json_safe(described))
+                if status in ("Failed", "Stopped"):
+                    error = f"SageMaker.TrainingJob{status}"
+                    raise FailureEventException(
+                        FailureEvent(
+                            env=env,
+                            error_name=CustomErrorName(error),
+                            event_type=HistoryEventType.TaskFailed,
+                            event_details=EventDetails(
+                                taskFailedEventDetails=TaskFailedEventDetails(
+                                    resource=self._get_sfn_resource(),
+                                    resourceType=self._get_sfn_resource_type(),
+                                    error=error,
+                                    cause=described.get("FailureReason", status),
+                                )
+                            ),
+                        )
+                    )
+                return None  # InProgress: moto's loop asks again in 0.5 s
+
+            return resolve
+
+    return SyncSageMaker
+
+
+def invoke_in_process(
+    handlers: Mapping[str, Callable[[Any, Any], Any]], calls: list[dict[str, Any]]
+) -> Callable[..., dict[str, Any]]:
+    """A stand-in for moto's ``_invoke_lambda_function`` that runs handlers by function name or ARN."""
+
+    def invoke(parameters: dict[str, Any], region: str, state_credentials: Any) -> dict[str, Any]:
+        name = parameters["FunctionName"].split(":function:")[-1].split(":")[0]
+        payload = parameters.get("Payload") or b"{}"
+        event = json.loads(payload.decode() if isinstance(payload, bytes) else payload)
+        calls.append(event)
+        try:
+            result = handlers[name](event, None)
+        except Exception as error:  # report it as Lambda does: the error's class becomes the error name
+            return {
+                "StatusCode": 200,
+                "FunctionError": "Unhandled",
+                "ExecutedVersion": "$LATEST",
+                "Payload": {"errorType": type(error).__name__, "errorMessage": str(error)},
+            }
+        return {"StatusCode": 200, "ExecutedVersion": "$LATEST", "Payload": json_safe(result)}
+
+    return invoke
+
+
+def camel_to_snake(name: str) -> str:
+    from moto.stepfunctions.parser.utils import camel_to_snake_case
+
+    return str(camel_to_snake_case(name))
+
+
+def sdk_casing() -> tuple[Callable[..., None], Callable[..., None]]:
+    """PascalCase requests to the API's casing and responses back, as Step Functions does."""
+    import botocore.session
+
+    def operation(self: Any, boto_service_name: str | None, service_action_name: str | None) -> Any:
+        model = botocore.session.get_session().get_service_model(self._get_boto_service_name(boto_service_name))
+        action = self._get_boto_service_action(service_action_name)
+        name = next(op for op in model.operation_names if camel_to_snake(op) == action)
+        return model.operation_model(name)
+
+    def normalise_parameters(
+        self: Any,
+        parameters: dict[str, Any],
+        boto_service_name: str | None = None,
+        service_action_name: str | None = None,
+    ) -> None:
+        shape = operation(self, boto_service_name, service_action_name).input_shape
+        if shape is not None:
+            self._to_boto_request(parameters, shape)
+
+    def normalise_response(
+        self: Any, response: Any, boto_service_name: str | None = None, service_action_name: str | None = None
+    ) -> None:
+        shape = operation(self, boto_service_name, service_action_name).output_shape
+        if shape is not None:
+            self._from_boto_response(response, shape)
+        if isinstance(response, dict):  # timestamps reach the state as strings, as in Step Functions
+            safe = json_safe(response)
+            response.clear()
+            response.update(safe)
+
+    return normalise_parameters, normalise_response
+
+
+def _update_project_response(self: Any) -> Any:
+    """CodeBuild UpdateProject (missing in moto): the fields the build Lambda sends replace the stored ones."""
+    from moto.core.responses import ActionResult
+
+    project = self.codebuild_backend.codebuild_projects[self._get_param("name")]
+    metadata = project.project_metadata
+    for field_name in ("source", "environment", "artifacts", "serviceRole", "logsConfig", "timeoutInMinutes"):
+        if self._get_param(field_name) is not None:
+            metadata[field_name] = self._get_param(field_name)
+    return ActionResult({"project": metadata})
+
+
+def _update_endpoint_response(self: Any) -> Any:
+    """SageMaker UpdateEndpoint (missing in moto): the request, handed to the backend's ``update_endpoint``."""
+    from moto.core.responses import ActionResult
+
+    endpoint = self.sagemaker_backend.update_endpoint(
+        self._get_param("EndpointName"), self._get_param("EndpointConfigName")
+    )
+    return ActionResult({"EndpointArn": endpoint.arn})
+
+
+def _update_endpoint_backend(self: Any, endpoint_name: str, endpoint_config_name: str) -> Any:
+    """The stand-in update: the endpoint takes the new config and is InService at once (no server)."""
+    endpoint = self.endpoints[endpoint_name]
+    endpoint.endpoint_config_name = endpoint_config_name
+    endpoint.endpoint_status = "InService"
+    return endpoint
+
+
+def interpreter_patches(
+    handlers: Mapping[str, Callable[[Any, Any], Any]], lambda_calls: list[dict[str, Any]]
+) -> list[Patch]:
+    """Every change above, as ``(owner, attribute, value)``; Lambda ``handlers`` by function name."""
+    from moto.codebuild.responses import CodeBuildResponse
+    from moto.sagemaker.models import SageMakerModelBackend
+    from moto.sagemaker.responses import SageMakerResponse
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task import (
+        lambda_eval_utils,
+        state_task_factory,
+    )
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import (
+        state_task_service_factory,
+    )
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_aws_sdk import (
+        StateTaskServiceAwsSdk,
+    )
+
+    check_moto()
+    sync_sagemaker = sync_sagemaker_class()
+    original_factory = state_task_service_factory.state_task_service_for
+
+    def service_for(service_name: str) -> Any:
+        return sync_sagemaker() if service_name == "sagemaker" else original_factory(service_name)
+
+    normalise_parameters, normalise_response = sdk_casing()
+    return [
+        (state_task_factory, "state_task_service_for", service_for),
+        (lambda_eval_utils, "_invoke_lambda_function", invoke_in_process(handlers, lambda_calls)),
+        (StateTaskServiceAwsSdk, "_normalise_parameters", normalise_parameters),
+        (StateTaskServiceAwsSdk, "_normalise_response", normalise_response),
+        (CodeBuildResponse, "update_project", _update_project_response),
+        (SageMakerResponse, "update_endpoint", _update_endpoint_response),
+        (SageMakerModelBackend, "update_endpoint", _update_endpoint_backend),
+    ]
+
+
+def history(client: Any, execution_arn: str) -> Iterator[dict[str, Any]]:
+    """Every event of an execution, oldest first (GetExecutionHistory, all pages)."""
+    paginator = client.get_paginator("get_execution_history")
+    for page in paginator.paginate(executionArn=execution_arn):
+        yield from page["events"]

@@ -1,0 +1,664 @@
+"""``python -m local workflow``: the deployed state machine, executed on this machine with real work behind it.
+
+    with LocalWorkflow(runtime, Path("wf"), sys.stdout) as workflow:
+        outcome = workflow.run(WorkflowRun(training=Path("data/train"), image="maskrcnn-sagemaker:latest"))
+
+What runs, and who does it:
+
+* the definition is ``pipeline.workflow.build_definition`` with the substitutions the stack's template
+  names (``DefinitionSubstitutions``), as ``render`` writes it and ``deploy`` deploys it; the one local
+  change is that Waits and retry intervals above ``SHORT_WAIT_S`` are shortened, and the run says so;
+* the execution input is built by ``pipeline.__main__.execution_from_args``, the code of ``pipeline start``;
+* moto's Step Functions interpreter executes it (``mock_aws`` in this process, adapted by
+  :mod:`local.sfn`); every service call goes to moto's backends, and the SageMaker ones that do work are
+  served for real by :class:`LocalSageMaker`:
+  - CreateTrainingJob downloads the job's S3 channels into the job folder and runs
+    :func:`local.training.run_training` in a thread (hyperparameters and instance count from the request);
+    DescribeTrainingJob reports InProgress, then Completed with ``ModelArtifacts`` (``model.tar.gz``
+    uploaded to ``OutputPath/<job>/output/``) and ``FinalMetricDataList`` (the last value of every metric
+    the image's ``METRIC_DEFINITIONS`` read from the log), or Failed / Stopped with the job's own
+    FailureReason;
+  - CreateEndpoint / UpdateEndpoint download the model's ``ModelDataUrl`` from S3 and start
+    :class:`local.endpoint.Endpoint` in a thread: Creating / Updating until ``/ping`` answers, then
+    InService; Failed with the server's last lines as FailureReason. An update stops the running server and
+    starts the new model on the same port (SageMaker swaps without downtime; one machine cannot afford two);
+* S3 is moto's: the data folders are uploaded file by file, as ``aws s3 cp --recursive`` would.
+
+What moto answers by itself (CreateModel, CreateEndpointConfig, ListEndpoints, ECR) keeps moto's behaviour.
+The local AWS lives as long as the :class:`LocalWorkflow`: a second ``run`` in the same one sees the
+first's endpoint and takes the UpdateEndpoint branch; a second command starts from an empty account.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import queue
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TextIO
+from unittest import mock
+
+from local import client
+from local.endpoint import Endpoint
+from local.errors import HarnessError, JobFailed
+from local.layout import JobSpec, parse_pairs
+from local.progress import Progress
+from local.runtime import Runtime, free_port
+from local.sfn import history, interpreter_patches, json_safe
+
+log = logging.getLogger(__name__)
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"  # moto's default account
+DATA_BUCKET = "maskrcnn-local-data"
+ARTIFACT_BUCKET = "maskrcnn-local-artifacts"  # the stack's ArtifactBucket
+SHORT_WAIT_S = 2  # Wait states and retry intervals above this are shortened to it
+POLL_S = 0.5
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+EXIT_STOPPED = 143
+
+
+def local_arns(settings: Any) -> dict[str, str]:
+    """The ARN each stack resource a DefinitionSubstitution names would have, in the local account."""
+    return {
+        "BuildFunction": f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{settings.function_name}",
+        "SageMakerExecutionRole": f"arn:aws:iam::{ACCOUNT}:role/{settings.prefix}-sagemaker",
+    }
+
+
+def deployed_definition(settings: Any) -> dict[str, Any]:
+    """``build_definition`` with the template's own DefinitionSubstitutions, as ``deploy`` deploys it."""
+    from pipeline.template import build_template
+    from pipeline.workflow import build_definition, substitute
+
+    substitutions = build_template(settings)["Resources"]["StateMachine"]["Properties"]["DefinitionSubstitutions"]
+    arns = local_arns(settings)
+    values = {}
+    for name, value in substitutions.items():
+        resource = value["Fn::GetAtt"][0] if isinstance(value, dict) and "Fn::GetAtt" in value else None
+        if resource not in arns:
+            raise HarnessError(f"the template substitutes ${{{name}}} with {value}; the local run has no value for it")
+        values[name] = arns[resource]
+    return substitute(build_definition(settings), values)
+
+
+def shorten_waits(definition: Mapping[str, Any], seconds: int = SHORT_WAIT_S) -> tuple[dict[str, Any], list[str]]:
+    """A copy with every Wait and retry interval at most ``seconds``; and what was changed, for the user."""
+    short = copy.deepcopy(dict(definition))
+    changes = []
+    for name, state in short["States"].items():
+        if state["Type"] == "Wait" and state.get("Seconds", 0) > seconds:
+            changes.append(f"{name} waits {seconds} s (deployed: {state['Seconds']} s)")
+            state["Seconds"] = seconds
+        for retry in state.get("Retry", []):
+            if retry.get("IntervalSeconds", 1) > seconds:
+                changes.append(f"{name} retries after {seconds} s (deployed: {retry['IntervalSeconds']} s)")
+                retry["IntervalSeconds"] = seconds
+    return short, changes
+
+
+def image_uri(tag: str, repository: str, runtime: Runtime) -> str:
+    """The ECR URI pinned by digest that stands for local image ``tag`` in the execution input.
+
+    The digest is the local image's id when the engine has it (docker mode), else a hash of the tag:
+    process mode runs the repository's code, and the workflow only needs the URI's shape.
+    """
+    digest = hashlib.sha256(tag.encode()).hexdigest()
+    if runtime.mode == "docker":
+        found = subprocess.run(
+            [runtime.docker, "image", "inspect", "--format", "{{.Id}}", tag],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+        if found.returncode == 0 and found.stdout.strip().startswith("sha256:"):
+            digest = found.stdout.strip().removeprefix("sha256:")
+    return f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/{repository}@sha256:{digest}"
+
+
+def _s3_parts(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def upload_folder(s3: Any, folder: Path, uri: str) -> int:
+    """Every file under ``folder`` to ``uri`` (a prefix), as ``aws s3 cp --recursive`` does; returns the count."""
+    bucket, prefix = _s3_parts(uri)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in files:
+        s3.upload_file(str(path), bucket, prefix + path.relative_to(folder).as_posix())
+    return len(files)
+
+
+def download_prefix(s3: Any, uri: str, dest: Path) -> int:
+    """Every object under an S3Prefix into ``dest``, keeping the key's path below the prefix."""
+    bucket, prefix = _s3_parts(uri)
+    count = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            relative = item["Key"][len(prefix) :].lstrip("/")
+            if not relative or relative.endswith("/"):
+                continue
+            target = (dest / relative).resolve()
+            if not target.is_relative_to(dest.resolve()):
+                raise HarnessError(f"S3 key {item['Key']!r} would land outside {dest}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, item["Key"], str(target))
+            count += 1
+    if count == 0:
+        raise HarnessError(f"no objects under {uri}")
+    return count
+
+
+def final_metrics(history_records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The last value of every metric the job logged (``name:metric`` keys), as FinalMetricDataList holds."""
+    last: dict[str, float] = {}
+    for record in history_records:
+        last.update({k: float(v) for k, v in record.items() if ":" in k and isinstance(v, int | float)})
+    return last
+
+
+class _LogProgress(Progress):
+    """The job's log into a file; milestones logged as usual."""
+
+    def __init__(self, path: Path):
+        self._file: TextIO = path.open("a")
+        super().__init__(self._file, every_s=10.0)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class LocalSageMaker:
+    """The SageMaker calls that do work, served by the harness; installed as patches of moto's backend."""
+
+    def __init__(self, runtime: Runtime, root: Path, notes: queue.Queue[str]):
+        self.runtime = runtime
+        self.root = root
+        self.notes = notes
+        self.endpoints: dict[str, Endpoint] = {}
+        self.urls: dict[str, str] = {}
+        self.threads: list[threading.Thread] = []
+        self.stop = threading.Event()  # StopTrainingJob for every running job (Ctrl-C)
+        self._lock = threading.Lock()
+
+    def patches(self) -> list[tuple[Any, str, Any]]:
+        from moto.sagemaker.models import SageMakerModelBackend
+
+        original_create_job = SageMakerModelBackend.create_training_job
+        original_create_endpoint = SageMakerModelBackend.create_endpoint
+        backing = self
+
+        def create_training_job(backend: Any, **request: Any) -> Any:
+            definitions = copy.deepcopy(request["algorithm_specification"].get("MetricDefinitions"))
+            job = original_create_job(backend, **request)
+            if definitions is not None:  # moto replaces them with a fixed example
+                job.algorithm_specification["MetricDefinitions"] = definitions
+            job.training_job_status, job.secondary_status = "InProgress", "Starting"
+            job.model_artifacts = job.final_metric_data_list = job.training_end_time = None
+            job.secondary_status_transitions = []
+            backing._start(backing.train, job)
+            return job
+
+        def create_endpoint(backend: Any, endpoint_name: str, endpoint_config_name: str, tags: Any) -> Any:
+            endpoint = original_create_endpoint(backend, endpoint_name, endpoint_config_name, tags)
+            endpoint.endpoint_status = "Creating"
+            backing._start(backing.serve, endpoint, endpoint_config_name)
+            return endpoint
+
+        def update_endpoint(backend: Any, endpoint_name: str, endpoint_config_name: str) -> Any:
+            endpoint = backend.endpoints[endpoint_name]
+            endpoint.endpoint_status = "Updating"
+            backing._start(backing.serve, endpoint, endpoint_config_name)
+            return endpoint
+
+        return [
+            (SageMakerModelBackend, "create_training_job", create_training_job),
+            (SageMakerModelBackend, "create_endpoint", create_endpoint),
+            (SageMakerModelBackend, "update_endpoint", update_endpoint),
+        ]
+
+    def _start(self, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    @staticmethod
+    def _client(service: str) -> Any:
+        import boto3
+
+        return boto3.client(service, region_name=REGION)
+
+    def train(self, job: Any) -> None:
+        """One CreateTrainingJob, to its end; the outcome lands on moto's job record."""
+        name = job.training_job_name
+        folder = self.root / "jobs" / name
+        started = time.monotonic()
+        progress: Progress | None = None
+        try:
+            s3 = self._client("s3")
+            channels = {}
+            for channel in job.input_data_config:
+                uri = channel["DataSource"]["S3DataSource"]["S3Uri"]
+                channels[channel["ChannelName"]] = dest = folder / "channels" / channel["ChannelName"]
+                count = download_prefix(s3, uri, dest)
+                self.notes.put(f"training job {name}: channel {channel['ChannelName']} <- {uri} ({count} files)")
+            spec = JobSpec(
+                name=name,
+                channels=channels,
+                hyperparameters=dict(job.hyper_parameters or {}),
+                instance_count=int(job.resource_config.get("InstanceCount", 1)),
+            )
+            job.secondary_status = "Training"
+            progress = _LogProgress(folder / "train.log")
+            self.notes.put(f"training job {name}: {self.runtime.mode} mode, log {folder / 'train.log'}")
+            result = _run_training(spec, folder / "job", self.runtime, progress, self.stop)
+            job.secondary_status = "Uploading"
+            model_uri = _model_artifacts_uri(job)
+            bucket, key = _s3_parts(model_uri)
+            assert result.model_archive is not None
+            s3.upload_file(str(result.model_archive), bucket, key)
+            now = datetime.now(UTC)
+            metrics = final_metrics(result.history)
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in _SHOWN_METRICS) or "none logged"
+            self.notes.put(f"training job {name}: Completed in {result.seconds:.1f} s; metrics: {shown}")
+            self.notes.put(f"training job {name}: model {model_uri}")
+            job.final_metric_data_list = [
+                {"MetricName": k, "Value": v, "Timestamp": now} for k, v in sorted(metrics.items())
+            ]
+            job.model_artifacts = {"S3ModelArtifacts": model_uri}
+            job.training_job_status = job.secondary_status = "Completed"
+        except JobFailed as failed:
+            status = "Stopped" if failed.exit_code == EXIT_STOPPED else "Failed"
+            self.notes.put(f"training job {name}: {status}: {failed.reason}")
+            job.failure_reason = failed.reason
+            job.training_job_status = job.secondary_status = status
+        except Exception as error:  # any harness problem is the job's FailureReason, as on SageMaker
+            reason = f"{type(error).__name__}: {error}"
+            self.notes.put(f"training job {name}: Failed: {reason}")
+            job.failure_reason = reason
+            job.training_job_status = job.secondary_status = "Failed"
+        finally:
+            if progress is not None:
+                progress.close()
+            job.training_end_time = job.last_modified_time = datetime.now(UTC)
+            log.debug("training job %s ended after %.1f s", name, time.monotonic() - started)
+
+    def serve(self, endpoint: Any, config_name: str) -> None:
+        """CreateEndpoint or UpdateEndpoint: the config's model from S3 behind a running server."""
+        name = endpoint.endpoint_name
+        try:
+            sagemaker, s3 = self._client("sagemaker"), self._client("s3")
+            config = sagemaker.describe_endpoint_config(EndpointConfigName=config_name)
+            model = sagemaker.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
+            container = model["PrimaryContainer"]
+            archive = self.root / "endpoints" / name / config_name / "model.tar.gz"
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            bucket, key = _s3_parts(container["ModelDataUrl"])
+            s3.download_file(bucket, key, str(archive))
+            with self._lock:
+                previous = self.endpoints.pop(name, None)
+            port = previous.port if previous is not None else free_port()
+            if previous is not None:
+                self.notes.put(f"endpoint {name}: stopping the old model's server to start {config_name}")
+                previous.stop()
+            server = Endpoint(self.runtime, archive, port, container.get("Environment", {}))
+            server.start()
+            with self._lock:
+                self.endpoints[name] = server
+                self.urls[name] = server.url
+            self.notes.put(f"endpoint {name}: InService at {server.url} ({container['ModelDataUrl']})")
+            endpoint.endpoint_config_name = config_name
+            endpoint.failure_reason = None
+            endpoint.endpoint_status = "InService"
+        except Exception as error:  # whatever stops the server is DescribeEndpoint's FailureReason
+            self.notes.put(f"endpoint {name}: Failed: {error}")
+            endpoint.failure_reason = str(error)[-2000:]
+            endpoint.endpoint_status = "Failed"
+        finally:
+            endpoint.last_modified_time = datetime.now(UTC)
+
+    def shutdown(self, keep: Sequence[str] = ()) -> None:
+        """Stop running jobs and every server except ``keep``; wait for the worker threads."""
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=180)
+        with self._lock:
+            for name in [n for n in self.endpoints if n not in keep]:
+                self.endpoints.pop(name).stop()
+
+
+_SHOWN_METRICS = ("train:loss", "validation:segm_AP50", "validation:bbox_AP50")
+
+
+def _run_training(spec: JobSpec, output: Path, runtime: Runtime, progress: Progress, stop: threading.Event) -> Any:
+    from local.training import run_training
+
+    return run_training(spec, output, runtime, progress, stop_request=stop)
+
+
+def _model_artifacts_uri(job: Any) -> str:
+    """SageMaker's place for the model: ``S3OutputPath/<job name>/output/model.tar.gz``."""
+    base = job.output_data_config["S3OutputPath"].rstrip("/")
+    return f"{base}/{job.training_job_name}/output/model.tar.gz"
+
+
+@dataclass(frozen=True)
+class WorkflowRun:
+    """One execution: what ``python -m local workflow`` takes besides --mode and --output."""
+
+    training: Path
+    validation: Path | None = None
+    pretrained: Path | None = None
+    image: str | None = None  # a local image tag: the given-image branch
+    build: bool = False
+    hyperparameters: Sequence[str] = ()  # KEY=VALUE, as `pipeline start -p` takes them
+
+
+@dataclass
+class Outcome:
+    """How an execution ended, and the smoke request's result."""
+
+    name: str
+    status: str
+    seconds: float
+    folder: Path
+    endpoint_name: str
+    failed_state: str | None = None
+    error: str | None = None
+    cause: str | None = None
+    endpoint_url: str | None = None
+    smoke: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "SUCCEEDED" and self.smoke.get("status") == 200
+
+
+class LocalWorkflow:
+    """moto's AWS in this process, the interpreter adapted, SageMaker served by the harness."""
+
+    def __init__(self, runtime: Runtime, output: Path, stream: TextIO, settings: Any = None):
+        from pipeline.settings import StackSettings
+
+        self.runtime = runtime
+        self.output = output
+        self.stream = stream
+        self.settings = settings or StackSettings()
+        self.notes: queue.Queue[str] = queue.Queue()
+        self.sagemaker = LocalSageMaker(runtime, output, self.notes)
+        self.lambda_calls: list[dict[str, Any]] = []
+        self._stack = ExitStack()
+        self.state_machine_arn = ""
+        self.keep: list[str] = []
+
+    def say(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def __enter__(self) -> LocalWorkflow:
+        if self.output.exists() and any(self.output.iterdir()):
+            raise HarnessError(f"{self.output} is not empty; choose a new --output")
+        self.output.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def _start(self) -> None:
+        from moto import mock_aws
+
+        # Nothing of the person's AWS set-up may reach the local account: fake keys, one region.
+        env = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": REGION}
+        self._stack.enter_context(mock.patch.dict(os.environ, env))
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL"):
+            os.environ.pop(name, None)  # patch.dict restores them on exit
+        for owner, name, value in interpreter_patches({}, self.lambda_calls) + self.sagemaker.patches():
+            self._stack.enter_context(mock.patch.object(owner, name, value, create=True))
+        self._stack.enter_context(mock_aws(config={"stepfunctions": {"execute_state_machine": True}}))
+        # moto warns for every optimised SageMaker integration it forwards as a plain API call and logs each
+        # failed task with its whole parse tree; the run reports both in its own words (-v shows moto's).
+        self._stack.enter_context(_quiet(logging.getLogger("moto.stepfunctions"), logging.CRITICAL))
+        self._stack.enter_context(_quiet(logging.getLogger("botocore.credentials"), logging.WARNING))
+        self._stack.callback(self._shutdown)
+
+        s3 = self.sagemaker._client("s3")
+        for bucket in (DATA_BUCKET, ARTIFACT_BUCKET):
+            s3.create_bucket(Bucket=bucket)
+        definition, changes = shorten_waits(deployed_definition(self.settings))
+        (self.output / "statemachine.asl.json").write_text(json.dumps(definition, indent=2) + "\n")
+        self.state_machine_arn = self.sagemaker._client("stepfunctions").create_state_machine(
+            name=self.settings.state_machine_name,
+            definition=json.dumps(definition),
+            roleArn=f"arn:aws:iam::{ACCOUNT}:role/{self.settings.prefix}-states",
+        )["stateMachineArn"]
+        self.say(f"state machine {self.settings.state_machine_name}: the deployed definition (pipeline.workflow)")
+        self.say(f"  shortened for the local run: {'; '.join(changes) or 'nothing'}")
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._stack.close()
+
+    def _shutdown(self) -> None:
+        self.sagemaker.shutdown(keep=self.keep)
+        self._drain()
+
+    def endpoint(self, name: str) -> Endpoint | None:
+        return self.sagemaker.endpoints.get(name)
+
+    def run(self, run: WorkflowRun) -> Outcome:
+        """Upload the data, start one execution, follow it to its end, send one smoke request."""
+        from pipeline.__main__ import execution_from_args
+        from pipeline.execution import PRESETS, WORKFLOW_PRESET, InputError, workflow_hyperparameters
+
+        if run.build:
+            raise HarnessError(
+                "--build is not yet served locally (the build Lambda against a local CodeBuild that runs "
+                "`make build`); pass --image TAG to take the given-image branch"
+            )
+        if run.image is None:
+            raise HarnessError("pass --image TAG (the given-image branch); --build is not yet served locally")
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")[:-3]
+        name = f"{self.settings.prefix}-{stamp}"
+        folder = self.output / name
+        folder.mkdir(parents=True)
+        s3 = self.sagemaker._client("s3")
+        uris = {}
+        for channel, path in (
+            ("training", run.training),
+            ("validation", run.validation),
+            ("pretrained", run.pretrained),
+        ):
+            if path is None:
+                continue
+            if not path.is_dir():
+                raise HarnessError(f"--{channel}-data {path} is not a folder")
+            uris[channel] = f"s3://{DATA_BUCKET}/{stamp}/{channel}/"
+            count = upload_folder(s3, path, uris[channel])
+            self.say(f"uploaded {path} -> {uris[channel]} ({count} files)")
+
+        overrides = parse_pairs(run.hyperparameters)
+        try:
+            workflow_hyperparameters(overrides)
+            checked = [f"{k}={v}" for k, v in overrides.items()]
+        except InputError as error:
+            # `pipeline start` refuses this before any AWS call; locally it goes through, so the
+            # training job's own failure and the workflow's failure path can be seen.
+            self.say(f"note: `pipeline start` would refuse these hyperparameters (exit 2): {error}")
+            self.say("      the local run passes them to the training job unchecked")
+            checked = []
+        uri = image_uri(run.image, self.settings.repository_name, self.runtime)
+        self.say(f"image {run.image} ({self.runtime.mode} mode) stands as {uri}")
+        args = _start_args(uris, uri, checked)
+        execution = execution_from_args(args, self.settings, ARTIFACT_BUCKET, stamp, None)
+        document = execution.to_document()
+        if not checked and overrides:
+            document["Training"]["HyperParameters"] = {**PRESETS[WORKFLOW_PRESET], **overrides}
+        (folder / "input.json").write_text(json.dumps(document, indent=2) + "\n")
+        return self._execute(execution.job_name, document, folder)
+
+    def _execute(self, name: str, document: dict[str, Any], folder: Path) -> Outcome:
+        sfn = self.sagemaker._client("stepfunctions")
+        started = time.monotonic()
+        arn = sfn.start_execution(stateMachineArn=self.state_machine_arn, name=name, input=json.dumps(document))[
+            "executionArn"
+        ]
+        self.say(f"execution {name} started")
+        events = list(self._follow(sfn, arn))
+        described = sfn.describe_execution(executionArn=arn)
+        (folder / "history.json").write_text(json.dumps(json_safe(events), indent=1) + "\n")
+        outcome = Outcome(
+            name=name,
+            status=described["status"],
+            seconds=round(time.monotonic() - started, 1),
+            folder=folder,
+            endpoint_name=document["EndpointName"],
+        )
+        if outcome.status != "SUCCEEDED":
+            outcome.failed_state = _failed_state(events)
+            outcome.error = described.get("error")
+            outcome.cause = described.get("cause")
+        else:
+            outcome.endpoint_url = self.sagemaker.urls.get(document["EndpointName"])
+            outcome.smoke = smoke_request(outcome.endpoint_url, document, self.output)
+        (folder / "execution.json").write_text(
+            json.dumps(json_safe({"describe_execution": described, "outcome": asdict(outcome)}), indent=1) + "\n"
+        )
+        return outcome
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self.say(f"    {self.notes.get_nowait()}")
+            except queue.Empty:
+                return
+
+    def _follow(self, sfn: Any, arn: str) -> Iterator[dict[str, Any]]:
+        """Yield the execution's events as they happen, printing states entered and left."""
+        seen = 0
+        entered: dict[str, datetime] = {}
+        done = False
+        while True:
+            if not done:
+                done = sfn.describe_execution(executionArn=arn)["status"] != "RUNNING"
+            self._drain()  # what the services did comes before the states that saw it
+            events = list(history(sfn, arn))
+            for event in events[seen:]:
+                self._report(event, entered)
+                yield event
+            seen = len(events)
+            if done:
+                return
+            time.sleep(POLL_S)
+
+    def _report(self, event: Mapping[str, Any], entered: dict[str, datetime]) -> None:
+        kind = event["type"]
+        if kind.endswith("StateEntered"):
+            state = event["stateEnteredEventDetails"]["name"]
+            entered[state] = event["timestamp"]
+            self.say(f"> {state}")
+        elif kind.endswith("StateExited"):
+            state = event["stateExitedEventDetails"]["name"]
+            took = (event["timestamp"] - entered.get(state, event["timestamp"])).total_seconds()
+            self.say(f"< {state} ({took:.1f} s)")
+        elif kind in ("TaskFailed", "LambdaFunctionFailed"):  # the execution's own failure is in the verdict
+            details = next((v for k, v in event.items() if k.endswith("EventDetails")), {})
+            self.say(f"! {kind}: {details.get('error', '')}: {details.get('cause', '')}")
+
+
+@contextmanager
+def _quiet(logger: logging.Logger, level: int) -> Iterator[None]:
+    previous = logger.level
+    if not logger.isEnabledFor(logging.DEBUG):
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def _start_args(uris: Mapping[str, str], uri: str, hyperparameters: list[str]) -> Any:
+    """The namespace `pipeline start` would parse from its flags for this run."""
+    import argparse
+
+    return argparse.Namespace(
+        training_data=uris["training"],
+        validation_data=uris.get("validation"),
+        pretrained_data=uris.get("pretrained"),
+        image_uri=uri,
+        git_sha=None,
+        release_tag=None,
+        endpoint_name=None,
+        training_instance_type="ml.g5.xlarge",
+        inference_instance_type="ml.g4dn.xlarge",
+        spot=False,
+        hyperparameter=hyperparameters,
+    )
+
+
+def _failed_state(events: Sequence[Mapping[str, Any]]) -> str | None:
+    """The state the execution failed in: the last one entered and never left."""
+    open_states: list[str] = []
+    for event in events:
+        if event["type"].endswith("StateEntered"):
+            open_states.append(event["stateEnteredEventDetails"]["name"])
+        elif event["type"].endswith("StateExited"):
+            name = event["stateExitedEventDetails"]["name"]
+            if name in open_states:
+                open_states.remove(name)
+    return open_states[-1] if open_states else None
+
+
+def smoke_request(url: str | None, document: Mapping[str, Any], output: Path) -> dict[str, Any]:
+    """One image of the training data to the endpoint; the answer's status and detections counted."""
+    if url is None:
+        return {"status": None, "error": "no endpoint URL"}
+    training_folder = _local_training_folder(output, document)
+    image = next((p for p in sorted(training_folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES), None)
+    if image is None:
+        return {"status": None, "error": f"no image under {training_folder}"}
+    reply = client.invoke(url, image.read_bytes(), client.content_type_for(image))
+    result: dict[str, Any] = {"image": image.name, "status": reply.status}
+    if reply.ok:
+        result["detections"] = sum(len(p.get("instances", [])) for p in reply.json().get("predictions", []))
+    else:
+        result["error"] = reply.message()
+    return result
+
+
+def _local_training_folder(output: Path, document: Mapping[str, Any]) -> Path:
+    """The training channel as the job downloaded it from S3."""
+    return output / "jobs" / document["JobName"] / "channels" / "training"
+
+
+def report(outcome: Outcome, stream: TextIO) -> None:
+    """The verdict a person reads last."""
+    if outcome.status == "SUCCEEDED":
+        smoke = outcome.smoke
+        if smoke.get("status") == 200:
+            stream.write(
+                f"smoke request: {smoke['image']} -> HTTP 200, {smoke['detections']} detection(s) "
+                f"from {outcome.endpoint_url}\n"
+            )
+        else:
+            stream.write(f"smoke request FAILED: {smoke}\n")
+    else:
+        stream.write(
+            f"execution {outcome.name} {outcome.status} in state {outcome.failed_state}: "
+            f"{outcome.error}: {outcome.cause}\n"
+        )
+    stream.write(f"execution {outcome.status} in {outcome.seconds:.1f} s; history: {outcome.folder / 'history.json'}\n")
+    stream.flush()

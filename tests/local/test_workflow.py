@@ -1,0 +1,118 @@
+"""``python -m local workflow``: the deployed state machine, a real training job and a real endpoint (process mode)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from tinyjob import TINY_HP
+
+from local import client
+from local.cli import main
+from local.workflow import LocalWorkflow, WorkflowRun, deployed_definition, shorten_waits
+from pipeline.settings import StackSettings
+from pipeline.workflow import build_definition
+
+IMAGE = "maskrcnn-sagemaker:latest"  # process mode runs this checkout's code; the tag only names the image
+TINY = [f"{k}={v}" for k, v in TINY_HP.items()]
+
+
+def entered_states(folder: Path) -> list[str]:
+    events = json.loads((folder / "history.json").read_text())
+    return [e["stateEnteredEventDetails"]["name"] for e in events if e["type"].endswith("StateEntered")]
+
+
+@pytest.mark.unit
+def test_local_definition_is_the_deployed_one_with_only_waits_shortened() -> None:
+    deployed = deployed_definition(StackSettings())
+    short, changes = shorten_waits(deployed, seconds=2)
+
+    assert "${" not in json.dumps(deployed)  # every DefinitionSubstitution of the template has a local value
+    assert short["States"]["WaitForEndpoint"]["Seconds"] == 2 and deployed["States"]["WaitForEndpoint"]["Seconds"] > 2
+    assert short["States"]["BuildImage"]["Retry"][0]["IntervalSeconds"] == 2
+    assert any("WaitForEndpoint" in c for c in changes)
+    # Apart from the intervals, the same states, resources and transitions as build_definition's.
+    for name, state in build_definition(StackSettings())["States"].items():
+        assert short["States"][name]["Type"] == state["Type"]
+        assert short["States"][name].get("Next") == state.get("Next")
+        assert short["States"][name].get("Resource") == state.get("Resource")
+
+
+@pytest.mark.unit
+def test_build_is_refused_with_a_clear_message(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(
+        ["workflow", "--training-data", str(dataset), "--build", "--mode", "process", "--output", str(tmp_path / "wf")]
+    )
+
+    assert code == 2
+    assert "--build is not yet served locally" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_workflow_command_succeeds_with_a_real_endpoint(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "wf"
+    args = ["workflow", "--training-data", str(dataset), "--image", IMAGE, "--mode", "process", "--output", str(out)]
+    code = main(args + [a for hp in TINY for a in ("--hp", hp)])
+
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "execution SUCCEEDED" in printed
+    assert "smoke request: " in printed and "-> HTTP 200" in printed
+    assert "WaitForEndpoint waits 2 s (deployed: 60 s)" in printed  # the run says what it shortened
+    (folder,) = [p for p in out.iterdir() if p.name.startswith("maskrcnn-")]
+    states = entered_states(folder)
+    assert states[:3] == ["ChooseImage", "UseGivenImage", "TrainModel"] and states[-1] == "Deployed"
+    assert "CreateEndpoint" in states and "BuildImage" not in states
+    # The job ran in the job folder on the channel downloaded from S3, and wrote the model it served.
+    (job,) = list((out / "jobs").iterdir())
+    assert (job / "job" / "model.tar.gz").is_file()
+    assert sorted(p.name for p in (job / "channels" / "training").iterdir()) == sorted(
+        p.name for p in dataset.iterdir()
+    )
+
+
+@pytest.mark.integration
+def test_unknown_hyperparameter_fails_in_train_model_with_the_jobs_reason(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = ["workflow", "--training-data", str(dataset), "--image", IMAGE, "--mode", "process"]
+    code = main([*args, "--hp", "bogus_knob=1", "--output", str(tmp_path / "wf")])
+
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "FAILED in state TrainModel: SageMaker.TrainingJobFailed: unknown hyperparameter 'bogus_knob'" in printed
+
+
+@pytest.mark.integration
+def test_second_execution_updates_the_running_endpoint(dataset: Path, tmp_path: Path, process_runtime) -> None:
+    import boto3
+
+    run = WorkflowRun(training=dataset, image=IMAGE, hyperparameters=TINY)
+    with LocalWorkflow(process_runtime, tmp_path / "wf", io.StringIO()) as workflow:
+        first = workflow.run(run)
+        assert first.ok, first
+        url = first.endpoint_url
+        second = workflow.run(run)
+        assert second.ok, second
+
+        assert "UpdateEndpoint" in entered_states(second.folder) and "CreateEndpoint" not in entered_states(
+            second.folder
+        )
+        assert second.endpoint_url == url  # same endpoint, now serving the second job's model
+        sagemaker, s3 = boto3.client("sagemaker"), boto3.client("s3")
+        endpoint = sagemaker.describe_endpoint(EndpointName=second.endpoint_name)
+        assert (endpoint["EndpointStatus"], endpoint["EndpointConfigName"]) == ("InService", second.name)
+        served = workflow.endpoint(second.endpoint_name)
+        assert served is not None and second.name in str(served.model)
+        assert client.ping(url)
+        job = sagemaker.describe_training_job(TrainingJobName=second.name)
+        assert job["TrainingJobStatus"] == "Completed"
+        assert {m["MetricName"] for m in job["FinalMetricDataList"]} >= {"train:loss", "validation:segm_AP50"}
+        bucket, key = job["ModelArtifacts"]["S3ModelArtifacts"].removeprefix("s3://").split("/", 1)
+        assert key == f"output/{second.name}/output/model.tar.gz"
+        assert s3.head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
+    assert not client.ping(url)  # leaving the workflow stops the endpoint
