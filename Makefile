@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-output
+DEMO_SEED ?= 0
 IMAGE ?= maskrcnn-sagemaker:latest
 BASE_IMAGE ?= maskrcnn-base:bookworm
 PRETRAINED_WEIGHTS ?=
@@ -24,7 +25,7 @@ $(STAMP): images/maskrcnn/requirements.txt requirements-dev.txt constraints.txt 
 	touch $(STAMP)
 
 demo: setup  ## the main job: synthetic data -> train -> model.tar.gz -> endpoint -> predictions
-	$(PY) -m local demo --out $(DEMO_OUT) --image $(IMAGE)
+	$(PY) -m local demo --out $(DEMO_OUT) --image $(IMAGE) --seed $(DEMO_SEED)
 
 test: setup  ## every test layer this machine can run (skipped layers say why)
 	$(PY) -m pytest

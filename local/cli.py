@@ -128,6 +128,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("demo-output"))
     demo.add_argument("--train-images", type=int, help="override the demo's training set size")
     demo.add_argument("--heldout-images", type=int, help="override the demo's held-out set size")
+    demo.add_argument("--seed", type=int, help="the training seed (weights, data order, augmentation); default 0")
     demo.add_argument(
         "--hp",
         action="append",
@@ -258,7 +259,7 @@ def cmd_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     summary = run_demo(
         args.out,
         _runtime(args, environ),
-        hp_overrides=parse_pairs(args.hp),
+        hp_overrides={**parse_pairs(args.hp), **({"seed": str(args.seed)} if args.seed is not None else {})},
         train_images=args.train_images,
         heldout_images=args.heldout_images,
         progress=for_stream(sys.stdout),
