@@ -377,8 +377,8 @@ class WorkflowRun:
     pretrained: Path | None = None
     image: str | None = None  # a local image tag: the given-image branch
     build: bool = False  # the build branch: the build Lambda and a local CodeBuild build the image
-    build_context: Path | None = None  # what the Lambda ships (default: this checkout, packaged as deploy does)
     hyperparameters: Sequence[str] = ()  # KEY=VALUE, as `pipeline start -p` takes them
+    build_context: Path | None = None  # what the Lambda ships (default: this checkout, packaged as deploy does)
 
 
 @dataclass
