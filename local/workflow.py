@@ -24,6 +24,9 @@ What runs, and who does it:
     starts the new model on the same port (SageMaker swaps without downtime; one machine cannot afford two);
 * S3 is moto's: the data folders are uploaded file by file, as ``aws s3 cp --recursive`` would.
 
+* the build branch (``--build``): the build Lambda's handler and CodeBuild's StartBuild / BatchGetBuilds are
+  served by :class:`local.codebuild.LocalCodeBuild` (the buildspec on the local Docker engine).
+
 What moto answers by itself (CreateModel, CreateEndpointConfig, ListEndpoints, ECR) keeps moto's behaviour.
 The local AWS lives as long as the :class:`LocalWorkflow`: a second ``run`` in the same one sees the
 first's endpoint and takes the UpdateEndpoint branch; a second command starts from an empty account.
