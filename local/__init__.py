@@ -11,7 +11,8 @@
 * ``progress``: a progress bar on a terminal, log lines elsewhere;
 * ``demo``: the main job (synthetic data -> train -> endpoint -> held-out AP);
 * ``workflow``: the pipeline's state machine run here (moto's interpreter, adapted by ``sfn``), with real
-  training jobs and endpoints behind its SageMaker calls;
+  training jobs and endpoints behind its SageMaker calls; ``codebuild``: its build branch (the build Lambda
+  in-process, the buildspec run on the local Docker engine);
 * ``cli``: the argument parser and the one place errors become exit codes.
 
 Importing it imports nothing heavy (no torch).

@@ -153,7 +153,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     workflow.add_argument("--pretrained", type=Path, help="the pretrained channel's folder")
     image = workflow.add_mutually_exclusive_group(required=True)
     image.add_argument("--image", help="a local image tag: the workflow's given-image branch")
-    image.add_argument("--build", action="store_true", help="the build branch (not yet served locally)")
+    image.add_argument("--build", action="store_true", help="the build branch: CodeBuild's buildspec on local Docker")
     workflow.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeat)")
     workflow.add_argument("--mode", choices=rt.MODES, default="auto", help="where the job and the endpoint run")
     workflow.add_argument("--gpus", action="store_true", help="docker run --gpus all")
@@ -285,12 +285,17 @@ def cmd_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def cmd_workflow(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from local.codebuild import DEFAULT_BASE_IMAGE
     from local.endpoint import wait_until_stopped
     from local.runtime import stop_on_signals
     from local.workflow import LocalWorkflow, WorkflowRun, report
 
     run = WorkflowRun(args.training_data, args.validation_data, args.pretrained, args.image, args.build, args.hp)
-    runtime = rt.resolve(args.mode, args.image or environ.get("IMAGE", rt.DEFAULT_IMAGE), args.gpus, environ)
+    # --build: docker mode needs the engine and the base the build starts from; the jobs run the image it builds.
+    checked = args.image or (
+        environ.get("BASE_IMAGE", DEFAULT_BASE_IMAGE) if args.build else environ.get("IMAGE", rt.DEFAULT_IMAGE)
+    )
+    runtime = rt.resolve(args.mode, checked, args.gpus, environ)
     with LocalWorkflow(runtime, args.output, sys.stdout) as workflow:
         outcome = workflow.run(run)
         report(outcome, sys.stdout)

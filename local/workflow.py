@@ -24,6 +24,9 @@ What runs, and who does it:
     starts the new model on the same port (SageMaker swaps without downtime; one machine cannot afford two);
 * S3 is moto's: the data folders are uploaded file by file, as ``aws s3 cp --recursive`` would.
 
+* the build branch (``--build``): the build Lambda's handler and CodeBuild's StartBuild / BatchGetBuilds are
+  served by :class:`local.codebuild.LocalCodeBuild` (the buildspec on the local Docker engine).
+
 What moto answers by itself (CreateModel, CreateEndpointConfig, ListEndpoints, ECR) keeps moto's behaviour.
 The local AWS lives as long as the :class:`LocalWorkflow`: a second ``run`` in the same one sees the
 first's endpoint and takes the UpdateEndpoint branch; a second command starts from an empty account.
@@ -32,6 +35,7 @@ first's endpoint and takes the UpdateEndpoint branch; a second command starts fr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,7 +44,7 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -50,6 +54,7 @@ from typing import Any, TextIO
 from unittest import mock
 
 from local import client
+from local.codebuild import LocalCodeBuild, package_context
 from local.endpoint import Endpoint
 from local.errors import HarnessError, JobFailed
 from local.layout import JobSpec, parse_pairs
@@ -193,6 +198,15 @@ class LocalSageMaker:
         self.threads: list[threading.Thread] = []
         self.stop = threading.Event()  # StopTrainingJob for every running job (Ctrl-C)
         self._lock = threading.Lock()
+        # An ECR URI of the local account -> the local image built for it (LocalCodeBuild.local_image).
+        self.resolve_image: Callable[[str], str | None] = lambda uri: None
+
+    def runtime_for(self, uri: str) -> Runtime:
+        """The runtime that runs ``uri``: in docker mode the local image the local ECR names, else --image's."""
+        if self.runtime.mode != "docker":
+            return self.runtime  # process mode runs this checkout's code whatever the image
+        local = self.resolve_image(uri)
+        return self.runtime if local is None else dataclasses.replace(self.runtime, image=local)
 
     def patches(self) -> list[tuple[Any, str, Any]]:
         from moto.sagemaker.models import SageMakerModelBackend
@@ -263,8 +277,10 @@ class LocalSageMaker:
             )
             job.secondary_status = "Training"
             progress = _LogProgress(folder / "train.log")
-            self.notes.put(f"training job {name}: {self.runtime.mode} mode, log {folder / 'train.log'}")
-            result = _run_training(spec, folder / "job", self.runtime, progress, self.stop)
+            runtime = self.runtime_for(job.algorithm_specification["TrainingImage"])
+            where = f"image {runtime.image}" if runtime.mode == "docker" else "process mode"
+            self.notes.put(f"training job {name}: {where}, log {folder / 'train.log'}")
+            result = _run_training(spec, folder / "job", runtime, progress, self.stop)
             job.secondary_status = "Uploading"
             model_uri = _model_artifacts_uri(job)
             bucket, key = _s3_parts(model_uri)
@@ -314,7 +330,7 @@ class LocalSageMaker:
             if previous is not None:
                 self.notes.put(f"endpoint {name}: stopping the old model's server to start {config_name}")
                 previous.stop()
-            server = Endpoint(self.runtime, archive, port, container.get("Environment", {}))
+            server = Endpoint(self.runtime_for(container["Image"]), archive, port, container.get("Environment", {}))
             server.start()
             with self._lock:
                 self.endpoints[name] = server
@@ -363,8 +379,9 @@ class WorkflowRun:
     validation: Path | None = None
     pretrained: Path | None = None
     image: str | None = None  # a local image tag: the given-image branch
-    build: bool = False
+    build: bool = False  # the build branch: the build Lambda and a local CodeBuild build the image
     hyperparameters: Sequence[str] = ()  # KEY=VALUE, as `pipeline start -p` takes them
+    build_context: Path | None = None  # what the Lambda ships (default: this checkout, packaged as deploy does)
 
 
 @dataclass
@@ -379,6 +396,7 @@ class Outcome:
     failed_state: str | None = None
     error: str | None = None
     cause: str | None = None
+    detail: str | None = None  # what failed below the state: the task's own error, the build's failing command
     endpoint_url: str | None = None
     smoke: dict[str, Any] = field(default_factory=dict)
 
@@ -399,6 +417,8 @@ class LocalWorkflow:
         self.settings = settings or StackSettings()
         self.notes: queue.Queue[str] = queue.Queue()
         self.sagemaker = LocalSageMaker(runtime, output, self.notes)
+        self.codebuild = LocalCodeBuild(output, self.notes, LocalSageMaker._client, runtime.docker)
+        self.sagemaker.resolve_image = self.codebuild.local_image
         self.lambda_calls: list[dict[str, Any]] = []
         self._stack = ExitStack()
         self.state_machine_arn = ""
@@ -427,7 +447,9 @@ class LocalWorkflow:
         self._stack.enter_context(mock.patch.dict(os.environ, env))
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL"):
             os.environ.pop(name, None)  # patch.dict restores them on exit
-        for owner, name, value in interpreter_patches({}, self.lambda_calls) + self.sagemaker.patches():
+        handlers = {self.settings.function_name: self.codebuild.handler}
+        patches = interpreter_patches(handlers, self.lambda_calls) + self.sagemaker.patches() + self.codebuild.patches()
+        for owner, name, value in patches:
             self._stack.enter_context(mock.patch.object(owner, name, value, create=True))
         self._stack.enter_context(mock_aws(config={"stepfunctions": {"execute_state_machine": True}}))
         # moto warns for every optimised SageMaker integration it forwards as a plain API call and logs each
@@ -453,6 +475,7 @@ class LocalWorkflow:
         self._stack.close()
 
     def _shutdown(self) -> None:
+        self.codebuild.shutdown()
         self.sagemaker.shutdown(keep=self.keep)
         self._drain()
 
@@ -464,13 +487,8 @@ class LocalWorkflow:
         from pipeline.__main__ import execution_from_args
         from pipeline.execution import PRESETS, WORKFLOW_PRESET, InputError, workflow_hyperparameters
 
-        if run.build:
-            raise HarnessError(
-                "--build is not yet served locally (the build Lambda against a local CodeBuild that runs "
-                "`make build`); pass --image TAG to take the given-image branch"
-            )
-        if run.image is None:
-            raise HarnessError("pass --image TAG (the given-image branch); --build is not yet served locally")
+        if run.build == (run.image is not None):
+            raise HarnessError("pass either --image TAG (the given-image branch) or --build (the build branch)")
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")[:-3]
         name = f"{self.settings.prefix}-{stamp}"
         folder = self.output / name
@@ -500,15 +518,37 @@ class LocalWorkflow:
             self.say(f"note: `pipeline start` would refuse these hyperparameters (exit 2): {error}")
             self.say("      the local run passes them to the training job unchecked")
             checked = []
-        uri = image_uri(run.image, self.settings.repository_name, self.runtime)
-        self.say(f"image {run.image} ({self.runtime.mode} mode) stands as {uri}")
+        uri, sha = None, None
+        if run.image is not None:
+            uri = image_uri(run.image, self.settings.repository_name, self.runtime)
+            self.say(f"image {run.image} ({self.runtime.mode} mode) stands as {uri}")
+        else:
+            sha = self._prepare_build(run.build_context)
         args = _start_args(uris, uri, checked)
-        execution = execution_from_args(args, self.settings, ARTIFACT_BUCKET, stamp, None)
+        execution = execution_from_args(args, self.settings, ARTIFACT_BUCKET, stamp, sha)
         document = execution.to_document()
         if not checked and overrides:
             document["Training"]["HyperParameters"] = {**PRESETS[WORKFLOW_PRESET], **overrides}
         (folder / "input.json").write_text(json.dumps(document, indent=2) + "\n")
         return self._execute(execution.job_name, document, folder)
+
+    def _prepare_build(self, context: Path | None) -> str:
+        """The build function's context and environment; returns the commit the execution asks to build."""
+        from local.runtime import REPO
+        from pipeline.aws import git_sha
+        from pipeline.build_lambda import SOURCE_VERSION_FILE
+
+        if context is None:
+            context, sha = package_context(self.output / "build-function")
+            self.say(f"build function: this checkout at {sha[:12]}, packaged as `pipeline deploy` does")
+        else:
+            marker = context / SOURCE_VERSION_FILE
+            sha = marker.read_text().strip() if marker.is_file() else git_sha(REPO)
+            self.say(f"build function: the context {context} ({sha[:12]})")
+        self.codebuild.configure(self.settings, context, ARTIFACT_BUCKET, ACCOUNT, REGION)
+        if self.runtime.mode != "docker":
+            self.say("process mode: the job and the endpoint run this checkout's code, not the image built")
+        return sha
 
     def _execute(self, name: str, document: dict[str, Any], folder: Path) -> Outcome:
         sfn = self.sagemaker._client("stepfunctions")
@@ -531,6 +571,10 @@ class LocalWorkflow:
             outcome.failed_state = _failed_state(events)
             outcome.error = described.get("error")
             outcome.cause = described.get("cause")
+            if outcome.failed_state == "BuildFailed":
+                outcome.detail = self.codebuild.failure()
+            elif outcome.error != (task := _last_task_failure(events)).partition(":")[0]:
+                outcome.detail = task or None
         else:
             outcome.endpoint_url = self.sagemaker.urls.get(document["EndpointName"])
             outcome.smoke = smoke_request(outcome.endpoint_url, document, self.output)
@@ -609,6 +653,15 @@ def _start_args(uris: Mapping[str, str], uri: str, hyperparameters: list[str]) -
     )
 
 
+def _last_task_failure(events: Sequence[Mapping[str, Any]]) -> str:
+    """``error: cause`` of the execution's last failed task (the Lambda's own error before a Catch), or ''."""
+    for event in reversed(events):
+        if event["type"] in ("TaskFailed", "LambdaFunctionFailed"):
+            details = next((v for k, v in event.items() if k.endswith("EventDetails")), {})
+            return f"{details.get('error', '')}: {details.get('cause', '')}"
+    return ""
+
+
 def _failed_state(events: Sequence[Mapping[str, Any]]) -> str | None:
     """The state the execution failed in: the last one entered and never left."""
     open_states: list[str] = []
@@ -660,5 +713,7 @@ def report(outcome: Outcome, stream: TextIO) -> None:
             f"execution {outcome.name} {outcome.status} in state {outcome.failed_state}: "
             f"{outcome.error}: {outcome.cause}\n"
         )
+        if outcome.detail:
+            stream.write("".join(f"  {line}\n" for line in outcome.detail.splitlines()))
     stream.write(f"execution {outcome.status} in {outcome.seconds:.1f} s; history: {outcome.folder / 'history.json'}\n")
     stream.flush()

@@ -12,7 +12,8 @@
 #
 # Variables: IMAGE (tag, default maskrcnn-sagemaker:latest), BASE_IMAGE (empty = the Dockerfile's CUDA
 # default), PRETRAINED_WEIGHTS (empty = bake nothing), PYTHON (a Python 3.11 with pip for step 1, default
-# .venv/bin/python), DOCKER (default /usr/bin/docker: Debian's 20.10 CLI has BuildKit built in; a newer
+# .venv/bin/python), GIT_SHA (the revision label; default `git rev-parse`, which CodeBuild's S3 source
+# cannot answer: the buildspec sets it), DOCKER (default /usr/bin/docker: Debian's 20.10 CLI has BuildKit built in; a newer
 # CLI without the buildx plugin cannot do BuildKit builds), DOCKER_BUILD_ARGS (extra `docker build` flags).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +55,7 @@ mkdir -p build/torch-cache/hub/checkpoints
 
 # --- 2. image -------------------------------------------------------------------------------------------
 args=(--network host -f images/maskrcnn/Dockerfile -t "$IMAGE"
-      --build-arg "GIT_SHA=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+      --build-arg "GIT_SHA=${GIT_SHA:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
       --build-arg "PRETRAINED_WEIGHTS=$PRETRAINED_WEIGHTS")
 if [[ -n $BASE_IMAGE ]]; then args+=(--build-arg "BASE_IMAGE=$BASE_IMAGE"); fi
 echo "build-image: building $IMAGE (base: ${BASE_IMAGE:-Dockerfile default})"

@@ -40,16 +40,6 @@ def test_local_definition_is_the_deployed_one_with_only_waits_shortened() -> Non
         assert short["States"][name].get("Resource") == state.get("Resource")
 
 
-@pytest.mark.unit
-def test_build_is_refused_with_a_clear_message(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = main(
-        ["workflow", "--training-data", str(dataset), "--build", "--mode", "process", "--output", str(tmp_path / "wf")]
-    )
-
-    assert code == 2
-    assert "--build is not yet served locally" in capsys.readouterr().err
-
-
 @pytest.mark.integration
 def test_workflow_command_succeeds_with_a_real_endpoint(
     dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
