@@ -56,6 +56,7 @@ from maskrcnn.data import (
 from maskrcnn.engine import LoopState, evaluate, train_one_epoch
 from maskrcnn.errors import ConfigError, DataError, JobError, ModelError, storage_error
 from maskrcnn.model import DEFAULT_SIZES, FORMAT_VERSION, ModelSpec, build_model, check_pretrained, save_model
+from maskrcnn.summaries import OVERLAY_IMAGES, Summaries, predicted_overlays
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +400,17 @@ def _train(
         # An epoch's natural end is left to the loop, which then counts the epoch as done.
         return not (current.global_step >= current.last_step and current.step_in_epoch < steps_per_epoch)
 
+    summaries = Summaries(config.paths.tensorboard_dir if ctx.is_main else None)
+    written = len(state.history)  # a resumed job's earlier entries are in the event files of its first run
+
+    def report() -> None:
+        """New history entries to TensorBoard (rank 0 only has a history)."""
+        nonlocal written
+        summaries.history(state.history[written:])
+        written = len(state.history)
+
     def after_step(current: LoopState) -> bool:
+        report()
         if distributed.any_rank(stop(), ctx):
             return False
         if hp.checkpoint_every and current.global_step % hp.checkpoint_every == 0:
@@ -408,6 +419,21 @@ def _train(
 
     val_loader, shared_eval = validation_loader(val_index, config, ctx)
     ground_truth = val_index.to_coco()
+    overlay_set = InstanceDataset(val_index, eval_transforms())
+
+    def report_evaluation(scores: dict[str, float], record: bool = True) -> None:
+        """Rank 0: the scores into the history (when ``record``) and TensorBoard, with a few images' predictions."""
+        if not ctx.is_main:
+            return
+        entry = {"phase": "eval", "epoch": state.epoch, "step": state.global_step, **scores}
+        if record:
+            state.history.append(entry)
+            report()
+        else:
+            summaries.history([entry])
+        images = [overlay_set[i][0] for i in range(min(OVERLAY_IMAGES, len(overlay_set)))]
+        summaries.overlays(state.global_step, predicted_overlays(
+            model, images, ctx.device, train_index.class_names, hp.score_threshold, hp.mask_threshold))
 
     def run_evaluation() -> dict[str, float]:
         """Every rank scores its part of a validation set they all hold; else rank 0 scores it alone.
@@ -450,14 +476,15 @@ def _train(
             scores, evaluated = run_evaluation(), last
             if distributed.any_rank(stop(), ctx):  # also every rank's wait for the evaluation to end
                 return stopped(state)
-            if ctx.is_main:
-                state.history.append({"phase": "eval", "epoch": state.epoch, "step": state.global_step, **scores})
+            report_evaluation(scores)
     if not evaluated:  # resumed from a finished checkpoint: score the restored weights
         scores = run_evaluation()
         if distributed.any_rank(stop(), ctx):
             return stopped(state)
+        report_evaluation(scores, record=False)  # the history has this evaluation from the first run
     if ctx.is_main:
         write_outputs(config, model, train_index, scores, state, time.perf_counter() - started)
+        summaries.close()
     distributed.barrier(ctx)
     return 0
 
