@@ -7,7 +7,7 @@ part, ``validation/segm_AP50`` and every other mAP), and at each evaluation a fe
 the model's predicted masks and boxes drawn on them (``predictions/0`` ...).
 
 The writer is tensorboardX: it writes the same event files as ``torch.utils.tensorboard`` with protobuf
-and numpy alone (~0.4 MB), where ``torch.utils.tensorboard`` needs the ``tensorboard`` package (~25 MB
+and numpy alone (~3 MB installed), where ``torch.utils.tensorboard`` needs the ``tensorboard`` package (~52 MB
 with grpcio and its data server), which only viewing needs. The tests read the files back with
 tensorboard's own reader (a dev dependency).
 """
