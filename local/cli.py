@@ -56,7 +56,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m local", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging; train: the job's own log in a terminal too"
+    )
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     train = verbs.add_parser("train", help="run a training job; writes OUTPUT/model.tar.gz")
@@ -182,11 +184,16 @@ def cmd_train(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         environment=parse_pairs(args.env, "--env"),
         distribution=args.distribution,
     )
-    result = run_training(spec, args.output, _runtime(args, environ), for_stream(sys.stdout), args.overwrite)
+    # In a terminal: the bar and one line per evaluation; the job's own log is in its log file (and here with -v).
+    progress = for_stream(sys.stdout, raw_lines=args.verbose)
+    result = run_training(spec, args.output, _runtime(args, environ), progress, args.overwrite)
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.final_metrics.items())
     print(f"model: {result.model_archive}")
     if metrics:
         print(f"metrics: {metrics}")
+    print(f"log: {result.log_file}")
+    if result.tensorboard_dir:
+        print(f"tensorboard: tensorboard --logdir {result.tensorboard_dir}")
     print(f"job {result.job_name} done in {result.seconds:.1f}s ({result.mode} mode)")
     return 0
 

@@ -43,6 +43,7 @@ from maskrcnn.config import SageMakerPaths
 from local.errors import HarnessError
 
 JOB_FILE = "job.json"
+LOG_FILE = "train.log"  # every host's raw job log, as CloudWatch would hold it
 MODEL_ARCHIVE = "model.tar.gz"
 OUTPUT_ARCHIVE = "output.tar.gz"
 DISTRIBUTIONS = {"replicated": "FullyReplicated", "sharded": "ShardedByS3Key"}  # --distribution -> SageMaker's

@@ -2,7 +2,8 @@
 
 Library code reports through a :class:`Progress` (``start`` / ``advance`` / ``line`` / ``close``);
 the CLI picks the kind once, from whether stdout is a terminal. ``line`` passes a log line of the
-job or server through unchanged (above the bar on a terminal).
+job or server through unchanged (above the bar on a terminal, unless the bar was asked to hide them:
+``python -m local train`` without ``-v`` shows the bar and ``event`` lines only, one per evaluation).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class Progress:
             self.stream.write(text + "\n")
             self.stream.flush()
 
+    def event(self, text: str) -> None:
+        """A milestone worth a line of its own (an evaluation); plain output has it among the job's lines."""
+
     def close(self) -> None:
         pass
 
@@ -57,8 +61,9 @@ class Progress:
 class TerminalProgress(Progress):
     """A tqdm bar on stderr; lines are written above it."""
 
-    def __init__(self, stream: TextIO | None = None):
+    def __init__(self, stream: TextIO | None = None, raw_lines: bool = True):
         super().__init__(stream or sys.stdout)
+        self.raw_lines = raw_lines  # False: while the bar runs, job lines are not shown (they are in its log file)
         self._bar: Any = None
 
     def start(self, total: int | None, unit: str = "it", desc: str = "") -> None:
@@ -86,9 +91,16 @@ class TerminalProgress(Progress):
         if self._bar is None:
             super().line(text)
             return
-        from tqdm import tqdm
+        if self.raw_lines:
+            from tqdm import tqdm
 
-        tqdm.write(text, file=self.stream)
+            tqdm.write(text, file=self.stream)
+
+    def event(self, text: str) -> None:
+        if self._bar is not None and not self.raw_lines:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=self.stream)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -96,10 +108,11 @@ class TerminalProgress(Progress):
             self._bar = None
 
 
-def for_stream(stream: TextIO) -> Progress:
-    """A bar when ``stream`` is a terminal, plain lines otherwise."""
+def for_stream(stream: TextIO, raw_lines: bool = True) -> Progress:
+    """A bar when ``stream`` is a terminal (with the job's own lines above it when ``raw_lines``), plain lines
+    otherwise."""
     isatty = getattr(stream, "isatty", None)
-    return TerminalProgress(stream) if isatty is not None and isatty() else Progress(stream)
+    return TerminalProgress(stream, raw_lines) if isatty is not None and isatty() else Progress(stream)
 
 
 def _fmt(value: Any) -> str:

@@ -30,7 +30,7 @@ from maskrcnn.metrics import parse_metrics
 
 from local.artifacts import pack_dir
 from local.errors import JobFailed
-from local.layout import JOB_FILE, MODEL_ARCHIVE, OUTPUT_ARCHIVE, JobSpec, write_job
+from local.layout import JOB_FILE, LOG_FILE, MODEL_ARCHIVE, OUTPUT_ARCHIVE, JobSpec, write_job
 from local.progress import Progress
 from local.runtime import Runtime, free_port, stop_on_signals
 
@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 120.0  # StopTrainingJob: SIGTERM, then SIGKILL after 120 s
 _POSITION = re.compile(r"\b(phase|epoch|step)=(\w+)")
-_PLAN = re.compile(r"\bplan: (\d+) steps\b")  # maskrcnn.training logs it before the first step
+# maskrcnn.training logs its plan before the first step, and again when a time budget (max_runtime) moves it.
+_PLAN = re.compile(r"\bplan(?::|ning) (\d+) steps\b")
 
 
 @dataclass
@@ -51,12 +52,14 @@ class TrainResult:
     failure_reason: str | None = None
     model_archive: Path | None = None
     output_archive: Path | None = None
+    log_file: Path | None = None
+    tensorboard_dir: Path | None = None  # algo-1's event files: tensorboard --logdir <this>
     final_metrics: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         data = asdict(self)
-        for key in ("model_archive", "output_archive"):
+        for key in ("model_archive", "output_archive", "log_file", "tensorboard_dir"):
             data[key] = str(data[key]) if data[key] else None
         return json.dumps(data, indent=1)
 
@@ -88,6 +91,8 @@ class MetricsReader:
         self.history.append(record)
         if record.get("phase") == "eval":
             self.final = {k: v for k, v in values.items() if k.startswith("validation:")}
+            scores = " ".join(f"{k.split(':', 1)[1]}={v:.4f}" for k, v in self.final.items())
+            self.progress.event(f"eval epoch {record.get('epoch', '?')} step {self.progress.n}: {scores}")
         shown = {k.split(":", 1)[1]: v for k, v in values.items() if k in ("train:loss", "validation:segm_AP50")}
         if isinstance(record.get("step"), int):
             self.progress.advance(record["step"], **shown)
@@ -139,6 +144,8 @@ def run_training(
     log.info("training job %s: %d host(s), %s mode, tree %s", spec.name, len(hosts), runtime.mode, output)
 
     reader = MetricsReader(progress)
+    log_path = output / LOG_FILE
+    job_log = log_path.open("w", encoding="utf-8")
     lines: queue.Queue = queue.Queue()
     processes: dict[str, subprocess.Popen] = {}
     containers = {host: f"{spec.name}-{host}" for host in hosts}
@@ -171,7 +178,9 @@ def run_training(
                 if line is None:
                     open_streams -= 1
                 elif host:
-                    progress.line(f"{host} | {line}" if len(hosts) > 1 else line)
+                    shown = f"{host} | {line}" if len(hosts) > 1 else line
+                    job_log.write(shown + "\n")
+                    progress.line(shown)
                     if host == hosts[0]:
                         reader.feed(line)
                 for name, process in processes.items():
@@ -189,6 +198,7 @@ def run_training(
                     stopping_since = float("inf")  # kill once
     finally:
         progress.close()
+        job_log.close()
         for host, process in processes.items():
             if process.poll() is None:
                 process.kill()
@@ -204,7 +214,11 @@ def run_training(
         seconds=round(time.monotonic() - started, 2),
         final_metrics=reader.final,
         history=reader.history,
+        log_file=log_path,
     )
+    board = trees[hosts[0]].tensorboard_dir
+    if board.is_dir() and any(board.iterdir()):
+        result.tensorboard_dir = board
     if result.exit_code == 0:
         result.model_archive = pack_dir(trees[hosts[0]].model_dir, output / MODEL_ARCHIVE)
         if any(trees[hosts[0]].output_data_dir.iterdir()):

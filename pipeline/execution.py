@@ -25,6 +25,10 @@ from maskrcnn.errors import ConfigError
 # (maskrcnn.config.Hyperparameters), so every name, type and default has one definition, the image's.
 WORKFLOW_PRESET = "gpu-resnet50"
 CHECKPOINT_LOCAL_PATH = str(SageMakerPaths(Path(DEFAULT_BASE_DIR)).checkpoints_dir)
+# The job's own budget (max_runtime) is MaxRuntimeInSeconds less this: SageMaker's clock also runs while it
+# pulls the image and downloads the data, before `train` starts, and while it uploads the model after it.
+# A quarter of a short runtime at most. Datasets of hundreds of GB need more: pass `-p max_runtime=...`.
+BUDGET_MARGIN_SECONDS = 900
 
 _DIGEST_URI = re.compile(
     r"^\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+@sha256:[0-9a-f]{64}$"
@@ -116,8 +120,13 @@ class ExecutionInput:
             raise InputError("max_wait_seconds must be at least max_runtime_seconds for spot training")
 
     def resolved_hyperparameters(self) -> dict[str, str]:
-        """The workflow preset overridden by the given values, every value a string as SageMaker requires."""
-        return workflow_hyperparameters(self.hyperparameters)
+        """The workflow preset overridden by the given values, every value a string as SageMaker requires.
+
+        ``max_runtime`` defaults to the stopping condition less a margin, so the job ends with a model inside
+        it instead of being stopped with a checkpoint; a given ``max_runtime`` (0: none) wins."""
+        margin = min(BUDGET_MARGIN_SECONDS, self.max_runtime_seconds // 4)
+        budget = {"max_runtime": str(self.max_runtime_seconds - margin)}
+        return workflow_hyperparameters({**budget, **self.hyperparameters})
 
     def input_data_config(self) -> list[dict[str, Any]]:
         channels = [

@@ -35,6 +35,9 @@ def test_train_packs_model_tar_gz_as_sagemaker_does(trained_job):
     assert "validation:segm_AP50" in job["final_metrics"]  # read from the log with the image's regexes
     assert any(h.get("phase") == "train" and "train:loss" in h for h in job["history"])
     assert json.loads((output / "algo-1/input/config/hyperparameters.json").read_text()) == TINY_HP
+    assert "#metrics phase=eval" in trained_job.log_file.read_text()  # the job's raw log, kept in the job folder
+    assert trained_job.tensorboard_dir == output / "algo-1/output/tensorboard"
+    assert any(p.name.startswith("events.out.tfevents") for p in trained_job.tensorboard_dir.iterdir())
 
 
 def test_failure_prints_the_reason_and_exits_non_zero(dataset, tmp_path):

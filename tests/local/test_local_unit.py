@@ -17,7 +17,7 @@ from local import runtime as rt
 from local.cli import main
 from local.demo import detections_to_coco
 from local.errors import HarnessError, UnsafeArchiveError
-from local.progress import Progress
+from local.progress import Progress, for_stream
 from local.training import MetricsReader, _job_code
 
 pytestmark = pytest.mark.unit
@@ -231,6 +231,39 @@ def test_progress_counts_steps_to_the_total_the_job_announces():
     reader.feed("x INFO maskrcnn.engine: #metrics phase=eval epoch=1 bbox_mAP=0.1 segm_mAP=0.1 segm_AP50=0.2")
     reader.feed("x INFO maskrcnn.engine: #metrics phase=train epoch=1 step=16 loss=1.5 lr=0.0")
     assert progress.n == 16 == progress.total
+
+
+def test_a_time_budget_moves_the_bars_total():
+    progress = Progress()
+    reader = MetricsReader(progress)
+    reader.feed("x INFO maskrcnn.training: plan: 8000 steps (1000 epochs of 8 steps)")
+    reader.feed("x INFO maskrcnn.training: budget: max_runtime=40 s, measured 0.3 s/step, planning 57 steps (was 8000)")
+    assert progress.total == 57
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_terminal_shows_the_bar_and_one_line_per_evaluation_and_the_job_log_with_v(verbose: bool):
+    stream = _Terminal()
+    progress = for_stream(stream, raw_lines=verbose)
+    reader = MetricsReader(progress)
+    progress.start(None, "step", "train")
+    for line in (
+        "x INFO maskrcnn.training: plan: 8 steps (1 epochs of 8 steps)",
+        "x INFO maskrcnn.engine: #metrics phase=train epoch=0 step=8 loss=1.5 lr=0.0",
+        "x INFO maskrcnn.engine: #metrics phase=eval epoch=1 bbox_mAP=0.1 segm_mAP=0.1 segm_AP50=0.25",
+    ):
+        progress.line(line)
+        reader.feed(line)
+    progress.close()
+    shown = stream.getvalue().splitlines()
+    evals = [line for line in shown if line.startswith("eval epoch 1 step 8:") and "segm_AP50=0.2500" in line]
+    assert ("#metrics phase=train" in stream.getvalue()) is verbose
+    assert len(evals) == (0 if verbose else 1)  # with -v the job's own eval line says it
 
 
 def test_job_code():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -130,3 +131,11 @@ def test_render_writes_definition_template_and_example(tmp_path: Path) -> None:
 
 def test_validate_command_succeeds() -> None:
     assert main(["validate"]) == 0
+
+
+def test_the_job_is_budgeted_to_end_inside_its_stopping_condition() -> None:
+    training = example_input().to_document()["Training"]
+    budget = int(training["HyperParameters"]["max_runtime"])
+    assert 0 < budget < training["StoppingCondition"]["MaxRuntimeInSeconds"]
+    chosen = dataclasses.replace(example_input(), hyperparameters={"max_runtime": "0"})
+    assert chosen.to_document()["Training"]["HyperParameters"]["max_runtime"] == "0"  # the user's value wins

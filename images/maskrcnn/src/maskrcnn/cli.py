@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 import traceback
 
 from maskrcnn.config import TrainConfig, base_paths
@@ -19,6 +20,7 @@ from maskrcnn.errors import JobError
 log = logging.getLogger("maskrcnn")
 
 def train_main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()  # max_runtime counts from here: before torch's import, which takes seconds
     parser = argparse.ArgumentParser(prog="train", description="Train Mask R-CNN under the SageMaker contract.")
     parser.parse_args(argv or [])
     setup_logging()
@@ -31,7 +33,7 @@ def train_main(argv: list[str] | None = None) -> int:
         require_usable_gpu(probe(os.environ))  # a GPU CUDA cannot use fails here, never trains on CPU
         from maskrcnn.training import run  # torch loads here, after the config is known to be valid
 
-        return run(config)
+        return run(config, started)
     except JobError as exc:
         log.error("training failed: %s", exc)
         write_failure(paths, str(exc))

@@ -37,6 +37,7 @@ class Hyperparameters:
     arch: str = "lite"  # lite (CPU-sized), resnet50_fpn or resnet50_fpn_v2
     epochs: int = 12  # passes over the training set
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit; for smoke runs)
+    max_runtime: int = 0  # seconds the job may take: fit the schedule's steps, evaluate, write the model (0 = none)
     batch_size: int = 4  # images per process per step
     lr: float = 0.02  # peak learning rate (per the whole job; not scaled by world size)
     optimizer: str = "sgd"  # sgd or adamw
@@ -102,6 +103,7 @@ class Hyperparameters:
         )
         need(self.epochs >= 1, "epochs must be >= 1")
         need(self.max_steps >= 0, "max_steps must be >= 0")
+        need(self.max_runtime >= 0, "max_runtime must be >= 0 (seconds; 0 = no budget)")
         need(self.batch_size >= 1, "batch_size must be >= 1")
         need(self.lr > 0, "lr must be > 0")
         need(0.0 < self.val_fraction < 1.0, "val_fraction must be between 0 and 1")
@@ -206,6 +208,11 @@ class SageMakerPaths:
     @property
     def checkpoints_dir(self) -> Path:
         return self.base / "checkpoints"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """Where SageMaker's TensorBoardOutputConfig uploads from (its default LocalPath)."""
+        return self.output_dir / "tensorboard"
 
 
 INPUT_MODES = ("File", "FastFile")  # both present the channel as files; Pipe (FIFOs) is not read

@@ -35,6 +35,7 @@ class LoopState:
     step_in_epoch: int = 0  # batches of ``epoch`` already trained
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    last_step: int = 0  # the step the job plans to end at (not saved: each start plans anew; a budget moves it)
 
 
 @dataclass
@@ -73,15 +74,14 @@ def train_one_epoch(
     world_size: int = 1,
     after_step: Callable[[LoopState], bool] | None = None,
     epoch_steps: int = 0,
-    last_step: int = 0,
     any_rank: Callable[[bool], bool] | None = None,
 ) -> bool:
     """Train until the loader ends or the epoch has ``epoch_steps`` steps; False when stopped early.
 
     Stopped early means ``max_steps`` reached or ``after_step(state)`` returned False; that hook runs
     after every optimizer step (checkpointing, stop signals). A metrics line is logged every
-    ``log_every`` steps and always for the first step of the run and for ``last_step`` (the job's
-    last), so any job, however short, reports its loss. ``any_rank(flag)`` is True when ``flag`` is true
+    ``log_every`` steps and always for the first step of the run and for ``state.last_step`` (the
+    job's last), so any job, however short, reports its loss. ``any_rank(flag)`` is True when ``flag`` is true
     on any rank: with it, a non-finite loss on one rank stops every rank at the same step. ``state`` is
     advanced in place.
     """
@@ -142,7 +142,7 @@ def train_one_epoch(
         now = time.perf_counter()
         timer.total += now - start
         start = now
-        if first or state.global_step % log_every == 0 or state.global_step == last_step:
+        if first or state.global_step % log_every == 0 or state.global_step == state.last_step:
             _log_train(state, running, timer, scheduler, counted)
             running.clear()
             timer.reset()

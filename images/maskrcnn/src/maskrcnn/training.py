@@ -27,7 +27,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from maskrcnn import checkpoint, distributed
+from maskrcnn.budget import BudgetPlanner, describe
 from maskrcnn.config import Hyperparameters, TrainConfig
 from maskrcnn.contract import EXIT_STOPPED, setup_logging, write_failure
 from maskrcnn.data import (
@@ -55,6 +56,7 @@ from maskrcnn.data import (
 from maskrcnn.engine import LoopState, evaluate, train_one_epoch
 from maskrcnn.errors import ConfigError, DataError, JobError, ModelError, storage_error
 from maskrcnn.model import DEFAULT_SIZES, FORMAT_VERSION, ModelSpec, build_model, check_pretrained, save_model
+from maskrcnn.summaries import OVERLAY_IMAGES, Summaries, predicted_overlays
 
 log = logging.getLogger(__name__)
 
@@ -160,16 +162,23 @@ def loader_workers(config: TrainConfig, ctx: distributed.DistContext) -> int:
     return data_workers(config.hp.num_workers, len(os.sched_getaffinity(0)), procs)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, hp: Hyperparameters, steps_per_epoch: int, total: int):
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, hp: Hyperparameters, steps_per_epoch: int, total: int | Callable[[], int]
+):
+    """Warm-up, then the schedule over ``total`` steps; a callable ``total`` is read at every step, so a time
+    budget can re-plan the length after the job started (multistep's epochs then shrink in proportion)."""
+    planned = total if callable(total) else (lambda: total)
+    unbudgeted = planned()
+
     def factor(step: int) -> float:
         if step < hp.warmup_steps:
             alpha = step / max(hp.warmup_steps, 1)
             return hp.warmup_factor * (1 - alpha) + alpha
         if hp.lr_schedule == "cosine":
-            progress = (step - hp.warmup_steps) / max(total - hp.warmup_steps, 1)
+            progress = (step - hp.warmup_steps) / max(planned() - hp.warmup_steps, 1)
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         if hp.lr_schedule == "multistep":
-            epoch = step // max(steps_per_epoch, 1)
+            epoch = step // max(steps_per_epoch, 1) / (planned() / max(unbudgeted, 1))
             return hp.lr_gamma ** sum(epoch >= m for m in hp.lr_steps)
         return 1.0
 
@@ -215,19 +224,23 @@ def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.O
     return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
 
 
-def run(config: TrainConfig) -> int:
-    """Train on this host; returns the exit code (0 done, 143 stopped)."""
+def run(config: TrainConfig, started: float | None = None) -> int:
+    """Train on this host; returns the exit code (0 done, 143 stopped).
+
+    ``started`` (``time.monotonic()``, which every process of the host shares) is when the job's process
+    began: ``max_runtime`` counts from there."""
+    started = time.monotonic() if started is None else started
     nprocs = config.procs_per_host or distributed.processes_per_host()
     if nprocs == 1:
         stop = StopSignal()
         stop.install()
-        return worker(0, config, 1, stop)
+        return worker(0, config, 1, stop, started)
     # SIGTERM stays blocked while the GPU processes start: they inherit the mask through spawn's exec, so
     # a stop that comes while one is still importing torch waits until its handler is in place
     # (spawned_worker unblocks it) instead of killing it, which would read as a failure.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
-        context = mp.start_processes(spawned_worker, args=(config, nprocs), nprocs=nprocs, join=False,
+        context = mp.start_processes(spawned_worker, args=(config, nprocs, started), nprocs=nprocs, join=False,
                                      start_method="spawn")
 
         def forward(signum: int, _frame: Any) -> None:
@@ -250,14 +263,14 @@ def run(config: TrainConfig) -> int:
     return 0
 
 
-def spawned_worker(local_rank: int, config: TrainConfig, nprocs: int) -> None:
+def spawned_worker(local_rank: int, config: TrainConfig, nprocs: int, started: float) -> None:
     """One GPU's process: its own logging, its failure reason on disk, its exit code as the process's."""
     stop = StopSignal()
     stop.install()  # first: SIGTERM was blocked since before this process started (see run)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     setup_logging(rank=local_rank)
     try:
-        code = worker(local_rank, config, nprocs, stop)
+        code = worker(local_rank, config, nprocs, stop, started)
     except JobError as exc:
         if local_rank == 0:
             write_failure(config.paths, str(exc))
@@ -266,13 +279,13 @@ def spawned_worker(local_rank: int, config: TrainConfig, nprocs: int) -> None:
         raise SystemExit(code)
 
 
-def worker(local_rank: int, config: TrainConfig, nprocs: int, stop: StopSignal) -> int:
+def worker(local_rank: int, config: TrainConfig, nprocs: int, stop: StopSignal, started: float) -> int:
     ctx = distributed.init(config, local_rank, nprocs)
     if not ctx.is_main:
         logging.getLogger("maskrcnn.engine").setLevel(logging.WARNING)  # one metrics stream per job
     state = LoopState()
     try:
-        return _train(config, ctx, stop, state)
+        return _train(config, ctx, stop, state, started)
     except RuntimeError as exc:
         where = f"epoch {state.epoch} step {state.global_step}"
         lost = distributed.describe_failure(exc, ctx, config, where)
@@ -283,7 +296,9 @@ def worker(local_rank: int, config: TrainConfig, nprocs: int, stop: StopSignal) 
         distributed.shutdown(ctx)
 
 
-def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, state: LoopState) -> int:
+def _train(
+    config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, state: LoopState, job_started: float
+) -> int:
     """The job on one rank; ``state`` is advanced in place, so a failure can say where it happened."""
     hp = config.hp
     torch.manual_seed(hp.seed)
@@ -327,7 +342,8 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
         total_steps = min(total_steps, hp.max_steps)
     log.info("plan: %d steps (%d epochs of %d steps)", total_steps, hp.epochs, steps_per_epoch)
     optimizer = make_optimizer(model, hp)
-    scheduler = make_scheduler(optimizer, hp, steps_per_epoch, total_steps)
+    scheduler = make_scheduler(optimizer, hp, steps_per_epoch, lambda: state.last_step)
+    state.last_step = total_steps
     amp_dtype = autocast_dtype(ctx.device) if hp.amp else None
     scaler = grad_scaler(amp_dtype)
     log.info("mixed precision: %s", amp_dtype or "off")
@@ -346,7 +362,7 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
                 f"({payload['fingerprint']}); remove it or restore that job's settings ({fingerprint})"
             )
         restored = checkpoint.restore(payload, model, optimizer, scheduler, scaler, rank=ctx.rank)
-        vars(state).update(vars(restored))
+        vars(state).update(vars(restored), last_step=total_steps)
         log.info("resuming from checkpoint: epoch %d, step %d", state.epoch, state.global_step)
 
     train_model = model
@@ -360,15 +376,64 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
             checkpoint.save(config.paths.checkpoints_dir, model, optimizer, scheduler, scaler, state, fingerprint,
                             rng=rng)
 
+    budget = None
+    if hp.max_runtime:
+        budget = BudgetPlanner(
+            hp.max_runtime, job_started, total_steps, steps_per_epoch, (hp.eval_every, hp.epochs),
+            len(val_index.images), hp.batch_size * ctx.world_size, first_step=state.global_step,
+        )
+
+    def keep_to_budget(current: LoopState) -> bool:
+        """Plan (every rank the same step count: the smallest); False when no further step fits."""
+        assert budget is not None
+        now = time.monotonic()
+        budget.record(current.global_step, current.step_in_epoch, now)
+        if budget.due(current.global_step, current.step_in_epoch):
+            planned = distributed.agreed_min(budget.plan(current.global_step, now), ctx)
+            if planned != current.last_step:
+                log.info(describe(hp.max_runtime, budget.step_seconds(), planned, current.last_step))
+                current.last_step = planned
+        elif distributed.any_rank(budget.out_of_time(now), ctx):
+            log.warning("budget: stopping at step %d of %d: the steps ran slower than planned",
+                        current.global_step, current.last_step)
+            current.last_step = current.global_step
+        # An epoch's natural end is left to the loop, which then counts the epoch as done.
+        return not (current.global_step >= current.last_step and current.step_in_epoch < steps_per_epoch)
+
+    summaries = Summaries(config.paths.tensorboard_dir if ctx.is_main else None)
+    written = len(state.history)  # a resumed job's earlier entries are in the event files of its first run
+
+    def report() -> None:
+        """New history entries to TensorBoard (rank 0 only has a history)."""
+        nonlocal written
+        summaries.history(state.history[written:])
+        written = len(state.history)
+
     def after_step(current: LoopState) -> bool:
+        report()
         if distributed.any_rank(stop(), ctx):
             return False
         if hp.checkpoint_every and current.global_step % hp.checkpoint_every == 0:
             save_checkpoint()
-        return True
+        return budget is None or keep_to_budget(current)
 
     val_loader, shared_eval = validation_loader(val_index, config, ctx)
     ground_truth = val_index.to_coco()
+    overlay_set = InstanceDataset(val_index, eval_transforms())
+
+    def report_evaluation(scores: dict[str, float], record: bool = True) -> None:
+        """Rank 0: the scores into the history (when ``record``) and TensorBoard, with a few images' predictions."""
+        if not ctx.is_main:
+            return
+        entry = {"phase": "eval", "epoch": state.epoch, "step": state.global_step, **scores}
+        if record:
+            state.history.append(entry)
+            report()
+        else:
+            summaries.history([entry])
+        images = [overlay_set[i][0] for i in range(min(OVERLAY_IMAGES, len(overlay_set)))]
+        summaries.overlays(state.global_step, predicted_overlays(
+            model, images, ctx.device, train_index.class_names, hp.score_threshold, hp.mask_threshold))
 
     def run_evaluation() -> dict[str, float]:
         """Every rank scores its part of a validation set they all hold; else rank 0 scores it alone.
@@ -381,7 +446,7 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
 
     scores: dict[str, float] = {}
     evaluated = False
-    reached_limit = hp.max_steps and state.global_step >= hp.max_steps
+    reached_limit = state.global_step >= state.last_step
     started = time.perf_counter()
     while state.epoch < hp.epochs and not reached_limit:
         train_set.set_epoch(state.epoch)
@@ -395,10 +460,10 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
             train_model, optimizer, scheduler, loader, ctx.device, state,
             scaler=scaler, amp_dtype=amp_dtype, clip_grad_norm=hp.clip_grad_norm, max_steps=hp.max_steps,
             log_every=hp.log_every, world_size=ctx.world_size, after_step=after_step,
-            epoch_steps=steps_per_epoch, last_step=total_steps,
+            epoch_steps=steps_per_epoch,
             any_rank=(lambda flag: distributed.any_rank(flag, ctx)) if ctx.distributed else None,
         )
-        reached_limit = bool(hp.max_steps) and state.global_step >= hp.max_steps
+        reached_limit = state.global_step >= state.last_step
         if finished:
             state.epoch += 1
             state.step_in_epoch = 0
@@ -411,14 +476,15 @@ def _train(config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, 
             scores, evaluated = run_evaluation(), last
             if distributed.any_rank(stop(), ctx):  # also every rank's wait for the evaluation to end
                 return stopped(state)
-            if ctx.is_main:
-                state.history.append({"phase": "eval", "epoch": state.epoch, "step": state.global_step, **scores})
+            report_evaluation(scores)
     if not evaluated:  # resumed from a finished checkpoint: score the restored weights
         scores = run_evaluation()
         if distributed.any_rank(stop(), ctx):
             return stopped(state)
+        report_evaluation(scores, record=False)  # the history has this evaluation from the first run
     if ctx.is_main:
         write_outputs(config, model, train_index, scores, state, time.perf_counter() - started)
+        summaries.close()
     distributed.barrier(ctx)
     return 0
 

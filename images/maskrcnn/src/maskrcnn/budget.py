@@ -1,0 +1,112 @@
+"""A training time budget (``max_runtime``): how many steps fit, leaving time to evaluate and write the model.
+
+SageMaker stops a job at ``StoppingCondition.MaxRuntimeInSeconds`` (SIGTERM, then SIGKILL); a job stopped
+there has a checkpoint but no model. With ``max_runtime`` the job instead plans to end inside the budget:
+it times its own steps (``MEASURE_STEPS`` of them, after ``SKIP_STEPS`` that allocate memory and pick
+kernels), then plans the number of steps N for which
+
+    N x seconds per step + evaluations before the end x seconds per evaluation + final reserve <= time left
+
+and sizes the learning-rate schedule to N, so it anneals to its end inside the budget. It plans again at
+every epoch's first step, with what it measured meanwhile (an evaluation's real cost), so a wrong first
+estimate is corrected while there is schedule left to correct. N never exceeds the plan without a
+budget (``epochs``, ``max_steps``): a budget caps a job, it never lengthens one.
+
+The clock starts when the ``train`` process starts (SageMaker's also counts the data download before it:
+the workflow passes ``MaxRuntimeInSeconds`` minus a margin for that). Pure arithmetic, no torch: the
+training loop feeds it timestamps and step numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+SKIP_STEPS = 2  # the first steps allocate memory and pick kernels: slower than the rest
+MEASURE_STEPS = 8  # steps timed before the first plan
+WRITE_SECONDS = 5.0  # writing the model, metrics.json and metrics.png, and the process's exit
+SAFETY_SHARE = 0.03  # of the budget, kept free for jitter (a slower step, a slower disk)
+EVAL_FLOOR_SECONDS = 2.0  # the least an evaluation is assumed to cost before one was measured
+
+
+@dataclass
+class BudgetPlanner:
+    """Turns step timestamps into a step plan; one per training process (ranks agree on the minimum)."""
+
+    seconds: float  # max_runtime
+    started: float  # time.monotonic() when the process started
+    full_steps: int  # the plan without a budget
+    steps_per_epoch: int
+    evaluates: tuple[int, int]  # (eval_every, epochs): which epoch ends evaluate
+    val_images: int
+    images_per_step: int
+    first_step: int = 0  # the step training started from (a resumed job plans from there)
+    step_times: list[float] = field(default_factory=list)
+    epoch_overheads: list[float] = field(default_factory=list)
+    _last: tuple[int, float] | None = None  # (global step, time) of the previous step
+
+    def record(self, global_step: int, step_in_epoch: int, now: float) -> None:
+        """One finished step: a step's own time, or, across an epoch's end, that end's overhead."""
+        if self._last is not None and global_step == self._last[0] + 1:
+            interval = now - self._last[1]
+            if step_in_epoch == 1:  # the previous step ended the last epoch: checkpoint, evaluation, loader start
+                self.epoch_overheads.append(max(interval - self.step_seconds(), 0.0))
+            elif global_step > self.first_step + SKIP_STEPS:
+                self.step_times.append(interval)
+        self._last = (global_step, now)
+
+    def due(self, global_step: int, step_in_epoch: int) -> bool:
+        """Whether to plan after this step; depends on step numbers only, so every rank plans at the same one."""
+        measured = self.first_step + SKIP_STEPS + MEASURE_STEPS
+        return global_step == measured or (global_step > measured and step_in_epoch == 1)
+
+    def step_seconds(self) -> float:
+        return sum(self.step_times) / len(self.step_times) if self.step_times else 0.0
+
+    def eval_seconds(self) -> float:
+        """An epoch end's cost: the largest measured, else predicting each validation image is assumed to
+        cost as much as training one (the forward pass alone is cheaper, scoring and mask pasting add some)."""
+        if self.epoch_overheads:
+            return max(self.epoch_overheads)
+        per_image = self.step_seconds() / max(self.images_per_step, 1)
+        return max(EVAL_FLOOR_SECONDS, self.val_images * per_image)
+
+    def reserve_seconds(self) -> float:
+        """Kept for the end: the final evaluation, writing the model, and a share of the budget for jitter."""
+        return self.eval_seconds() + WRITE_SECONDS + SAFETY_SHARE * self.seconds
+
+    def evaluations_before(self, global_step: int, end: int) -> int:
+        """Evaluating epoch ends strictly between ``global_step`` and ``end`` (the final one is in the reserve)."""
+        eval_every, epochs = self.evaluates
+        first = global_step // self.steps_per_epoch + 1
+        last = min((end - 1) // self.steps_per_epoch, epochs - 1)  # an epoch end before ``end``
+        return sum(1 for epoch in range(first, last + 1) if epoch % eval_every == 0)
+
+    def plan(self, global_step: int, now: float) -> int:
+        """The last step to train to: as many as fit in the time left, at most ``full_steps``."""
+        step = self.step_seconds()
+        left = self.seconds - (now - self.started) - self.reserve_seconds()
+        if step <= 0:
+            return self.full_steps
+
+        def cost(end: int) -> float:
+            return (end - global_step) * step + self.evaluations_before(global_step, end) * self.eval_seconds()
+
+        if cost(self.full_steps) <= left:
+            return self.full_steps
+        low, high = global_step, self.full_steps  # cost(low) = 0 fits (or nothing does), cost(high) does not
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if cost(middle) <= left else (low, middle)
+        return low
+
+    def out_of_time(self, now: float) -> bool:
+        """The last resort: not even one more step fits before the final evaluation (the plan ran slow)."""
+        left = self.seconds - (now - self.started)
+        return left < self.step_seconds() + self.eval_seconds() + WRITE_SECONDS
+
+
+def describe(seconds: float, step_seconds: float, planned: int, was: int) -> str:
+    """The line a person reads to see what the budget did (local/training.py reads ``planning N steps``)."""
+    per_step = f"{step_seconds:.3g}" if math.isfinite(step_seconds) else "?"
+    return f"budget: max_runtime={seconds:g} s, measured {per_step} s/step, planning {planned} steps (was {was})"

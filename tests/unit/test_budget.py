@@ -1,0 +1,61 @@
+"""The time budget's arithmetic: what fits, what is kept for the end, and when it plans."""
+
+from __future__ import annotations
+
+from maskrcnn.budget import MEASURE_STEPS, SKIP_STEPS, BudgetPlanner
+
+
+def planner(seconds: float = 100.0, full: int = 1000, per_epoch: int = 10, val: int = 0) -> BudgetPlanner:
+    return BudgetPlanner(
+        seconds,
+        started=0.0,
+        full_steps=full,
+        steps_per_epoch=per_epoch,
+        evaluates=(1, 100),
+        val_images=val,
+        images_per_step=4,
+    )
+
+
+def feed(budget: BudgetPlanner, steps: int, step_s: float, eval_s: float = 0.0, per_epoch: int = 10) -> float:
+    now = 0.0
+    for step in range(1, steps + 1):
+        now += step_s + (eval_s if step > 1 and (step - 1) % per_epoch == 0 else 0.0)
+        budget.record(step, (step - 1) % per_epoch + 1, now)
+    return now
+
+
+def test_the_plan_leaves_the_reserve_and_every_evaluation_free() -> None:
+    budget = planner(seconds=100.0)
+    now = feed(budget, 25, step_s=0.5, eval_s=3.0)  # two epoch ends seen: evaluations of 3 s
+    assert abs(budget.step_seconds() - 0.5) < 1e-9 and abs(budget.eval_seconds() - 3.0) < 1e-9
+    end = budget.plan(25, now)
+    cost = (end - 25) * 0.5 + budget.evaluations_before(25, end) * 3.0
+    assert cost <= 100.0 - now - budget.reserve_seconds() < cost + 0.5 + 3.0  # as many as fit, no more
+    assert 25 < end < 1000
+
+
+def test_a_budget_never_lengthens_the_job() -> None:
+    budget = planner(seconds=10_000.0, full=40)
+    now = feed(budget, 12, step_s=0.1)
+    assert budget.plan(12, now) == 40
+
+
+def test_no_time_left_plans_no_further_step() -> None:
+    budget = planner(seconds=10.0)
+    now = feed(budget, 12, step_s=0.5)
+    assert budget.plan(12, now) == 12
+    assert budget.out_of_time(now)
+
+
+def test_before_an_evaluation_was_measured_it_is_estimated_from_the_step_time() -> None:
+    budget = planner(val=40)  # 40 images at 0.5 s a step of 4: 5 s
+    feed(budget, 9, step_s=0.5)
+    assert abs(budget.eval_seconds() - 5.0) < 1e-9
+
+
+def test_every_rank_plans_at_the_same_steps() -> None:
+    budget = planner()
+    first = SKIP_STEPS + MEASURE_STEPS
+    due = [s for s in range(1, 40) if budget.due(s, (s - 1) % 10 + 1)]
+    assert due == [first, 11, 21, 31]  # measured, then each epoch's first step (its end measured)

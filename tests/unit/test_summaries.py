@@ -1,0 +1,23 @@
+"""Predicted overlays: what a person sees in TensorBoard's image tab."""
+
+from __future__ import annotations
+
+import torch
+from maskrcnn.summaries import draw_predictions
+
+
+def test_a_confident_detection_is_drawn_and_a_doubtful_one_is_not() -> None:
+    image = torch.zeros(3, 32, 32)
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[0, 0, 4:12, 4:12] = 1.0  # confident
+    masks[1, 0, 20:28, 20:28] = 1.0  # below the score threshold
+    output = {
+        "boxes": torch.tensor([[4.0, 4.0, 12.0, 12.0], [20.0, 20.0, 28.0, 28.0]]),
+        "labels": torch.tensor([1, 2]),
+        "scores": torch.tensor([0.9, 0.2]),
+        "masks": masks,
+    }
+    drawn = draw_predictions(image, output, ["circle", "square"], score_threshold=0.5)
+    assert drawn.dtype == torch.uint8 and drawn.shape == (3, 32, 32)
+    assert drawn[:, 6:10, 6:10].sum() > 0  # the mask is tinted
+    assert drawn[:, 21:27, 21:27].sum() == 0  # the doubtful one left alone
