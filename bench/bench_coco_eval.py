@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import hostinfo  # bench/hostinfo.py (benchmarks run as scripts: bench/ is on sys.path)
 import numpy as np
 from maskrcnn.synthetic import write_coco_dataset
 from PIL import Image, ImageFilter
@@ -76,6 +77,7 @@ def run(backend: str, gt: dict, results: list[dict]) -> tuple[float, dict[str, l
 
 
 def main() -> None:
+    print(hostinfo.describe(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=3)

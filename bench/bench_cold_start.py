@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hostinfo  # bench/hostinfo.py (benchmarks run as scripts: bench/ is on sys.path)
 from bench_serving import free_port, make_model, start_server, stop_server
 
 
@@ -39,6 +40,7 @@ def first_200(port: int, process, timeout: float = 300.0) -> float:  # type: ign
 
 
 def main(argv: list[str] | None = None) -> int:
+    print(hostinfo.describe(), flush=True)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

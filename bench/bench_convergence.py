@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import hostinfo  # bench/hostinfo.py (benchmarks run as scripts: bench/ is on sys.path)
 from maskrcnn.config import SYNTHETIC_CPU_IMAGE_SIZE, SYNTHETIC_CPU_PRESET, SYNTHETIC_CPU_TRAIN_IMAGES
 from maskrcnn.synthetic import write_coco_dataset
 
@@ -35,6 +36,7 @@ TARGET_AP50 = 0.85
 
 
 def main() -> int:
+    print(hostinfo.describe(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=SYNTHETIC_CPU_TRAIN_IMAGES)
     parser.add_argument("--heldout", type=int, default=60)

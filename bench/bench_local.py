@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import hostinfo  # noqa: E402  # bench/hostinfo.py (bench/ is on sys.path: benchmarks run as scripts)
 from maskrcnn.synthetic import write_coco_dataset  # noqa: E402
 
 from local.artifacts import pack_dir  # noqa: E402
@@ -65,6 +66,7 @@ def reset_tree(base: Path) -> None:
 
 
 def main() -> int:
+    print(hostinfo.describe(), flush=True)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

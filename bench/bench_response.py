@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hostinfo  # bench/hostinfo.py (benchmarks run as scripts: bench/ is on sys.path)
 from bench_serving import make_model
 
 CASES = [((256, 256), 5), ((480, 640), 10), ((480, 640), 30), ((960, 1280), 30)]
@@ -50,6 +51,7 @@ def timed(fn, repeat: int) -> tuple[float, bytes]:  # type: ignore[no-untyped-de
 
 
 def main(argv: list[str] | None = None) -> int:
+    print(hostinfo.describe(), flush=True)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

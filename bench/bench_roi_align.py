@@ -14,6 +14,7 @@ import argparse
 import statistics
 import time
 
+import hostinfo  # bench/hostinfo.py (benchmarks run as scripts: bench/ is on sys.path)
 import torch
 from maskrcnn.roi_align import separable_roi_align
 from torchvision.ops import roi_align
@@ -23,6 +24,7 @@ CASES = [(40, 256, 7), (20, 256, 7), (10, 256, 7), (40, 128, 14), (20, 128, 14),
 
 
 def main() -> None:
+    print(hostinfo.describe(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)

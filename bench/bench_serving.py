@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import hostinfo  # bench/hostinfo.py (benchmarks run as scripts: bench/ is on sys.path)
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -296,6 +297,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    print(hostinfo.describe(), flush=True)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import hostinfo  # bench/hostinfo.py (benchmarks run as scripts: bench/ is on sys.path)
 import torch
 from maskrcnn.config import Hyperparameters
 from maskrcnn.data import InstanceDataset, collate, load_index, train_transforms
@@ -62,6 +63,7 @@ class Capture(logging.Handler):
 
 
 def main() -> None:
+    print(hostinfo.describe(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)

@@ -12,7 +12,7 @@
 * ``demo``: the main job (synthetic data -> train -> endpoint -> held-out AP);
 * ``workflow``: the pipeline's state machine run here (moto's interpreter, adapted by ``sfn``), with real
   training jobs and endpoints behind its SageMaker calls; ``codebuild``: its build branch (the build Lambda
-  in-process, the buildspec run on the local Docker engine);
+  in-process, the buildspec run on the local Docker engine); ``s3``: folders to and from S3 prefixes;
 * ``cli``: the argument parser and the one place errors become exit codes.
 
 Importing it imports nothing heavy (no torch).

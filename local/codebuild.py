@@ -47,6 +47,7 @@ from unittest import mock
 
 from local.errors import HarnessError
 from local.runtime import REPO
+from local.s3 import download_prefix
 
 log = logging.getLogger(__name__)
 
@@ -290,8 +291,6 @@ class LocalCodeBuild:
 
     def _build(self, record: BuildRecord, source: str, environment: dict[str, str], timeout: float) -> None:
         import yaml
-
-        from local.workflow import download_prefix
 
         record.metadata["currentPhase"] = "DOWNLOAD_SOURCE"
         now = datetime.now(UTC)

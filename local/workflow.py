@@ -60,6 +60,7 @@ from local.errors import HarnessError, JobFailed
 from local.layout import JobSpec, parse_pairs
 from local.progress import Progress
 from local.runtime import Runtime, free_port
+from local.s3 import download_prefix, split_uri, upload_folder
 from local.sfn import history, interpreter_patches, json_safe
 
 log = logging.getLogger(__name__)
@@ -131,40 +132,6 @@ def image_uri(tag: str, repository: str, runtime: Runtime) -> str:
         if found.returncode == 0 and found.stdout.strip().startswith("sha256:"):
             digest = found.stdout.strip().removeprefix("sha256:")
     return f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/{repository}@sha256:{digest}"
-
-
-def _s3_parts(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return bucket, key
-
-
-def upload_folder(s3: Any, folder: Path, uri: str) -> int:
-    """Every file under ``folder`` to ``uri`` (a prefix), as ``aws s3 cp --recursive`` does; returns the count."""
-    bucket, prefix = _s3_parts(uri)
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    for path in files:
-        s3.upload_file(str(path), bucket, prefix + path.relative_to(folder).as_posix())
-    return len(files)
-
-
-def download_prefix(s3: Any, uri: str, dest: Path) -> int:
-    """Every object under an S3Prefix into ``dest``, keeping the key's path below the prefix."""
-    bucket, prefix = _s3_parts(uri)
-    count = 0
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for item in page.get("Contents", []):
-            relative = item["Key"][len(prefix) :].lstrip("/")
-            if not relative or relative.endswith("/"):
-                continue
-            target = (dest / relative).resolve()
-            if not target.is_relative_to(dest.resolve()):
-                raise HarnessError(f"S3 key {item['Key']!r} would land outside {dest}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, item["Key"], str(target))
-            count += 1
-    if count == 0:
-        raise HarnessError(f"no objects under {uri}")
-    return count
 
 
 def final_metrics(history_records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -283,7 +250,7 @@ class LocalSageMaker:
             result = _run_training(spec, folder / "job", runtime, progress, self.stop)
             job.secondary_status = "Uploading"
             model_uri = _model_artifacts_uri(job)
-            bucket, key = _s3_parts(model_uri)
+            bucket, key = split_uri(model_uri)
             assert result.model_archive is not None
             s3.upload_file(str(result.model_archive), bucket, key)
             now = datetime.now(UTC)
@@ -322,7 +289,7 @@ class LocalSageMaker:
             container = model["PrimaryContainer"]
             archive = self.root / "endpoints" / name / config_name / "model.tar.gz"
             archive.parent.mkdir(parents=True, exist_ok=True)
-            bucket, key = _s3_parts(container["ModelDataUrl"])
+            bucket, key = split_uri(container["ModelDataUrl"])
             s3.download_file(bucket, key, str(archive))
             with self._lock:
                 previous = self.endpoints.pop(name, None)

@@ -44,6 +44,9 @@ def test_a_budgeted_job_anneals_and_writes_its_model_inside_the_budget(make_job)
     train = [parse_metrics(line) | {"line": line} for line in result.stdout.splitlines() if "phase=train" in line]
     last = train[-1]
     assert f"step={planned} " in last["line"]
-    assert last["train:lr"] == 0.0  # cosine's end: fully annealed
+    # Annealed: cosine's end is 0. A re-plan at the last epoch start that finds the steps ran slower (a loaded
+    # machine) can cut a few steps from a schedule already near its end: the lr is then a hair above 0, never
+    # more than 1 % of the peak (measured 0.1 % under a concurrent test run).
+    assert last["train:lr"] <= 0.01 * 0.001
     assert any("phase=eval" in line for line in result.stdout.splitlines()[-10:])
     assert (base / "model" / "model.safetensors").is_file() and (base / "model" / "model.json").is_file()
