@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tiny import TINY_HP
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDER_LAYERS = {"unit": "unit", "integration": "integration", "container": "container", "gpu": "gpu"}
@@ -67,12 +68,6 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-TINY_HP = {
-    "arch": "lite", "max_steps": "4", "batch_size": "2", "min_size": "128", "max_size": "128",
-    "num_workers": "0", "log_every": "1", "checkpoint_every": "0",
-}
-
-
 @pytest.fixture
 def make_job(tmp_path: Path, synthetic_dir: Path) -> Callable[..., Path]:
     """Lay out an /opt/ml tree by hand, as SageMaker would, and return its base directory."""
@@ -90,7 +85,8 @@ def make_job(tmp_path: Path, synthetic_dir: Path) -> Callable[..., Path]:
         for channel, source in channels.items():
             (base / "input" / "data").mkdir(parents=True, exist_ok=True)
             (base / "input" / "data" / channel).symlink_to(source, target_is_directory=True)
-        hp = {**TINY_HP, **(hyperparameters or {})}
+        # Four steps: the fault tests stop, checkpoint and resume inside a job, which two steps leave no room for.
+        hp = {**TINY_HP, "max_steps": "4", **(hyperparameters or {})}
         (config / "hyperparameters.json").write_text(json.dumps({k: str(v) for k, v in hp.items()}))
         (config / "inputdataconfig.json").write_text(
             json.dumps({c: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"} for c in channels})

@@ -21,20 +21,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tiny import TINY_HP
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build-image.sh"
 DEFAULT_IMAGE = "maskrcnn-sagemaker:latest"
 BASE_LABEL = "org.opencontainers.image.base.name"
 
-# Small and fast on 2 CPU cores; the values are strings, as SageMaker writes them.
-SMOKE_HYPERPARAMETERS = {
-    "arch": "lite",
-    "max_steps": "4",
-    "batch_size": "2",
-    "min_size": "128",
-    "max_size": "128",
-}
+# The tiny job, four steps, with the image's own loader-worker default: shared memory inside a container is
+# what those processes need, and SageMaker runs them.
+SMOKE_HYPERPARAMETERS = {**{k: v for k, v in TINY_HP.items() if k != "num_workers"}, "max_steps": "4"}
 
 
 @pytest.fixture(scope="session")

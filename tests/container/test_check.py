@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from tiny import TINY_HP
 
 from local.check import (
     FAIL,
@@ -31,7 +32,7 @@ from local.check import (
 )
 
 # The hyperparameters docs/local.md gives for a quick check of our image.
-TINY = {"max_steps": "2", "batch_size": "2", "min_size": "128", "max_size": "128", "num_workers": "0"}
+TINY = {key: TINY_HP[key] for key in ("max_steps", "batch_size", "min_size", "max_size", "num_workers")}
 
 
 def _payload(dataset: Path) -> Path:

@@ -10,7 +10,8 @@ import tarfile
 import time
 
 import pytest
-from tinyjob import REPO, TINY_HP, tiny_spec
+from tiny import TINY_HP
+from tinyjob import REPO, tiny_spec
 
 from local import client
 from local.errors import JobFailed

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tinyjob import TINY_HP
+from tiny import TINY_HP
 
 from local import client
 from local.cli import main

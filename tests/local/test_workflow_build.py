@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tinyjob import REPO, TINY_HP
+from tiny import TINY_HP
+from tinyjob import REPO
 
 from local import runtime as rt
 from local.cli import main
