@@ -42,14 +42,17 @@ from local.transform import TransformSettings, resolve_parameters, transform_fil
 
 log = logging.getLogger(__name__)
 
-# The demo's training job: the training engineer's CPU preset for the synthetic set (tuned for 2 cores,
-# shared with bench/bench_convergence.py, so the demo trains what the benchmark measured). Its 10 epochs
-# take ~305 s of training on a 2-core VM without AMX (session 3's 12 epochs would have taken ~10 min in
-# all there). Override one value with `--hp KEY=VALUE`; change the preset in maskrcnn/config.py.
-DEMO_HYPERPARAMETERS: dict[str, str] = dict(SYNTHETIC_CPU_PRESET)
+# The demo's training job: the CPU preset for the synthetic set (tuned for 2 cores, shared with
+# bench/bench_convergence.py, so the demo trains what the benchmark measured), evaluating its validation
+# channel at the middle and the end only (the benchmark evaluates every epoch to draw its curve; each
+# evaluation is ~7 s on 2 cores). Override one value with `--hp KEY=VALUE`; the preset is in maskrcnn/config.py.
+DEMO_HYPERPARAMETERS: dict[str, str] = {**SYNTHETIC_CPU_PRESET, "eval_every": "5"}
 TRAIN_IMAGES = SYNTHETIC_CPU_TRAIN_IMAGES  # synthetic training images, all trained on (as in the benchmark)
 VALIDATION_IMAGES = 40  # the job's validation channel: its per-epoch metrics
-HELDOUT_IMAGES = 50  # separate synthetic images the model never sees, scored through the endpoint
+# Separate synthetic images the model never sees, scored through the endpoint. 200, not 50: on 50 images one
+# model's segm AP50 read 0.836 and on 300 images of the same generator 0.850 and 0.841; 200 keeps that
+# spread near +-0.01 for ~20 s more inference.
+HELDOUT_IMAGES = 200
 IMAGE_SIZE = SYNTHETIC_CPU_IMAGE_SIZE  # synthetic image side, pixels
 TRAIN_SEED, HELDOUT_SEED, VALIDATION_SEED = 0, 1, 2
 EVAL_SCORE_THRESHOLD = 0.05  # COCO AP needs the low-score tail; the server's default is the model's 0.5
