@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from maskrcnn.contract import EXIT_STOPPED
 
@@ -60,7 +61,18 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="debug logging; train: the job's own log in a terminal too"
     )
     verbs = parser.add_subparsers(dest="verb", required=True)
+    _add_train(verbs, environ)
+    _add_serve(verbs, environ)
+    _add_invoke(verbs)
+    _add_transform(verbs, environ)
+    _add_synth(verbs)
+    _add_demo(verbs, environ)
+    _add_check(verbs, environ)
+    _add_workflow(verbs)
+    return parser
 
+
+def _add_train(verbs: Any, environ: Mapping[str, str]) -> None:
     train = verbs.add_parser("train", help="run a training job; writes OUTPUT/model.tar.gz")
     train.add_argument("--data", type=Path, required=True, help="the training channel's folder")
     train.add_argument("--validation", type=Path, help="the validation channel's folder")
@@ -89,6 +101,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     _runtime_flags(train, environ)
     train.set_defaults(func=cmd_train)
 
+
+def _add_serve(verbs: Any, environ: Mapping[str, str]) -> None:
     serve = verbs.add_parser("serve", help="start an endpoint for a model until Ctrl-C")
     serve.add_argument("--model", type=Path, required=True, help="model.tar.gz or an unpacked model folder")
     serve.add_argument("--port", type=int, default=8080)
@@ -96,6 +110,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     _runtime_flags(serve, environ)
     serve.set_defaults(func=cmd_serve)
 
+
+def _add_invoke(verbs: Any) -> None:
     invoke = verbs.add_parser("invoke", help="POST files to an endpoint's /invocations")
     invoke.add_argument("url", help="the endpoint, e.g. http://127.0.0.1:8080")
     invoke.add_argument("files", type=Path, nargs="+")
@@ -105,6 +121,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     invoke.add_argument("--out", type=Path, help="write <name>.out files here (default: JSON to stdout)")
     invoke.set_defaults(func=cmd_invoke)
 
+
+def _add_transform(verbs: Any, environ: Mapping[str, str]) -> None:
     transform = verbs.add_parser("transform", help="batch transform: one <name>.out per input file")
     transform.add_argument("--model", type=Path, required=True, help="model.tar.gz or an unpacked model folder")
     transform.add_argument("--input", type=Path, required=True, help="folder of inputs (read recursively)")
@@ -119,6 +137,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     _runtime_flags(transform, environ)
     transform.set_defaults(func=cmd_transform)
 
+
+def _add_synth(verbs: Any) -> None:
     synth = verbs.add_parser("synth", help="write the synthetic COCO dataset")
     synth.add_argument("--out", type=Path, required=True)
     synth.add_argument("--images", type=int, default=200)
@@ -126,6 +146,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=256)
     synth.set_defaults(func=cmd_synth)
 
+
+def _add_demo(verbs: Any, environ: Mapping[str, str]) -> None:
     demo = verbs.add_parser("demo", help="the main job: data -> train -> endpoint -> held-out AP, overlays")
     demo.add_argument("--out", type=Path, default=Path("demo-output"))
     demo.add_argument("--train-images", type=int, help="override the demo's training set size")
@@ -141,6 +163,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     _runtime_flags(demo, environ)
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_check(verbs: Any, environ: Mapping[str, str]) -> None:
     check = verbs.add_parser("check", help="check an image against the SageMaker container contract")
     check.add_argument("--image", default=environ.get("IMAGE", rt.DEFAULT_IMAGE), help="the image tag to check")
     check.add_argument("--data", type=Path, required=True, help="a training channel the image can train on")
@@ -149,6 +173,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     check.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeat)")
     check.set_defaults(func=cmd_check)
 
+
+def _add_workflow(verbs: Any) -> None:
     workflow = verbs.add_parser("workflow", help="run the deployed state machine here: real training and endpoint")
     workflow.add_argument("--training-data", type=Path, required=True, help="the training channel's folder")
     workflow.add_argument("--validation-data", type=Path, help="the validation channel's folder")
@@ -162,7 +188,6 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     workflow.add_argument("--keep-endpoint", action="store_true", help="serve the endpoint until Ctrl-C")
     workflow.add_argument("--output", type=Path, required=True, help="new or empty folder: history, jobs, models")
     workflow.set_defaults(func=cmd_workflow)
-    return parser
 
 
 def _runtime(args: argparse.Namespace, environ: Mapping[str, str]) -> rt.Runtime:

@@ -27,6 +27,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from local.endpoint import Endpoint
 from local.layout import JobSpec, default_job_name
 from local.progress import Progress
 from local.runtime import Runtime
-from local.training import run_training
+from local.training import TrainResult, run_training
 from local.transform import TransformSettings, resolve_parameters, transform_files
 
 log = logging.getLogger(__name__)
@@ -138,10 +139,6 @@ def run_demo(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run the whole demo into ``out``; returns the summary (also written as summary.json / .md)."""
-    from maskrcnn.data import load_index
-    from maskrcnn.engine import coco_scores
-    from maskrcnn.synthetic import write_coco_dataset
-
     progress = progress or Progress()
     started = time.monotonic()
     out = out.resolve()
@@ -150,15 +147,7 @@ def run_demo(
         shutil.rmtree(out / owned, ignore_errors=True)
     hyperparameters = {**DEMO_HYPERPARAMETERS, **(hp_overrides or {})}
 
-    log.info(
-        "demo: writing %d training and %d held-out synthetic images",
-        train_images or TRAIN_IMAGES,
-        heldout_images or HELDOUT_IMAGES,
-    )
-    write_coco_dataset(out / "data" / "train", train_images or TRAIN_IMAGES, TRAIN_SEED, IMAGE_SIZE)
-    write_coco_dataset(out / "data" / "heldout", heldout_images or HELDOUT_IMAGES, HELDOUT_SEED, IMAGE_SIZE)
-    write_coco_dataset(out / "data" / "validation", VALIDATION_IMAGES, VALIDATION_SEED, IMAGE_SIZE)
-
+    write_datasets(out / "data", train_images or TRAIN_IMAGES, heldout_images or HELDOUT_IMAGES)
     spec = JobSpec(
         name=default_job_name("maskrcnn-demo"),
         channels={"training": out / "data" / "train", "validation": out / "data" / "validation"},
@@ -166,23 +155,58 @@ def run_demo(
     )
     trained = run_training(spec, out / "job", runtime, progress, overwrite=True)
     assert trained.model_archive is not None
+    served = serve_heldout(out, runtime, trained.model_archive, progress)
+    summary = summarize(out, runtime, hyperparameters, trained, served, time.monotonic() - started)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.md").write_text(markdown(summary))
+    log.info(
+        "demo: held-out segm AP50 %.3f (target %.2f) in %.0f s; summary in %s",
+        summary["heldout"]["segm_AP50"],
+        TARGET_SEGM_AP50,
+        summary["total_seconds"],
+        out / "summary.md",
+    )
+    return summary
+
+
+def write_datasets(data: Path, train_images: int, heldout_images: int) -> None:
+    """The three synthetic sets, each from its own seed: no image is shared."""
+    from maskrcnn.synthetic import write_coco_dataset
+
+    log.info("demo: writing %d training and %d held-out synthetic images", train_images, heldout_images)
+    write_coco_dataset(data / "train", train_images, TRAIN_SEED, IMAGE_SIZE)
+    write_coco_dataset(data / "heldout", heldout_images, HELDOUT_SEED, IMAGE_SIZE)
+    write_coco_dataset(data / "validation", VALIDATION_IMAGES, VALIDATION_SEED, IMAGE_SIZE)
+
+
+@dataclass
+class Served:
+    """What the endpoint answered for the held-out set, scored."""
+
+    images: int
+    results: list[dict[str, Any]]  # COCO result entries from the JSON answers
+    scores: dict[str, float]
+    seconds: float  # the JSON requests only
+    failures: list[Any]
+    parameters: dict[str, Any]  # the endpoint's execution parameters
+
+
+def serve_heldout(out: Path, runtime: Runtime, model_archive: Path, progress: Progress) -> Served:
+    """Serve the model, send every held-out image (JSON, then image/png for the first OVERLAYS), score the answers."""
+    from maskrcnn.data import load_index
+    from maskrcnn.engine import coco_scores
 
     heldout = load_index(out / "data" / "heldout")
-    by_file = {Path(image["path"]).name: image for image in heldout.images}
     sources = [Path(image["path"]) for image in heldout.images]
     predictions, overlays = out / "predictions", out / "overlays"
-    with Endpoint(runtime, trained.model_archive, port=0) as endpoint:
+    with Endpoint(runtime, model_archive, port=0) as endpoint:
         parameters = resolve_parameters(TransformSettings(), client.execution_parameters(endpoint.url))
         scored = TransformSettings(attributes=f"score_threshold={EVAL_SCORE_THRESHOLD}")
         inference_started = time.monotonic()
         answers = transform_files(
-            endpoint.url,
-            [(s, predictions / client.output_name(s)) for s in sources],
-            scored,
-            parameters,
-            progress,
+            endpoint.url, [(s, predictions / client.output_name(s)) for s in sources], scored, parameters, progress
         )
-        inference_seconds = time.monotonic() - inference_started
+        seconds = time.monotonic() - inference_started
         drawn = transform_files(
             endpoint.url,
             [(s, overlays / s.name) for s in sources[:OVERLAYS]],
@@ -194,13 +218,26 @@ def run_demo(
     if failures:
         log.warning("demo: %d request(s) failed, first: %s", len(failures), failures[0])
 
+    by_file = {Path(image["path"]).name: image for image in heldout.images}
     results: list[dict[str, Any]] = []
     for answer_file in sorted(predictions.glob("*.out")):
         image = by_file[answer_file.name.removesuffix(".out")]
         results += detections_to_coco(image["id"], json.loads(answer_file.read_text()))
     scores = coco_scores(heldout.to_coco(), results)
-    sheet = contact_sheet(sorted(overlays.glob("*.png")), out / "contact_sheet.png")
+    return Served(len(sources), results, scores, seconds, failures, parameters)
 
+
+def summarize(
+    out: Path,
+    runtime: Runtime,
+    hyperparameters: dict[str, str],
+    trained: TrainResult,
+    served: Served,
+    seconds: float,
+) -> dict[str, Any]:
+    """summary.json's content (the contact sheet is drawn here too)."""
+    overlays = sorted((out / "overlays").glob("*.png"))
+    sheet = contact_sheet(overlays, out / "contact_sheet.png")
     summary: dict[str, Any] = {
         "folder": str(out),
         "mode": runtime.mode,
@@ -212,30 +249,21 @@ def run_demo(
             "validation": trained.final_metrics,
         },
         "heldout": {
-            "images": len(sources),
-            "detections": len(results),
+            "images": served.images,
+            "detections": len(served.results),
             "score_threshold": EVAL_SCORE_THRESHOLD,
-            **{k: round(v, 4) for k, v in scores.items()},
+            **{k: round(v, 4) for k, v in served.scores.items()},
         },
         "inference": {
-            "seconds": round(inference_seconds, 2),
-            "images_per_sec": round(len(sources) / max(inference_seconds, 1e-9), 2),
-            "failed_requests": len(failures),
-            "execution_parameters": parameters,
+            "seconds": round(served.seconds, 2),
+            "images_per_sec": round(served.images / max(served.seconds, 1e-9), 2),
+            "failed_requests": len(served.failures),
+            "execution_parameters": served.parameters,
         },
-        "overlays": [str(p) for p in sorted(overlays.glob("*.png"))],
+        "overlays": [str(p) for p in overlays],
         "contact_sheet": str(sheet) if sheet else None,
-        "total_seconds": round(time.monotonic() - started, 1),
+        "total_seconds": round(seconds, 1),
         "target": {"segm_AP50": TARGET_SEGM_AP50, "seconds_on_2_cores": TARGET_SECONDS},
     }
-    summary["passed"] = scores["segm_AP50"] >= TARGET_SEGM_AP50 and not failures
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(markdown(summary))
-    log.info(
-        "demo: held-out segm AP50 %.3f (target %.2f) in %.0f s; summary in %s",
-        scores["segm_AP50"],
-        TARGET_SEGM_AP50,
-        summary["total_seconds"],
-        out / "summary.md",
-    )
+    summary["passed"] = served.scores["segm_AP50"] >= TARGET_SEGM_AP50 and not served.failures
     return summary

@@ -137,98 +137,133 @@ def run_training(
     progress = progress or Progress()
     started = time.monotonic()
     trees = write_job(output, spec, overwrite)
-    hosts = list(trees)
+    group = _Hosts(spec.name, list(trees), runtime)
     env = {**spec.environment, "TRAINING_JOB_NAME": spec.name}
-    if len(hosts) > 1:
+    if len(group.hosts) > 1:
         env.update(MASKRCNN_MASTER_ADDR="127.0.0.1", MASKRCNN_MASTER_PORT=str(free_port()))
-    log.info("training job %s: %d host(s), %s mode, tree %s", spec.name, len(hosts), runtime.mode, output)
+    log.info("training job %s: %d host(s), %s mode, tree %s", spec.name, len(group.hosts), runtime.mode, output)
 
     reader = MetricsReader(progress)
     log_path = output / LOG_FILE
-    job_log = log_path.open("w", encoding="utf-8")
-    lines: queue.Queue = queue.Queue()
-    processes: dict[str, subprocess.Popen] = {}
-    containers = {host: f"{spec.name}-{host}" for host in hosts}
-    codes: dict[str, int] = {}
-    stopping_since: float | None = None
     progress.start(None, "step", f"train {spec.name}")
+    stop = _AnyEvent(stop_request)
     try:
-        with stop_on_signals() as signalled:
+        with log_path.open("w", encoding="utf-8") as job_log, stop_on_signals() as signalled:
             stop = _AnyEvent(signalled, stop_request)
-            for host in hosts:
-                argv, proc_env = runtime.train_command(trees[host].base, env, containers[host])
-                # A session of its own: Ctrl-C reaches the harness only, which stops hosts in order.
-                processes[host] = subprocess.Popen(
-                    argv,
-                    env=proc_env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                    bufsize=1,
-                    errors="replace",
-                    start_new_session=True,
-                )
-                threading.Thread(target=_pump, args=(host, processes[host].stdout, lines), daemon=True).start()
-            open_streams = len(hosts)
-            while open_streams or len(codes) < len(hosts):
-                try:
-                    host, line = lines.get(timeout=0.2)
-                except queue.Empty:
-                    host, line = "", ""
-                if line is None:
-                    open_streams -= 1
-                elif host:
-                    shown = f"{host} | {line}" if len(hosts) > 1 else line
-                    job_log.write(shown + "\n")
-                    progress.line(shown)
-                    if host == hosts[0]:
-                        reader.feed(line)
-                for name, process in processes.items():
-                    if name not in codes and process.poll() is not None:
-                        codes[name] = process.returncode
-                failed = any(code != 0 for code in codes.values())
-                if (stop.is_set() or failed) and stopping_since is None:
-                    stopping_since = time.monotonic()
-                    if len(codes) < len(hosts):
-                        why = "stop requested" if stop.is_set() else "a host failed"
-                        log.warning("%s: sending SIGTERM to the running hosts", why)
-                        _signal_all(processes, codes, signal.SIGTERM)
-                if stopping_since is not None and time.monotonic() - stopping_since > stop_timeout_s:
-                    _signal_all(processes, codes, signal.SIGKILL)
-                    stopping_since = float("inf")  # kill once
+            group.start(trees, env)
+            _follow(group, job_log, progress, reader, stop, stop_timeout_s)
     finally:
         progress.close()
-        job_log.close()
-        for host, process in processes.items():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            if process.returncode:
-                runtime.remove_container(containers[host])  # --rm does not run when the CLI was killed
+        group.clean_up()
 
     result = TrainResult(
         job_name=spec.name,
         mode=runtime.mode,
-        hosts=hosts,
-        exit_code=_job_code(codes, hosts),
+        hosts=group.hosts,
+        exit_code=_job_code(group.codes, group.hosts),
         seconds=round(time.monotonic() - started, 2),
         final_metrics=reader.final,
         history=reader.history,
         log_file=log_path,
     )
-    board = trees[hosts[0]].tensorboard_dir
-    if board.is_dir() and any(board.iterdir()):
-        result.tensorboard_dir = board
-    if result.exit_code == 0:
-        result.model_archive = pack_dir(trees[hosts[0]].model_dir, output / MODEL_ARCHIVE)
-        if any(trees[hosts[0]].output_data_dir.iterdir()):
-            result.output_archive = pack_dir(trees[hosts[0]].output_data_dir, output / OUTPUT_ARCHIVE)
-    else:
-        result.failure_reason = _failure(trees, hosts, codes, stop.is_set())
+    _collect_outputs(result, trees, output, group.codes, stop.is_set())
     (output / JOB_FILE).write_text(result.to_json())
     if result.exit_code != 0:
         raise JobFailed(result.failure_reason or "training failed", result.exit_code)
     return result
+
+
+class _Hosts:
+    """The job's host processes (one per emulated host), their exit codes and their merged output lines."""
+
+    def __init__(self, job_name: str, hosts: list[str], runtime: Runtime):
+        self.hosts = hosts
+        self.runtime = runtime
+        self.containers = {host: f"{job_name}-{host}" for host in hosts}
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.codes: dict[str, int] = {}
+        self.lines: queue.Queue = queue.Queue()  # (host, line), (host, None) when its stream ends
+
+    def start(self, trees: dict, env: dict[str, str]) -> None:
+        for host in self.hosts:
+            argv, proc_env = self.runtime.train_command(trees[host].base, env, self.containers[host])
+            # A session of its own: Ctrl-C reaches the harness only, which stops hosts in order.
+            self.processes[host] = subprocess.Popen(
+                argv,
+                env=proc_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                errors="replace",
+                start_new_session=True,
+            )
+            threading.Thread(target=_pump, args=(host, self.processes[host].stdout, self.lines), daemon=True).start()
+
+    def poll(self) -> None:
+        for name, process in self.processes.items():
+            if name not in self.codes and process.poll() is not None:
+                self.codes[name] = process.returncode
+
+    def signal(self, sig: int) -> None:
+        _signal_all(self.processes, self.codes, sig)
+
+    def clean_up(self) -> None:
+        """Kill what still runs; remove the containers of hosts that failed."""
+        for host, process in self.processes.items():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            if process.returncode:
+                self.runtime.remove_container(self.containers[host])  # --rm does not run when the CLI was killed
+
+
+def _follow(
+    group: _Hosts, job_log: IO[str], progress: Progress, reader: MetricsReader, stop: _AnyEvent, stop_timeout_s: float
+) -> None:
+    """Every line to the job's log and the progress display until every host has exited; on a stop request or a
+    failed host, SIGTERM to the others, then SIGKILL after ``stop_timeout_s``."""
+    hosts = group.hosts
+    stopping_since: float | None = None
+    open_streams = len(hosts)
+    while open_streams or len(group.codes) < len(hosts):
+        try:
+            host, line = group.lines.get(timeout=0.2)
+        except queue.Empty:
+            host, line = "", ""
+        if line is None:
+            open_streams -= 1
+        elif host:
+            shown = f"{host} | {line}" if len(hosts) > 1 else line
+            job_log.write(shown + "\n")
+            progress.line(shown)
+            if host == hosts[0]:
+                reader.feed(line)
+        group.poll()
+        failed = any(code != 0 for code in group.codes.values())
+        if (stop.is_set() or failed) and stopping_since is None:
+            stopping_since = time.monotonic()
+            if len(group.codes) < len(hosts):
+                why = "stop requested" if stop.is_set() else "a host failed"
+                log.warning("%s: sending SIGTERM to the running hosts", why)
+                group.signal(signal.SIGTERM)
+        if stopping_since is not None and time.monotonic() - stopping_since > stop_timeout_s:
+            group.signal(signal.SIGKILL)
+            stopping_since = float("inf")  # kill once
+
+
+def _collect_outputs(result: TrainResult, trees: dict, output: Path, codes: dict[str, int], stopped: bool) -> None:
+    """What SageMaker keeps of a job: the archives of the first host's model and output data, or the failure."""
+    first = trees[result.hosts[0]]
+    board = first.tensorboard_dir
+    if board.is_dir() and any(board.iterdir()):
+        result.tensorboard_dir = board
+    if result.exit_code == 0:
+        result.model_archive = pack_dir(first.model_dir, output / MODEL_ARCHIVE)
+        if any(first.output_data_dir.iterdir()):
+            result.output_archive = pack_dir(first.output_data_dir, output / OUTPUT_ARCHIVE)
+    else:
+        result.failure_reason = _failure(trees, result.hosts, codes, stopped)
 
 
 class _AnyEvent:
