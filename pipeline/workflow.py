@@ -40,7 +40,7 @@ AWS_SDK = "arn:aws:states:::aws-sdk"
 BUILD_FAILURE_STATUSES = ("FAILED", "FAULT", "STOPPED", "TIMED_OUT")
 SERVING_PORT_ENV = {"SAGEMAKER_MODEL_SERVER_TIMEOUT": "60"}
 
-# The seed article's policy for the build Lambda, kept as it was.
+# The build Lambda only starts a CodeBuild build: a failure is an API throttle or a cold start, over in seconds.
 BUILD_RETRY: State = {
     "ErrorEquals": ["States.TaskFailed"],
     "IntervalSeconds": 15,

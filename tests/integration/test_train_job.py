@@ -104,7 +104,8 @@ def test_bad_input_fails_with_a_reason_and_nonzero_exit(make_job, tmp_path: Path
 
 
 def test_a_bad_annotation_fails_the_job_before_any_training_step(make_job, tmp_path: Path) -> None:
-    """A 2-point polygon used to pass the checks and kill a data-loader worker 25 s in, naming nothing."""
+    """A 2-point polygon is refused before the first step, naming file, annotation and problem (inside a data-loader
+    worker it would fail 25 s in, naming nothing)."""
     data = tmp_path / "bad"
     data.mkdir()
     for name in ("a.png", "b.png"):

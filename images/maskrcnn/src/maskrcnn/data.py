@@ -11,7 +11,7 @@ Formats, detected by :func:`detect_format` (or forced by the ``dataset_format`` 
   beside it or under ``images/``; polygons, RLE and uncompressed RLE; ``iscrowd`` regions are kept
   for evaluation and left out of training targets.
 * ``pennfudan``: ``PNGImages/*.png`` and ``PedMasks/*_mask.png``, one grey level per instance and 0
-  for background (the seed article's data). One class, ``pedestrian``.
+  for background (the Penn-Fudan pedestrian database's layout). One class, ``pedestrian``.
 
 Validation happens once, in :func:`load_index`, before any training step: every image header is read
 (PIL's lazy open: size only, no pixels) and every annotation is checked, so a bad record fails the job

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 # (min_size, max_size) used when the hyperparameters leave them at 0
 CANONICAL_SCALE = 64  # lite: box side pooled from the deepest level (torchvision's default: 224)
-MASK_CANONICAL_SCALE = 128  # lite's masks: the same rule one level finer (docs/benchmarks.md, session 4)
+MASK_CANONICAL_SCALE = 128  # lite's masks: the same rule one level finer (docs/benchmarks.md)
 DEFAULT_SIZES = {"lite": (256, 512), "resnet50_fpn": (800, 1333), "resnet50_fpn_v2": (800, 1333)}
 
 

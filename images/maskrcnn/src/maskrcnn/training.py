@@ -194,8 +194,8 @@ def autocast_dtype(
     bfloat16 has float32's exponent range, so it needs no GradScaler (torchvision's reference and torch's
     AMP recipe use the scaler for float16 only); the caller makes one only for float16.
 
-    Measured on two VMs of the same class: on session 2's, bfloat16 made a lite step 1.4x faster (284 against
-    409 ms); on session 4's, which exposes AVX512-BF16 but no AMX tiles, 1.4x slower (396 against 283 ms: the
+    Measured on two Xeon VMs of the same class: with AMX tiles, bfloat16 made a lite step 1.4x faster (284
+    against 409 ms); on one exposing AVX512-BF16 but no AMX tiles, 1.4x slower (396 against 283 ms: the
     casts around every op cost more than the narrower dot products save). AMX is what tells them apart from
     inside; without AVX512-BF16 either, the CPU would emulate bfloat16. docs/benchmarks.md has both.
     """
