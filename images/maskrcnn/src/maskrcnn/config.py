@@ -32,7 +32,8 @@ SCHEDULES = ("cosine", "multistep", "constant")
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    """Every training knob, with its default. The README's table lists them (tests/unit/test_readme.py holds it to every name and default here)."""
+    """Every training knob, with its default. The README's table lists them; tests/unit/test_readme.py holds
+    it to every name and default here."""
 
     arch: str = "lite"  # lite (CPU-sized), resnet50_fpn or resnet50_fpn_v2
     epochs: int = 12  # passes over the training set
