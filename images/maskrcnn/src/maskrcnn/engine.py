@@ -105,32 +105,8 @@ def train_one_epoch(
         with autocast:
             losses = model(images, targets)
             loss = sum(losses.values())
-        loss_value = float(loss.detach())
-        finite = math.isfinite(loss_value)
-        if any_rank is not None and any_rank(not finite) and finite:
-            raise NonFiniteLossError(
-                f"loss became non-finite on another rank at epoch {state.epoch} step {state.global_step}; "
-                f"see that rank's log; lower lr (now {scheduler.get_last_lr()[0]:.4g}) or keep clip_grad_norm > 0"
-            )
-        if not finite:
-            parts = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
-            raise NonFiniteLossError(
-                f"loss became {loss_value} at epoch {state.epoch} step {state.global_step} ({parts}); "
-                f"lower lr (now {scheduler.get_last_lr()[0]:.4g}) or keep clip_grad_norm > 0"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if clip_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if clip_grad_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            optimizer.step()
+        loss_value = check_finite(loss, losses, state, scheduler, any_rank)
+        update(model, optimizer, loss, scaler, clip_grad_norm)
         scheduler.step()
         state.step_in_epoch += 1
         state.global_step += 1
@@ -153,6 +129,53 @@ def train_one_epoch(
         if after_step is not None and not after_step(state):
             return False
     return True
+
+
+def check_finite(
+    loss: torch.Tensor,
+    losses: dict[str, torch.Tensor],
+    state: LoopState,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    any_rank: Callable[[bool], bool] | None,
+) -> float:
+    """The loss as a float; raises NonFiniteLossError when it (or, with ``any_rank``, another rank's) is not finite."""
+    loss_value = float(loss.detach())
+    finite = math.isfinite(loss_value)
+    if any_rank is not None and any_rank(not finite) and finite:
+        raise NonFiniteLossError(
+            f"loss became non-finite on another rank at epoch {state.epoch} step {state.global_step}; "
+            f"see that rank's log; lower lr (now {scheduler.get_last_lr()[0]:.4g}) or keep clip_grad_norm > 0"
+        )
+    if not finite:
+        parts = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+        raise NonFiniteLossError(
+            f"loss became {loss_value} at epoch {state.epoch} step {state.global_step} ({parts}); "
+            f"lower lr (now {scheduler.get_last_lr()[0]:.4g}) or keep clip_grad_norm > 0"
+        )
+    return loss_value
+
+
+def update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    scaler: torch.amp.GradScaler | None,
+    clip_grad_norm: float,
+) -> None:
+    """One optimizer step from ``loss``: backward (scaled for float16), gradient clipping, step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if clip_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if clip_grad_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        optimizer.step()
 
 
 def _log_train(state: LoopState, running: dict[str, float], timer: StepTimer, scheduler, steps: int) -> None:

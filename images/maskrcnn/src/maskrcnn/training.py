@@ -299,194 +299,249 @@ def worker(local_rank: int, config: TrainConfig, nprocs: int, stop: StopSignal, 
 def _train(
     config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, state: LoopState, job_started: float
 ) -> int:
-    """The job on one rank; ``state`` is advanced in place, so a failure can say where it happened."""
-    hp = config.hp
-    torch.manual_seed(hp.seed)
-    if ctx.device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        # Deterministic mode also fills every new tensor with NaN, to expose reads of uninitialised memory;
-        # nothing here reads memory it has not written, and the fill costs ~4 % of a lite training step.
-        torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
-    train_index, val_index = load_data(config)
-    log.info(
-        "data: %d training and %d validation images, classes %s (%s format)",
-        len(train_index.images), len(val_index.images), train_index.class_names, train_index.source,
-    )
-    distributed.check_same_classes(train_index.class_names, ctx, config)
-    weights = pretrained_file(config)
-    model = build_model(
-        hp.arch, train_index.num_classes, hp.min_size, hp.max_size,
-        pretrained=weights, trainable_backbone_layers=hp.trainable_backbone_layers,
-        max_detections=hp.max_detections,
-    ).to(ctx.device)
-    # Decode each training image once, not every epoch (4 % of a lite step on 2 cores), where it fits and the
-    # samples are read in this process: a loader worker's copy would die with the worker at each epoch's end.
-    decoded = train_index.decoded_bytes()
-    workers = loader_workers(config, ctx)
-    cache = workers == 0 and decoded <= DECODED_CACHE_LIMIT
-    if cache:
-        log.info("keeping the decoded training images in memory (%.0f MB)", decoded / 2**20)
-    train_set = InstanceDataset(train_index, train_transforms(hp.hflip, hp.photometric), seed=hp.seed, cache=cache)
-    sampler = training_sampler(train_set, config, ctx)
-    # Batches of similar aspect ratios (torchvision's reference does the same): less padding, less GPU work.
-    order = GroupedOrder(sampler, aspect_ratio_groups(train_index, hp.aspect_ratio_group_factor), hp.batch_size)
-    # Hosts of a sharded channel hold different amounts of data, but every rank must run the same
-    # collectives: all train the smallest rank's number of steps an epoch (a new shuffle each epoch).
-    own_steps = math.ceil(len(sampler) / hp.batch_size)
-    steps_per_epoch = distributed.agreed_min(own_steps, ctx)
-    if steps_per_epoch < own_steps:
-        log.info("this rank holds %d steps of data an epoch; every rank trains %d (the smallest rank's)",
-                 own_steps, steps_per_epoch)
-    total_steps = hp.epochs * steps_per_epoch
-    if hp.max_steps:
-        total_steps = min(total_steps, hp.max_steps)
-    log.info("plan: %d steps (%d epochs of %d steps)", total_steps, hp.epochs, steps_per_epoch)
-    optimizer = make_optimizer(model, hp)
-    scheduler = make_scheduler(optimizer, hp, steps_per_epoch, lambda: state.last_step)
-    state.last_step = total_steps
-    amp_dtype = autocast_dtype(ctx.device) if hp.amp else None
-    scaler = grad_scaler(amp_dtype)
-    log.info("mixed precision: %s", amp_dtype or "off")
-    fingerprint = {"arch": hp.arch, "format": FORMAT_VERSION, "classes": train_index.class_names,
-                   "seed": hp.seed, "batch_size": hp.batch_size, "world_size": ctx.world_size}
+    """The job on one rank; ``state`` is advanced in place, so a failure can say where it happened.
 
-    payload = checkpoint.load(config.paths.checkpoints_dir) if ctx.is_main else None
-    if ctx.distributed:
-        box = [payload]
-        torch.distributed.broadcast_object_list(box, src=0)
-        payload = box[0]
-    if payload is not None:
-        if payload["fingerprint"] != fingerprint:
+    Every rank runs the same collectives in the same order: set-up (the agreed step count), resume (the
+    checkpoint broadcast), the loop (stop flags, budget plans, checkpoints' random states), the outputs.
+    """
+    job = _Job(config, ctx, stop, state, job_started)
+    job.resume()
+    job.prepare_loop()
+    scores = job.train()
+    if scores is None:
+        return stopped(state)
+    job.finish(scores)
+    return 0
+
+
+class _Job:
+    """One rank's job, built in set-up order by ``__init__``; then resume, prepare_loop, train, finish."""
+
+    def __init__(
+        self, config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, state: LoopState, job_started: float
+    ):
+        self.config, self.hp, self.ctx, self.stop, self.state = config, config.hp, ctx, stop, state
+        self.job_started = job_started
+        hp = self.hp
+        torch.manual_seed(hp.seed)
+        if ctx.device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            # Deterministic mode also fills every new tensor with NaN, to expose reads of uninitialised memory;
+            # nothing here reads memory it has not written, and the fill costs ~4 % of a lite training step.
+            torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+        self.train_index, self.val_index = load_data(config)
+        log.info(
+            "data: %d training and %d validation images, classes %s (%s format)",
+            len(self.train_index.images), len(self.val_index.images), self.train_index.class_names,
+            self.train_index.source,
+        )
+        distributed.check_same_classes(self.train_index.class_names, ctx, config)
+        self.model = build_model(
+            hp.arch, self.train_index.num_classes, hp.min_size, hp.max_size,
+            pretrained=pretrained_file(config), trainable_backbone_layers=hp.trainable_backbone_layers,
+            max_detections=hp.max_detections,
+        ).to(ctx.device)
+        self.train_model: torch.nn.Module = self.model
+        self._training_data()
+        self._plan()
+        self.optimizer = make_optimizer(self.model, hp)
+        self.scheduler = make_scheduler(self.optimizer, hp, self.steps_per_epoch, lambda: state.last_step)
+        state.last_step = self.total_steps
+        self.amp_dtype = autocast_dtype(ctx.device) if hp.amp else None
+        self.scaler = grad_scaler(self.amp_dtype)
+        log.info("mixed precision: %s", self.amp_dtype or "off")
+        self.fingerprint = {"arch": hp.arch, "format": FORMAT_VERSION, "classes": self.train_index.class_names,
+                            "seed": hp.seed, "batch_size": hp.batch_size, "world_size": ctx.world_size}
+        self.budget: BudgetPlanner | None = None
+        self.summaries = Summaries(None)
+        self.written = 0  # history entries already in the TensorBoard files
+        self.started = time.perf_counter()
+
+    def _training_data(self) -> None:
+        hp, index = self.hp, self.train_index
+        # Decode each training image once, not every epoch (4 % of a lite step on 2 cores), where it fits and the
+        # samples are read in this process: a loader worker's copy would die with the worker at each epoch's end.
+        decoded = index.decoded_bytes()
+        self.workers = loader_workers(self.config, self.ctx)
+        cache = self.workers == 0 and decoded <= DECODED_CACHE_LIMIT
+        if cache:
+            log.info("keeping the decoded training images in memory (%.0f MB)", decoded / 2**20)
+        self.train_set = InstanceDataset(index, train_transforms(hp.hflip, hp.photometric), seed=hp.seed, cache=cache)
+        self.sampler = training_sampler(self.train_set, self.config, self.ctx)
+        # Batches of similar aspect ratios (torchvision's reference does the same): less padding, less GPU work.
+        self.order = GroupedOrder(self.sampler, aspect_ratio_groups(index, hp.aspect_ratio_group_factor), hp.batch_size)
+
+    def _plan(self) -> None:
+        """Steps per epoch and in all. Hosts of a sharded channel hold different amounts of data, but every rank
+        must run the same collectives: all train the smallest rank's number of steps an epoch."""
+        hp = self.hp
+        own_steps = math.ceil(len(self.sampler) / hp.batch_size)
+        self.steps_per_epoch = distributed.agreed_min(own_steps, self.ctx)
+        if self.steps_per_epoch < own_steps:
+            log.info("this rank holds %d steps of data an epoch; every rank trains %d (the smallest rank's)",
+                     own_steps, self.steps_per_epoch)
+        self.total_steps = hp.epochs * self.steps_per_epoch
+        if hp.max_steps:
+            self.total_steps = min(self.total_steps, hp.max_steps)
+        log.info("plan: %d steps (%d epochs of %d steps)", self.total_steps, hp.epochs, self.steps_per_epoch)
+
+    def resume(self) -> None:
+        """Continue from ``checkpoints/last.pt`` when there is one (read by rank 0, sent to every rank)."""
+        ctx, directory = self.ctx, self.config.paths.checkpoints_dir
+        payload = checkpoint.load(directory) if ctx.is_main else None
+        if ctx.distributed:
+            box = [payload]
+            torch.distributed.broadcast_object_list(box, src=0)
+            payload = box[0]
+        if payload is None:
+            return
+        if payload["fingerprint"] != self.fingerprint:
             raise ConfigError(
-                f"the checkpoint in {config.paths.checkpoints_dir} was made by a different job "
-                f"({payload['fingerprint']}); remove it or restore that job's settings ({fingerprint})"
+                f"the checkpoint in {directory} was made by a different job "
+                f"({payload['fingerprint']}); remove it or restore that job's settings ({self.fingerprint})"
             )
-        restored = checkpoint.restore(payload, model, optimizer, scheduler, scaler, rank=ctx.rank)
-        vars(state).update(vars(restored), last_step=total_steps)
-        log.info("resuming from checkpoint: epoch %d, step %d", state.epoch, state.global_step)
+        restored = checkpoint.restore(payload, self.model, self.optimizer, self.scheduler, self.scaler, rank=ctx.rank)
+        vars(self.state).update(vars(restored), last_step=self.total_steps)
+        log.info("resuming from checkpoint: epoch %d, step %d", self.state.epoch, self.state.global_step)
 
-    train_model = model
-    if ctx.distributed:
-        train_model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    def prepare_loop(self) -> None:
+        """DDP, the time budget (planned from the step training starts at), TensorBoard, validation."""
+        hp, ctx = self.hp, self.ctx
+        if ctx.distributed:
+            device_ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        if hp.max_runtime:
+            self.budget = BudgetPlanner(
+                hp.max_runtime, self.job_started, self.total_steps, self.steps_per_epoch, (hp.eval_every, hp.epochs),
+                len(self.val_index.images), hp.batch_size * ctx.world_size, first_step=self.state.global_step,
+            )
+        self.summaries = Summaries(self.config.paths.tensorboard_dir if ctx.is_main else None)
+        self.written = len(self.state.history)  # a resumed job's earlier entries are in its first run's files
+        self.val_loader, self.shared_eval = validation_loader(self.val_index, self.config, ctx)
+        self.ground_truth = self.val_index.to_coco()
+        self.overlay_set = InstanceDataset(self.val_index, eval_transforms())
+        self.started = time.perf_counter()
 
-    def save_checkpoint() -> None:
-        # Every rank's random state (each draws its own augmentations and dropout), written by rank 0.
-        rng = distributed.gather_to_main([checkpoint.rng_state()], ctx)
-        if ctx.is_main:
-            checkpoint.save(config.paths.checkpoints_dir, model, optimizer, scheduler, scaler, state, fingerprint,
-                            rng=rng)
+    def train(self) -> dict[str, float] | None:
+        """Epochs until the plan's last step; the final scores, or None when stopped (checkpoint written)."""
+        hp, ctx, state = self.hp, self.ctx, self.state
+        scores: dict[str, float] = {}
+        evaluated = False
+        reached_limit = state.global_step >= state.last_step
+        while state.epoch < hp.epochs and not reached_limit:
+            finished = self._train_epoch()
+            reached_limit = state.global_step >= state.last_step
+            if finished:
+                state.epoch += 1
+                state.step_in_epoch = 0
+            # The step's checkpoint comes first: a stop, a failed evaluation or a full disk later loses no training.
+            self.save_checkpoint()
+            if distributed.any_rank(self.stop(), ctx):
+                return None
+            last = state.epoch >= hp.epochs or bool(reached_limit)
+            if last or state.epoch % hp.eval_every == 0:
+                scores, evaluated = self.evaluate(), last
+                if distributed.any_rank(self.stop(), ctx):  # also every rank's wait for the evaluation to end
+                    return None
+                self.report_evaluation(scores)
+        if not evaluated:  # resumed from a finished checkpoint: score the restored weights
+            scores = self.evaluate()
+            if distributed.any_rank(self.stop(), ctx):
+                return None
+            self.report_evaluation(scores, record=False)  # the history has this evaluation from the first run
+        return scores
 
-    budget = None
-    if hp.max_runtime:
-        budget = BudgetPlanner(
-            hp.max_runtime, job_started, total_steps, steps_per_epoch, (hp.eval_every, hp.epochs),
-            len(val_index.images), hp.batch_size * ctx.world_size, first_step=state.global_step,
+    def _train_epoch(self) -> bool:
+        """The rest of the current epoch; True when it ran to the epoch's end."""
+        hp, ctx, state = self.hp, self.ctx, self.state
+        self.train_set.set_epoch(state.epoch)
+        self.sampler.set_epoch(state.epoch)
+        remaining = SkipSampler(self.order, state.step_in_epoch * hp.batch_size)
+        loader = DataLoader(
+            self.train_set, batch_size=hp.batch_size, sampler=remaining,
+            collate_fn=collate, num_workers=self.workers, pin_memory=ctx.device.type == "cuda",
+            generator=torch.Generator().manual_seed(hp.seed + state.epoch), worker_init_fn=ignore_stop_signals,
+        )
+        return train_one_epoch(
+            self.train_model, self.optimizer, self.scheduler, loader, ctx.device, state,
+            scaler=self.scaler, amp_dtype=self.amp_dtype, clip_grad_norm=hp.clip_grad_norm, max_steps=hp.max_steps,
+            log_every=hp.log_every, world_size=ctx.world_size, after_step=self.after_step,
+            epoch_steps=self.steps_per_epoch,
+            any_rank=(lambda flag: distributed.any_rank(flag, ctx)) if ctx.distributed else None,
         )
 
-    def keep_to_budget(current: LoopState) -> bool:
+    def after_step(self, current: LoopState) -> bool:
+        """Between steps: TensorBoard, a stop request, the periodic checkpoint, the budget. False ends the epoch."""
+        self.report()
+        if distributed.any_rank(self.stop(), self.ctx):
+            return False
+        if self.hp.checkpoint_every and current.global_step % self.hp.checkpoint_every == 0:
+            self.save_checkpoint()
+        return self.budget is None or self.keep_to_budget(current)
+
+    def keep_to_budget(self, current: LoopState) -> bool:
         """Plan (every rank the same step count: the smallest); False when no further step fits."""
+        budget, ctx = self.budget, self.ctx
         assert budget is not None
         now = time.monotonic()
         budget.record(current.global_step, current.step_in_epoch, now)
         if budget.due(current.global_step, current.step_in_epoch):
             planned = distributed.agreed_min(budget.plan(current.global_step, now), ctx)
             if planned != current.last_step:
-                log.info(describe(hp.max_runtime, budget.step_seconds(), planned, current.last_step))
+                log.info(describe(self.hp.max_runtime, budget.step_seconds(), planned, current.last_step))
                 current.last_step = planned
         elif distributed.any_rank(budget.out_of_time(now), ctx):
             log.warning("budget: stopping at step %d of %d: the steps ran slower than planned",
                         current.global_step, current.last_step)
             current.last_step = current.global_step
         # An epoch's natural end is left to the loop, which then counts the epoch as done.
-        return not (current.global_step >= current.last_step and current.step_in_epoch < steps_per_epoch)
+        return not (current.global_step >= current.last_step and current.step_in_epoch < self.steps_per_epoch)
 
-    summaries = Summaries(config.paths.tensorboard_dir if ctx.is_main else None)
-    written = len(state.history)  # a resumed job's earlier entries are in the event files of its first run
+    def save_checkpoint(self) -> None:
+        # Every rank's random state (each draws its own augmentations and dropout), written by rank 0.
+        rng = distributed.gather_to_main([checkpoint.rng_state()], self.ctx)
+        if self.ctx.is_main:
+            checkpoint.save(self.config.paths.checkpoints_dir, self.model, self.optimizer, self.scheduler,
+                            self.scaler, self.state, self.fingerprint, rng=rng)
 
-    def report() -> None:
+    def report(self) -> None:
         """New history entries to TensorBoard (rank 0 only has a history)."""
-        nonlocal written
-        summaries.history(state.history[written:])
-        written = len(state.history)
+        self.summaries.history(self.state.history[self.written:])
+        self.written = len(self.state.history)
 
-    def after_step(current: LoopState) -> bool:
-        report()
-        if distributed.any_rank(stop(), ctx):
-            return False
-        if hp.checkpoint_every and current.global_step % hp.checkpoint_every == 0:
-            save_checkpoint()
-        return budget is None or keep_to_budget(current)
-
-    val_loader, shared_eval = validation_loader(val_index, config, ctx)
-    ground_truth = val_index.to_coco()
-    overlay_set = InstanceDataset(val_index, eval_transforms())
-
-    def report_evaluation(scores: dict[str, float], record: bool = True) -> None:
-        """Rank 0: the scores into the history (when ``record``) and TensorBoard, with a few images' predictions."""
-        if not ctx.is_main:
-            return
-        entry = {"phase": "eval", "epoch": state.epoch, "step": state.global_step, **scores}
-        if record:
-            state.history.append(entry)
-            report()
-        else:
-            summaries.history([entry])
-        images = [overlay_set[i][0] for i in range(min(OVERLAY_IMAGES, len(overlay_set)))]
-        summaries.overlays(state.global_step, predicted_overlays(
-            model, images, ctx.device, train_index.class_names, hp.score_threshold, hp.mask_threshold))
-
-    def run_evaluation() -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         """Every rank scores its part of a validation set they all hold; else rank 0 scores it alone.
 
         Stops at the next batch on SIGTERM (the scores are then partial, and unused)."""
-        if not (shared_eval or ctx.is_main):
+        ctx = self.ctx
+        if not (self.shared_eval or ctx.is_main):
             return {}
-        gather = (lambda results: distributed.gather_to_main(results, ctx)) if shared_eval else None
-        return evaluate(model, val_loader, ground_truth, ctx.device, state.epoch, should_stop=stop, gather=gather)
+        gather = (lambda results: distributed.gather_to_main(results, ctx)) if self.shared_eval else None
+        return evaluate(self.model, self.val_loader, self.ground_truth, ctx.device, self.state.epoch,
+                        should_stop=self.stop, gather=gather)
 
-    scores: dict[str, float] = {}
-    evaluated = False
-    reached_limit = state.global_step >= state.last_step
-    started = time.perf_counter()
-    while state.epoch < hp.epochs and not reached_limit:
-        train_set.set_epoch(state.epoch)
-        sampler.set_epoch(state.epoch)
-        loader = DataLoader(
-            train_set, batch_size=hp.batch_size, sampler=SkipSampler(order, state.step_in_epoch * hp.batch_size),
-            collate_fn=collate, num_workers=workers, pin_memory=ctx.device.type == "cuda",
-            generator=torch.Generator().manual_seed(hp.seed + state.epoch), worker_init_fn=ignore_stop_signals,
-        )
-        finished = train_one_epoch(
-            train_model, optimizer, scheduler, loader, ctx.device, state,
-            scaler=scaler, amp_dtype=amp_dtype, clip_grad_norm=hp.clip_grad_norm, max_steps=hp.max_steps,
-            log_every=hp.log_every, world_size=ctx.world_size, after_step=after_step,
-            epoch_steps=steps_per_epoch,
-            any_rank=(lambda flag: distributed.any_rank(flag, ctx)) if ctx.distributed else None,
-        )
-        reached_limit = state.global_step >= state.last_step
-        if finished:
-            state.epoch += 1
-            state.step_in_epoch = 0
-        # The step's checkpoint comes first: a stop, a failed evaluation or a full disk later loses no training.
-        save_checkpoint()
-        if distributed.any_rank(stop(), ctx):
-            return stopped(state)
-        last = state.epoch >= hp.epochs or bool(reached_limit)
-        if last or state.epoch % hp.eval_every == 0:
-            scores, evaluated = run_evaluation(), last
-            if distributed.any_rank(stop(), ctx):  # also every rank's wait for the evaluation to end
-                return stopped(state)
-            report_evaluation(scores)
-    if not evaluated:  # resumed from a finished checkpoint: score the restored weights
-        scores = run_evaluation()
-        if distributed.any_rank(stop(), ctx):
-            return stopped(state)
-        report_evaluation(scores, record=False)  # the history has this evaluation from the first run
-    if ctx.is_main:
-        write_outputs(config, model, train_index, scores, state, time.perf_counter() - started)
-        summaries.close()
-    distributed.barrier(ctx)
-    return 0
+    def report_evaluation(self, scores: dict[str, float], record: bool = True) -> None:
+        """Rank 0: the scores into the history (when ``record``) and TensorBoard, with a few images' predictions."""
+        if not self.ctx.is_main:
+            return
+        state, hp = self.state, self.hp
+        entry = {"phase": "eval", "epoch": state.epoch, "step": state.global_step, **scores}
+        if record:
+            state.history.append(entry)
+            self.report()
+        else:
+            self.summaries.history([entry])
+        images = [self.overlay_set[i][0] for i in range(min(OVERLAY_IMAGES, len(self.overlay_set)))]
+        self.summaries.overlays(state.global_step, predicted_overlays(
+            self.model, images, self.ctx.device, self.train_index.class_names, hp.score_threshold, hp.mask_threshold))
+
+    def finish(self, scores: dict[str, float]) -> None:
+        """Rank 0 writes the model and the metrics; every rank waits for it."""
+        if self.ctx.is_main:
+            write_outputs(self.config, self.model, self.train_index, scores, self.state,
+                          time.perf_counter() - self.started)
+            self.summaries.close()
+        distributed.barrier(self.ctx)
 
 
 def stopped(state: LoopState) -> int:
