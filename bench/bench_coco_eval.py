@@ -18,7 +18,7 @@ from pathlib import Path
 
 import hostinfo  # bench/hostinfo.py (benchmarks run as scripts: bench/ is on sys.path)
 import numpy as np
-from maskrcnn.synthetic import write_coco_dataset
+from maskrcnn.train.synthetic import write_coco_dataset
 from PIL import Image, ImageFilter
 from pycocotools import mask as mask_utils
 

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import hostinfo  # bench/hostinfo.py (benchmarks run as scripts: bench/ is on sys.path)
-from maskrcnn.config import SYNTHETIC_CPU_IMAGE_SIZE, SYNTHETIC_CPU_PRESET, SYNTHETIC_CPU_TRAIN_IMAGES
-from maskrcnn.synthetic import write_coco_dataset
+from maskrcnn.train.config import SYNTHETIC_CPU_IMAGE_SIZE, SYNTHETIC_CPU_PRESET, SYNTHETIC_CPU_TRAIN_IMAGES
+from maskrcnn.train.synthetic import write_coco_dataset
 
 from local.layout import parse_pairs
 

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import hostinfo  # noqa: E402  # bench/hostinfo.py (bench/ is on sys.path: benchmarks run as scripts)
-from maskrcnn.synthetic import write_coco_dataset  # noqa: E402
+from maskrcnn.train.synthetic import write_coco_dataset  # noqa: E402
 
 from local.artifacts import pack_dir  # noqa: E402
 from local.layout import JobSpec, write_job  # noqa: E402

@@ -2,7 +2,7 @@
 
 The seed answered with every detection's full-image mask probabilities as nested JSON lists
 (``prediction["masks"].tolist()``). We answer with COCO compressed RLE of the thresholded masks.
-Both encoders start from the same :class:`~maskrcnn.predictor.Detections` (one model run per
+Both encoders start from the same :class:`~maskrcnn.serve.predictor.Detections` (one model run per
 case) and both pay for pasting the masks at full resolution. Prints bytes and encode time for
 each, and the ratios (seed / ours), from one run.
 
@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from maskrcnn.codec import encode_json
-    from maskrcnn.predictor import Predictor
-    from maskrcnn.synthetic import make_sample
+    from maskrcnn.serve.codec import encode_json
+    from maskrcnn.serve.predictor import Predictor
+    from maskrcnn.train.synthetic import make_sample
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""Training-time RoIAlign: torchvision's CPU kernel against maskrcnn.roi_align's separable form.
+"""Training-time RoIAlign: torchvision's CPU kernel against maskrcnn.model.roi_align's separable form.
 
 Forward + backward of the same features, regions and upstream gradient, in one process, at the
 shapes the lite preset's heads see on 160-px images (batch 4, 96 channels): box pooling (7x7) and
@@ -16,7 +16,7 @@ import time
 
 import hostinfo  # bench/hostinfo.py (benchmarks run as scripts: bench/ is on sys.path)
 import torch
-from maskrcnn.roi_align import separable_roi_align
+from maskrcnn.model.roi_align import separable_roi_align
 from torchvision.ops import roi_align
 
 # (feature side, regions, pooled size): lite at 160 px, 4 images, 64 sampled boxes and ~32 masks each

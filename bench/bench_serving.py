@@ -46,7 +46,7 @@ SERVE = REPO / "images" / "maskrcnn" / "serve"
 def make_model(model_dir: Path, min_size: int = 256, max_size: int = 512) -> Path:
     """A lite model with random weights (inference cost does not depend on training)."""
     import torch
-    from maskrcnn.model import ModelSpec, build_model, save_model
+    from maskrcnn.model.architectures import ModelSpec, build_model, save_model
 
     torch.manual_seed(0)
     model = build_model("lite", 4, min_size, max_size)
@@ -55,7 +55,7 @@ def make_model(model_dir: Path, min_size: int = 256, max_size: int = 512) -> Pat
 
 
 def sample_jpeg(size: int = 256) -> bytes:
-    from maskrcnn.synthetic import make_sample
+    from maskrcnn.train.synthetic import make_sample
 
     image, _ = make_sample(np.random.default_rng(0), size)
     buffer = io.BytesIO()
@@ -123,8 +123,8 @@ def _baseline_worker(
     queue: Any,
 ) -> None:
     import torch
-    from maskrcnn.codec import decode_image
-    from maskrcnn.predictor import Predictor
+    from maskrcnn.serve.codec import decode_image
+    from maskrcnn.serve.predictor import Predictor
 
     torch.set_num_interop_threads(1)
     predictor = Predictor.load(Path(model_dir), "cpu", threads=threads)
@@ -213,7 +213,7 @@ def stack_cpu(root: int) -> dict[str, float]:
             continue
         if "nginx" in cmdline:
             roles["nginx"] += cpu
-        elif "maskrcnn.wsgi" in cmdline and len(chain) >= 2:  # forked by the arbiter
+        elif "maskrcnn.serve.wsgi" in cmdline and len(chain) >= 2:  # forked by the arbiter
             roles["workers"] += cpu
         else:
             roles["serve + gunicorn arbiter"] += cpu
@@ -314,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from maskrcnn.server import cpu_count
-    from maskrcnn.settings import ServeSettings
+    from maskrcnn.serve.settings import ServeSettings
+    from maskrcnn.serve.supervisor import cpu_count
 
     settings = ServeSettings.from_env(
         {"SAGEMAKER_MODEL_SERVER_WORKERS": str(args.workers)} if args.workers else {}, cpu_count=cpu_count()

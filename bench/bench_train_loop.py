@@ -20,12 +20,12 @@ from pathlib import Path
 
 import hostinfo  # bench/hostinfo.py (benchmarks run as scripts: bench/ is on sys.path)
 import torch
-from maskrcnn.config import Hyperparameters
-from maskrcnn.data import InstanceDataset, collate, load_index, train_transforms
-from maskrcnn.engine import LoopState, train_one_epoch
-from maskrcnn.model import build_model
-from maskrcnn.synthetic import write_coco_dataset
-from maskrcnn.training import make_optimizer, make_scheduler
+from maskrcnn.model.architectures import build_model
+from maskrcnn.train.config import Hyperparameters
+from maskrcnn.train.data import InstanceDataset, collate, load_index, train_transforms
+from maskrcnn.train.engine import LoopState, train_one_epoch
+from maskrcnn.train.job import make_optimizer, make_scheduler
+from maskrcnn.train.synthetic import write_coco_dataset
 from torch.utils.data import DataLoader, DistributedSampler
 
 
@@ -83,7 +83,7 @@ def main() -> None:
         return model, make_optimizer(model, hp)
 
     capture = Capture()
-    engine_log = logging.getLogger("maskrcnn.engine")
+    engine_log = logging.getLogger("maskrcnn.train.engine")
     engine_log.addHandler(capture)
     engine_log.setLevel(logging.INFO)
     engine_log.propagate = False

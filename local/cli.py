@@ -278,7 +278,7 @@ def cmd_transform(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def cmd_synth(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from maskrcnn.synthetic import write_coco_dataset
+    from maskrcnn.train.synthetic import write_coco_dataset
 
     path = write_coco_dataset(args.out, args.images, args.seed, args.size)
     print(path)

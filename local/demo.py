@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maskrcnn.config import SYNTHETIC_CPU_IMAGE_SIZE, SYNTHETIC_CPU_PRESET, SYNTHETIC_CPU_TRAIN_IMAGES
+from maskrcnn.train.config import SYNTHETIC_CPU_IMAGE_SIZE, SYNTHETIC_CPU_PRESET, SYNTHETIC_CPU_TRAIN_IMAGES
 
 from local import client
 from local.endpoint import Endpoint
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 # The demo's training job: the CPU preset for the synthetic set (tuned for 2 cores, shared with
 # bench/bench_convergence.py, so the demo trains what the benchmark measured), evaluating its validation
 # channel at the middle and the end only (the benchmark evaluates every epoch to draw its curve; each
-# evaluation is ~7 s on 2 cores). Override one value with `--hp KEY=VALUE`; the preset is in maskrcnn/config.py.
+# evaluation is ~7 s on 2 cores). Override one value with `--hp KEY=VALUE`; the preset is in maskrcnn/train/config.py.
 DEMO_HYPERPARAMETERS: dict[str, str] = {**SYNTHETIC_CPU_PRESET, "eval_every": "5"}
 TRAIN_IMAGES = SYNTHETIC_CPU_TRAIN_IMAGES  # synthetic training images, all trained on (as in the benchmark)
 VALIDATION_IMAGES = 40  # the job's validation channel: its per-epoch metrics
@@ -171,7 +171,7 @@ def run_demo(
 
 def write_datasets(data: Path, train_images: int, heldout_images: int) -> None:
     """The three synthetic sets, each from its own seed: no image is shared."""
-    from maskrcnn.synthetic import write_coco_dataset
+    from maskrcnn.train.synthetic import write_coco_dataset
 
     log.info("demo: writing %d training and %d held-out synthetic images", train_images, heldout_images)
     write_coco_dataset(data / "train", train_images, TRAIN_SEED, IMAGE_SIZE)
@@ -193,8 +193,8 @@ class Served:
 
 def serve_heldout(out: Path, runtime: Runtime, model_archive: Path, progress: Progress) -> Served:
     """Serve the model, send every held-out image (JSON, then image/png for the first OVERLAYS), score the answers."""
-    from maskrcnn.data import load_index
-    from maskrcnn.engine import coco_scores
+    from maskrcnn.train.data import load_index
+    from maskrcnn.train.engine import coco_scores
 
     heldout = load_index(out / "data" / "heldout")
     sources = [Path(image["path"]) for image in heldout.images]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from maskrcnn.contract import EXIT_STOPPED
-from maskrcnn.metrics import parse_metrics
+from maskrcnn.train.metrics import parse_metrics
 
 from local.artifacts import pack_dir
 from local.errors import JobFailed
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 120.0  # StopTrainingJob: SIGTERM, then SIGKILL after 120 s
 _POSITION = re.compile(r"\b(phase|epoch|step)=(\w+)")
-# maskrcnn.training logs its plan before the first step, and again when a time budget (max_runtime) moves it.
+# maskrcnn.train.job logs its plan before the first step, and again when a time budget (max_runtime) moves it.
 _PLAN = re.compile(r"\bplan(?::|ning) (\d+) steps\b")
 
 

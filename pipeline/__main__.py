@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
-from maskrcnn.config import Hyperparameters
+from maskrcnn.train.config import Hyperparameters
 
 from local.errors import HarnessError
 from local.layout import parse_pairs
@@ -87,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help=f"any image hyperparameter ({', '.join(Hyperparameters.accepted())}; README's table), "
-        f"over the {WORKFLOW_PRESET!r} preset in maskrcnn/config.py; repeatable",
+        f"over the {WORKFLOW_PRESET!r} preset in maskrcnn/train/config.py; repeatable",
     )
     promote = commands.add_parser("promote", help="retag a tested digest as a release (no rebuild)")
     promote.add_argument("--repository", required=True)

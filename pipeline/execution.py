@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maskrcnn.config import DEFAULT_BASE_DIR, PRESETS, Hyperparameters, SageMakerPaths
 from maskrcnn.errors import ConfigError
+from maskrcnn.train.config import DEFAULT_BASE_DIR, PRESETS, Hyperparameters, SageMakerPaths
 
 # What the workflow trains unless `-p KEY=VALUE` overrides a key: a preset of the image's own schema
-# (maskrcnn.config.Hyperparameters), so every name, type and default has one definition, the image's.
+# (maskrcnn.train.config.Hyperparameters), so every name, type and default has one definition, the image's.
 WORKFLOW_PRESET = "gpu-resnet50"
 CHECKPOINT_LOCAL_PATH = str(SageMakerPaths(Path(DEFAULT_BASE_DIR)).checkpoints_dir)
 # The job's own budget (max_runtime) is MaxRuntimeInSeconds less this: SageMaker's clock also runs while it

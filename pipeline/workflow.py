@@ -27,7 +27,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from maskrcnn.metrics import METRIC_DEFINITIONS
+from maskrcnn.train.metrics import METRIC_DEFINITIONS
 
 from pipeline.execution import CHECKPOINT_LOCAL_PATH
 from pipeline.settings import BUILD_FUNCTION_ARN, SAGEMAKER_ROLE_ARN, StackSettings

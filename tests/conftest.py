@@ -61,7 +61,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic COCO dataset (16 images, 128 px), written once per session."""
-    from maskrcnn.synthetic import write_coco_dataset
+    from maskrcnn.train.synthetic import write_coco_dataset
 
     out = tmp_path_factory.mktemp("synthetic")
     write_coco_dataset(out, num_images=16, seed=3, size=128)

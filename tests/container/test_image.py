@@ -129,7 +129,7 @@ def test_serve_ping_and_invocations(docker_client, image: str, trained_model: Pa
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("application/json")
         body = json.loads(response.read())
-    # one prediction per image in the request (see maskrcnn.codec.encode_json)
+    # one prediction per image in the request (see maskrcnn.serve.codec.encode_json)
     (prediction,) = body["predictions"]
     assert prediction["image_size"] == [128, 128]
     assert isinstance(prediction["instances"], list)

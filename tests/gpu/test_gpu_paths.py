@@ -39,7 +39,7 @@ def run_train(base: Path, **extra: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_pretrained_fine_tune_then_serve_on_cuda(make_job, synthetic_dir: Path, tmp_path: Path) -> None:
-    from maskrcnn.predictor import Predictor
+    from maskrcnn.serve.predictor import Predictor
     from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 
     torch.manual_seed(0)
@@ -61,10 +61,10 @@ def test_pretrained_fine_tune_then_serve_on_cuda(make_job, synthetic_dir: Path, 
 
 def test_amp_is_on_inside_the_forward(synthetic_dir: Path) -> None:
     """The dtype a convolution actually computes in, seen by a hook, during a training step."""
-    from maskrcnn.data import InstanceDataset, collate, load_index, train_transforms
-    from maskrcnn.engine import LoopState, train_one_epoch
-    from maskrcnn.model import build_model
-    from maskrcnn.training import autocast_dtype, grad_scaler
+    from maskrcnn.model.architectures import build_model
+    from maskrcnn.train.data import InstanceDataset, collate, load_index, train_transforms
+    from maskrcnn.train.engine import LoopState, train_one_epoch
+    from maskrcnn.train.job import autocast_dtype, grad_scaler
 
     device = torch.device("cuda", 0)
     index = load_index(synthetic_dir)
@@ -86,8 +86,8 @@ def test_amp_is_on_inside_the_forward(synthetic_dir: Path) -> None:
 
 
 def _worker_device(slot: int, settings_json: str, out: Any) -> None:
-    from maskrcnn.settings import ServeSettings
-    from maskrcnn.wsgi import build_app
+    from maskrcnn.serve.settings import ServeSettings
+    from maskrcnn.serve.wsgi import build_app
 
     build_app(ServeSettings.from_json(settings_json), slot)
     out.put((slot, torch.cuda.current_device(), torch.cuda.memory_allocated(slot)))
@@ -96,8 +96,8 @@ def _worker_device(slot: int, settings_json: str, out: Any) -> None:
 def test_serving_workers_each_on_their_own_device(tmp_path: Path) -> None:
     two_gpus()
     import torch.multiprocessing as mp
-    from maskrcnn.model import ModelSpec, build_model, save_model
-    from maskrcnn.settings import ServeSettings
+    from maskrcnn.model.architectures import ModelSpec, build_model, save_model
+    from maskrcnn.serve.settings import ServeSettings
 
     save_model(tmp_path / "model", build_model("lite", 4, 128, 256), ModelSpec("lite", ("a", "b", "c")))
     settings = ServeSettings.from_env({"SAGEMAKER_BASE_DIR": str(tmp_path)}, cpu_count=os.cpu_count() or 1,

@@ -45,7 +45,7 @@ def test_amp_training_on_every_gpu_writes_the_model(make_job, arch: str) -> None
 
 
 def test_model_trained_on_gpu_predicts_on_gpu(make_job) -> None:
-    from maskrcnn.model import load_model
+    from maskrcnn.model.architectures import load_model
 
     base = make_job({"max_steps": "2"})
     assert run_train(base).returncode == 0

@@ -27,10 +27,10 @@ def free_port() -> int:
 
 def eval_setup(base: Path, rank: int, world_size: int) -> tuple[Any, ...]:
     """The job's config, this rank's context, the validation index and a seeded lite model with detections."""
-    from maskrcnn.config import TrainConfig
-    from maskrcnn.distributed import DistContext
-    from maskrcnn.model import build_model
-    from maskrcnn.training import load_data
+    from maskrcnn.model.architectures import build_model
+    from maskrcnn.train.config import TrainConfig
+    from maskrcnn.train.distributed import DistContext
+    from maskrcnn.train.job import load_data
 
     config = TrainConfig.from_env({"SAGEMAKER_BASE_DIR": str(base)})
     ctx = DistContext(rank, rank, world_size, torch.device("cpu"))
@@ -42,9 +42,9 @@ def eval_setup(base: Path, rank: int, world_size: int) -> tuple[Any, ...]:
 
 
 def sharded_eval(rank: int, world_size: int, base: Path, port: int, out: Path) -> None:
-    from maskrcnn import distributed
-    from maskrcnn.engine import evaluate, predict_coco
-    from maskrcnn.training import validation_loader
+    from maskrcnn.train import distributed
+    from maskrcnn.train.engine import evaluate, predict_coco
+    from maskrcnn.train.job import validation_loader
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
@@ -71,9 +71,9 @@ def canonical(results: list[dict[str, Any]]) -> list[str]:
 
 
 def test_sharded_two_process_evaluation_equals_the_single_process_one(make_job, tmp_path: Path) -> None:
-    from maskrcnn.distributed import DistContext
-    from maskrcnn.engine import evaluate, predict_coco
-    from maskrcnn.training import validation_loader
+    from maskrcnn.train.distributed import DistContext
+    from maskrcnn.train.engine import evaluate, predict_coco
+    from maskrcnn.train.job import validation_loader
 
     base = make_job({"val_fraction": "0.5"})
     out = tmp_path / "out"

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from maskrcnn.predictor import Predictor
+from maskrcnn.serve.predictor import Predictor
 from safetensors.torch import load_file, save_file
 from test_train_job import failure_reason, run_train
 from torchvision.models import resnet18, resnet50
@@ -31,7 +31,7 @@ BODY = "backbone.body."
 @pytest.fixture(scope="module")
 def channels(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The synthetic training set and a one-image validation set: the evaluation is not what is tested."""
-    from maskrcnn.synthetic import write_coco_dataset
+    from maskrcnn.train.synthetic import write_coco_dataset
 
     validation = tmp_path_factory.mktemp("validation")
     write_coco_dataset(validation, num_images=1, seed=4, size=128)

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from maskrcnn.metrics import parse_metrics
+from maskrcnn.train.metrics import parse_metrics
 
 TRAIN = [sys.executable, str(Path(__file__).resolve().parents[2] / "images" / "maskrcnn" / "train")]
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def validation_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 held-out synthetic images: an evaluation long enough to be interrupted."""
-    from maskrcnn.synthetic import write_coco_dataset
+    from maskrcnn.train.synthetic import write_coco_dataset
 
     out = tmp_path_factory.mktemp("validation")
     write_coco_dataset(out, num_images=40, seed=11, size=128)

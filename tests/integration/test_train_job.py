@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from maskrcnn.metrics import parse_metrics
+from maskrcnn.train.metrics import parse_metrics
 from PIL import Image
 from safetensors.torch import load_file
 

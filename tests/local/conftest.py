@@ -22,7 +22,7 @@ from local import runtime as rt
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 synthetic 128 px images in COCO format, made once."""
-    from maskrcnn.synthetic import write_coco_dataset
+    from maskrcnn.train.synthetic import write_coco_dataset
 
     out = tmp_path_factory.mktemp("dataset")
     write_coco_dataset(out, num_images=12, seed=0, size=128)

@@ -213,7 +213,7 @@ def test_ctrl_c_stops_the_job_like_stop_training_job(dataset, tmp_path):
 
 def test_sharded_hosts_each_train_their_own_part_for_the_same_steps(process_runtime, tmp_path):
     """--distribution sharded: disjoint parts of unequal size; every rank runs the smallest part's steps."""
-    from maskrcnn.synthetic import write_coco_dataset
+    from maskrcnn.train.synthetic import write_coco_dataset
 
     data = tmp_path / "data"
     write_coco_dataset(data, num_images=9, seed=5, size=128)  # algo-1 gets 5 images, algo-2 gets 4

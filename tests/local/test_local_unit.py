@@ -10,7 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from maskrcnn.config import TrainConfig
+from maskrcnn.train.config import TrainConfig
 
 from local import artifacts, client, layout, transform
 from local import runtime as rt
@@ -196,12 +196,12 @@ class Recorder(Progress):
 def test_metrics_reader_uses_the_image_regexes():
     progress = Recorder()
     reader = MetricsReader(progress)
-    reader.feed("2026-01-01 INFO maskrcnn.training: data: 10 training images")
+    reader.feed("2026-01-01 INFO maskrcnn.train.job: data: 10 training images")
     reader.feed(
-        "x INFO maskrcnn.engine: #metrics phase=train epoch=0 step=10 loss=1.25 lr=0.02 images_per_sec=3.1"
+        "x INFO maskrcnn.train.engine: #metrics phase=train epoch=0 step=10 loss=1.25 lr=0.02 images_per_sec=3.1"
     )
     reader.feed(
-        "x INFO maskrcnn.engine: #metrics phase=eval epoch=1 bbox_mAP=0.5 segm_mAP=0.4 segm_AP50=0.875"
+        "x INFO maskrcnn.train.engine: #metrics phase=eval epoch=1 bbox_mAP=0.5 segm_mAP=0.4 segm_AP50=0.875"
     )
     assert reader.history[0] == {
         "phase": "train",
@@ -225,19 +225,21 @@ def test_progress_counts_steps_to_the_total_the_job_announces():
     """The bar's total is the job's own plan (epochs may end before max_steps), and it ends there."""
     progress = Progress()
     reader = MetricsReader(progress)
-    reader.feed("x INFO maskrcnn.training: plan: 16 steps (2 epochs of 8 steps)")
+    reader.feed("x INFO maskrcnn.train.job: plan: 16 steps (2 epochs of 8 steps)")
     assert progress.total == 16
-    reader.feed("x INFO maskrcnn.engine: #metrics phase=train epoch=0 step=1 loss=2.5 lr=0.01")
-    reader.feed("x INFO maskrcnn.engine: #metrics phase=eval epoch=1 bbox_mAP=0.1 segm_mAP=0.1 segm_AP50=0.2")
-    reader.feed("x INFO maskrcnn.engine: #metrics phase=train epoch=1 step=16 loss=1.5 lr=0.0")
+    reader.feed("x INFO maskrcnn.train.engine: #metrics phase=train epoch=0 step=1 loss=2.5 lr=0.01")
+    reader.feed("x INFO maskrcnn.train.engine: #metrics phase=eval epoch=1 bbox_mAP=0.1 segm_mAP=0.1 segm_AP50=0.2")
+    reader.feed("x INFO maskrcnn.train.engine: #metrics phase=train epoch=1 step=16 loss=1.5 lr=0.0")
     assert progress.n == 16 == progress.total
 
 
 def test_a_time_budget_moves_the_bars_total():
     progress = Progress()
     reader = MetricsReader(progress)
-    reader.feed("x INFO maskrcnn.training: plan: 8000 steps (1000 epochs of 8 steps)")
-    reader.feed("x INFO maskrcnn.training: budget: max_runtime=40 s, measured 0.3 s/step, planning 57 steps (was 8000)")
+    reader.feed("x INFO maskrcnn.train.job: plan: 8000 steps (1000 epochs of 8 steps)")
+    reader.feed(
+        "x INFO maskrcnn.train.job: budget: max_runtime=40 s, measured 0.3 s/step, planning 57 steps (was 8000)"
+    )
     assert progress.total == 57
 
 
@@ -253,9 +255,9 @@ def test_a_terminal_shows_the_bar_and_one_line_per_evaluation_and_the_job_log_wi
     reader = MetricsReader(progress)
     progress.start(None, "step", "train")
     for line in (
-        "x INFO maskrcnn.training: plan: 8 steps (1 epochs of 8 steps)",
-        "x INFO maskrcnn.engine: #metrics phase=train epoch=0 step=8 loss=1.5 lr=0.0",
-        "x INFO maskrcnn.engine: #metrics phase=eval epoch=1 bbox_mAP=0.1 segm_mAP=0.1 segm_AP50=0.25",
+        "x INFO maskrcnn.train.job: plan: 8 steps (1 epochs of 8 steps)",
+        "x INFO maskrcnn.train.engine: #metrics phase=train epoch=0 step=8 loss=1.5 lr=0.0",
+        "x INFO maskrcnn.train.engine: #metrics phase=eval epoch=1 bbox_mAP=0.1 segm_mAP=0.1 segm_AP50=0.25",
     ):
         progress.line(line)
         reader.feed(line)
@@ -406,9 +408,9 @@ def test_cli_synth(tmp_path, capsys):
 
 def test_demo_scoring_of_perfect_answers_is_one(tmp_path):
     """The demo's path from endpoint JSON to COCO AP: the ground truth sent back as answers scores 1."""
-    from maskrcnn.data import load_index
-    from maskrcnn.engine import coco_scores
-    from maskrcnn.synthetic import write_coco_dataset
+    from maskrcnn.train.data import load_index
+    from maskrcnn.train.engine import coco_scores
+    from maskrcnn.train.synthetic import write_coco_dataset
 
     write_coco_dataset(tmp_path, num_images=3, seed=1, size=64)
     truth = load_index(tmp_path).to_coco()

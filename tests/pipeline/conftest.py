@@ -37,10 +37,10 @@ def fake_aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def build_context(tmp_path: Path) -> Path:
     """A small build context with the real buildspec and nested folders."""
     context = tmp_path / "build_context"
-    (context / "images/maskrcnn/src/maskrcnn").mkdir(parents=True)
+    (context / "images/maskrcnn/src/maskrcnn/train").mkdir(parents=True)
     shutil.copy(REPO_ROOT / "buildspec.yml", context / "buildspec.yml")
     shutil.copy(
-        REPO_ROOT / "images/maskrcnn/src/maskrcnn/metrics.py", context / "images/maskrcnn/src/maskrcnn/"
+        REPO_ROOT / "images/maskrcnn/src/maskrcnn/train/metrics.py", context / "images/maskrcnn/src/maskrcnn/train/"
     )
     (context / "Makefile").write_text("build:\n\tdocker build -t maskrcnn-sagemaker:latest images/maskrcnn\n")
     return context

@@ -51,7 +51,7 @@ def test_handler_creates_everything_then_updates_in_place(artifact_bucket: str, 
     )
     assert rules == build_lambda.LIFECYCLE_POLICY
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET)["Contents"]}
-    assert f"build-context/{SHA}/images/maskrcnn/src/maskrcnn/metrics.py" in keys
+    assert f"build-context/{SHA}/images/maskrcnn/src/maskrcnn/train/metrics.py" in keys
 
 
 @pytest.mark.integration

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from maskrcnn.metrics import METRIC_DEFINITIONS
+from maskrcnn.train.metrics import METRIC_DEFINITIONS
 
 from pipeline.__main__ import main
 from pipeline.execution import ExecutionInput, InputError, example_input

@@ -8,7 +8,7 @@ from typing import Any
 import boto3
 import pytest
 from conftest import BUCKET, SETTINGS, run_execution
-from maskrcnn.metrics import METRIC_DEFINITIONS
+from maskrcnn.train.metrics import METRIC_DEFINITIONS
 from moto_sfn import history
 
 from pipeline.execution import example_input
@@ -74,7 +74,7 @@ def test_success_path_builds_trains_and_deploys(
     assert ecr.get_lifecycle_policy(repositoryName=SETTINGS.repository_name)["lifecyclePolicyText"]
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET)["Contents"]}
     prefix = f"build-context/{document['Build']['GitSha']}"
-    assert {f"{prefix}/buildspec.yml", f"{prefix}/images/maskrcnn/src/maskrcnn/metrics.py"} <= keys
+    assert {f"{prefix}/buildspec.yml", f"{prefix}/images/maskrcnn/src/maskrcnn/train/metrics.py"} <= keys
 
 
 def test_requests_the_interpreter_sent_are_valid_botocore_requests(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from maskrcnn.config import PRESETS, Hyperparameters
+from maskrcnn.train.config import PRESETS, Hyperparameters
 
 from pipeline import aws
 from pipeline.__main__ import main

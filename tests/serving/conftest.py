@@ -37,7 +37,7 @@ def model_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def predictor(model_base: Path):  # type: ignore[no-untyped-def]
     """A real Predictor on the tiny model, in this process."""
-    from maskrcnn.predictor import Predictor
+    from maskrcnn.serve.predictor import Predictor
 
     return Predictor.load(model_base / "model", "cpu", threads=1)
 
@@ -45,7 +45,7 @@ def predictor(model_base: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def sample_rgb() -> np.ndarray:
     """A 96 x 128 synthetic scene (shapes on texture) as uint8 RGB."""
-    from maskrcnn.synthetic import make_sample
+    from maskrcnn.train.synthetic import make_sample
 
     image, _ = make_sample(np.random.default_rng(1), 128)
     return np.asarray(image)[16:112]

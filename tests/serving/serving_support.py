@@ -29,7 +29,7 @@ DETECT = "score_threshold=0.0,max_detections=5"
 
 def build_tiny_model(model_dir: Path) -> Path:
     import torch
-    from maskrcnn.model import ModelSpec, build_model, save_model
+    from maskrcnn.model.architectures import ModelSpec, build_model, save_model
 
     torch.manual_seed(0)
     model = build_model("lite", len(CLASS_NAMES) + 1, 128, 256)
@@ -86,14 +86,14 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def gunicorn_master(self) -> int:
-        return children(self.process.pid, "maskrcnn.wsgi")[0]
+        return children(self.process.pid, "maskrcnn.serve.wsgi")[0]
 
     def worker_pids(self) -> list[int]:
         return children(self.gunicorn_master())
 
     def run_dir(self) -> Path:
         """The supervisor's private directory (settings, sockets, nginx files), from its log."""
-        match = re.search(r"-m maskrcnn\.wsgi (\S+)", self.log())
+        match = re.search(r"-m maskrcnn\.serve\.wsgi (\S+)", self.log())
         assert match, "serve has not started gunicorn"
         return Path(match.group(1))
 

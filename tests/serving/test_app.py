@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from maskrcnn.app import create_app
-from maskrcnn.model import ModelSpec
-from maskrcnn.predictor import Detections
-from maskrcnn.settings import ServeSettings
+from maskrcnn.model.architectures import ModelSpec
+from maskrcnn.serve.app import create_app
+from maskrcnn.serve.predictor import Detections
+from maskrcnn.serve.settings import ServeSettings
 from PIL import Image
 from pycocotools import mask as mask_utils
 from serving_support import CLASS_NAMES, DETECT

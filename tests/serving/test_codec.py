@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from maskrcnn import codec
-from maskrcnn.codec import RequestOptions
 from maskrcnn.errors import NotAcceptable, RequestError, UnsupportedMediaType
-from maskrcnn.predictor import Detections
+from maskrcnn.serve import codec
+from maskrcnn.serve.codec import RequestOptions
+from maskrcnn.serve.predictor import Detections
 from PIL import Image
 from pycocotools import mask as mask_utils
 from serving_support import encode

@@ -1,4 +1,4 @@
-"""The OpenAPI document in the package (maskrcnn/openapi.yaml) against a live server, with schemathesis.
+"""The OpenAPI document in the package (maskrcnn/serve/openapi.yaml) against a live server, with schemathesis.
 
 schemathesis generates requests from the document (valid and invalid), sends them to the shared
 `serve` fixture and checks every answer: no 5xx, only documented status codes and content types,
@@ -19,7 +19,7 @@ from serving_support import Server
 
 pytestmark = pytest.mark.integration
 
-SPEC = resources.files("maskrcnn").joinpath("openapi.yaml")
+SPEC = resources.files("maskrcnn.serve").joinpath("openapi.yaml")
 schema = schemathesis.openapi.from_path(str(SPEC))
 EXCLUDED = [check for check in CHECKS.get_all() if check.__name__ == "positive_data_acceptance"]
 

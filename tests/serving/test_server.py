@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from maskrcnn.server import EXIT_REFUSED
+from maskrcnn.serve.supervisor import EXIT_REFUSED
 from PIL import Image
 from serving_support import DETECT, Server, encode, group_processes, rss_mb, wait_until_ready
 

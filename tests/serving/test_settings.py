@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 from maskrcnn.errors import ConfigError, ModelError
-from maskrcnn.gunicorn_conf import RunDir, assign_device_slot, gunicorn_options
-from maskrcnn.model_spec import ModelSpec, check_saved_model
-from maskrcnn.server import render_nginx_conf
-from maskrcnn.settings import ServeSettings
+from maskrcnn.model.format import ModelSpec, check_saved_model
+from maskrcnn.serve.gunicorn_conf import RunDir, assign_device_slot, gunicorn_options
+from maskrcnn.serve.settings import ServeSettings
+from maskrcnn.serve.supervisor import render_nginx_conf
 
 pytestmark = pytest.mark.unit
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from maskrcnn.budget import MEASURE_STEPS, SKIP_STEPS, BudgetPlanner
+from maskrcnn.train.budget import MEASURE_STEPS, SKIP_STEPS, BudgetPlanner
 
 
 def planner(seconds: float = 100.0, full: int = 1000, per_epoch: int = 10, val: int = 0) -> BudgetPlanner:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from maskrcnn import checkpoint
-from maskrcnn.engine import LoopState
+from maskrcnn.train import checkpoint
+from maskrcnn.train.engine import LoopState
 
 
 def parts() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from maskrcnn import cli, contract
-from maskrcnn.config import SageMakerPaths
+from maskrcnn.train.config import SageMakerPaths
 
 
 def innermost_failing_step() -> None:

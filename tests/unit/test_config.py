@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from maskrcnn.config import Hyperparameters, ResourceConfig, SageMakerPaths, TrainConfig
 from maskrcnn.errors import ConfigError
+from maskrcnn.train.config import Hyperparameters, ResourceConfig, SageMakerPaths, TrainConfig
 
 
 @pytest.mark.parametrize(

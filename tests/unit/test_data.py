@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from maskrcnn.data import DatasetIndex, InstanceDataset, detect_format, load_index, split_index, train_transforms
 from maskrcnn.errors import DataError
-from maskrcnn.synthetic import write_coco_dataset
+from maskrcnn.train.data import DatasetIndex, InstanceDataset, detect_format, load_index, split_index, train_transforms
+from maskrcnn.train.synthetic import write_coco_dataset
 from PIL import Image, ImageFile
 from pycocotools import mask as mask_utils
 
@@ -152,15 +152,15 @@ def test_bad_data_fails_fast_with_an_actionable_reason(tmp_path: Path, case: str
 def test_a_cached_dataset_decodes_each_file_once_and_serves_the_same_samples(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import maskrcnn.data
+    import maskrcnn.train.data
 
     write_coco_dataset(tmp_path, num_images=4, seed=0, size=64)
     index = load_index(tmp_path)
     plain = InstanceDataset(index, train_transforms(0.5, True), seed=3)
     cached = InstanceDataset(index, train_transforms(0.5, True), seed=3, cache=True)
     reads: list[Path] = []
-    real_load = maskrcnn.data.load_rgb
-    monkeypatch.setattr(maskrcnn.data, "load_rgb", lambda path: reads.append(path) or real_load(path))
+    real_load = maskrcnn.train.data.load_rgb
+    monkeypatch.setattr(maskrcnn.train.data, "load_rgb", lambda path: reads.append(path) or real_load(path))
     for epoch in range(3):
         for dataset in (plain, cached):
             dataset.set_epoch(epoch)
@@ -244,7 +244,7 @@ def test_repairs_are_counted_in_one_warning_line_and_the_sample_is_served_clean(
         ann(5, square_rle(33, 20, 7), bbox=[33, 20, 9, 7]),  # box reaches past the 40 px width
     ]
     root = write_coco(tmp_path / "data", anns)
-    with caplog.at_level("WARNING", logger="maskrcnn.data"):
+    with caplog.at_level("WARNING", logger="maskrcnn.train.data"):
         index = load_index(root)
     lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert lines == [
@@ -261,7 +261,7 @@ def test_repairs_are_counted_in_one_warning_line_and_the_sample_is_served_clean(
 
 
 def test_a_clean_dataset_logs_no_repair(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="maskrcnn.data"):
+    with caplog.at_level("WARNING", logger="maskrcnn.train.data"):
         load_index(write_coco(tmp_path, [ann(1, POLY), ann(2, square_rle(20, 5, 6), bbox=[20, 5, 6, 6])]))
     assert not caplog.records
 
@@ -269,7 +269,7 @@ def test_a_clean_dataset_logs_no_repair(tmp_path: Path, caplog: pytest.LogCaptur
 def test_an_image_entry_pasted_twice_is_read_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     entry = {"id": 1, "file_name": "a.png", "width": 40, "height": 30}
     root = write_coco(tmp_path / "data", [ann(1, POLY), ann(1, POLY)], images=[entry, entry])
-    with caplog.at_level("WARNING", logger="maskrcnn.data"):
+    with caplog.at_level("WARNING", logger="maskrcnn.train.data"):
         index = load_index(root)
     assert len(index.images) == 1 and len(InstanceDataset(index, None)) == 1
     assert len(index.annotations[1]) == 1

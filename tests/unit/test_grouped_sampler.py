@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from maskrcnn.data import DatasetIndex, GroupedOrder, aspect_ratio_groups
-from maskrcnn.training import data_workers
+from maskrcnn.train.data import DatasetIndex, GroupedOrder, aspect_ratio_groups
+from maskrcnn.train.job import data_workers
 
 
 def index_of(sizes: list[tuple[int, int]]) -> DatasetIndex:

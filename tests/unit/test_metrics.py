@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 import re
 
-from maskrcnn.metrics import METRIC_DEFINITIONS, format_metrics, parse_metrics
+from maskrcnn.train.metrics import METRIC_DEFINITIONS, format_metrics, parse_metrics
 
 
 def test_a_training_line_is_read_back_by_the_exported_regexes() -> None:
-    line = "2026-01-01 INFO maskrcnn.engine: " + format_metrics(
+    line = "2026-01-01 INFO maskrcnn.train.engine: " + format_metrics(
         "train", {"epoch": 1, "step": 40, "loss_mask": 0.25, "loss": 0.8123, "lr": 0.01,
                   "images_per_sec": 6.5, "data_wait": 0.03}
     )

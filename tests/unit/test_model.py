@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from maskrcnn.errors import ModelError
-from maskrcnn.model import ModelSpec, build_model, load_model, load_pretrained, save_model
+from maskrcnn.model.architectures import ModelSpec, build_model, load_model, load_pretrained, save_model
 from safetensors.torch import save_file
 
 
@@ -295,7 +295,7 @@ def test_lite_box_head_is_normalised_before_its_relu() -> None:
     """Pushed where unnormalised ReLU units die (every pre-activation negative), torchvision's conv head
     answers all zeros; lite's, normalised before its ReLU, still has about half its units firing per region
     (a learned LayerNorm bias could still silence a unit; what this rules out is the whole layer going dark)."""
-    from maskrcnn.model import group_norm
+    from maskrcnn.model.architectures import group_norm
     from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
     torch.manual_seed(7)

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from maskrcnn.config import Hyperparameters
+from maskrcnn.train.config import Hyperparameters
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from maskrcnn.roi_align import TrainingRoIAlign, separable_roi_align
+from maskrcnn.model.roi_align import TrainingRoIAlign, separable_roi_align
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 
@@ -59,7 +59,7 @@ def test_multiscale_pooler_matches_torchvision_across_levels(monkeypatch: pytest
         calls.append(args[1].shape[0])
         return separable_roi_align(*args, **kwargs)
 
-    monkeypatch.setattr("maskrcnn.roi_align.separable_roi_align", counted)
+    monkeypatch.setattr("maskrcnn.model.roi_align.separable_roi_align", counted)
     leaves = {k: v.clone().requires_grad_(True) for k, v in features.items()}
     out = ours(leaves, boxes, shapes)
     assert len(calls) == 3 and sum(calls) == 60  # training: the separable form, once per level, every region

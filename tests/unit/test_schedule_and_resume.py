@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from maskrcnn import checkpoint
-from maskrcnn.config import Hyperparameters
-from maskrcnn.engine import LoopState
-from maskrcnn.training import SkipSampler, make_optimizer, make_scheduler
+from maskrcnn.train import checkpoint
+from maskrcnn.train.config import Hyperparameters
+from maskrcnn.train.engine import LoopState
+from maskrcnn.train.job import SkipSampler, make_optimizer, make_scheduler
 
 
 def lrs(hp: Hyperparameters, steps_per_epoch: int, total, steps: int) -> list[float]:  # type: ignore[no-untyped-def]

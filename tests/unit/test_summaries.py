@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from maskrcnn.summaries import draw_predictions
+from maskrcnn.train.summaries import draw_predictions
 
 
 def test_a_confident_detection_is_drawn_and_a_doubtful_one_is_not() -> None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from maskrcnn.synthetic import CLASSES, write_coco_dataset
+from maskrcnn.train.synthetic import CLASSES, write_coco_dataset
 from pycocotools import mask as mask_utils
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from maskrcnn.training import autocast_dtype, grad_scaler
+from maskrcnn.train.job import autocast_dtype, grad_scaler
 
 
 @pytest.mark.parametrize(

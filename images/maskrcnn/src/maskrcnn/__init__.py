@@ -1,8 +1,9 @@
 """Mask R-CNN under the Amazon SageMaker container contract: training and serving.
 
-Modules: config (the job's settings), data (datasets), synthetic (built-in dataset), model
-(architectures and the saved-model format), engine (train_one_epoch / evaluate), training (the
-job), predictor and app and server (serving), cli (the `train` and `serve` entrypoints).
+Packages: train (the `train` process: config, data, engine, the job), serve (the `serve` process:
+settings, supervisor, app, predictor), model (both: architectures and the saved-model format). Modules
+both use: contract (exit codes, failure file, log format), errors, device; cli (the `train` and `serve`
+entrypoints).
 Importing the package imports nothing heavy.
 """
 

@@ -13,9 +13,9 @@ import os
 import time
 import traceback
 
-from maskrcnn.config import TrainConfig, base_paths
 from maskrcnn.contract import EXIT_FAILED, setup_logging, write_failure
 from maskrcnn.errors import JobError
+from maskrcnn.train.config import TrainConfig, base_paths
 
 log = logging.getLogger("maskrcnn")
 
@@ -31,7 +31,7 @@ def train_main(argv: list[str] | None = None) -> int:
         from maskrcnn.device import probe, require_usable_gpu
 
         require_usable_gpu(probe(os.environ))  # a GPU CUDA cannot use fails here, never trains on CPU
-        from maskrcnn.training import run  # torch loads here, after the config is known to be valid
+        from maskrcnn.train.job import run  # torch loads here, after the config is known to be valid
 
         return run(config, started)
     except JobError as exc:
@@ -47,6 +47,6 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def serve_main(argv: list[str] | None = None) -> int:
     setup_logging()
-    from maskrcnn.server import main
+    from maskrcnn.serve.supervisor import main
 
     return main(argv or [])

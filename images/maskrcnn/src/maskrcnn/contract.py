@@ -16,7 +16,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from maskrcnn.config import SageMakerPaths
+    from maskrcnn.train.config import SageMakerPaths
 
 EXIT_DONE = 0
 EXIT_FAILED = 1

@@ -1,7 +1,7 @@
 """Typed errors, raised where a problem is found and mapped to an outcome in one place.
 
 Training: :func:`maskrcnn.cli.train_main` turns any :class:`JobError` into the first line of
-``/opt/ml/output/failure`` and a non-zero exit. Serving: :mod:`maskrcnn.app` turns any
+``/opt/ml/output/failure`` and a non-zero exit. Serving: :mod:`maskrcnn.serve.app` turns any
 :class:`RequestError` into its HTTP status with a JSON message.
 """
 

@@ -2,7 +2,7 @@
 
 A saved model (``/opt/ml/model``) is ``model.safetensors`` (the state dict) and ``model.json``. This
 module is what ``serve`` reads before it starts anything (:func:`check_saved_model`, well under a
-second: no torch import), and what :func:`maskrcnn.model.load_model` reads before it builds the
+second: no torch import), and what :func:`maskrcnn.model.architectures.load_model` reads before it builds the
 network. Only the tensors' names and shapes against the architecture need torch; load_model checks them.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from maskrcnn.config import ARCHS
 from maskrcnn.errors import ModelError
+from maskrcnn.train.config import ARCHS
 
 # 2: lite's box head has two convolutions; 3: lite classifies from the mask head too; 4: lite pools masks
 # from finer features (MASK_CANONICAL_SCALE); 5: lite's RPN proposes from strides 8-32 (LevelsRPN)
@@ -26,7 +26,7 @@ FORMAT_VERSION = 5
 OLDEST_FORMAT = {"lite": 5, "resnet50_fpn": 2, "resnet50_fpn_v2": 2}
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
-# The ResNet body's normalisation, as model.json's ``backbone_norm`` names it (maskrcnn.model builds each)
+# The ResNet body's normalisation, as model.json's ``backbone_norm`` names it (maskrcnn.model.architectures builds each)
 BACKBONE_NORMS = ("frozen_batch_norm", "batch_norm", "group_norm")
 RETRAIN = "retrain the model with this image (its training job writes model.json and model.safetensors)"
 

@@ -4,7 +4,7 @@
     app = create_app(predictor, settings, run_blocking) # workers: inference off the event loop
 
 Routes: ``GET /ping`` (200 once the predictor is loaded and warm, 503 before), ``POST
-/invocations`` (see :mod:`maskrcnn.codec` for formats and options; every 200 carries a
+/invocations`` (see :mod:`maskrcnn.serve.codec` for formats and options; every 200 carries a
 ``Server-Timing`` header with the milliseconds of decode, inference and encode), ``GET /execution-parameters``
 (batch transform). Everything else is a JSON 404 (405 for a wrong method).
 
@@ -28,11 +28,11 @@ import numpy as np
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from maskrcnn import codec
-from maskrcnn.codec import RequestOptions
 from maskrcnn.errors import NotAcceptable, RequestError, ServiceUnavailable
-from maskrcnn.model import ModelSpec
-from maskrcnn.settings import ServeSettings
+from maskrcnn.model.architectures import ModelSpec
+from maskrcnn.serve import codec
+from maskrcnn.serve.codec import RequestOptions
+from maskrcnn.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 

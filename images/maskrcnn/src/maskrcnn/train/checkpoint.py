@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from maskrcnn.engine import LoopState
 from maskrcnn.errors import StorageError, storage_error
+from maskrcnn.train.engine import LoopState
 
 log = logging.getLogger(__name__)
 

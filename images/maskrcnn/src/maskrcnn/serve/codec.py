@@ -44,7 +44,7 @@ from werkzeug.http import parse_accept_header
 from maskrcnn.errors import NotAcceptable, RequestError, UnsupportedMediaType
 
 if TYPE_CHECKING:
-    from maskrcnn.predictor import Detections
+    from maskrcnn.serve.predictor import Detections
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image")
 JSON_TYPE = "application/json"

@@ -1,4 +1,4 @@
-"""The gunicorn side of ``serve``: ``python -m maskrcnn.wsgi RUN_DIR`` (started by maskrcnn.server).
+"""The gunicorn side of ``serve``: ``python -m maskrcnn.serve.wsgi RUN_DIR`` (started by maskrcnn.serve.supervisor).
 
 Reads the resolved settings from ``RUN_DIR/settings.json`` and runs gunicorn with
 :class:`InferenceWorker`, a gevent worker that
@@ -31,8 +31,8 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.workers.ggevent import GeventWorker
 
 from maskrcnn.errors import ServiceUnavailable
-from maskrcnn.gunicorn_conf import RunDir, gunicorn_options
-from maskrcnn.settings import ServeSettings
+from maskrcnn.serve.gunicorn_conf import RunDir, gunicorn_options
+from maskrcnn.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ def build_app(settings: ServeSettings, device_slot: int) -> Flask:
     """One worker's app: its own Predictor on its own device, its own inference thread."""
     import torch  # here, in the worker: the gunicorn master never imports torch before forking
 
-    from maskrcnn.app import create_app
-    from maskrcnn.predictor import Predictor
+    from maskrcnn.serve.app import create_app
+    from maskrcnn.serve.predictor import Predictor
 
     device = f"cuda:{device_slot % settings.gpu_count}" if settings.device == "cuda" else "cpu"
     if settings.device == "cuda":
@@ -103,7 +103,7 @@ class ServingApplication(BaseApplication):
 
 
 class InferenceWorker(GeventWorker):
-    device_slot = 0  # set by maskrcnn.gunicorn_conf.assign_device_slot before the fork
+    device_slot = 0  # set by maskrcnn.serve.gunicorn_conf.assign_device_slot before the fork
 
     def load_wsgi(self) -> None:
         self.wsgi = build_app(self.app.settings, self.device_slot)
@@ -148,7 +148,7 @@ def main(argv: list[str]) -> int:
 
     setup_logging()
     if len(argv) != 1:
-        log.error("usage: python -m maskrcnn.wsgi RUN_DIR")
+        log.error("usage: python -m maskrcnn.serve.wsgi RUN_DIR")
         return 2
     run_dir = RunDir(Path(argv[0]))
     settings = ServeSettings.from_json(run_dir.settings_file.read_text())

@@ -5,7 +5,7 @@ Used by the tests, the benchmarks and ``make demo``, so nothing ever downloads d
 and rotation; shapes overlap and the later one
 occludes the earlier (the visible part is the instance mask). Same seed, same bytes.
 
-    python -m maskrcnn.synthetic OUT_DIR --images 200 --seed 0 --size 256
+    python -m maskrcnn.train.synthetic OUT_DIR --images 200 --seed 0 --size 256
 
 writes ``OUT_DIR/images/*.png`` and ``OUT_DIR/annotations.json`` (masks as compressed RLE).
 """

@@ -9,7 +9,7 @@ Architectures (``arch``):
   head predicting one mask for all classes from features pooled one FPN level finer than the box head's,
   fewer proposals, and :class:`MaskClassifyingRoIHeads` (a second class opinion from the mask head's
   features). At small image sizes the heads dominate the cost, so they shrink the most; training pools
-  regions with :class:`maskrcnn.roi_align.TrainingRoIAlign` (same values, fast backward).
+  regions with :class:`maskrcnn.model.roi_align.TrainingRoIAlign` (same values, fast backward).
 
 Pretrained weights come only from a file (the ``pretrained`` channel, or a path baked into the
 image): a detection checkpoint of the same architecture or a backbone (ImageNet) state dict, as
@@ -20,7 +20,7 @@ torchvision's builders do it: its BatchNorm frozen (:class:`FrozenBatchNorm2d`: 
 a small batch's) and only its last ``trainable_backbone_layers`` stages trained (docs/image.md).
 
 The saved model (``/opt/ml/model``) is ``model.safetensors`` (the state dict; loading it runs no
-code) and ``model.json`` (:class:`~maskrcnn.model_spec.ModelSpec`, in a module of its own so that
+code) and ``model.json`` (:class:`~maskrcnn.model.format.ModelSpec`, in a module of its own so that
 ``serve`` checks a saved model without importing torch: everything serving needs to rebuild the network
 and answer requests). :func:`load_model` refuses any other weights file.
 """
@@ -54,8 +54,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import Conv2dNormActivation, FrozenBatchNorm2d
 
 from maskrcnn.errors import ModelError
-from maskrcnn.model_spec import FORMAT_VERSION, SPEC_FILE, WEIGHTS_FILE, ModelSpec, check_saved_model
-from maskrcnn.roi_align import TrainingRoIAlign
+from maskrcnn.model.format import FORMAT_VERSION, SPEC_FILE, WEIGHTS_FILE, ModelSpec, check_saved_model
+from maskrcnn.model.roi_align import TrainingRoIAlign
 
 log = logging.getLogger(__name__)
 
@@ -541,7 +541,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-__all__ = [  # FORMAT_VERSION, ModelSpec ... live in maskrcnn.model_spec (no torch); re-exported here
+__all__ = [  # FORMAT_VERSION, ModelSpec ... live in maskrcnn.model.format (no torch); re-exported here
     "FORMAT_VERSION", "SPEC_FILE", "WEIGHTS_FILE", "ModelSpec", "backbone_norm", "build_model", "check_pretrained",
     "load_model", "load_pretrained", "save_model",
 ]

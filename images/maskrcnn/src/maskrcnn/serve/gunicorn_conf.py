@@ -1,6 +1,6 @@
-"""gunicorn's configuration, derived from :class:`~maskrcnn.settings.ServeSettings`.
+"""gunicorn's configuration, derived from :class:`~maskrcnn.serve.settings.ServeSettings`.
 
-Not a gunicorn ``-c`` file: :mod:`maskrcnn.wsgi` passes :func:`gunicorn_options` to gunicorn's
+Not a gunicorn ``-c`` file: :mod:`maskrcnn.serve.wsgi` passes :func:`gunicorn_options` to gunicorn's
 config object directly, so the values come from the one resolved settings object and can be unit
 tested. Behind nginx, gunicorn binds two unix sockets in the run directory (control: /ping and
 friends; inference: /invocations); without nginx it binds the public port itself.
@@ -14,9 +14,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from maskrcnn.settings import ServeSettings
+from maskrcnn.serve.settings import ServeSettings
 
-WORKER_CLASS = "maskrcnn.wsgi.InferenceWorker"
+WORKER_CLASS = "maskrcnn.serve.wsgi.InferenceWorker"
 WORKER_CONNECTIONS = 1000  # control-socket greenlets per worker: pings are cheap, never turn one away
 
 

@@ -37,11 +37,20 @@ from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from maskrcnn import checkpoint, distributed
-from maskrcnn.budget import BudgetPlanner, describe
-from maskrcnn.config import Hyperparameters, TrainConfig
 from maskrcnn.contract import EXIT_STOPPED, setup_logging, write_failure
-from maskrcnn.data import (
+from maskrcnn.errors import ConfigError, DataError, JobError, ModelError, storage_error
+from maskrcnn.model.architectures import (
+    DEFAULT_SIZES,
+    FORMAT_VERSION,
+    ModelSpec,
+    build_model,
+    check_pretrained,
+    save_model,
+)
+from maskrcnn.train import checkpoint, distributed
+from maskrcnn.train.budget import BudgetPlanner, describe
+from maskrcnn.train.config import Hyperparameters, TrainConfig
+from maskrcnn.train.data import (
     DatasetIndex,
     GroupedOrder,
     InstanceDataset,
@@ -53,10 +62,8 @@ from maskrcnn.data import (
     split_index,
     train_transforms,
 )
-from maskrcnn.engine import LoopState, evaluate, train_one_epoch
-from maskrcnn.errors import ConfigError, DataError, JobError, ModelError, storage_error
-from maskrcnn.model import DEFAULT_SIZES, FORMAT_VERSION, ModelSpec, build_model, check_pretrained, save_model
-from maskrcnn.summaries import OVERLAY_IMAGES, Summaries, predicted_overlays
+from maskrcnn.train.engine import LoopState, evaluate, train_one_epoch
+from maskrcnn.train.summaries import OVERLAY_IMAGES, Summaries, predicted_overlays
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +289,7 @@ def spawned_worker(local_rank: int, config: TrainConfig, nprocs: int, started: f
 def worker(local_rank: int, config: TrainConfig, nprocs: int, stop: StopSignal, started: float) -> int:
     ctx = distributed.init(config, local_rank, nprocs)
     if not ctx.is_main:
-        logging.getLogger("maskrcnn.engine").setLevel(logging.WARNING)  # one metrics stream per job
+        logging.getLogger("maskrcnn.train.engine").setLevel(logging.WARNING)  # one metrics stream per job
     state = LoopState()
     try:
         return _train(config, ctx, stop, state, started)

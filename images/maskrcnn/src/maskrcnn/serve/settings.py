@@ -1,6 +1,6 @@
 """How the inference server runs, read once from the environment at the edge.
 
-:meth:`ServeSettings.from_env` is called by ``serve`` (:mod:`maskrcnn.server`) with the process
+:meth:`ServeSettings.from_env` is called by ``serve`` (:mod:`maskrcnn.serve.supervisor`) with the process
 environment and the machine's CPU and GPU counts; nothing else in the serving code reads
 ``os.environ``. The gunicorn child receives the resolved settings as JSON (:meth:`to_json`), so the
 supervisor and every worker agree on one set of values. A wrong value fails before any traffic,
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maskrcnn.config import DEFAULT_BASE_DIR
 from maskrcnn.errors import ConfigError
+from maskrcnn.train.config import DEFAULT_BASE_DIR
 
 DEFAULT_PORT = 8080
 DEFAULT_TIMEOUT_S = 60  # SageMaker answers a real-time invocation within 60 s

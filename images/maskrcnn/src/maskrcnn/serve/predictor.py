@@ -26,7 +26,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 
-from maskrcnn.model import ModelSpec, load_model
+from maskrcnn.model.architectures import ModelSpec, load_model
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,10 @@ class Detections:
 class Predictor:
     """A Mask R-CNN loaded once and called per image. What it adds to the raw torchvision model:
 
-    * loading: ``model.json`` + ``model.safetensors`` via :func:`maskrcnn.model.load_model` (no
+    * loading: ``model.json`` + ``model.safetensors`` via :func:`maskrcnn.model.architectures.load_model` (no
       pickle ever runs), eval mode, on one device, with a fixed number of torch threads so several
       workers share the cores instead of fighting over them;
-    * input: an H x W x 3 uint8 RGB array (what :mod:`maskrcnn.codec` decodes) instead of a float
+    * input: an H x W x 3 uint8 RGB array (what :mod:`maskrcnn.serve.codec` decodes) instead of a float
       CHW tensor; an image larger than the model's working size is shrunk (antialiased, in uint8)
       before it becomes floats, so memory follows the model's size and not the upload's;
     * per-call ``score_threshold`` and ``max_detections`` (defaults from model.json), applied

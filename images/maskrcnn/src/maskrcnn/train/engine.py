@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from maskrcnn.errors import NonFiniteLossError
-from maskrcnn.metrics import format_metrics
+from maskrcnn.train.metrics import format_metrics
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from maskrcnn.config import TrainConfig
 from maskrcnn.errors import ConfigError, DataError, PeerLostError
+from maskrcnn.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

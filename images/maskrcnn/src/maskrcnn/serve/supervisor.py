@@ -3,15 +3,15 @@
     docker run -p 8080:8080 -v $PWD/model:/opt/ml/model IMAGE serve
     SAGEMAKER_BASE_DIR=/tmp/job images/maskrcnn/serve          # on a laptop
 
-Reads :class:`~maskrcnn.settings.ServeSettings` once from the environment, checks the saved model
-without torch (:func:`~maskrcnn.model_spec.check_saved_model`: both files, model.json's format
+Reads :class:`~maskrcnn.serve.settings.ServeSettings` once from the environment, checks the saved model
+without torch (:func:`~maskrcnn.model.format.check_saved_model`: both files, model.json's format
 version and arch, the safetensors header; a bad setting or model exits ``EXIT_REFUSED`` (2) in well
 under a second, one line naming the path and the fix, nothing started) -- and before those, that a
 GPU the host has is one CUDA can use (:func:`~maskrcnn.device.require_usable_gpu`: refused the same
 way, never served on CPU) --, writes a run directory (settings for the gunicorn child, nginx.conf,
 sockets, nginx temp files), then starts
 
-* gunicorn (``python -m maskrcnn.wsgi RUN_DIR``) with gevent workers on two unix sockets, and
+* gunicorn (``python -m maskrcnn.serve.wsgi RUN_DIR``) with gevent workers on two unix sockets, and
 * nginx on the public port (8080 or ``SAGEMAKER_BIND_TO_PORT``), ``daemon off``, error log to
   stderr, access log to stdout.
 
@@ -46,9 +46,9 @@ from types import FrameType
 
 from maskrcnn.device import probe, require_usable_gpu
 from maskrcnn.errors import ConfigError, ModelError
-from maskrcnn.gunicorn_conf import RunDir
-from maskrcnn.model_spec import check_saved_model
-from maskrcnn.settings import ServeSettings
+from maskrcnn.model.format import check_saved_model
+from maskrcnn.serve.gunicorn_conf import RunDir
+from maskrcnn.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def gpu_count() -> int:
 
 
 def render_nginx_conf(settings: ServeSettings, run_dir: RunDir, cpus: int) -> str:
-    template = resources.files("maskrcnn").joinpath("nginx.conf.tmpl").read_text()
+    template = resources.files("maskrcnn.serve").joinpath("nginx.conf.tmpl").read_text()
     values = {
         "RUN_DIR": str(run_dir.path),
         "NGINX_PID": str(run_dir.nginx_pid),
@@ -181,7 +181,7 @@ class Supervisor:
             settings.timeout_s,
             settings.max_payload_mb,
         )
-        self._start("gunicorn", [sys.executable, "-m", "maskrcnn.wsgi", str(run_dir.path)])
+        self._start("gunicorn", [sys.executable, "-m", "maskrcnn.serve.wsgi", str(run_dir.path)])
         if settings.nginx:
             run_dir.nginx_conf.write_text(render_nginx_conf(settings, run_dir, cpu_count()))
             self._start(
