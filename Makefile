@@ -45,8 +45,9 @@ test-pipeline: setup
 test-gpu: setup
 	$(PY) -m pytest -m gpu
 
-lint: setup  ## ruff, mypy on the package, hadolint on the Dockerfile
+lint: setup  ## ruff (check, format --check), mypy on the package, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check images local pipeline tests bench
+	$(VENV)/bin/ruff format --check images local pipeline tests bench
 	$(VENV)/bin/mypy images/maskrcnn/src/maskrcnn
 	if [ -f images/maskrcnn/Dockerfile ]; then $(VENV)/bin/hadolint images/maskrcnn/Dockerfile; fi
 

@@ -37,15 +37,27 @@ def fake_predictions(gt: dict, rng: np.random.Generator) -> list[dict]:
         rle["counts"] = rle["counts"].decode()
         x, y, w, h = ann["bbox"]
         jitter = rng.normal(0, 2, 4)
-        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"] if rng.random() > 0.05 else 1,
-                        "bbox": [x + jitter[0], y + jitter[1], max(w + jitter[2], 1), max(h + jitter[3], 1)],
-                        "score": float(rng.uniform(0.3, 1.0)), "segmentation": rle})
+        results.append(
+            {
+                "image_id": ann["image_id"],
+                "category_id": ann["category_id"] if rng.random() > 0.05 else 1,
+                "bbox": [x + jitter[0], y + jitter[1], max(w + jitter[2], 1), max(h + jitter[3], 1)],
+                "score": float(rng.uniform(0.3, 1.0)),
+                "segmentation": rle,
+            }
+        )
         if rng.random() < 0.2:  # a false positive elsewhere
             shifted = np.roll(mask, int(rng.integers(20, 60)), axis=1)
             frle = mask_utils.encode(np.asfortranarray(shifted))
             frle["counts"] = frle["counts"].decode()
-            results.append({**results[-1], "bbox": [float(v) for v in mask_utils.toBbox(frle)],
-                            "segmentation": frle, "score": float(rng.uniform(0.05, 0.6))})
+            results.append(
+                {
+                    **results[-1],
+                    "bbox": [float(v) for v in mask_utils.toBbox(frle)],
+                    "segmentation": frle,
+                    "score": float(rng.uniform(0.05, 0.6)),
+                }
+            )
     return results
 
 

@@ -41,9 +41,7 @@ def first_200(port: int, process, timeout: float = 300.0) -> float:  # type: ign
 
 def main(argv: list[str] | None = None) -> int:
     print(hostinfo.describe(), flush=True)
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0, help="default: what serve picks")
     args = parser.parse_args(argv)

@@ -58,8 +58,13 @@ def main() -> int:
     print(f"hyperparameters: {hp}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the job too
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, str(REPO / "images/maskrcnn/train")], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "images/maskrcnn/train")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert process.stdout is not None
     try:
         return report(process, job, started, args.log)
@@ -92,8 +97,11 @@ def report(process: subprocess.Popen[str], job: Path, started: float, log_path: 
                 epoch, ap50, now = pending
                 if ap50 >= TARGET_AP50 and first_hit is None:
                     first_hit = now - eval_seconds  # training time: start-up included, evaluations not
-                print(f"epoch {epoch}: {now:6.1f} s wall, {now - eval_seconds:6.1f} s without evaluation, "
-                      f"held-out segm AP50 {ap50:.3f} (train loss {loss})", flush=True)
+                print(
+                    f"epoch {epoch}: {now:6.1f} s wall, {now - eval_seconds:6.1f} s without evaluation, "
+                    f"held-out segm AP50 {ap50:.3f} (train loss {loss})",
+                    flush=True,
+                )
                 pending = None
     if process.wait() != 0:
         print((job / "output" / "failure").read_text() if (job / "output" / "failure").exists() else "failed")
@@ -104,8 +112,10 @@ def report(process: subprocess.Popen[str], job: Path, started: float, log_path: 
     if first_hit is None:
         print(f"AP50 never reached {TARGET_AP50}")
         return 1
-    print(f"reached AP50 >= {TARGET_AP50} after {first_hit:.0f} s of training (start-up included, the "
-          f"per-epoch evaluations not): {first_hit / BUDGET_S:.2f}x of the {BUDGET_S:.0f} s budget")
+    print(
+        f"reached AP50 >= {TARGET_AP50} after {first_hit:.0f} s of training (start-up included, the "
+        f"per-epoch evaluations not): {first_hit / BUDGET_S:.2f}x of the {BUDGET_S:.0f} s budget"
+    )
     return 0 if first_hit <= BUDGET_S else 1
 
 

@@ -67,9 +67,7 @@ def reset_tree(base: Path) -> None:
 
 def main() -> int:
     print(hostinfo.describe(), flush=True)
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--images", type=int, default=12)

@@ -52,9 +52,7 @@ def timed(fn, repeat: int) -> tuple[float, bytes]:  # type: ignore[no-untyped-de
 
 def main(argv: list[str] | None = None) -> int:
     print(hostinfo.describe(), flush=True)
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
 

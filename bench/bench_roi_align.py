@@ -54,9 +54,11 @@ def main() -> None:
         (t_ref, out_ref, grad_ref), (t_ours, out_ours, grad_ours) = results
         totals[0] += t_ref
         totals[1] += t_ours
-        print(f"{side:2d}x{side:<3d} {count:7d} {pooled:4d}x{pooled:<2d}| {1000 * t_ref:8.1f} ms |"
-              f" {1000 * t_ours:6.1f} ms | {t_ref / t_ours:7.1f}x | {float((out_ref - out_ours).abs().max()):16.2e} |"
-              f" {float((grad_ref - grad_ours).abs().max()):17.2e}")
+        print(
+            f"{side:2d}x{side:<3d} {count:7d} {pooled:4d}x{pooled:<2d}| {1000 * t_ref:8.1f} ms |"
+            f" {1000 * t_ours:6.1f} ms | {t_ref / t_ours:7.1f}x | {float((out_ref - out_ours).abs().max()):16.2e} |"
+            f" {float((grad_ref - grad_ours).abs().max()):17.2e}"
+        )
     print(f"all six: {1000 * totals[0]:.1f} ms -> {1000 * totals[1]:.1f} ms, {totals[0] / totals[1]:.1f}x")
 
 

@@ -75,9 +75,7 @@ def start_server(
     base_dir: Path, port: int, env_extra: dict[str, str] | None = None, log_path: Path | None = None
 ) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "MASKRCNN_"))}
-    env.update(
-        {"SAGEMAKER_BASE_DIR": str(base_dir), "SAGEMAKER_BIND_TO_PORT": str(port), "PYTHONUNBUFFERED": "1"}
-    )
+    env.update({"SAGEMAKER_BASE_DIR": str(base_dir), "SAGEMAKER_BIND_TO_PORT": str(port), "PYTHONUNBUFFERED": "1"})
     env.update(env_extra or {})
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(
@@ -227,7 +225,12 @@ def server_timing(header: str | None) -> dict[str, float]:
 
 
 def run_server_load(
-    port: int, clients: int, jpeg: bytes, attributes: str, seconds: float, ping_every: float,
+    port: int,
+    clients: int,
+    jpeg: bytes,
+    attributes: str,
+    seconds: float,
+    ping_every: float,
     timings: list[dict[str, float]] | None = None,
 ) -> tuple[float, list[float], list[float], int]:
     """Closed-loop clients for ``seconds``; returns (req/s, latencies, ping latencies, errors).
@@ -298,18 +301,12 @@ def pct(values: list[float], q: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     print(hostinfo.describe(), flush=True)
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds per side, all rounds")
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument(
-        "--ping-seconds", type=float, default=10.0, help="saturated phase that measures /ping"
-    )
+    parser.add_argument("--ping-seconds", type=float, default=10.0, help="saturated phase that measures /ping")
     parser.add_argument("--workers", type=int, default=0, help="default: what serve picks on this machine")
-    parser.add_argument(
-        "--detections", type=int, default=10, help="detections per answer (score_threshold=0)"
-    )
+    parser.add_argument("--detections", type=int, default=10, help="detections per answer (score_threshold=0)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -366,9 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 lat += round_lat
                 errors += round_errors
             # Then saturate with twice as many clients as workers and ping every 20 ms.
-            _, _, pings, round_errors = run_server_load(
-                port, 2 * workers, jpeg, attributes, args.ping_seconds, 0.02
-            )
+            _, _, pings, round_errors = run_server_load(port, 2 * workers, jpeg, attributes, args.ping_seconds, 0.02)
             errors += round_errors
         finally:
             stop_server(server)
@@ -381,13 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.size}px JPEG, {args.detections} detections per answer; "
         f"{args.seconds:g} s per side in {args.rounds} rounds"
     )
+    print(f"bare predictor in-process : {base_rps:7.2f} img/s   p50 {1000 * statistics.median(base_lat):7.1f} ms")
     print(
-        f"bare predictor in-process : {base_rps:7.2f} img/s   "
-        f"p50 {1000 * statistics.median(base_lat):7.1f} ms"
-    )
-    print(
-        f"full stack via nginx      : {rps:7.2f} req/s   p50 {1000 * statistics.median(lat):7.1f} ms   "
-        f"errors {errors}"
+        f"full stack via nginx      : {rps:7.2f} req/s   p50 {1000 * statistics.median(lat):7.1f} ms   errors {errors}"
     )
     names = timings[0] if timings else {}
     inside = {name: 1000 * statistics.median(t.get(name, 0.0) for t in timings) for name in names}
@@ -409,9 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     overhead = 1000 * (statistics.median(lat) - statistics.median(base_lat))
     ping_p50, ping_p99 = 1000 * pct(pings, 0.5), 1000 * pct(pings, 0.99)
     print(f"throughput ratio          : {ratio:.3f}x  (floor 0.95x)  {'OK' if ratio >= 0.95 else 'BELOW'}")
-    print(
-        f"p50 latency overhead      : {overhead:.1f} ms (ceiling 5 ms)  {'OK' if overhead <= 5 else 'ABOVE'}"
-    )
+    print(f"p50 latency overhead      : {overhead:.1f} ms (ceiling 5 ms)  {'OK' if overhead <= 5 else 'ABOVE'}")
     print(
         f"/ping while saturated     : p50 {ping_p50:.1f} ms  p99 {ping_p99:.1f} ms over {len(pings)} pings "
         f"(ceiling p99 100 ms)  {'OK' if ping_p99 <= 100 else 'ABOVE'}"

@@ -91,19 +91,30 @@ def main() -> None:
     for _ in range(args.rounds):
         model, optimizer = fresh()
         sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
-        loader = DataLoader(dataset, batch_size=args.batch, sampler=sampler, collate_fn=collate,
-                            num_workers=args.workers)
+        loader = DataLoader(
+            dataset, batch_size=args.batch, sampler=sampler, collate_fn=collate, num_workers=args.workers
+        )
         scheduler = make_scheduler(optimizer, hp, len(loader), len(loader))
-        train_one_epoch(model, optimizer, scheduler, loader, torch.device("cpu"), LoopState(),
-                        clip_grad_norm=hp.clip_grad_norm, log_every=args.steps, max_steps=args.steps)
+        train_one_epoch(
+            model,
+            optimizer,
+            scheduler,
+            loader,
+            torch.device("cpu"),
+            LoopState(),
+            clip_grad_norm=hp.clip_grad_norm,
+            log_every=args.steps,
+            max_steps=args.steps,
+        )
         ours.append(capture.rates[-1])
         model, optimizer = fresh()
-        loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, collate_fn=collate,
-                            num_workers=args.workers)
+        loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, collate_fn=collate, num_workers=args.workers)
         reference.append(reference_loop(model, optimizer, loader, args.steps))
     ours_rate, ref_rate = statistics.median(ours), statistics.median(reference)
-    print(f"machine: {torch.get_num_threads()} torch threads; lite @ {args.size}px, batch {args.batch}, "
-          f"{args.steps} steps x {args.rounds} rounds")
+    print(
+        f"machine: {torch.get_num_threads()} torch threads; lite @ {args.size}px, batch {args.batch}, "
+        f"{args.steps} steps x {args.rounds} rounds"
+    )
     print(f"reference loop : {ref_rate:6.2f} images/s  (rounds: {', '.join(f'{r:.2f}' for r in reference)})")
     print(f"our loop       : {ours_rate:6.2f} images/s  (rounds: {', '.join(f'{r:.2f}' for r in ours)})")
     print(f"ratio ours/reference: {ours_rate / ref_rate:.3f}x  (floor 1.0x)")

@@ -129,9 +129,7 @@ def execution_from_args(
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run one command, and turn every error a person can act on into one line and an exit code."""
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return run(args)
     except (InputError, HarnessError) as error:  # the arguments; nothing was started

@@ -95,9 +95,7 @@ class BuildSettings:
             context_bucket=env["CONTEXT_BUCKET"],
             codebuild_role_arn=env["CODEBUILD_ROLE_ARN"],
             log_group=env["CODEBUILD_LOG_GROUP"],
-            context_dir=Path(
-                env.get("CONTEXT_DIR", str(Path(__file__).resolve().parent.parent / "build_context"))
-            ),
+            context_dir=Path(env.get("CONTEXT_DIR", str(Path(__file__).resolve().parent.parent / "build_context"))),
             build_image=env.get("BUILD_IMAGE", cls.build_image),
             compute_type=env.get("COMPUTE_TYPE", cls.compute_type),
             timeout_minutes=int(env.get("BUILD_TIMEOUT_MINUTES", cls.timeout_minutes)),
@@ -192,21 +190,15 @@ def check_source_version(context_dir: Path, git_sha: str) -> None:
     if marker.is_file():
         packaged = marker.read_text().strip()
         if not packaged.startswith(git_sha):
-            raise BuildRequestError(
-                f"this function carries the source of {packaged}, not {git_sha}: redeploy"
-            )
+            raise BuildRequestError(f"this function carries the source of {packaged}, not {git_sha}: redeploy")
 
 
-def run_build(
-    settings: BuildSettings, event: Mapping[str, Any], ecr: Any, s3: Any, codebuild: Any
-) -> dict[str, str]:
+def run_build(settings: BuildSettings, event: Mapping[str, Any], ecr: Any, s3: Any, codebuild: Any) -> dict[str, str]:
     """Everything the handler does, with the clients passed in."""
     git_sha, release_tag = parse_event(event)
     check_source_version(settings.context_dir, git_sha)
     repository_uri = ensure_repository(ecr, settings.repository_name)
-    location = upload_context(
-        s3, settings.context_bucket, f"{CONTEXT_PREFIX}/{git_sha}", settings.context_dir
-    )
+    location = upload_context(s3, settings.context_bucket, f"{CONTEXT_PREFIX}/{git_sha}", settings.context_dir)
     ensure_project(codebuild, project_request(settings, location, repository_uri))
     image_tag = f"{IMAGE_TAG_PREFIX}{git_sha}"
     overrides = [

@@ -30,9 +30,7 @@ CHECKPOINT_LOCAL_PATH = str(SageMakerPaths(Path(DEFAULT_BASE_DIR)).checkpoints_d
 # A quarter of a short runtime at most. Datasets of hundreds of GB need more: pass `-p max_runtime=...`.
 BUDGET_MARGIN_SECONDS = 900
 
-_DIGEST_URI = re.compile(
-    r"^\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+@sha256:[0-9a-f]{64}$"
-)
+_DIGEST_URI = re.compile(r"^\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[a-z0-9._/-]+@sha256:[0-9a-f]{64}$")
 _GIT_SHA = re.compile(r"^[0-9a-f]{7,40}$")
 _NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker job/model/endpoint names
 
@@ -112,9 +110,7 @@ class ExecutionInput:
             if self.git_sha is None or not _GIT_SHA.match(self.git_sha):
                 raise InputError("without image_uri, git_sha (hex) selects the source to build")
         elif not _DIGEST_URI.match(self.image_uri):
-            raise InputError(
-                f"image_uri must be an ECR URI pinned by digest (@sha256:...), got {self.image_uri!r}"
-            )
+            raise InputError(f"image_uri must be an ECR URI pinned by digest (@sha256:...), got {self.image_uri!r}")
         workflow_hyperparameters(self.hyperparameters)
         if self.use_spot and self.max_wait_seconds < self.max_runtime_seconds:
             raise InputError("max_wait_seconds must be at least max_runtime_seconds for spot training")

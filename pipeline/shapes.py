@@ -44,9 +44,7 @@ SAMPLE_RESULTS: dict[str, Any] = {
         "ImageTag": "git-0123456789abcdef0123456789abcdef01234567",
     },
     "LastBuild": {"Build": {"BuildStatus": "SUCCEEDED"}},
-    "BuiltImage": {
-        "Detail": {"ImageDigest": _DIGEST, "ImageTags": ["git-0123456789abcdef0123456789abcdef01234567"]}
-    },
+    "BuiltImage": {"Detail": {"ImageDigest": _DIGEST, "ImageTags": ["git-0123456789abcdef0123456789abcdef01234567"]}},
     "Image": {"Uri": f"{_REPO_URI}@{_DIGEST}"},
     "TrainingJob": {
         "S3ModelArtifacts": "s3://bucket/output/job/output/model.tar.gz",
@@ -112,9 +110,7 @@ def resolve_expression(expression: str, state: Any, context: Mapping[str, Any]) 
     if not match:
         raise UnsupportedExpression(expression)
     function, raw_args = match.groups()
-    args = [
-        a[1:-1] if a.startswith("'") else resolve_expression(a, state, context) for a in _split_args(raw_args)
-    ]
+    args = [a[1:-1] if a.startswith("'") else resolve_expression(a, state, context) for a in _split_args(raw_args)]
     if function == "Array":
         return list(args)
     if function == "Format":
@@ -158,9 +154,7 @@ def to_api_casing(value: Any, shape: Shape | None) -> Any:
     return value
 
 
-def validate_request(
-    service: str, operation: str, request: Mapping[str, Any], *, sdk_casing: bool
-) -> str | None:
+def validate_request(service: str, operation: str, request: Mapping[str, Any], *, sdk_casing: bool) -> str | None:
     """botocore's own validation of one request; None when it is valid."""
     model = botocore.session.get_session().get_service_model(service)
     shape = model.operation_model(operation).input_shape

@@ -25,9 +25,7 @@ Json = dict[str, Any]
 PARTITION = "${AWS::Partition}"
 REGION = "${AWS::Region}"
 ACCOUNT = "${AWS::AccountId}"
-TRAINING_EVENTS_RULE = (
-    "StepFunctionsGetEventsForSageMakerTrainingJobsRule"  # managed by Step Functions for .sync
-)
+TRAINING_EVENTS_RULE = "StepFunctionsGetEventsForSageMakerTrainingJobsRule"  # managed by Step Functions for .sync
 
 
 def sub(text: str) -> Any:
@@ -145,9 +143,7 @@ def roles(settings: StackSettings) -> dict[str, Json]:
         "BuildFunctionRole": role(
             "lambda.amazonaws.com",
             [
-                statement(
-                    log_streams, [sub("${BuildFunctionLogGroup.Arn}"), sub("${BuildFunctionLogGroup.Arn}:*")]
-                ),
+                statement(log_streams, [sub("${BuildFunctionLogGroup.Arn}"), sub("${BuildFunctionLogGroup.Arn}:*")]),
                 statement(
                     [
                         "ecr:CreateRepository",
@@ -279,9 +275,7 @@ def build_template(settings: StackSettings) -> Json:
             "UpdateReplacePolicy": "Retain",
             "Properties": {
                 "BucketEncryption": {
-                    "ServerSideEncryptionConfiguration": [
-                        {"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}
-                    ]
+                    "ServerSideEncryptionConfiguration": [{"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
                 },
                 "VersioningConfiguration": {"Status": "Enabled"},
                 "OwnershipControls": {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]},
@@ -339,12 +333,8 @@ def build_template(settings: StackSettings) -> Json:
                 },
             },
         },
-        "CodeBuildLogGroup": log_group(
-            sub(f"/aws/codebuild/{settings.project_name}"), settings.log_retention_days
-        ),
-        "BuildFunctionLogGroup": log_group(
-            sub(f"/aws/lambda/{settings.function_name}"), settings.log_retention_days
-        ),
+        "CodeBuildLogGroup": log_group(sub(f"/aws/codebuild/{settings.project_name}"), settings.log_retention_days),
+        "BuildFunctionLogGroup": log_group(sub(f"/aws/lambda/{settings.function_name}"), settings.log_retention_days),
         "StateMachineLogGroup": log_group(
             sub(f"/aws/vendedlogs/states/{settings.state_machine_name}"), settings.log_retention_days
         ),
@@ -385,8 +375,7 @@ def build_template(settings: StackSettings) -> Json:
                     ),
                     (
                         "CKV_AWS_117",
-                        "Calls only AWS APIs (ECR, S3, CodeBuild); a VPC would add NAT or endpoints "
-                        "and no isolation.",
+                        "Calls only AWS APIs (ECR, S3, CodeBuild); a VPC would add NAT or endpoints and no isolation.",
                     ),
                     ("CKV_AWS_173", "The environment holds resource names only, no secrets."),
                 ]
@@ -407,11 +396,7 @@ def build_template(settings: StackSettings) -> Json:
                     "Level": "ERROR",
                     "IncludeExecutionData": False,
                     "Destinations": [
-                        {
-                            "CloudWatchLogsLogGroup": {
-                                "LogGroupArn": {"Fn::GetAtt": ["StateMachineLogGroup", "Arn"]}
-                            }
-                        }
+                        {"CloudWatchLogsLogGroup": {"LogGroupArn": {"Fn::GetAtt": ["StateMachineLogGroup", "Arn"]}}}
                     ],
                 },
                 "TracingConfiguration": {"Enabled": True},

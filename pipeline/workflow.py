@@ -125,9 +125,7 @@ def build_states(settings: StackSettings) -> dict[str, State]:
             },
             result_path="$.BuildResult",
             retry=[BUILD_RETRY],
-            catch=[
-                {"ErrorEquals": ["States.TaskFailed"], "ResultPath": "$.Error", "Next": "BuildImageFailed"}
-            ],
+            catch=[{"ErrorEquals": ["States.TaskFailed"], "ResultPath": "$.Error", "Next": "BuildImageFailed"}],
         ),
         "BuildImageFailed": fail("BuildImageFailed", "The build Lambda failed after its retries."),
         "DescribeBuild": task(
@@ -283,9 +281,7 @@ def deploy_states(settings: StackSettings) -> dict[str, State]:
             default="WaitForEndpoint",
         ),
         "WaitForEndpoint": wait(settings.endpoint_poll_seconds, "DescribeEndpoint"),
-        "EndpointFailed": fail(
-            "EndpointFailed", "The endpoint went to Failed; see DescribeEndpoint's FailureReason."
-        ),
+        "EndpointFailed": fail("EndpointFailed", "The endpoint went to Failed; see DescribeEndpoint's FailureReason."),
         "Deployed": {"Type": "Succeed"},
     }
 

@@ -41,9 +41,7 @@ def docker_client():
         client = docker.from_env(timeout=300)
         client.ping()
     except Exception as exc:  # DockerException, connection refused, permission denied ...
-        pytest.skip(
-            f"no Docker engine reachable ({type(exc).__name__}: {exc}); scripts/install-docker.sh starts one"
-        )
+        pytest.skip(f"no Docker engine reachable ({type(exc).__name__}: {exc}); scripts/install-docker.sh starts one")
     yield client
     client.close()
 
@@ -70,9 +68,7 @@ def image(docker_client) -> str:
     base = os.environ.get("BASE_IMAGE") or _existing_base(docker_client, tag)
     if base:
         env["BASE_IMAGE"] = base
-    result = subprocess.run(
-        [str(BUILD_SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, check=False
-    )
+    result = subprocess.run([str(BUILD_SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         pytest.fail(
             f"building {tag} (base {base or 'Dockerfile default'}) failed, exit code {result.returncode}:\n"

@@ -135,9 +135,7 @@ def test_serve_ping_and_invocations(docker_client, image: str, trained_model: Pa
     assert isinstance(prediction["instances"], list)
 
 
-def test_serve_exits_cleanly_on_sigterm(
-    docker_client, image: str, trained_model: Path, containers: list
-) -> None:
+def test_serve_exits_cleanly_on_sigterm(docker_client, image: str, trained_model: Path, containers: list) -> None:
     """SageMaker stops an endpoint with SIGTERM and kills 30 s later: the server must be gone by then."""
     container, _ = _start_server(docker_client, image, trained_model, containers)
     started = time.monotonic()
@@ -188,9 +186,7 @@ def test_train_on_gpu(
 
     gpus = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
     probe = "import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name(0))"
-    out = docker_client.containers.run(
-        image, ["-c", probe], entrypoint="python3", remove=True, device_requests=gpus
-    )
+    out = docker_client.containers.run(image, ["-c", probe], entrypoint="python3", remove=True, device_requests=gpus)
     assert out.strip()
     opt_ml = opt_ml_factory(smoke_hyperparameters)
     code, logs = run_to_completion("train", opt_ml, timeout=900, device_requests=gpus)

@@ -34,8 +34,9 @@ def two_gpus() -> None:
 def run_train(base: Path, **extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "MASKRCNN_"))}
     env.update({"SAGEMAKER_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1", **extra})
-    return subprocess.run([sys.executable, str(REPO / "images/maskrcnn/train")], env=env, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, str(REPO / "images/maskrcnn/train")], env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 def test_pretrained_fine_tune_then_serve_on_cuda(make_job, synthetic_dir: Path, tmp_path: Path) -> None:
@@ -46,16 +47,19 @@ def test_pretrained_fine_tune_then_serve_on_cuda(make_job, synthetic_dir: Path, 
     weights = tmp_path / "weights"
     weights.mkdir()
     torch.save(maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None).state_dict(), weights / "coco.pth")
-    base = make_job({"arch": "resnet50_fpn_v2", "max_steps": "4", "min_size": "256", "max_size": "256"},
-                    channels={"training": synthetic_dir, "pretrained": weights})
+    base = make_job(
+        {"arch": "resnet50_fpn_v2", "max_steps": "4", "min_size": "256", "max_size": "256"},
+        channels={"training": synthetic_dir, "pretrained": weights},
+    )
     result = run_train(base)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "mixed precision: torch.bfloat16" in result.stdout or torch.cuda.get_device_capability() < (8, 0)
     spec = json.loads((base / "model" / "model.json").read_text())
     assert spec["backbone_norm"] == "frozen_batch_norm"
     predictor = Predictor.load(base / "model", "cuda:0")
-    detections = predictor(np.random.default_rng(0).integers(0, 255, (256, 320, 3), dtype=np.uint8),
-                           score_threshold=0.0)
+    detections = predictor(
+        np.random.default_rng(0).integers(0, 255, (256, 320, 3), dtype=np.uint8), score_threshold=0.0
+    )
     assert len(detections.scores) == len(detections.boxes)
 
 
@@ -76,12 +80,14 @@ def test_amp_is_on_inside_the_forward(synthetic_dir: Path) -> None:
     assert dtype == expected
     scaler = grad_scaler(dtype)
     assert (scaler is None) == (dtype == torch.bfloat16)
-    loader = torch.utils.data.DataLoader(InstanceDataset(index, train_transforms(0.5, False)), batch_size=2,
-                                         collate_fn=collate)
+    loader = torch.utils.data.DataLoader(
+        InstanceDataset(index, train_transforms(0.5, False)), batch_size=2, collate_fn=collate
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    train_one_epoch(model, optimizer, scheduler, loader, device, LoopState(), scaler=scaler, amp_dtype=dtype,
-                    max_steps=1)
+    train_one_epoch(
+        model, optimizer, scheduler, loader, device, LoopState(), scaler=scaler, amp_dtype=dtype, max_steps=1
+    )
     assert seen and seen[0] == expected
 
 
@@ -100,8 +106,9 @@ def test_serving_workers_each_on_their_own_device(tmp_path: Path) -> None:
     from maskrcnn.serve.settings import ServeSettings
 
     save_model(tmp_path / "model", build_model("lite", 4, 128, 256), ModelSpec("lite", ("a", "b", "c")))
-    settings = ServeSettings.from_env({"SAGEMAKER_BASE_DIR": str(tmp_path)}, cpu_count=os.cpu_count() or 1,
-                                      gpu_count=torch.cuda.device_count())
+    settings = ServeSettings.from_env(
+        {"SAGEMAKER_BASE_DIR": str(tmp_path)}, cpu_count=os.cpu_count() or 1, gpu_count=torch.cuda.device_count()
+    )
     context = mp.get_context("spawn")
     queue = context.Queue()
     processes = [context.Process(target=_worker_device, args=(1, settings.to_json(), queue))]

@@ -27,14 +27,16 @@ def need_cuda() -> None:
 
 def run_train(base: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(REPO / "images/maskrcnn/train")], env=env, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, str(REPO / "images/maskrcnn/train")], env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.mark.parametrize("arch", ["lite", "resnet50_fpn_v2"])
 def test_amp_training_on_every_gpu_writes_the_model(make_job, arch: str) -> None:
-    base = make_job({"arch": arch, "max_steps": "6", "amp": "true", "num_workers": "2", "min_size": "256",
-                     "max_size": "256"})
+    base = make_job(
+        {"arch": arch, "max_steps": "6", "amp": "true", "num_workers": "2", "min_size": "256", "max_size": "256"}
+    )
     result = run_train(base)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     gpus = torch.cuda.device_count()

@@ -97,10 +97,21 @@ def test_a_stop_while_the_processes_start_is_a_stop_not_a_failure(make_job) -> N
     """SIGTERM to the launcher while its per-device processes still import torch: exit 143, no failure."""
     base = make_job({"max_steps": "200"})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "MASKRCNN_"))}
-    env.update({"SAGEMAKER_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1", "MASKRCNN_PROCS_PER_HOST": "2",
-                "MASKRCNN_MASTER_PORT": str(free_port())})
-    process = subprocess.Popen([sys.executable, str(REPO / "images/maskrcnn/train")], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env.update(
+        {
+            "SAGEMAKER_BASE_DIR": str(base),
+            "PYTHONUNBUFFERED": "1",
+            "MASKRCNN_PROCS_PER_HOST": "2",
+            "MASKRCNN_MASTER_PORT": str(free_port()),
+        }
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "images/maskrcnn/train")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert process.stdout is not None
         seen = []

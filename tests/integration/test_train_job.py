@@ -92,8 +92,9 @@ def test_bad_input_fails_with_a_reason_and_nonzero_exit(make_job, tmp_path: Path
         data = tmp_path / "bad"
         data.mkdir()
         images = [] if setup == "empty_dataset" else [{"id": 1, "file_name": "x.png", "width": 8, "height": 8}]
-        (data / "annotations.json").write_text(json.dumps({"images": images, "annotations": [],
-                                                           "categories": [{"id": 1, "name": "a"}]}))
+        (data / "annotations.json").write_text(
+            json.dumps({"images": images, "annotations": [], "categories": [{"id": 1, "name": "a"}]})
+        )
         base = make_job(channels={"training": data})
     result = run_train(base, timeout=120)
     assert result.returncode == 1
@@ -164,8 +165,14 @@ def wait_for_line(process: subprocess.Popen, needle: str, timeout: float) -> lis
 
 def test_sigterm_checkpoints_and_the_restart_ends_where_an_uninterrupted_run_does(make_job) -> None:
     # AdamW (fused), as the CPU preset trains: its moments and step counts must come back from the checkpoint
-    hp = {"max_steps": "10", "epochs": "2", "num_workers": "1", "checkpoint_every": "0", "optimizer": "adamw",
-          "lr": "0.003"}
+    hp = {
+        "max_steps": "10",
+        "epochs": "2",
+        "num_workers": "1",
+        "checkpoint_every": "0",
+        "optimizer": "adamw",
+        "lr": "0.003",
+    }
     reference = make_job(hp, name="uninterrupted")
     assert run_train(reference).returncode == 0
 
@@ -185,8 +192,9 @@ def test_sigterm_checkpoints_and_the_restart_ends_where_an_uninterrupted_run_doe
     resumed = run_train(base)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "resuming from checkpoint" in resumed.stdout
-    resumed_steps = [int(m.split("step=")[1].split()[0]) for m in resumed.stdout.splitlines()
-                     if "#metrics phase=train" in m]
+    resumed_steps = [
+        int(m.split("step=")[1].split()[0]) for m in resumed.stdout.splitlines() if "#metrics phase=train" in m
+    ]
     assert resumed_steps and resumed_steps[0] > 3  # it continued; it did not start over
     a = load_file(reference / "model" / "model.safetensors")
     b = load_file(base / "model" / "model.safetensors")
@@ -223,9 +231,13 @@ def test_one_process_per_device_launcher_trains_and_stops_together(make_job) -> 
     assert result.stdout.count("phase=train epoch=0 step=1 ") == 1  # only rank 0 reports metrics
 
     stopped = make_job({"max_steps": "200"}, name="stopped")
-    process = subprocess.Popen(TRAIN, env=env_for(stopped, MASKRCNN_PROCS_PER_HOST="2",
-                                                  MASKRCNN_MASTER_PORT=str(free_port())),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        TRAIN,
+        env=env_for(stopped, MASKRCNN_PROCS_PER_HOST="2", MASKRCNN_MASTER_PORT=str(free_port())),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for_line(process, "step=2 ", timeout=240)
         process.send_signal(signal.SIGTERM)  # to the launcher only, as SageMaker signals PID 1
@@ -243,8 +255,9 @@ def test_one_process_per_device_launcher_trains_and_stops_together(make_job) -> 
 def test_a_failing_device_process_leaves_its_reason(make_job, tmp_path: Path) -> None:
     data = tmp_path / "empty"
     data.mkdir()
-    (data / "annotations.json").write_text(json.dumps({"images": [], "annotations": [],
-                                                       "categories": [{"id": 1, "name": "a"}]}))
+    (data / "annotations.json").write_text(
+        json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]})
+    )
     base = make_job(channels={"training": data})
     result = run_train(base, MASKRCNN_PROCS_PER_HOST="2", MASKRCNN_MASTER_PORT=str(free_port()))
     assert result.returncode == 1

@@ -50,11 +50,7 @@ def docker_image() -> str:
     (as tests/container does: a stale image would compare old model code with new), or a skip that
     says what is missing. ``MASKRCNN_SKIP_BUILD=1`` tests the tag as it is."""
     image = os.environ.get("IMAGE", rt.DEFAULT_IMAGE)
-    engine = (
-        subprocess.run(["docker", "info"], capture_output=True, check=False)
-        if shutil.which("docker")
-        else None
-    )
+    engine = subprocess.run(["docker", "info"], capture_output=True, check=False) if shutil.which("docker") else None
     if engine is None or engine.returncode != 0:
         pytest.skip("docker mode needs a Docker engine: scripts/install-docker.sh starts one")
     if os.environ.get("MASKRCNN_SKIP_BUILD") != "1":
@@ -83,9 +79,7 @@ def docker_image() -> str:
             check=False,
         )
         if built.returncode != 0:
-            pytest.fail(
-                f"scripts/build-image.sh failed:\n{(built.stdout + built.stderr)[-4000:]}", pytrace=False
-            )
+            pytest.fail(f"scripts/build-image.sh failed:\n{(built.stdout + built.stderr)[-4000:]}", pytrace=False)
     usable, why = rt.docker_status(image)
     if not usable:
         pytest.skip(f"docker mode needs image {image}: {why} (scripts/build-image.sh)")

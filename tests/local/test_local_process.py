@@ -104,9 +104,7 @@ def test_serve_invoke_json_and_png(trained_job, process_runtime, endpoint_factor
     assert reply.ok, reply.message()
     prediction = reply.json()["predictions"][0]
     assert prediction["image_size"] == [128, 128]
-    failures = client.invoke_files(
-        endpoint.url, [image], "image/png", None, None, tmp_path / "out", sys.stdout
-    )
+    failures = client.invoke_files(endpoint.url, [image], "image/png", None, None, tmp_path / "out", sys.stdout)
     assert failures == []
     assert (tmp_path / "out" / f"{image.name}.out").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = client.invoke(endpoint.url, b"not an image", "image/png")
@@ -227,9 +225,7 @@ def test_sharded_hosts_each_train_their_own_part_for_the_same_steps(process_runt
     spec = tiny_spec(data, "sharded", instance_count=2, distribution="sharded", hyperparameters=hp)
     result = run_training(spec, tmp_path / "job", process_runtime, Collect())
     assert result.exit_code == 0
-    parts = [
-        json.loads((tmp_path / f"job/{h}/input/data/training/annotations.json").read_text()) for h in result.hosts
-    ]
+    parts = [json.loads((tmp_path / f"job/{h}/input/data/training/annotations.json").read_text()) for h in result.hosts]
     names = [{im["file_name"] for im in part["images"]} for part in parts]
     assert [len(n) for n in names] == [5, 4] and not names[0] & names[1]
     config = json.loads((tmp_path / "job/algo-2/input/config/inputdataconfig.json").read_text())

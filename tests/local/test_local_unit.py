@@ -68,9 +68,7 @@ def test_write_job_lays_out_what_sagemaker_writes(tmp_path):
         assert os.stat(copied).st_ino == os.stat(data / "images" / "a.png").st_ino  # a hard link
         assert paths.model_dir.is_dir() and paths.output_data_dir.is_dir() and paths.checkpoints_dir.is_dir()
     # the image's own reader understands the tree
-    config = TrainConfig.from_env(
-        {"SAGEMAKER_BASE_DIR": str(trees["algo-2"].base), "TRAINING_JOB_NAME": "job-1"}
-    )
+    config = TrainConfig.from_env({"SAGEMAKER_BASE_DIR": str(trees["algo-2"].base), "TRAINING_JOB_NAME": "job-1"})
     assert config.resources.current_host == "algo-2" and config.resources.host_rank == 1
     assert config.hp.epochs == 3 and config.hp.amp is True and config.channels == ("training",)
 
@@ -200,9 +198,7 @@ def test_metrics_reader_uses_the_image_regexes():
     reader.feed(
         "x INFO maskrcnn.train.engine: #metrics phase=train epoch=0 step=10 loss=1.25 lr=0.02 images_per_sec=3.1"
     )
-    reader.feed(
-        "x INFO maskrcnn.train.engine: #metrics phase=eval epoch=1 bbox_mAP=0.5 segm_mAP=0.4 segm_AP50=0.875"
-    )
+    reader.feed("x INFO maskrcnn.train.engine: #metrics phase=eval epoch=1 bbox_mAP=0.5 segm_mAP=0.4 segm_AP50=0.875")
     assert reader.history[0] == {
         "phase": "train",
         "epoch": 0,
@@ -434,9 +430,7 @@ def test_demo_scoring_of_perfect_answers_is_one(tmp_path):
 def test_failure_reason_comes_from_output_failure(tmp_path):
     from local.training import _failure
 
-    trees = layout.write_job(
-        tmp_path / "job", layout.JobSpec("j", {"training": _data(tmp_path)}, instance_count=2)
-    )
+    trees = layout.write_job(tmp_path / "job", layout.JobSpec("j", {"training": _data(tmp_path)}, instance_count=2))
     hosts = ["algo-1", "algo-2"]
     assert "exited with code 1 and wrote no output/failure" in _failure(trees, hosts, {"algo-1": 1}, False)
     assert "SIGTERM from outside" in _failure(trees, hosts, {"algo-1": 143}, False)

@@ -10,6 +10,7 @@ from local.layout import JobSpec
 
 REPO = Path(__file__).resolve().parents[2]
 
+
 def tiny_spec(dataset: Path, name: str = "tiny-job", **changes: object) -> JobSpec:
     values: dict = {"name": name, "channels": {"training": dataset}, "hyperparameters": dict(TINY_HP)}
     values.update(changes)

@@ -120,9 +120,9 @@ def state_machine_arn(interpreter: Any) -> str:
 def run_execution(state_machine_arn: str, document: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
     """Start an execution and wait for its end; returns DescribeExecution."""
     sfn = boto3.client("stepfunctions")
-    arn = sfn.start_execution(
-        stateMachineArn=state_machine_arn, name=document["JobName"], input=json.dumps(document)
-    )["executionArn"]
+    arn = sfn.start_execution(stateMachineArn=state_machine_arn, name=document["JobName"], input=json.dumps(document))[
+        "executionArn"
+    ]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         described: dict[str, Any] = sfn.describe_execution(executionArn=arn)

@@ -46,9 +46,7 @@ def test_handler_creates_everything_then_updates_in_place(artifact_bucket: str, 
     ecr = boto3.client("ecr")
     repo = ecr.describe_repositories(repositoryNames=[SETTINGS.repository_name])["repositories"][0]
     assert repo["imageTagMutability"] == "IMMUTABLE"
-    rules = json.loads(
-        ecr.get_lifecycle_policy(repositoryName=SETTINGS.repository_name)["lifecyclePolicyText"]
-    )
+    rules = json.loads(ecr.get_lifecycle_policy(repositoryName=SETTINGS.repository_name)["lifecyclePolicyText"])
     assert rules == build_lambda.LIFECYCLE_POLICY
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET)["Contents"]}
     assert f"build-context/{SHA}/images/maskrcnn/src/maskrcnn/train/metrics.py" in keys
@@ -58,18 +56,14 @@ def test_handler_creates_everything_then_updates_in_place(artifact_bucket: str, 
 @pytest.mark.parametrize(
     "event", [{}, {"Build": {"GitSha": "main"}}, {"Build": {"GitSha": SHA, "ReleaseTag": "latest"}}]
 )
-def test_handler_refuses_a_bad_request_before_touching_aws(
-    artifact_bucket: str, event: dict[str, Any]
-) -> None:
+def test_handler_refuses_a_bad_request_before_touching_aws(artifact_bucket: str, event: dict[str, Any]) -> None:
     with pytest.raises(build_lambda.BuildRequestError):
         build_lambda.handler(event, None)
     assert boto3.client("ecr").describe_repositories()["repositories"] == []
 
 
 @pytest.mark.integration
-def test_handler_refuses_a_sha_other_than_the_packaged_source(
-    artifact_bucket: str, build_context: Path
-) -> None:
+def test_handler_refuses_a_sha_other_than_the_packaged_source(artifact_bucket: str, build_context: Path) -> None:
     (build_context / build_lambda.SOURCE_VERSION_FILE).write_text(SHA + "\n")
     with pytest.raises(build_lambda.BuildRequestError, match="redeploy"):
         build_lambda.handler({"Build": {"GitSha": "0" * 40}}, None)
@@ -94,9 +88,9 @@ def push(ecr: Any, tag: str) -> str:
             ],
         }
     )
-    digest: str = ecr.put_image(
-        repositoryName=SETTINGS.repository_name, imageManifest=manifest, imageTag=tag
-    )["image"]["imageId"]["imageDigest"]
+    digest: str = ecr.put_image(repositoryName=SETTINGS.repository_name, imageManifest=manifest, imageTag=tag)["image"][
+        "imageId"
+    ]["imageDigest"]
     return digest
 
 
@@ -110,9 +104,7 @@ def test_promotion_retags_the_tested_digest_without_a_new_image(moto_aws: None) 
     assert promote(ecr, SETTINGS.repository_name, tested, "release-1.0") == tested
     assert promote(ecr, SETTINGS.repository_name, tested, "release-1.0") == tested  # idempotent
 
-    found = ecr.describe_images(
-        repositoryName=SETTINGS.repository_name, imageIds=[{"imageTag": "release-1.0"}]
-    )
+    found = ecr.describe_images(repositoryName=SETTINGS.repository_name, imageIds=[{"imageTag": "release-1.0"}])
     assert found["imageDetails"][0]["imageDigest"] == tested
     assert len(ecr.list_images(repositoryName=SETTINGS.repository_name)["imageIds"]) == 3  # 2 images, 3 tags
     with pytest.raises(PromotionError, match="immutable"):

@@ -66,17 +66,13 @@ def test_training_is_sync_with_metrics_and_checkpoints(definition: dict) -> None
 
 @pytest.mark.parametrize("image_uri", [None, DIGEST_URI])
 @pytest.mark.parametrize("use_spot", [False, True])
-def test_every_api_request_validates_against_botocore(
-    definition: dict, image_uri: str | None, use_spot: bool
-) -> None:
+def test_every_api_request_validates_against_botocore(definition: dict, image_uri: str | None, use_spot: bool) -> None:
     document = example_input(image_uri=image_uri, use_spot=use_spot).to_document()
     assert validate_definition(definition, document) == []
 
 
 def test_a_wrong_request_is_reported_by_the_validator(definition: dict) -> None:
-    definition["States"]["CreateEndpointConfig"]["Parameters"]["ProductionVariants"][0][
-        "InitialInstanceCount"
-    ] = "1"
+    definition["States"]["CreateEndpointConfig"]["Parameters"]["ProductionVariants"][0]["InitialInstanceCount"] = "1"
     del definition["States"]["CreateModel"]["Parameters"]["ModelName.$"]
 
     errors = validate_definition(definition, example_input().to_document())
@@ -92,14 +88,8 @@ def test_execution_input_renders_strings_optional_channels_and_spot() -> None:
     assert all(isinstance(v, str) for v in training["HyperParameters"].values())
     assert training["HyperParameters"]["arch"] == "resnet50_fpn_v2"
     assert [c["ChannelName"] for c in training["InputDataConfig"]] == ["training", "validation"]
-    assert (
-        training["StoppingCondition"]["MaxWaitTimeInSeconds"]
-        >= training["StoppingCondition"]["MaxRuntimeInSeconds"]
-    )
-    assert (
-        "MaxWaitTimeInSeconds"
-        not in example_input(use_spot=False).to_document()["Training"]["StoppingCondition"]
-    )
+    assert training["StoppingCondition"]["MaxWaitTimeInSeconds"] >= training["StoppingCondition"]["MaxRuntimeInSeconds"]
+    assert "MaxWaitTimeInSeconds" not in example_input(use_spot=False).to_document()["Training"]["StoppingCondition"]
 
 
 @pytest.mark.parametrize(

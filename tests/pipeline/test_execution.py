@@ -37,9 +37,7 @@ def scheduled_requests(execution_arn: str) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-def test_success_path_builds_trains_and_deploys(
-    state_machine_arn: str, artifact_bucket: str, interpreter: Any
-) -> None:
+def test_success_path_builds_trains_and_deploys(state_machine_arn: str, artifact_bucket: str, interpreter: Any) -> None:
     interpreter.build.statuses = ["IN_PROGRESS", "SUCCEEDED"]
     document = example_input(bucket=artifact_bucket).to_document()
 
@@ -48,9 +46,9 @@ def test_success_path_builds_trains_and_deploys(
     assert result["status"] == "SUCCEEDED", result
     ecr, sagemaker = boto3.client("ecr"), boto3.client("sagemaker")
     tag = f"git-{document['Build']['GitSha']}"
-    digest = ecr.describe_images(repositoryName=SETTINGS.repository_name, imageIds=[{"imageTag": tag}])[
-        "imageDetails"
-    ][0]["imageDigest"]
+    digest = ecr.describe_images(repositoryName=SETTINGS.repository_name, imageIds=[{"imageTag": tag}])["imageDetails"][
+        0
+    ]["imageDigest"]
     repo = ecr.describe_repositories(repositoryNames=[SETTINGS.repository_name])["repositories"][0]
     job = sagemaker.describe_training_job(TrainingJobName=document["JobName"])
     assert job["AlgorithmSpecification"]["TrainingImage"] == f"{repo['repositoryUri']}@{digest}"
@@ -80,9 +78,7 @@ def test_success_path_builds_trains_and_deploys(
 def test_requests_the_interpreter_sent_are_valid_botocore_requests(
     state_machine_arn: str, artifact_bucket: str, interpreter: Any
 ) -> None:
-    result = run_execution(
-        state_machine_arn, example_input(bucket=artifact_bucket, use_spot=True).to_document()
-    )
+    result = run_execution(state_machine_arn, example_input(bucket=artifact_bucket, use_spot=True).to_document())
     assert result["status"] == "SUCCEEDED", result
 
     checked = []
@@ -161,8 +157,8 @@ def test_existing_endpoint_is_updated_with_a_given_image(
     assert endpoint["EndpointConfigName"] == "maskrcnn-model-2"
     assert len(interpreter.lambda_calls) == 1  # the second execution built nothing
     assert (
-        boto3.client("sagemaker").describe_training_job(TrainingJobName="maskrcnn-train-2")[
-            "AlgorithmSpecification"
-        ]["TrainingImage"]
+        boto3.client("sagemaker").describe_training_job(TrainingJobName="maskrcnn-train-2")["AlgorithmSpecification"][
+            "TrainingImage"
+        ]
         == image_uri
     )

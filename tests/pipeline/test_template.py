@@ -149,9 +149,7 @@ def test_asl_validator_accepts_the_definition(tmp_path: Path) -> None:
     rendered.write_text(json.dumps(build_definition(StackSettings())))
     concrete.write_text(json.dumps(substitute(build_definition(StackSettings()), SAMPLE_SUBSTITUTIONS)))
     for path in (rendered, concrete):
-        result = subprocess.run(
-            [str(ASL_VALIDATOR), "--json-path", str(path)], capture_output=True, text=True
-        )
+        result = subprocess.run([str(ASL_VALIDATOR), "--json-path", str(path)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
 
 

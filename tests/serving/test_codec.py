@@ -136,11 +136,7 @@ def test_zero_width_png_is_a_400() -> None:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    data = (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 10, 8, 2, 0, 0, 0))
-        + chunk(b"IEND", b"")
-    )
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 10, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
     with pytest.raises(RequestError):
         decode(data)
 
@@ -191,9 +187,7 @@ def test_unsupported_content_types_are_415(content_type: str | None) -> None:
 
 
 def test_attributes() -> None:
-    parsed = codec.parse_attributes(
-        " score_threshold=0.7, max_detections=10 ,mask_format=Polygon", DEFAULTS, 100
-    )
+    parsed = codec.parse_attributes(" score_threshold=0.7, max_detections=10 ,mask_format=Polygon", DEFAULTS, 100)
     assert parsed == RequestOptions(0.7, 10, "polygon")
     assert codec.parse_attributes(None, DEFAULTS, 100) == DEFAULTS
     assert codec.parse_attributes("", DEFAULTS, 100) == DEFAULTS

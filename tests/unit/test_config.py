@@ -63,8 +63,14 @@ def test_bad_values_fail_with_a_reason(raw: dict, fragment: str) -> None:
 
 def test_every_path_derives_from_the_base_directory(tmp_path: Path) -> None:
     paths = SageMakerPaths(tmp_path)
-    for path in (paths.hyperparameters_file, paths.channel("training"), paths.model_dir, paths.failure_file,
-                 paths.checkpoints_dir, paths.output_data_dir):
+    for path in (
+        paths.hyperparameters_file,
+        paths.channel("training"),
+        paths.model_dir,
+        paths.failure_file,
+        paths.checkpoints_dir,
+        paths.output_data_dir,
+    ):
         assert path.is_relative_to(tmp_path)
     assert paths.failure_file == tmp_path / "output" / "failure"
     assert paths.hyperparameters_file == tmp_path / "input" / "config" / "hyperparameters.json"

@@ -9,8 +9,10 @@ from maskrcnn.train.job import data_workers
 
 
 def index_of(sizes: list[tuple[int, int]]) -> DatasetIndex:
-    images = [{"id": i, "file_name": f"{i}.png", "width": w, "height": h, "path": Path(f"{i}.png")}
-              for i, (w, h) in enumerate(sizes)]
+    images = [
+        {"id": i, "file_name": f"{i}.png", "width": w, "height": h, "path": Path(f"{i}.png")}
+        for i, (w, h) in enumerate(sizes)
+    ]
     return DatasetIndex(Path("."), images, {}, ["a"])
 
 

@@ -10,17 +10,25 @@ from maskrcnn.train.metrics import METRIC_DEFINITIONS, format_metrics, parse_met
 
 def test_a_training_line_is_read_back_by_the_exported_regexes() -> None:
     line = "2026-01-01 INFO maskrcnn.train.engine: " + format_metrics(
-        "train", {"epoch": 1, "step": 40, "loss_mask": 0.25, "loss": 0.8123, "lr": 0.01,
-                  "images_per_sec": 6.5, "data_wait": 0.03}
+        "train",
+        {
+            "epoch": 1,
+            "step": 40,
+            "loss_mask": 0.25,
+            "loss": 0.8123,
+            "lr": 0.01,
+            "images_per_sec": 6.5,
+            "data_wait": 0.03,
+        },
     )
     found = parse_metrics(line)
-    assert found == {"train:loss": 0.8123, "train:lr": 0.01, "train:images_per_sec": 6.5,
-                     "train:data_wait_share": 0.03}
+    assert found == {"train:loss": 0.8123, "train:lr": 0.01, "train:images_per_sec": 6.5, "train:data_wait_share": 0.03}
 
 
 def test_evaluation_line_and_non_finite_values() -> None:
-    line = format_metrics("eval", {"epoch": 2, "bbox_mAP": 0.5, "segm_mAP": 0.25, "segm_AP50": 0.875,
-                                   "bbox_AP50": 0.75})
+    line = format_metrics(
+        "eval", {"epoch": 2, "bbox_mAP": 0.5, "segm_mAP": 0.25, "segm_AP50": 0.875, "bbox_AP50": 0.75}
+    )
     assert parse_metrics(line)["validation:segm_AP50"] == 0.875
     assert math.isnan(parse_metrics(format_metrics("train", {"loss": float("nan")}))["train:loss"])
 

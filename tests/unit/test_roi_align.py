@@ -17,8 +17,10 @@ def _rois(count: int, extent: float, generator: torch.Generator) -> torch.Tensor
 
 
 @pytest.mark.parametrize("aligned", [False, True])
-@pytest.mark.parametrize(("height", "width", "pooled", "scale", "samples"),
-                         [(20, 20, 7, 0.25, 2), (13, 9, 14, 0.125, 2), (6, 11, (5, 3), 0.5, 3)])
+@pytest.mark.parametrize(
+    ("height", "width", "pooled", "scale", "samples"),
+    [(20, 20, 7, 0.25, 2), (13, 9, 14, 0.125, 2), (6, 11, (5, 3), 0.5, 3)],
+)
 def test_outputs_and_gradients_match_torchvision(aligned, height, width, pooled, scale, samples) -> None:
     generator = torch.Generator().manual_seed(height * width)
     features = torch.randn(3, 8, height, width, generator=generator, dtype=torch.float64)
@@ -44,8 +46,9 @@ def test_adaptive_sampling_is_refused() -> None:
 
 def test_multiscale_pooler_matches_torchvision_across_levels(monkeypatch: pytest.MonkeyPatch) -> None:
     generator = torch.Generator().manual_seed(0)
-    features = {name: torch.randn(2, 4, 64 // 2**i, 64 // 2**i, generator=generator)
-                for i, name in enumerate(["0", "1", "2"])}
+    features = {
+        name: torch.randn(2, 4, 64 // 2**i, 64 // 2**i, generator=generator) for i, name in enumerate(["0", "1", "2"])
+    }
     boxes = []
     for _ in range(2):  # small boxes land on the fine level, large ones on the coarse level
         xy = torch.rand(30, 2, generator=generator) * 200
@@ -74,8 +77,10 @@ def test_a_level_without_regions_still_gives_its_parameters_a_gradient() -> None
     """DDP without find_unused_parameters fails a step where a parameter gets no gradient."""
     weights = {name: torch.nn.Parameter(torch.ones(())) for name in ["0", "1", "2"]}
     generator = torch.Generator().manual_seed(0)
-    features = {name: torch.randn(1, 4, 64 // 2**i, 64 // 2**i, generator=generator) * weights[name]
-                for i, name in enumerate(["0", "1", "2"])}
+    features = {
+        name: torch.randn(1, 4, 64 // 2**i, 64 // 2**i, generator=generator) * weights[name]
+        for i, name in enumerate(["0", "1", "2"])
+    }
     boxes = [torch.tensor([[0.0, 0.0, 250.0, 250.0], [10.0, 10.0, 240.0, 200.0]])]  # all on the coarse level
     pooled = TrainingRoIAlign(["0", "1", "2"], 7, 2, canonical_scale=64)(features, boxes, [(256, 256)])
     pooled.sum().backward()

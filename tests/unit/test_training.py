@@ -25,8 +25,9 @@ def test_cpu_mixed_precision_only_where_it_is_faster(amx: bool, expected: torch.
         (False, torch.float16, True),  # Turing (T4) and older: float16 with loss scaling
     ],
 )
-def test_cuda_mixed_precision_bfloat16_where_the_gpu_has_it(bf16_supported: bool, expected: torch.dtype,
-                                                            scaled: bool) -> None:
+def test_cuda_mixed_precision_bfloat16_where_the_gpu_has_it(
+    bf16_supported: bool, expected: torch.dtype, scaled: bool
+) -> None:
     dtype = autocast_dtype(torch.device("cuda", 0), bf16_supported=bf16_supported)
     assert dtype == expected
     assert (grad_scaler(dtype) is not None) is scaled

@@ -19,6 +19,7 @@ from maskrcnn.train.config import TrainConfig, base_paths
 
 log = logging.getLogger("maskrcnn")
 
+
 def train_main(argv: list[str] | None = None) -> int:
     started = time.monotonic()  # max_runtime counts from here: before torch's import, which takes seconds
     parser = argparse.ArgumentParser(prog="train", description="Train Mask R-CNN under the SageMaker contract.")

@@ -91,7 +91,9 @@ ACCEPTS = {
 }
 # Layers whose shape follows the number of classes: a checkpoint's are used only when the classes agree
 CLASS_LAYERS = (
-    "roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.", "roi_heads.mask_classifier.fc."
+    "roi_heads.box_predictor.",
+    "roi_heads.mask_predictor.mask_fcn_logits.",
+    "roi_heads.mask_classifier.fc.",
 )
 
 
@@ -142,10 +144,17 @@ def _build(
     model.backbone = _resnet_fpn_extractor(body, trainable, norm_layer=fpn_norm)
     for name in ("box_roi_pool", "mask_roi_pool"):  # same pooling, a backward pass fast on CPU
         pool = getattr(model.roi_heads, name)
-        setattr(model.roi_heads, name, TrainingRoIAlign(
-            pool.featmap_names, pool.output_size, pool.sampling_ratio,
-            canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level,
-        ))
+        setattr(
+            model.roi_heads,
+            name,
+            TrainingRoIAlign(
+                pool.featmap_names,
+                pool.output_size,
+                pool.sampling_ratio,
+                canonical_scale=pool.canonical_scale,
+                canonical_level=pool.canonical_level,
+            ),
+        )
     return model
 
 
@@ -203,9 +212,7 @@ def _lite(
         # Masks pool one level finer than the class: a 40-px object covers 10x10 cells at stride 4 but only 5x5
         # at stride 8, too coarse to see where a shape in front cuts it off (with the box head's rule the
         # model painted partly hidden shapes whole). Held-out AP50 0.90 against 0.86 after 10 epochs.
-        mask_roi_pool=TrainingRoIAlign(
-            levels, output_size=14, sampling_ratio=2, canonical_scale=MASK_CANONICAL_SCALE
-        ),
+        mask_roi_pool=TrainingRoIAlign(levels, output_size=14, sampling_ratio=2, canonical_scale=MASK_CANONICAL_SCALE),
         mask_head=MaskRCNNHeads(channels, [64, 64], 1, norm_layer=group_norm),
         mask_predictor=ClassAgnosticMaskPredictor(64, 64, num_classes),
         **sizes,
@@ -213,15 +220,25 @@ def _lite(
     model.rpn = LevelsRPN.from_rpn(model.rpn, rpn_levels)
     heads = model.roi_heads
     model.roi_heads = MaskClassifyingRoIHeads(
-        heads.box_roi_pool, heads.box_head, heads.box_predictor,
+        heads.box_roi_pool,
+        heads.box_head,
+        heads.box_predictor,
         # 48 sampled regions per image, up to half of them objects: the positives train the box classifier,
         # the masks and the mask classifier; more regions learn more per step but cost more per step (the
         # mask head runs on every positive), and within 300 s 48 learned most (docs/benchmarks.md).
-        fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=48, positive_fraction=0.5,
+        fg_iou_thresh=0.5,
+        bg_iou_thresh=0.5,
+        batch_size_per_image=48,
+        positive_fraction=0.5,
         # NMS at IoU 0.4: the boxes that survive 0.5 are mostly fragments of an object (a third to half of its
         # box) or two objects at once; held-out AP50 +0.003 to +0.010 on four trained models, none lower.
-        bbox_reg_weights=None, score_thresh=0.05, nms_thresh=0.4, detections_per_img=max_detections,
-        mask_roi_pool=heads.mask_roi_pool, mask_head=heads.mask_head, mask_predictor=heads.mask_predictor,
+        bbox_reg_weights=None,
+        score_thresh=0.05,
+        nms_thresh=0.4,
+        detections_per_img=max_detections,
+        mask_roi_pool=heads.mask_roi_pool,
+        mask_head=heads.mask_head,
+        mask_predictor=heads.mask_predictor,
         mask_classifier=MaskClassifier(64, num_classes, width=32),
     )
     return model
@@ -238,12 +255,17 @@ class LevelsRPN(RegionProposalNetwork):
     def from_rpn(cls, rpn: RegionProposalNetwork, levels: list[str]) -> LevelsRPN:
         """The same RPN (its modules and every setting) restricted to ``levels``."""
         return cls(
-            levels, rpn.anchor_generator, rpn.head,
-            fg_iou_thresh=rpn.proposal_matcher.high_threshold, bg_iou_thresh=rpn.proposal_matcher.low_threshold,
+            levels,
+            rpn.anchor_generator,
+            rpn.head,
+            fg_iou_thresh=rpn.proposal_matcher.high_threshold,
+            bg_iou_thresh=rpn.proposal_matcher.low_threshold,
             batch_size_per_image=rpn.fg_bg_sampler.batch_size_per_image,
             positive_fraction=rpn.fg_bg_sampler.positive_fraction,
-            pre_nms_top_n=rpn._pre_nms_top_n, post_nms_top_n=rpn._post_nms_top_n,
-            nms_thresh=rpn.nms_thresh, score_thresh=rpn.score_thresh,
+            pre_nms_top_n=rpn._pre_nms_top_n,
+            post_nms_top_n=rpn._post_nms_top_n,
+            nms_thresh=rpn.nms_thresh,
+            score_thresh=rpn.score_thresh,
         )
 
     def forward(
@@ -350,8 +372,11 @@ class MaskClassifyingRoIHeads(RoIHeads):
     ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
         several = self.box_predictor.cls_score.out_features > 2  # more than one foreground class to tell apart
         if not self.training:
-            return (self._detect(features, proposals, image_shapes) if several else
-                    super().forward(features, proposals, image_shapes))
+            return (
+                self._detect(features, proposals, image_shapes)
+                if several
+                else super().forward(features, proposals, image_shapes)
+            )
         captured: list[torch.Tensor] = []
         hook = self.mask_head.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
@@ -454,8 +479,11 @@ def _fit(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tup
     ]
     problems = [
         f"{len(items)} {what} (e.g. {', '.join(items[:2])})"
-        for items, what in ((missing, "tensors missing"), (unknown, "tensors the network does not have"),
-                            (other_shape, "tensors of another shape"))
+        for items, what in (
+            (missing, "tensors missing"),
+            (unknown, "tensors the network does not have"),
+            (other_shape, "tensors of another shape"),
+        )
         if items
     ]
     fitting = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape}
@@ -472,7 +500,8 @@ def _meta_state(arch: str, norm: str) -> dict[str, torch.Tensor]:
 def _misfit(arch: str, state: dict[str, torch.Tensor], name: str, reason: str) -> ModelError:
     """The refusal, naming the architectures that would take the file."""
     takers = [
-        other for other in DEFAULT_SIZES
+        other
+        for other in DEFAULT_SIZES
         if other != arch and not _fit(_meta_state(other, _pretrained_norm(other, state)), state)[1]
     ]
     kind = "detection checkpoint" if any(k.startswith("backbone.body.") for k in state) else "backbone state dict"
@@ -497,7 +526,9 @@ def _load_whole(model: nn.Module, state: dict[str, torch.Tensor], arch: str, nam
     result = model.load_state_dict(fitting, strict=False)
     fresh = [k for k in result.missing_keys if not _is_counter(k)]
     log.info(
-        "pretrained %s: loaded %d tensors%s", name, len(fitting),
+        "pretrained %s: loaded %d tensors%s",
+        name,
+        len(fitting),
         f"; {', '.join(sorted({k.rsplit('.', 1)[0] for k in fresh}))} start afresh" if fresh else "",
     )
 
@@ -525,8 +556,14 @@ def save_model(model_dir: Path, model: nn.Module, spec: ModelSpec) -> None:
 def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec]:
     """Rebuild the network from model.json and fill it from model.safetensors; eval mode."""
     spec = check_saved_model(model_dir)
-    model = build_model(spec.arch, spec.num_classes, spec.min_size, spec.max_size,
-                        max_detections=spec.max_detections, backbone_norm=spec.backbone_norm)
+    model = build_model(
+        spec.arch,
+        spec.num_classes,
+        spec.min_size,
+        spec.max_size,
+        max_detections=spec.max_detections,
+        backbone_norm=spec.backbone_norm,
+    )
     try:
         state = load_file(str(model_dir / WEIGHTS_FILE))
         model.load_state_dict(state, strict=True)
@@ -542,6 +579,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 __all__ = [  # FORMAT_VERSION, ModelSpec ... live in maskrcnn.model.format (no torch); re-exported here
-    "FORMAT_VERSION", "SPEC_FILE", "WEIGHTS_FILE", "ModelSpec", "backbone_norm", "build_model", "check_pretrained",
-    "load_model", "load_pretrained", "save_model",
+    "FORMAT_VERSION",
+    "SPEC_FILE",
+    "WEIGHTS_FILE",
+    "ModelSpec",
+    "backbone_norm",
+    "build_model",
+    "check_pretrained",
+    "load_model",
+    "load_pretrained",
+    "save_model",
 ]

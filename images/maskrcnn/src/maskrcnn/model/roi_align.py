@@ -30,8 +30,11 @@ def _axis_weights(start: Tensor, bin_size: Tensor, pooled: int, samples: int, le
     cell = torch.arange(pooled, device=device, dtype=dtype)
     sample = torch.arange(samples, device=device, dtype=dtype) + 0.5
     # (K, pooled, samples): sample coordinates, as the CUDA/CPU kernels compute them
-    pos = start[:, None, None] + cell[None, :, None] * bin_size[:, None, None] \
+    pos = (
+        start[:, None, None]
+        + cell[None, :, None] * bin_size[:, None, None]
         + sample[None, None, :] * (bin_size / samples)[:, None, None]
+    )
     inside = (pos >= -1.0) & (pos <= length)
     pos = pos.clamp(min=0)
     low = pos.floor().to(torch.int64)
@@ -99,9 +102,7 @@ class TrainingRoIAlign(MultiScaleRoIAlign):
         for level, (feature, scale) in enumerate(zip(features, scales, strict=True)):
             index = torch.nonzero(levels == level).squeeze(1)
             if index.numel():
-                result[index] = separable_roi_align(
-                    feature, rois[index], self.output_size, scale, self.sampling_ratio
-                )
+                result[index] = separable_roi_align(feature, rois[index], self.output_size, scale, self.sampling_ratio)
             else:
                 # A level with no regions still joins the graph (a zero-size read of its features, as
                 # torchvision's roi_align on an empty set does): the FPN convolutions that feed only this

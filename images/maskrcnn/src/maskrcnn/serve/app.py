@@ -94,9 +94,7 @@ def answer(
     return payload, mimetype, timing
 
 
-def create_app(
-    predictor: PredictorLike, settings: ServeSettings, run_blocking: RunBlocking | None = None
-) -> Flask:
+def create_app(predictor: PredictorLike, settings: ServeSettings, run_blocking: RunBlocking | None = None) -> Flask:
     app = Flask("maskrcnn")
     # werkzeug answers 413 itself once Content-Length passes this (nginx does too, in front).
     app.config["MAX_CONTENT_LENGTH"] = settings.max_payload_bytes
@@ -124,9 +122,7 @@ def create_app(
             raise ServiceUnavailable("the model is not loaded yet")
         # Cheap checks first, so a bad header costs no decoding.
         response_type = codec.negotiate(request.headers.get("Accept"))
-        options = codec.parse_attributes(
-            request.headers.get(ATTRIBUTES_HEADER), defaults, spec.max_detections
-        )
+        options = codec.parse_attributes(request.headers.get(ATTRIBUTES_HEADER), defaults, spec.max_detections)
         content_type = request.mimetype  # werkzeug's: lower case, parameters (charset ...) dropped
         codec.check_content_type(content_type)
         body = request.get_data(cache=False)

@@ -92,9 +92,7 @@ def parse_attributes(text: str | None, defaults: RequestOptions, max_detections_
             except ValueError:
                 count = 0
             if not 1 <= count <= max_detections_cap:
-                raise RequestError(
-                    f"max_detections must be an integer within [1, {max_detections_cap}], got {value!r}"
-                )
+                raise RequestError(f"max_detections must be an integer within [1, {max_detections_cap}], got {value!r}")
             options = replace(options, max_detections=count)
         elif key == "mask_format":
             if value.lower() not in MASK_FORMATS:
@@ -158,9 +156,7 @@ def _json_images(body: bytes, max_images: int) -> list[bytes]:
             raise RequestError('every item of "instances" must be an object with an "image" key')
         encoded = [item["image"] for item in instances]
     else:
-        raise RequestError(
-            'JSON body must be {"image": "<base64>"} or {"instances": [{"image": "<base64>"}, ...]}'
-        )
+        raise RequestError('JSON body must be {"image": "<base64>"} or {"instances": [{"image": "<base64>"}, ...]}')
     images = []
     for index, text in enumerate(encoded):
         if not isinstance(text, str):
@@ -257,8 +253,7 @@ def instances(detections: Detections, class_names: Sequence[str], mask_format: s
 
 def encode_json(results: Sequence[Detections], class_names: Sequence[str], mask_format: str) -> bytes:
     predictions = [
-        {"image_size": list(d.image_size), "instances": instances(d, class_names, mask_format)}
-        for d in results
+        {"image_size": list(d.image_size), "instances": instances(d, class_names, mask_format)} for d in results
     ]
     return json.dumps({"predictions": predictions}, separators=(",", ":")).encode()
 
@@ -300,9 +295,7 @@ def encode_png(image: np.ndarray, detections: Detections, class_names: Sequence[
             f"{_name(int(label), class_names)} {score:.2f}"
             for label, score in zip(detections.labels, detections.scores, strict=True)
         ]
-        canvas = draw_bounding_boxes(
-            canvas, torch.from_numpy(detections.boxes), labels=labels, colors=colors, width=2
-        )
+        canvas = draw_bounding_boxes(canvas, torch.from_numpy(detections.boxes), labels=labels, colors=colors, width=2)
     buffer = io.BytesIO()
     Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()

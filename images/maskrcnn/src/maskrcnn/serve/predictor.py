@@ -186,9 +186,7 @@ class Predictor:
         scale = self.working_scale(height, width)
         if scale < 1.0:
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            image = np.asarray(
-                Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-            )
+            image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
         if not image.flags.writeable or not image.flags.c_contiguous:
             image = np.array(image)  # torch refuses to wrap read-only memory (PIL's arrays are)
         tensor = torch.from_numpy(image).to(self.device).permute(2, 0, 1).float().div_(255)

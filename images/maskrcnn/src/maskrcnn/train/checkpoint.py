@@ -94,8 +94,9 @@ def load(directory: Path) -> dict[str, Any] | None:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         payload["history"] = json.loads(payload["history"])
         payload["fingerprint"] = json.loads(payload["fingerprint"])
-        missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step")
-                   if k not in payload]
+        missing = [
+            k for k in ("model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step") if k not in payload
+        ]
         if missing:  # not one of our checkpoints
             raise KeyError(f"no {', '.join(missing)}")
     except OSError as exc:

@@ -82,9 +82,7 @@ class Hyperparameters:
             if key.startswith("sagemaker_") or key.startswith("_"):
                 continue  # the SDK's own bookkeeping (sagemaker_program, _tuning_objective_metric ...)
             if key not in fields:
-                raise ConfigError(
-                    f"unknown hyperparameter {key!r}; accepted: {', '.join(sorted(fields))}"
-                )
+                raise ConfigError(f"unknown hyperparameter {key!r}; accepted: {', '.join(sorted(fields))}")
             values[key] = _decode(key, value, fields[key].type)
         hp = cls(**values)
         hp.validate()
@@ -297,9 +295,7 @@ class TrainConfig:
             inputdataconfig = {name: {} for name in found}
         unknown = set(inputdataconfig) - {"training", "validation", "pretrained"}
         if unknown:
-            raise ConfigError(
-                f"unknown input channel(s) {sorted(unknown)}; accepted: training, validation, pretrained"
-            )
+            raise ConfigError(f"unknown input channel(s) {sorted(unknown)}; accepted: training, validation, pretrained")
         if "training" not in inputdataconfig:
             raise ConfigError("the 'training' channel is required (s3 or file input named 'training')")
         pretrained = environ.get("MASKRCNN_PRETRAINED_PATH")

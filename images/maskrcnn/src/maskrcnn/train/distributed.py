@@ -78,8 +78,14 @@ def init(config: TrainConfig, local_rank: int, nprocs: int) -> DistContext:
         # One host: its processes meet on loopback; several: on the first host (or the override).
         master = config.master_addr or ("127.0.0.1" if len(hosts) == 1 else resolve(hosts[0]))
         backend = "nccl" if device.type == "cuda" else "gloo"
-        log.info("joining %s process group: rank %d of %d, master %s:%d", backend, rank, world_size, master,
-                 config.master_port)
+        log.info(
+            "joining %s process group: rank %d of %d, master %s:%d",
+            backend,
+            rank,
+            world_size,
+            master,
+            config.master_port,
+        )
         dist.init_process_group(
             backend,
             init_method=f"tcp://{master}:{config.master_port}",

@@ -53,8 +53,9 @@ class StepTimer:
 
 def move_to(images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device):
     images = [im.to(device, non_blocking=True) for im in images]
-    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
-               for t in targets]
+    targets = [
+        {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets
+    ]
     return images, targets
 
 

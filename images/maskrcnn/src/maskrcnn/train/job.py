@@ -104,8 +104,7 @@ def training_sampler(dataset: InstanceDataset, config: TrainConfig, ctx: distrib
     """
     if config.sharded("training"):
         nprocs = ctx.world_size // len(config.resources.hosts)
-        return DistributedSampler(dataset, num_replicas=nprocs, rank=ctx.local_rank, shuffle=True,
-                                  seed=config.hp.seed)
+        return DistributedSampler(dataset, num_replicas=nprocs, rank=ctx.local_rank, shuffle=True, seed=config.hp.seed)
     return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.hp.seed)
 
 
@@ -118,6 +117,7 @@ def load_data(config: TrainConfig) -> tuple[DatasetIndex, DatasetIndex]:
             raise DataError(
                 f"validation classes {validation.class_names} differ from training classes {training.class_names}"
             )
+
         # The same file (or a hard link to it, as the local harness lays channels out) on both sides.
         def files(index: DatasetIndex) -> dict[tuple[int, int], str]:
             return {(st.st_dev, st.st_ino): im["file_name"] for im in index.images if (st := im["path"].stat())}
@@ -247,8 +247,9 @@ def run(config: TrainConfig, started: float | None = None) -> int:
     # (spawned_worker unblocks it) instead of killing it, which would read as a failure.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
-        context = mp.start_processes(spawned_worker, args=(config, nprocs, started), nprocs=nprocs, join=False,
-                                     start_method="spawn")
+        context = mp.start_processes(
+            spawned_worker, args=(config, nprocs, started), nprocs=nprocs, join=False, start_method="spawn"
+        )
 
         def forward(signum: int, _frame: Any) -> None:
             # SageMaker signals PID 1 only; every GPU process must hear the stop to checkpoint in step.
@@ -339,13 +340,19 @@ class _Job:
         self.train_index, self.val_index = load_data(config)
         log.info(
             "data: %d training and %d validation images, classes %s (%s format)",
-            len(self.train_index.images), len(self.val_index.images), self.train_index.class_names,
+            len(self.train_index.images),
+            len(self.val_index.images),
+            self.train_index.class_names,
             self.train_index.source,
         )
         distributed.check_same_classes(self.train_index.class_names, ctx, config)
         self.model = build_model(
-            hp.arch, self.train_index.num_classes, hp.min_size, hp.max_size,
-            pretrained=pretrained_file(config), trainable_backbone_layers=hp.trainable_backbone_layers,
+            hp.arch,
+            self.train_index.num_classes,
+            hp.min_size,
+            hp.max_size,
+            pretrained=pretrained_file(config),
+            trainable_backbone_layers=hp.trainable_backbone_layers,
             max_detections=hp.max_detections,
         ).to(ctx.device)
         self.train_model: torch.nn.Module = self.model
@@ -357,8 +364,14 @@ class _Job:
         self.amp_dtype = autocast_dtype(ctx.device) if hp.amp else None
         self.scaler = grad_scaler(self.amp_dtype)
         log.info("mixed precision: %s", self.amp_dtype or "off")
-        self.fingerprint = {"arch": hp.arch, "format": FORMAT_VERSION, "classes": self.train_index.class_names,
-                            "seed": hp.seed, "batch_size": hp.batch_size, "world_size": ctx.world_size}
+        self.fingerprint = {
+            "arch": hp.arch,
+            "format": FORMAT_VERSION,
+            "classes": self.train_index.class_names,
+            "seed": hp.seed,
+            "batch_size": hp.batch_size,
+            "world_size": ctx.world_size,
+        }
         self.budget: BudgetPlanner | None = None
         self.summaries = Summaries(None)
         self.written = 0  # history entries already in the TensorBoard files
@@ -385,8 +398,11 @@ class _Job:
         own_steps = math.ceil(len(self.sampler) / hp.batch_size)
         self.steps_per_epoch = distributed.agreed_min(own_steps, self.ctx)
         if self.steps_per_epoch < own_steps:
-            log.info("this rank holds %d steps of data an epoch; every rank trains %d (the smallest rank's)",
-                     own_steps, self.steps_per_epoch)
+            log.info(
+                "this rank holds %d steps of data an epoch; every rank trains %d (the smallest rank's)",
+                own_steps,
+                self.steps_per_epoch,
+            )
         self.total_steps = hp.epochs * self.steps_per_epoch
         if hp.max_steps:
             self.total_steps = min(self.total_steps, hp.max_steps)
@@ -419,8 +435,14 @@ class _Job:
             self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
         if hp.max_runtime:
             self.budget = BudgetPlanner(
-                hp.max_runtime, self.job_started, self.total_steps, self.steps_per_epoch, (hp.eval_every, hp.epochs),
-                len(self.val_index.images), hp.batch_size * ctx.world_size, first_step=self.state.global_step,
+                hp.max_runtime,
+                self.job_started,
+                self.total_steps,
+                self.steps_per_epoch,
+                (hp.eval_every, hp.epochs),
+                len(self.val_index.images),
+                hp.batch_size * ctx.world_size,
+                first_step=self.state.global_step,
             )
         self.summaries = Summaries(self.config.paths.tensorboard_dir if ctx.is_main else None)
         self.written = len(self.state.history)  # a resumed job's earlier entries are in its first run's files
@@ -465,14 +487,29 @@ class _Job:
         self.sampler.set_epoch(state.epoch)
         remaining = SkipSampler(self.order, state.step_in_epoch * hp.batch_size)
         loader = DataLoader(
-            self.train_set, batch_size=hp.batch_size, sampler=remaining,
-            collate_fn=collate, num_workers=self.workers, pin_memory=ctx.device.type == "cuda",
-            generator=torch.Generator().manual_seed(hp.seed + state.epoch), worker_init_fn=ignore_stop_signals,
+            self.train_set,
+            batch_size=hp.batch_size,
+            sampler=remaining,
+            collate_fn=collate,
+            num_workers=self.workers,
+            pin_memory=ctx.device.type == "cuda",
+            generator=torch.Generator().manual_seed(hp.seed + state.epoch),
+            worker_init_fn=ignore_stop_signals,
         )
         return train_one_epoch(
-            self.train_model, self.optimizer, self.scheduler, loader, ctx.device, state,
-            scaler=self.scaler, amp_dtype=self.amp_dtype, clip_grad_norm=hp.clip_grad_norm, max_steps=hp.max_steps,
-            log_every=hp.log_every, world_size=ctx.world_size, after_step=self.after_step,
+            self.train_model,
+            self.optimizer,
+            self.scheduler,
+            loader,
+            ctx.device,
+            state,
+            scaler=self.scaler,
+            amp_dtype=self.amp_dtype,
+            clip_grad_norm=hp.clip_grad_norm,
+            max_steps=hp.max_steps,
+            log_every=hp.log_every,
+            world_size=ctx.world_size,
+            after_step=self.after_step,
             epoch_steps=self.steps_per_epoch,
             any_rank=(lambda flag: distributed.any_rank(flag, ctx)) if ctx.distributed else None,
         )
@@ -498,8 +535,11 @@ class _Job:
                 log.info(describe(self.hp.max_runtime, budget.step_seconds(), planned, current.last_step))
                 current.last_step = planned
         elif distributed.any_rank(budget.out_of_time(now), ctx):
-            log.warning("budget: stopping at step %d of %d: the steps ran slower than planned",
-                        current.global_step, current.last_step)
+            log.warning(
+                "budget: stopping at step %d of %d: the steps ran slower than planned",
+                current.global_step,
+                current.last_step,
+            )
             current.last_step = current.global_step
         # An epoch's natural end is left to the loop, which then counts the epoch as done.
         return not (current.global_step >= current.last_step and current.step_in_epoch < self.steps_per_epoch)
@@ -508,12 +548,20 @@ class _Job:
         # Every rank's random state (each draws its own augmentations and dropout), written by rank 0.
         rng = distributed.gather_to_main([checkpoint.rng_state()], self.ctx)
         if self.ctx.is_main:
-            checkpoint.save(self.config.paths.checkpoints_dir, self.model, self.optimizer, self.scheduler,
-                            self.scaler, self.state, self.fingerprint, rng=rng)
+            checkpoint.save(
+                self.config.paths.checkpoints_dir,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.scaler,
+                self.state,
+                self.fingerprint,
+                rng=rng,
+            )
 
     def report(self) -> None:
         """New history entries to TensorBoard (rank 0 only has a history)."""
-        self.summaries.history(self.state.history[self.written:])
+        self.summaries.history(self.state.history[self.written :])
         self.written = len(self.state.history)
 
     def evaluate(self) -> dict[str, float]:
@@ -524,8 +572,15 @@ class _Job:
         if not (self.shared_eval or ctx.is_main):
             return {}
         gather = (lambda results: distributed.gather_to_main(results, ctx)) if self.shared_eval else None
-        return evaluate(self.model, self.val_loader, self.ground_truth, ctx.device, self.state.epoch,
-                        should_stop=self.stop, gather=gather)
+        return evaluate(
+            self.model,
+            self.val_loader,
+            self.ground_truth,
+            ctx.device,
+            self.state.epoch,
+            should_stop=self.stop,
+            gather=gather,
+        )
 
     def report_evaluation(self, scores: dict[str, float], record: bool = True) -> None:
         """Rank 0: the scores into the history (when ``record``) and TensorBoard, with a few images' predictions."""
@@ -539,14 +594,19 @@ class _Job:
         else:
             self.summaries.history([entry])
         images = [self.overlay_set[i][0] for i in range(min(OVERLAY_IMAGES, len(self.overlay_set)))]
-        self.summaries.overlays(state.global_step, predicted_overlays(
-            self.model, images, self.ctx.device, self.train_index.class_names, hp.score_threshold, hp.mask_threshold))
+        self.summaries.overlays(
+            state.global_step,
+            predicted_overlays(
+                self.model, images, self.ctx.device, self.train_index.class_names, hp.score_threshold, hp.mask_threshold
+            ),
+        )
 
     def finish(self, scores: dict[str, float]) -> None:
         """Rank 0 writes the model and the metrics; every rank waits for it."""
         if self.ctx.is_main:
-            write_outputs(self.config, self.model, self.train_index, scores, self.state,
-                          time.perf_counter() - self.started)
+            write_outputs(
+                self.config, self.model, self.train_index, scores, self.state, time.perf_counter() - self.started
+            )
             self.summaries.close()
         distributed.barrier(self.ctx)
 
@@ -572,15 +632,22 @@ def validation_loader(
     if shared:
         dataset = torch.utils.data.Subset(dataset, range(ctx.rank, len(index.images), ctx.world_size))
     loader = DataLoader(
-        dataset, batch_size=2, collate_fn=collate, num_workers=min(loader_workers(config, ctx), 2),
+        dataset,
+        batch_size=2,
+        collate_fn=collate,
+        num_workers=min(loader_workers(config, ctx), 2),
         worker_init_fn=ignore_stop_signals,
     )
     return loader, shared
 
 
 def write_outputs(
-    config: TrainConfig, model: torch.nn.Module, index: DatasetIndex, scores: dict[str, float],
-    state: LoopState, seconds: float,
+    config: TrainConfig,
+    model: torch.nn.Module,
+    index: DatasetIndex,
+    scores: dict[str, float],
+    state: LoopState,
+    seconds: float,
 ) -> None:
     hp = config.hp
     default_min, default_max = DEFAULT_SIZES[hp.arch]
@@ -593,8 +660,12 @@ def write_outputs(
         mask_threshold=hp.mask_threshold,
         max_detections=hp.max_detections,
         metrics={k: round(v, 6) for k, v in scores.items()},
-        training={"job_name": config.job_name, "hyperparameters": hp.to_dict(), "steps": state.global_step,
-                  "train_seconds": round(seconds, 1)},
+        training={
+            "job_name": config.job_name,
+            "hyperparameters": hp.to_dict(),
+            "steps": state.global_step,
+            "train_seconds": round(seconds, 1),
+        },
     )
     try:
         save_model(config.paths.model_dir, model, spec)
@@ -607,8 +678,7 @@ def write_outputs(
         plot_history(state.history, out / "metrics.png")
     except OSError as exc:
         raise storage_error(exc, out, "writing metrics to") from exc
-    log.info("model written to %s (%s)", config.paths.model_dir,
-             ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    log.info("model written to %s (%s)", config.paths.model_dir, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:

@@ -43,11 +43,16 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
         field = stripes[..., None] * rng.uniform(10, 40, size=3)
     else:
         coarse = rng.normal(0, 1, size=(8, 8, 3)).astype(np.float32)
-        field = np.asarray(
-            Image.fromarray(((coarse - coarse.min()) / (np.ptp(coarse) + 1e-6) * 255).astype(np.uint8))
-            .resize((size, size), Image.Resampling.BICUBIC),
-            dtype=np.float32,
-        ) * 0.3 - 38
+        field = (
+            np.asarray(
+                Image.fromarray(((coarse - coarse.min()) / (np.ptp(coarse) + 1e-6) * 255).astype(np.uint8)).resize(
+                    (size, size), Image.Resampling.BICUBIC
+                ),
+                dtype=np.float32,
+            )
+            * 0.3
+            - 38
+        )
     noise = rng.normal(0, 8, size=(size, size, 3))
     pixels = np.clip(base + field + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels)
