@@ -39,7 +39,7 @@ test-integration: setup
 test-container: setup  ## builds the image incrementally, then the container tests
 	IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) $(PY) -m pytest -m container
 
-test-pipeline: setup
+test-pipeline: setup  ## the pipeline area (tests/pipeline), every layer; the other test-* targets are layers (-m)
 	$(PY) -m pytest tests/pipeline
 
 test-gpu: setup

@@ -1,7 +1,14 @@
-"""Shared fixtures and the test layers.
+"""Shared fixtures, and the one rule of the test tree: a marker per layer, a folder per area.
 
-Layers are pytest markers (registered in pyproject.toml): unit, integration, container, gpu. A test
-without a marker gets one from its folder (tests/unit -> unit, tests/integration -> integration ...).
+Layers are pytest markers (registered in pyproject.toml), and only markers: ``unit``, ``integration``,
+``container``, ``gpu``. Every test carries exactly one; a module whose tests are all of one layer says so once
+(``pytestmark = pytest.mark.unit``, or a list holding it beside e.g. a ``skipif``), a module that mixes layers
+marks each test. A test with no layer marker, or with two, is a collection error naming it: no folder and no
+default gives a layer. Select a layer with ``-m`` (``pytest -m unit``), never with a path.
+
+Folders are areas, what the tests are about, and only areas: ``train/``, ``model/``, ``serving/``, ``image/``,
+``local/``, ``pipeline/`` (tests/README.md). ``pytest tests/serving -m unit`` is one area's unit tests.
+
 A layer whose prerequisite is missing is skipped with the reason printed (-ra); set
 ``MASKRCNN_REQUIRE_LAYERS=container,gpu`` (CI does for the layers it provides) to turn such a skip
 into a failure, so CI never silently skips a layer it can run.
@@ -18,17 +25,23 @@ from typing import Any
 import pytest
 from tiny import TINY_HP
 
-REPO = Path(__file__).resolve().parents[1]
-FOLDER_LAYERS = {"unit": "unit", "integration": "integration", "container": "container", "gpu": "gpu"}
+LAYERS = ("unit", "integration", "container", "gpu")
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: an unmarked test must not just vanish from `-m unit`
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every collected test has exactly one layer marker; otherwise collection stops, naming the tests."""
+    wrong = []
     for item in items:
-        if any(any(item.iter_markers(name)) for name in FOLDER_LAYERS.values()):
-            continue
-        parts = Path(str(item.fspath)).relative_to(REPO / "tests").parts
-        if parts and parts[0] in FOLDER_LAYERS:
-            item.add_marker(FOLDER_LAYERS[parts[0]])
+        layers = sorted({m.name for m in item.iter_markers() if m.name in LAYERS})
+        if len(layers) != 1:
+            wrong.append(f"  {item.nodeid}: {', '.join(layers) if layers else 'no layer marker'}")
+    if wrong:
+        raise pytest.UsageError(
+            f"{len(wrong)} test(s) without exactly one layer marker ({', '.join(LAYERS)}); declare it with "
+            "`pytestmark = pytest.mark.<layer>` in the module, or on each test of a module that mixes layers "
+            "(tests/README.md):\n" + "\n".join(wrong)
+        )
 
 
 REQUIRED_LAYERS = frozenset(  # read at import, before any test fixture edits the environment

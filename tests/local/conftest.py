@@ -47,7 +47,7 @@ def trained_job(dataset: Path, process_runtime: rt.Runtime, tmp_path_factory: py
 @pytest.fixture(scope="session")
 def docker_image() -> str:
     """The image tag for docker-mode tests, built incrementally from this checkout once per session
-    (as tests/container does: a stale image would compare old model code with new), or a skip that
+    (as tests/image does: a stale image would compare old model code with new), or a skip that
     says what is missing. ``MASKRCNN_SKIP_BUILD=1`` tests the tag as it is."""
     image = os.environ.get("IMAGE", rt.DEFAULT_IMAGE)
     engine = subprocess.run(["docker", "info"], capture_output=True, check=False) if shutil.which("docker") else None

@@ -10,7 +10,7 @@ matrix products too: dense, vectorised and multi-threaded.
 
 The weights reproduce torchvision's kernel exactly (``aligned=False`` and ``True``, samples outside
 the map contribute nothing, clamping at the border), so forward values agree to float rounding;
-``tests/unit/test_roi_align.py`` checks outputs and gradients against ``torchvision.ops.roi_align``.
+``tests/model/test_roi_align.py`` checks outputs and gradients against ``torchvision.ops.roi_align``.
 Inference, CUDA and adaptive sampling (``sampling_ratio <= 0``) keep torchvision's kernel.
 """
 

@@ -32,7 +32,7 @@ SCHEDULES = ("cosine", "multistep", "constant")
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    """Every training knob, with its default. The README's table lists them; tests/unit/test_readme.py holds
+    """Every training knob, with its default. The README's table lists them; tests/image/test_readme.py holds
     it to every name and default here."""
 
     arch: str = "lite"  # lite (CPU-sized), resnet50_fpn or resnet50_fpn_v2

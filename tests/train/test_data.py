@@ -15,6 +15,8 @@ from maskrcnn.train.synthetic import write_coco_dataset
 from PIL import Image, ImageFile
 from pycocotools import mask as mask_utils
 
+pytestmark = pytest.mark.unit
+
 
 def write_coco(root: Path, annotations: list[dict], categories=None, images=None) -> Path:
     (root / "images").mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,10 @@ import dataclasses
 import re
 from pathlib import Path
 
+import pytest
 from maskrcnn.train.config import Hyperparameters
+
+pytestmark = pytest.mark.unit
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -1,4 +1,4 @@
-"""Fixtures for the container layer: a Docker engine, the image built once, an /opt/ml tree.
+"""Fixtures for the image area's container and gpu tests: a Docker engine, the image built once, an /opt/ml tree.
 
 The image is (re)built once per session with scripts/build-image.sh, which is incremental: with nothing
 changed it takes seconds; a source change rebuilds only the small package layer. Environment:

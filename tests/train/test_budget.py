@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from maskrcnn.train.budget import MEASURE_STEPS, SKIP_STEPS, BudgetPlanner
+
+pytestmark = pytest.mark.unit
 
 
 def planner(seconds: float = 100.0, full: int = 1000, per_epoch: int = 10, val: int = 0) -> BudgetPlanner:

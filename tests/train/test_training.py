@@ -6,6 +6,8 @@ import pytest
 import torch
 from maskrcnn.train.job import autocast_dtype, grad_scaler
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     ("amx", "expected"),

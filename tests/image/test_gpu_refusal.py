@@ -19,7 +19,10 @@ from maskrcnn.serve.supervisor import EXIT_REFUSED
 REPO = Path(__file__).resolve().parents[2]
 PROC_VERSION = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA works here: nothing to refuse")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA works here: nothing to refuse"),
+]
 
 
 def driver_535(tmp_path: Path) -> Path:

@@ -13,6 +13,8 @@ from maskrcnn.errors import ModelError
 from maskrcnn.model.architectures import ModelSpec, build_model, load_model, load_pretrained, save_model
 from safetensors.torch import save_file
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def lite() -> torch.nn.Module:

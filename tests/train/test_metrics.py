@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 import re
 
+import pytest
 from maskrcnn.train.metrics import METRIC_DEFINITIONS, format_metrics, parse_metrics
+
+pytestmark = pytest.mark.unit
 
 
 def test_a_training_line_is_read_back_by_the_exported_regexes() -> None:

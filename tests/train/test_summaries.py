@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from maskrcnn.train.summaries import draw_predictions
+
+pytestmark = pytest.mark.unit
 
 
 def test_a_confident_detection_is_drawn_and_a_doubtful_one_is_not() -> None:

@@ -9,6 +9,8 @@ import pytest
 from maskrcnn.errors import ConfigError
 from maskrcnn.train.config import Hyperparameters, ResourceConfig, SageMakerPaths, TrainConfig
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     ("raw", "expected"),

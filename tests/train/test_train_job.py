@@ -21,6 +21,8 @@ from maskrcnn.train.metrics import parse_metrics
 from PIL import Image
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = [sys.executable, str(REPO / "images" / "maskrcnn" / "train")]
 

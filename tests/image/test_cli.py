@@ -8,6 +8,8 @@ import pytest
 from maskrcnn import cli, contract
 from maskrcnn.train.config import SageMakerPaths
 
+pytestmark = pytest.mark.unit
+
 
 def innermost_failing_step() -> None:
     raise RuntimeError("the tensor shapes disagree")

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from maskrcnn.device import GpuHost, GpuUnusableError, probe, read_driver_version, require_usable_gpu, supported
 
+pytestmark = pytest.mark.unit
+
 PROC_VERSION = (
     "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
     "GCC version:  gcc version 7.3.1 20180712 (Red Hat 7.3.1-15) (GCC)\n"

@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from maskrcnn.train.synthetic import CLASSES, write_coco_dataset
 from pycocotools import mask as mask_utils
+
+pytestmark = pytest.mark.unit
 
 
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path: Path) -> None:

@@ -22,6 +22,8 @@ from torchvision.models import resnet18, resnet50
 from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
 from torchvision.ops import FrozenBatchNorm2d
 
+pytestmark = pytest.mark.integration
+
 # One step (a ResNet-50 step is seconds on CPU) at the full learning rate (warmup_steps 0), so that every
 # trainable tensor visibly moves
 FINETUNE_HP = {"max_steps": "1", "batch_size": "1", "warmup_steps": "0", "amp": "false"}

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from maskrcnn.train import checkpoint
 from maskrcnn.train.engine import LoopState
+
+pytestmark = pytest.mark.unit
 
 
 def parts() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from maskrcnn.train.data import DatasetIndex, GroupedOrder, aspect_ratio_groups
 from maskrcnn.train.job import data_workers
+
+pytestmark = pytest.mark.unit
 
 
 def index_of(sizes: list[tuple[int, int]]) -> DatasetIndex:

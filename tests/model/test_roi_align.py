@@ -7,6 +7,8 @@ import torch
 from maskrcnn.model.roi_align import TrainingRoIAlign, separable_roi_align
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
+pytestmark = pytest.mark.unit
+
 
 def _rois(count: int, extent: float, generator: torch.Generator) -> torch.Tensor:
     # corners partly outside the map, tiny and huge boxes: every branch of the kernel

@@ -1,6 +1,6 @@
 """``python -m local check`` on a real Docker engine: our image passes every point; a broken one fails.
 
-    IMAGE=maskrcnn-sagemaker:latest MASKRCNN_SKIP_BUILD=1 pytest tests/container/test_check.py -rs
+    IMAGE=maskrcnn-sagemaker:latest MASKRCNN_SKIP_BUILD=1 pytest tests/image/test_check.py -rs
 
 The first test runs the whole check (six training runs, three servers): about 1.5 minutes on 2 CPU cores;
 the second only the two training rows.
@@ -30,6 +30,8 @@ from local.check import (
     exit_code,
     run_check,
 )
+
+pytestmark = pytest.mark.container
 
 # The hyperparameters docs/local.md gives for a quick check of our image.
 TINY = {key: TINY_HP[key] for key in ("max_steps", "batch_size", "min_size", "max_size", "num_workers")}

@@ -9,7 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from maskrcnn.train.metrics import parse_metrics
+
+pytestmark = pytest.mark.integration
 
 TRAIN = [sys.executable, str(Path(__file__).resolve().parents[2] / "images" / "maskrcnn" / "train")]
 

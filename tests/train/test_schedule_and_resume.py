@@ -17,6 +17,8 @@ from maskrcnn.train.config import Hyperparameters
 from maskrcnn.train.engine import LoopState
 from maskrcnn.train.job import SkipSampler, make_optimizer, make_scheduler
 
+pytestmark = pytest.mark.unit
+
 
 def lrs(hp: Hyperparameters, steps_per_epoch: int, total, steps: int) -> list[float]:  # type: ignore[no-untyped-def]
     """The lr each of ``steps`` optimizer steps runs with."""

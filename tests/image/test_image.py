@@ -1,12 +1,12 @@
 """The image against the SageMaker container contract, on a real Docker engine.
 
-    make test-container            # or: pytest -m container tests/container -rs
+    make test-container            # or: pytest -m container tests/image -rs
 
 Builds the image once per session (see conftest.py), trains a few CPU steps on synthetic data with an
 /opt/ml tree mounted as SageMaker mounts it, serves that model through nginx on 8080, and checks the
 two stop paths: SIGTERM to a server, `docker stop -t 120` to a training job (checkpoint, then resume).
-Tests here are in the container layer by their folder (tests/conftest.py); the GPU variant is in the gpu
-layer only, so CI that requires the container layer does not fail for want of a GPU.
+Each test names its layer: the container layer, but the GPU variant is in the gpu layer only, so CI that
+requires the container layer does not fail for want of a GPU.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def _start_server(docker_client, image: str, opt_ml: Path, containers: list):
     pytest.fail(f"/ping not healthy within {PING_DEADLINE_S} s:\n{logs[-4000:]}")
 
 
+@pytest.mark.container
 def test_image_metadata(docker_client, image: str) -> None:
     """Label, entrypoint, environment, and what must not be in the image (/opt/ml, compilers)."""
     attrs = docker_client.images.get(image).attrs["Config"]
@@ -95,6 +96,7 @@ def test_image_metadata(docker_client, image: str) -> None:
     assert b"probe-ok" in out
 
 
+@pytest.mark.container
 def test_train_writes_model(trained_model: Path) -> None:
     """`docker run IMAGE train` with /opt/ml mounted writes the model where SageMaker collects it."""
     model = trained_model / "model"
@@ -103,6 +105,7 @@ def test_train_writes_model(trained_model: Path) -> None:
     assert not (trained_model / "output" / "failure").exists()
 
 
+@pytest.mark.container
 def test_no_argument_trains_and_anything_else_is_refused(
     opt_ml_factory, run_to_completion, smoke_hyperparameters: dict[str, str]
 ) -> None:
@@ -116,6 +119,7 @@ def test_no_argument_trains_and_anything_else_is_refused(
     assert "usage: docker run IMAGE [train|serve]" in logs and "'bash'" in logs
 
 
+@pytest.mark.container
 def test_serve_ping_and_invocations(docker_client, image: str, trained_model: Path, containers: list) -> None:
     """`docker run IMAGE serve` answers /ping and a PNG on /invocations through nginx on 8080."""
     _, url = _start_server(docker_client, image, trained_model, containers)
@@ -135,6 +139,7 @@ def test_serve_ping_and_invocations(docker_client, image: str, trained_model: Pa
     assert isinstance(prediction["instances"], list)
 
 
+@pytest.mark.container
 def test_serve_exits_cleanly_on_sigterm(docker_client, image: str, trained_model: Path, containers: list) -> None:
     """SageMaker stops an endpoint with SIGTERM and kills 30 s later: the server must be gone by then."""
     container, _ = _start_server(docker_client, image, trained_model, containers)
@@ -147,6 +152,7 @@ def test_serve_exits_cleanly_on_sigterm(docker_client, image: str, trained_model
     assert code == 0, f"exit code {code} after SIGTERM:\n{logs[-4000:]}"
 
 
+@pytest.mark.container
 @pytest.mark.timeout(900)
 def test_docker_stop_checkpoints_and_resumes(
     docker_client, image: str, opt_ml_factory, containers: list, smoke_hyperparameters: dict[str, str]
