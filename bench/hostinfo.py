@@ -12,7 +12,7 @@ import os
 import platform
 from pathlib import Path
 
-EMULATION_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+from local.runtime import CPU_KERNEL_VARIABLES as EMULATION_VARIABLES
 
 
 def cpu_model() -> str:

@@ -36,6 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 ENTRYPOINTS = REPO / "images" / "maskrcnn"
 # DataLoader workers pass batches through /dev/shm; Docker's 64 MB default is too small for them.
 SHM_SIZE = "1g"
+# torch's and oneDNN's choice of CPU kernels: set on the host (ATEN_CPU_CAPABILITY=avx2
+# ONEDNN_MAX_CPU_ISA=AVX2 emulates the AVX2 class on a newer CPU), they reach the container too, so docker
+# mode measures what process mode measures.
+CPU_KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,8 @@ class Runtime:
     def _docker_run(self, container_name: str, env: Mapping[str, str], *flags: str) -> list[str]:
         """``docker run`` up to the image: name, shared memory for loader workers, env, GPUs, ``flags``."""
         argv = [self.docker, "run", "--rm", "--name", container_name, *flags, "--shm-size", SHM_SIZE]
-        argv += self._env_flags(env)
+        kernels = {key: self.environ[key] for key in CPU_KERNEL_VARIABLES if self.environ.get(key)}
+        argv += self._env_flags({**kernels, **env})
         if self.gpus:
             argv += ["--gpus", "all"]
         return argv

@@ -282,6 +282,15 @@ def test_docker_train_command_mounts_the_tree_at_opt_ml(tmp_path):
     assert argv[argv.index("--network") + 1] == "host" and argv[argv.index("--gpus") + 1] == "all"
 
 
+def test_docker_commands_pass_the_hosts_cpu_kernel_choice_into_the_container(tmp_path):
+    # ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 make demo must emulate the AVX2 class in docker mode too.
+    environ = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "HOME": "/root"}
+    runtime = rt.Runtime(mode="docker", image="img:1", docker="docker", environ=environ)
+    for argv, _ in (runtime.train_command(tmp_path, {}, "t"), runtime.serve_command(tmp_path, 8080, {}, "s")):
+        assert "ATEN_CPU_CAPABILITY=avx2" in argv and "ONEDNN_MAX_CPU_ISA=AVX2" in argv
+        assert "HOME=/root" not in argv  # only the kernel choice, not the host's environment
+
+
 def test_process_commands_use_the_base_dir_seam(tmp_path):
     runtime = rt.Runtime(mode="process", environ={"PATH": "/bin"})
     argv, env = runtime.train_command(tmp_path, {"TRAINING_JOB_NAME": "j"}, "unused")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from maskrcnn.train.budget import MEASURE_STEPS, SKIP_STEPS, BudgetPlanner
+from maskrcnn.train.budget import MEASURE_STEPS, REPLAN_STEPS, SKIP_STEPS, BudgetPlanner
 
 pytestmark = pytest.mark.unit
 
@@ -61,4 +61,20 @@ def test_every_rank_plans_at_the_same_steps() -> None:
     budget = planner()
     first = SKIP_STEPS + MEASURE_STEPS
     due = [s for s in range(1, 40) if budget.due(s, (s - 1) % 10 + 1)]
-    assert due == [first, 11, 21, 31]  # measured, then each epoch's first step (its end measured)
+    # measured, then every REPLAN_STEPS steps and each epoch's first step (its end measured)
+    assert REPLAN_STEPS == 10 and due == [first, 11, 20, 21, 30, 31]
+
+
+def test_a_slow_start_is_corrected_within_the_first_epoch() -> None:
+    # The first steps share the CPU with another process (5 s a step), then run at 0.2 s: the first plan
+    # is short, and a plan 30 steps later, still in the first of 100-step epochs, follows the real speed.
+    budget = planner(seconds=400.0, full=1000, per_epoch=100)
+    now, plans = 0.0, {}
+    for step in range(1, 61):
+        now += 5.0 if step <= SKIP_STEPS + MEASURE_STEPS else 0.2
+        budget.record(step, step, now)
+        if budget.due(step, step):
+            plans[step] = budget.plan(step, now)
+    first = SKIP_STEPS + MEASURE_STEPS
+    assert plans[first] < 80  # 5 s a step: a few dozen steps fit
+    assert plans[60] == 1000  # 0.2 s a step: the whole unbudgeted plan fits in what is left

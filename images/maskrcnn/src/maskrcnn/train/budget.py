@@ -7,9 +7,10 @@ kernels), then plans the number of steps N for which
 
     N x seconds per step + evaluations before the end x seconds per evaluation + final reserve <= time left
 
-and sizes the learning-rate schedule to N, so it anneals to its end inside the budget. It plans again at
-every epoch's first step, with what it measured meanwhile (an evaluation's real cost), so a wrong first
-estimate is corrected while there is schedule left to correct. N never exceeds the plan without a
+and sizes the learning-rate schedule to N, so it anneals to its end inside the budget. It plans again every
+``REPLAN_STEPS`` steps and at every epoch's first step, with what it measured meanwhile (the median of the
+recent steps, an evaluation's real cost), so a wrong first estimate (a start slowed by another process) is
+corrected while there is schedule left to correct. N never exceeds the plan without a
 budget (``epochs``, ``max_steps``): a budget caps a job, it never lengthens one.
 
 The clock starts when the ``train`` process starts (SageMaker's also counts the data download before it:
@@ -20,10 +21,13 @@ training loop feeds it timestamps and step numbers.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 
 SKIP_STEPS = 2  # the first steps allocate memory and pick kernels: slower than the rest
 MEASURE_STEPS = 8  # steps timed before the first plan
+REPLAN_STEPS = 10  # plans again this often (and at each epoch's first step)
+RECENT_STEPS = 20  # the step time is the median of this many recent steps: robust to a stall, follows a change
 WRITE_SECONDS = 5.0  # writing the model, metrics.json and metrics.png, and the process's exit
 SAFETY_SHARE = 0.03  # of the budget, kept free for jitter (a slower step, a slower disk)
 EVAL_FLOOR_SECONDS = 2.0  # the least an evaluation is assumed to cost before one was measured
@@ -58,10 +62,11 @@ class BudgetPlanner:
     def due(self, global_step: int, step_in_epoch: int) -> bool:
         """Whether to plan after this step; depends on step numbers only, so every rank plans at the same one."""
         measured = self.first_step + SKIP_STEPS + MEASURE_STEPS
-        return global_step == measured or (global_step > measured and step_in_epoch == 1)
+        later = global_step > measured and (step_in_epoch == 1 or (global_step - measured) % REPLAN_STEPS == 0)
+        return global_step == measured or later
 
     def step_seconds(self) -> float:
-        return sum(self.step_times) / len(self.step_times) if self.step_times else 0.0
+        return statistics.median(self.step_times[-RECENT_STEPS:]) if self.step_times else 0.0
 
     def eval_seconds(self) -> float:
         """An epoch end's cost: the largest measured, else predicting each validation image is assumed to

@@ -364,6 +364,9 @@ class _Job:
         self.amp_dtype = autocast_dtype(ctx.device) if hp.amp else None
         self.scaler = grad_scaler(self.amp_dtype)
         log.info("mixed precision: %s", self.amp_dtype or "off")
+        if ctx.device.type == "cpu":  # CPU figures differ ~2x between kernel classes (AVX-512 against AVX2)
+            cpu = torch.backends.cpu.get_cpu_capability()
+            log.info("cpu: %d torch threads, %s kernels", torch.get_num_threads(), cpu)
         self.fingerprint = {
             "arch": hp.arch,
             "format": FORMAT_VERSION,
