@@ -78,3 +78,11 @@ def test_a_slow_start_is_corrected_within_the_first_epoch() -> None:
     first = SKIP_STEPS + MEASURE_STEPS
     assert plans[first] < 80  # 5 s a step: a few dozen steps fit
     assert plans[60] == 1000  # 0.2 s a step: the whole unbudgeted plan fits in what is left
+
+
+def test_a_plan_is_logged_when_it_moved_the_end_not_for_every_jitter() -> None:
+    budget = planner()
+    assert budget.worth_telling(1000)  # the first plan
+    assert not budget.worth_telling(1030)  # 3 % from the last one told
+    assert budget.worth_telling(1060)  # 6 %
+    assert not budget.worth_telling(1020)  # 3.8 % from 1060

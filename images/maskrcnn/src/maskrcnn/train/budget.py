@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 SKIP_STEPS = 2  # the first steps allocate memory and pick kernels: slower than the rest
 MEASURE_STEPS = 8  # steps timed before the first plan
 REPLAN_STEPS = 10  # plans again this often (and at each epoch's first step)
-RECENT_STEPS = 20  # the step time is the median of this many recent steps: robust to a stall, follows a change
+RECENT_STEPS = 50  # the step time is the median of this many recent steps: robust to a stall, follows a change
+TELL_SHARE = 0.05  # a new plan is logged when it moved the end by this share since the last one logged
 WRITE_SECONDS = 5.0  # writing the model, metrics.json and metrics.png, and the process's exit
 SAFETY_SHARE = 0.03  # of the budget, kept free for jitter (a slower step, a slower disk)
 EVAL_FLOOR_SECONDS = 2.0  # the least an evaluation is assumed to cost before one was measured
@@ -48,6 +49,7 @@ class BudgetPlanner:
     step_times: list[float] = field(default_factory=list)
     epoch_overheads: list[float] = field(default_factory=list)
     _last: tuple[int, float] | None = None  # (global step, time) of the previous step
+    _told: int | None = None  # the last plan logged
 
     def record(self, global_step: int, step_in_epoch: int, now: float) -> None:
         """One finished step: a step's own time, or, across an epoch's end, that end's overhead."""
@@ -104,6 +106,14 @@ class BudgetPlanner:
             middle = (low + high) // 2
             low, high = (middle, high) if cost(middle) <= left else (low, middle)
         return low
+
+    def worth_telling(self, planned: int) -> bool:
+        """Whether a new plan is news: the first, or one that moved the end by ``TELL_SHARE`` since the last
+        one told (every plan moves the schedule; jitter of a few steps is not worth a line each time)."""
+        if self._told is None or abs(planned - self._told) >= TELL_SHARE * self._told:
+            self._told = planned
+            return True
+        return False
 
     def out_of_time(self, now: float) -> bool:
         """The last resort: not even one more step fits before the final evaluation (the plan ran slow)."""

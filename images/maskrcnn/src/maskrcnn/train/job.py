@@ -535,7 +535,8 @@ class _Job:
         if budget.due(current.global_step, current.step_in_epoch):
             planned = distributed.agreed_min(budget.plan(current.global_step, now), ctx)
             if planned != current.last_step:
-                log.info(describe(self.hp.max_runtime, budget.step_seconds(), planned, current.last_step))
+                level = logging.INFO if budget.worth_telling(planned) else logging.DEBUG
+                log.log(level, describe(self.hp.max_runtime, budget.step_seconds(), planned, current.last_step))
                 current.last_step = planned
         elif distributed.any_rank(budget.out_of_time(now), ctx):
             log.warning(
