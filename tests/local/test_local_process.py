@@ -235,3 +235,22 @@ def test_sharded_hosts_each_train_their_own_part_for_the_same_steps(process_runt
     with tarfile.open(result.model_archive) as tar:
         spec_json = json.loads(tar.extractfile("model.json").read())
     assert spec_json["training"]["steps"] == 6
+
+
+def test_demo_runs_end_to_end_through_the_cli(tmp_path):
+    """`make demo`'s path on a small scale: data -> training job -> model.tar.gz -> endpoint -> scored answers."""
+    out = tmp_path / "demo"
+    small = {**TINY_HP, "epochs": "1", "max_steps": "2", "max_runtime": "0"}
+    hp_flags = [flag for key, value in small.items() for flag in ("--hp", f"{key}={value}")]
+    command = [sys.executable, "-m", "local", "demo", "--mode", "process", "--out", str(out)]
+    command += ["--train-images", "8", "--heldout-images", "3", "--seed", "1", *hp_flags]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"demo output: {out.resolve()}" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "process" and summary["heldout"]["images"] == 3
+    assert summary["hyperparameters"]["seed"] == "1" and summary["hyperparameters"]["max_runtime"] == "0"
+    assert 0.0 <= summary["heldout"]["segm_AP50"] <= 1.0 and summary["inference"]["failed_requests"] == 0
+    assert len(list((out / "predictions").glob("*.out"))) == 3 and len(list((out / "overlays").glob("*.png"))) == 3
+    assert (out / "contact_sheet.png").stat().st_size > 0 and (out / "job" / "model.tar.gz").is_file()
+    assert "Target segm AP50 >= 0.85 on held-out images" in (out / "summary.md").read_text()
