@@ -27,7 +27,7 @@ from types import TracebackType
 from local import client
 from local.artifacts import extract_archive
 from local.errors import EndpointError, HarnessError
-from local.runtime import Runtime, free_port, port_is_free
+from local.runtime import Runtime, free_port, port_is_free, start_streaming
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +94,7 @@ class Endpoint:
             self._place_model(base)
             argv, env = self.runtime.serve_command(base, self.port, self.env, self.container)
             log.info("starting serve (%s mode) for %s on port %d", self.runtime.mode, self.model, self.port)
-            self.process = subprocess.Popen(
-                argv,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                bufsize=1,
-                errors="replace",
-                start_new_session=True,
-            )
+            self.process = start_streaming(argv, env)
             threading.Thread(target=self._pump, daemon=True).start()
             self.wait_ready()
         except BaseException:

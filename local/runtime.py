@@ -106,6 +106,21 @@ class Runtime:
         return flags
 
 
+def start_streaming(argv: list[str], env: Mapping[str, str]) -> subprocess.Popen[str]:
+    """A ``train`` or ``serve`` process whose output the harness reads line by line (stderr merged), in a
+    session of its own: Ctrl-C reaches the harness only, which stops its processes in order."""
+    return subprocess.Popen(
+        argv,
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        errors="replace",
+        start_new_session=True,
+    )
+
+
 def docker_status(image: str, docker: str = "docker") -> tuple[bool, str]:
     """(usable, why): an engine answers and ``image`` exists in it."""
     binary = shutil.which(docker)

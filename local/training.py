@@ -32,7 +32,7 @@ from local.artifacts import pack_dir
 from local.errors import JobFailed
 from local.layout import JOB_FILE, LOG_FILE, MODEL_ARCHIVE, OUTPUT_ARCHIVE, JobSpec, write_job
 from local.progress import Progress
-from local.runtime import Runtime, free_port, stop_on_signals
+from local.runtime import Runtime, free_port, start_streaming, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -187,17 +187,7 @@ class _Hosts:
     def start(self, trees: dict, env: dict[str, str]) -> None:
         for host in self.hosts:
             argv, proc_env = self.runtime.train_command(trees[host].base, env, self.containers[host])
-            # A session of its own: Ctrl-C reaches the harness only, which stops hosts in order.
-            self.processes[host] = subprocess.Popen(
-                argv,
-                env=proc_env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                bufsize=1,
-                errors="replace",
-                start_new_session=True,
-            )
+            self.processes[host] = start_streaming(argv, proc_env)
             threading.Thread(target=_pump, args=(host, self.processes[host].stdout, self.lines), daemon=True).start()
 
     def poll(self) -> None:
