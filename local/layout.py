@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from maskrcnn.train.config import SageMakerPaths
+from maskrcnn.contract import SageMakerPaths
 
 from local.errors import HarnessError
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from maskrcnn.contract import DEFAULT_BASE_DIR, SageMakerPaths
 from maskrcnn.errors import ConfigError
-from maskrcnn.train.config import DEFAULT_BASE_DIR, PRESETS, Hyperparameters, SageMakerPaths
+from maskrcnn.train.config import PRESETS, Hyperparameters
 
 # What the workflow trains unless `-p KEY=VALUE` overrides a key: a preset of the image's own schema
 # (maskrcnn.train.config.Hyperparameters), so every name, type and default has one definition, the image's.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from maskrcnn import cli, contract
-from maskrcnn.train.config import SageMakerPaths
+from maskrcnn.contract import SageMakerPaths
 
 pytestmark = pytest.mark.unit
 

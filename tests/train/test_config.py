@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from maskrcnn.contract import SageMakerPaths
 from maskrcnn.errors import ConfigError
-from maskrcnn.train.config import Hyperparameters, ResourceConfig, SageMakerPaths, TrainConfig
+from maskrcnn.train.config import Hyperparameters, ResourceConfig, TrainConfig
 
 pytestmark = pytest.mark.unit
 

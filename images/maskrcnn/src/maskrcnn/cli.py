@@ -13,9 +13,9 @@ import os
 import time
 import traceback
 
-from maskrcnn.contract import EXIT_FAILED, setup_logging, write_failure
+from maskrcnn.contract import EXIT_FAILED, base_paths, setup_logging, write_failure
 from maskrcnn.errors import JobError
-from maskrcnn.train.config import TrainConfig, base_paths
+from maskrcnn.train.config import TrainConfig
 
 log = logging.getLogger("maskrcnn")
 

@@ -1,4 +1,4 @@
-"""What both of the image's processes owe SageMaker, and nothing else: exit codes, the failure file, log lines.
+"""What both of the image's processes owe SageMaker, and nothing else: paths, exit codes, the failure file, log lines.
 
 A leaf: it imports nothing from the package at run time, so ``train``, ``serve``, the training job and the
 server workers all use it without importing each other.
@@ -12,16 +12,77 @@ server workers all use it without importing each other.
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
-if TYPE_CHECKING:
-    from maskrcnn.train.config import SageMakerPaths
-
+DEFAULT_BASE_DIR = "/opt/ml"  # SAGEMAKER_BASE_DIR moves it (the local harness and the tests do)
 EXIT_DONE = 0
 EXIT_FAILED = 1
 EXIT_STOPPED = 143
 FAILURE_LIMIT = 1024
+
+
+@dataclass(frozen=True)
+class SageMakerPaths:
+    """Every path of the container contract, derived from one base directory."""
+
+    base: Path
+
+    @property
+    def input_config(self) -> Path:
+        return self.base / "input" / "config"
+
+    @property
+    def hyperparameters_file(self) -> Path:
+        return self.input_config / "hyperparameters.json"
+
+    @property
+    def inputdataconfig_file(self) -> Path:
+        return self.input_config / "inputdataconfig.json"
+
+    @property
+    def resourceconfig_file(self) -> Path:
+        return self.input_config / "resourceconfig.json"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.base / "input" / "data"
+
+    def channel(self, name: str) -> Path:
+        return self.data_dir / name
+
+    @property
+    def model_dir(self) -> Path:
+        return self.base / "model"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.base / "output"
+
+    @property
+    def output_data_dir(self) -> Path:
+        return self.output_dir / "data"
+
+    @property
+    def failure_file(self) -> Path:
+        return self.output_dir / "failure"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.base / "checkpoints"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """Where SageMaker's TensorBoardOutputConfig uploads from (its default LocalPath)."""
+        return self.output_dir / "tensorboard"
+
+
+def base_paths(environ: Mapping[str, str] | None = None) -> SageMakerPaths:
+    environ = os.environ if environ is None else environ
+    return SageMakerPaths(Path(environ.get("SAGEMAKER_BASE_DIR", DEFAULT_BASE_DIR)))
 
 
 def setup_logging(rank: int | None = None) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from maskrcnn.errors import ModelError
-from maskrcnn.train.config import ARCHS
+
+ARCHS = ("lite", "resnet50_fpn", "resnet50_fpn_v2")  # what this image builds and loads
 
 # 2: lite's box head has two convolutions; 3: lite classifies from the mask head too; 4: lite pools masks
 # from finer features (MASK_CANONICAL_SCALE); 5: lite's RPN proposes from strides 8-32 (LevelsRPN)

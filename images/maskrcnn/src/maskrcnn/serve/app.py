@@ -29,7 +29,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from maskrcnn.errors import NotAcceptable, RequestError, ServiceUnavailable
-from maskrcnn.model.architectures import ModelSpec
+from maskrcnn.model.format import ModelSpec
 from maskrcnn.serve import codec
 from maskrcnn.serve.codec import RequestOptions
 from maskrcnn.serve.settings import ServeSettings

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from maskrcnn.contract import DEFAULT_BASE_DIR
 from maskrcnn.errors import ConfigError
-from maskrcnn.train.config import DEFAULT_BASE_DIR
 
 DEFAULT_PORT = 8080
 DEFAULT_TIMEOUT_S = 60  # SageMaker answers a real-time invocation within 60 s

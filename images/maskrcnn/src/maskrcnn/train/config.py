@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from maskrcnn.contract import DEFAULT_BASE_DIR, SageMakerPaths
 from maskrcnn.errors import ConfigError
+from maskrcnn.model.format import ARCHS
 
-DEFAULT_BASE_DIR = "/opt/ml"
-ARCHS = ("lite", "resnet50_fpn", "resnet50_fpn_v2")
 DATASET_FORMATS = ("auto", "coco", "pennfudan")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "multistep", "constant")
@@ -159,61 +159,6 @@ def _decode(key: str, value: Any, kind: Any) -> Any:
         raise ConfigError(f"hyperparameter {key!r} must be {expected}, got {value!r}") from None
 
 
-@dataclass(frozen=True)
-class SageMakerPaths:
-    """Every path of the container contract, derived from one base directory."""
-
-    base: Path
-
-    @property
-    def input_config(self) -> Path:
-        return self.base / "input" / "config"
-
-    @property
-    def hyperparameters_file(self) -> Path:
-        return self.input_config / "hyperparameters.json"
-
-    @property
-    def inputdataconfig_file(self) -> Path:
-        return self.input_config / "inputdataconfig.json"
-
-    @property
-    def resourceconfig_file(self) -> Path:
-        return self.input_config / "resourceconfig.json"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.base / "input" / "data"
-
-    def channel(self, name: str) -> Path:
-        return self.data_dir / name
-
-    @property
-    def model_dir(self) -> Path:
-        return self.base / "model"
-
-    @property
-    def output_dir(self) -> Path:
-        return self.base / "output"
-
-    @property
-    def output_data_dir(self) -> Path:
-        return self.output_dir / "data"
-
-    @property
-    def failure_file(self) -> Path:
-        return self.output_dir / "failure"
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.base / "checkpoints"
-
-    @property
-    def tensorboard_dir(self) -> Path:
-        """Where SageMaker's TensorBoardOutputConfig uploads from (its default LocalPath)."""
-        return self.output_dir / "tensorboard"
-
-
 INPUT_MODES = ("File", "FastFile")  # both present the channel as files; Pipe (FIFOs) is not read
 DISTRIBUTIONS = ("FullyReplicated", "ShardedByS3Key")
 
@@ -328,11 +273,6 @@ class TrainConfig:
             _read_json(paths.resourceconfig_file, {}),
             environ,
         )
-
-
-def base_paths(environ: Mapping[str, str] | None = None) -> SageMakerPaths:
-    environ = os.environ if environ is None else environ
-    return SageMakerPaths(Path(environ.get("SAGEMAKER_BASE_DIR", DEFAULT_BASE_DIR)))
 
 
 def _read_json(path: Path, default: Any) -> Any:
