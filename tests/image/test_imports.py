@@ -86,3 +86,21 @@ def test_no_import_cycles() -> None:
         graph[name] = {t for t in graph[name] if not (found[name].name == "__init__.py" and t.startswith(name + "."))}
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_server_and_the_saved_model_format_import_nothing_of_training() -> None:
+    """The two processes meet only in contract, errors, device and model/: serve never loads training code."""
+    found = modules()
+    graph = {name: imports(name, path, set(found)) - {name} for name, path in found.items()}
+    for start in [name for name in found if name.startswith("maskrcnn.serve.")] + ["maskrcnn.model.format"]:
+        training = sorted(m for m in reachable(graph, start) if m.startswith("maskrcnn.train"))
+        assert not training, f"{start} reaches {training}"
