@@ -476,6 +476,14 @@ class _Job:
                 if distributed.any_rank(self.stop(), ctx):  # also every rank's wait for the evaluation to end
                     return None
                 self.report_evaluation(scores)
+            if last and self.budget is not None and ctx.is_main:  # re-plans under 5 % were logged at DEBUG
+                took = time.monotonic() - self.job_started
+                log.info(
+                    "budget: trained to step %d of its plan, %.0f s into max_runtime=%d s",
+                    state.global_step,
+                    took,
+                    hp.max_runtime,
+                )
         if not evaluated:  # resumed from a finished checkpoint: score the restored weights
             scores = self.evaluate()
             if distributed.any_rank(self.stop(), ctx):
