@@ -173,7 +173,9 @@ def make_scheduler(
     optimizer: torch.optim.Optimizer, hp: Hyperparameters, steps_per_epoch: int, total: int | Callable[[], int]
 ):
     """Warm-up, then the schedule over ``total`` steps; a callable ``total`` is read at every step, so a time
-    budget can re-plan the length after the job started (multistep's epochs then shrink in proportion)."""
+    budget can re-plan the length after the job started (multistep's epochs then shrink in proportion).
+    A LambdaLR, not torchvision's LinearLR + SequentialLR + CosineAnnealingLR: those fix their lengths when
+    built (CosineAnnealingLR steps recursively from a fixed ``T_max``), and a budget moves the end later."""
     planned = total if callable(total) else (lambda: total)
     unbudgeted = planned()
 
