@@ -402,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     overhead = 1000 * (statistics.median(lat) - statistics.median(base_lat))
     ping_p50, ping_p99 = 1000 * pct(pings, 0.5), 1000 * pct(pings, 0.99)
     print(f"throughput ratio          : {ratio:.3f}x  (floor 0.95x)  {'OK' if ratio >= 0.95 else 'BELOW'}")
-    # With one client per worker, each worker idles while its answer travels back and the next request arrives
-    # (nginx, the client); with two, nginx holds the next request ready: the server's throughput at saturation.
+    # With one client per worker a worker may idle while its answer travels back; with two, nginx holds the next
+    # request ready. Printed to tell the two apart (docs/serving.md: on Zen 5 it was lower, not higher).
     print(
         f"saturated ({2 * workers} clients)     : {saturated_rps:7.2f} req/s, "
         f"{saturated_rps / base_rps:.3f}x of the bare predictor (with /ping every 20 ms)"

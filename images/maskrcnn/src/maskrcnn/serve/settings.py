@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maskrcnn.contract import DEFAULT_BASE_DIR
+from maskrcnn.contract import DEFAULT_BASE_DIR, base_paths
 from maskrcnn.errors import ConfigError
 
 DEFAULT_PORT = 8080
@@ -132,7 +132,7 @@ class ServeSettings:
         elif nginx_choice:
             nginx = nginx_choice
         return cls(
-            base_dir=Path(env.get("SAGEMAKER_BASE_DIR", DEFAULT_BASE_DIR)),
+            base_dir=base_paths(env).base,
             port=_int(env, "SAGEMAKER_BIND_TO_PORT", DEFAULT_PORT, minimum=1, maximum=65535),
             workers=workers,
             torch_threads=threads,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maskrcnn.contract import DEFAULT_BASE_DIR, SageMakerPaths
+from maskrcnn.contract import SageMakerPaths, base_paths
 from maskrcnn.errors import ConfigError
 from maskrcnn.model.format import ARCHS
 
@@ -265,7 +265,7 @@ class TrainConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TrainConfig:
         """Read the base directory's config files and the environment, once."""
         environ = dict(os.environ if environ is None else environ)
-        paths = SageMakerPaths(Path(environ.get("SAGEMAKER_BASE_DIR", DEFAULT_BASE_DIR)))
+        paths = base_paths(environ)
         return cls.from_dicts(
             paths.base,
             _read_json(paths.hyperparameters_file, {}),
