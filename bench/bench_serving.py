@@ -1,21 +1,26 @@
 """Full serving stack (client -> nginx -> gunicorn -> Flask -> model) against the bare Predictor.
 
-One run, same machine, same model, same image, same per-request options:
-
-Alternating rounds of:
+One run, same machine, same model, same image, same per-request options. Alternating rounds of:
 
 1. baseline: ``workers`` processes, each with its own in-process :class:`Predictor` (same torch
    threads as a server worker), calling it in a closed loop on an already-decoded image;
-2. server: a real ``serve`` with ``workers`` workers; ``workers`` client threads POST the JPEG in a
-   closed loop (keep-alive);
+2. server, one client per worker: a real ``serve`` with ``workers`` workers; ``workers`` client
+   threads POST the JPEG in a closed loop (keep-alive). Latency is the stack's own here, but each
+   worker idles while its answer goes back and the next request comes in;
+3. server, two clients per worker: a request always waits at nginx, so no worker idles; this is the
+   stack's capacity, the throughput the floor (0.95x of the baseline) applies to;
 
-then one phase with 2 x ``workers`` clients while another thread GETs /ping every 20 ms.
+then one phase with two clients per worker while another thread GETs /ping every 20 ms.
 
-Prints throughput of both and the ratio (floor 0.95x), p50 latency of both and the overhead
-(ceiling 5 ms), and /ping p50/p99 while saturated (ceiling 100 ms). The server's work is a
-superset of the baseline's: it also decodes the JPEG and encodes the masks as RLE JSON.
+Prints throughput of each side and the ratios, overall and round by round (runs of the same code on
+one 2-core VM move by several per cent: read the spread before a single figure), p50 latency of both
+and the overhead (ceiling 5 ms), the forward pass inside a worker against the bare one, minor page
+faults per image on each side, where the CPU went, and /ping p50/p99 while saturated (ceiling
+100 ms). The server's work is a superset of the baseline's: it also decodes the JPEG and encodes
+the masks as RLE JSON. ``--glibc-malloc-defaults`` runs both sides without
+:mod:`maskrcnn.serve.allocator`, to see what keeping freed memory buys.
 
-    .venv/bin/python bench/bench_serving.py [--seconds 30] [--rounds 6] [--workers N] [--detections 10]
+    .venv/bin/python bench/bench_serving.py [--seconds 60] [--rounds 12] [--workers N] [--detections 10]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +126,8 @@ def _baseline_worker(
     go: Any,
     queue: Any,
 ) -> None:
+    import resource
+
     import torch
     from maskrcnn.serve.codec import decode_image
     from maskrcnn.serve.predictor import Predictor
@@ -131,12 +139,13 @@ def _baseline_worker(
     for round_index in range(rounds):
         go[round_index].wait()
         latencies = []
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             t = time.perf_counter()
             predictor(image, *options)
             latencies.append(time.perf_counter() - t)
-        queue.put(latencies)
+        queue.put((latencies, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
 
 
 class Baseline:
@@ -169,10 +178,16 @@ class Baseline:
             self.queue.get()  # each one loaded and warm
         self.round = 0
 
-    def phase(self) -> list[float]:
+    def phase(self) -> tuple[list[float], int]:
+        """Every call's latency in this round, and the minor page faults of all the processes."""
         self.go[self.round].set()
         self.round += 1
-        return [lat for _ in self.procs for lat in self.queue.get()]
+        latencies, faults = [], 0
+        for _ in self.procs:
+            round_latencies, round_faults = self.queue.get()
+            latencies += round_latencies
+            faults += round_faults
+        return latencies, faults
 
     def close(self) -> None:
         for proc in self.procs:
@@ -181,8 +196,8 @@ class Baseline:
                 proc.kill()
 
 
-def _process_table() -> dict[int, tuple[int, str, float]]:
-    """pid -> (parent pid, command line, CPU seconds so far) for every process /proc lists."""
+def _process_table() -> dict[int, tuple[int, str, float, int]]:
+    """pid -> (parent pid, command line, CPU seconds so far, minor page faults so far) for every process."""
     tick = os.sysconf("SC_CLK_TCK")
     table = {}
     for entry in Path("/proc").iterdir():
@@ -194,15 +209,22 @@ def _process_table() -> dict[int, tuple[int, str, float]]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        table[int(entry.name)] = (int(fields[1]), cmdline, (int(fields[11]) + int(fields[12])) / tick)
+        table[int(entry.name)] = (
+            int(fields[1]),
+            cmdline,
+            (int(fields[11]) + int(fields[12])) / tick,
+            int(fields[7]),
+        )
     return table
 
 
 def stack_cpu(root: int) -> dict[str, float]:
-    """CPU seconds used so far by ``serve`` (pid ``root``) and its descendants, by role."""
+    """CPU seconds used so far by ``serve`` (pid ``root``) and its descendants, by role; and the
+    workers' minor page faults so far, as ``"worker page faults"``."""
     table = _process_table()
     roles: dict[str, float] = {"workers": 0.0, "nginx": 0.0, "serve + gunicorn arbiter": 0.0}
-    for pid, (_, cmdline, cpu) in table.items():
+    faults = 0
+    for pid, (_, cmdline, cpu, minflt) in table.items():
         chain, parent = [], pid
         while parent in table and parent != root and parent > 1:
             chain.append(parent)
@@ -213,9 +235,10 @@ def stack_cpu(root: int) -> dict[str, float]:
             roles["nginx"] += cpu
         elif "maskrcnn.serve.wsgi" in cmdline and len(chain) >= 2:  # forked by the arbiter
             roles["workers"] += cpu
+            faults += minflt
         else:
             roles["serve + gunicorn arbiter"] += cpu
-    return roles
+    return {**roles, "worker page faults": float(faults)}
 
 
 def server_timing(header: str | None) -> dict[str, float]:
@@ -277,7 +300,7 @@ def run_server_load(
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     threads.append(threading.Thread(target=pinger))
-    warmup = 1.0  # let every worker take a request before measuring
+    warmup = 0.5  # let every worker take a request before measuring
     for thread in threads:
         thread.start()
     time.sleep(warmup)
@@ -299,16 +322,45 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+@dataclass
+class ServerSide:
+    """What the full stack did in its rounds at one number of clients."""
+
+    clients: int
+    latencies: list[float] = field(default_factory=list)
+    round_counts: list[int] = field(default_factory=list)
+    timings: list[dict[str, float]] = field(default_factory=list)
+    errors: int = 0
+
+    def run_round(self, port: int, jpeg: bytes, attributes: str, seconds: float) -> None:
+        # Rounds ping once a second (as a load balancer would), not more: each ping costs the busy workers.
+        round_timings: list[dict[str, float]] = []
+        _, latencies, _, errors = run_server_load(port, self.clients, jpeg, attributes, seconds, 1.0, round_timings)
+        self.latencies += latencies
+        self.round_counts.append(len(latencies))
+        self.timings += round_timings
+        self.errors += errors
+
+
 def main(argv: list[str] | None = None) -> int:
     print(hostinfo.describe(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds per side, all rounds")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=60.0, help="measured seconds per side, all rounds")
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--ping-seconds", type=float, default=10.0, help="saturated phase that measures /ping")
     parser.add_argument("--workers", type=int, default=0, help="default: what serve picks on this machine")
     parser.add_argument("--detections", type=int, default=10, help="detections per answer (score_threshold=0)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    parser.add_argument(
+        "--glibc-malloc-defaults",
+        action="store_true",
+        help="both sides with glibc's own malloc thresholds (maskrcnn.serve.allocator not applied)",
+    )
     args = parser.parse_args(argv)
+    if args.glibc_malloc_defaults:
+        # Any glibc.malloc tunable makes keep_freed_memory leave malloc alone; 7 is tcache_count's default.
+        # Set here, it reaches the baseline processes and the server alike.
+        os.environ["GLIBC_TUNABLES"] = "glibc.malloc.tcache_count=7"
     logging.basicConfig(level=logging.WARNING)
 
     from maskrcnn.serve.settings import ServeSettings
@@ -322,14 +374,18 @@ def main(argv: list[str] | None = None) -> int:
     options = (0.0, args.detections)
     attributes = f"score_threshold=0.0,max_detections={args.detections}"
 
-    # Alternating rounds (baseline, server, baseline, ...) so that other load on the machine
-    # falls on both alike; the idle side costs nothing while the other runs.
+    # Alternating rounds (baseline, server at one client per worker, server at two, baseline, ...) so that
+    # other load on the machine falls on all alike; the idle side costs nothing while another runs.
     phase = args.seconds / args.rounds
     base_lat: list[float] = []
-    lat: list[float] = []
-    pings: list[float] = []
-    timings: list[dict[str, float]] = []
-    errors = 0
+    base_counts: list[int] = []
+    base_faults = 0
+    # One client per worker: no request ever waits for a worker, so latency is the stack's own; but each
+    # worker idles while its answer goes back and the next request comes in (client and nginx share the cores).
+    paced = ServerSide(workers)
+    # Two per worker: a request always waits at nginx, so a worker never idles: the stack's capacity.
+    saturated = ServerSide(2 * workers)
+    cpu: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         make_model(base / "model")
@@ -343,16 +399,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         try:
             wait_ready(port, process=server)
-            cpu: dict[str, float] = {}
             for _ in range(args.rounds):
-                base_lat += baseline.phase()
+                round_base_lat, round_base_faults = baseline.phase()
+                base_lat += round_base_lat
+                base_counts.append(len(round_base_lat))
+                base_faults += round_base_faults
                 before, client_before, wall_before = stack_cpu(server.pid), time.process_time(), time.perf_counter()
-                # Throughput rounds ping rarely: each ping costs the CPU-bound workers a little.
-                round_timings: list[dict[str, float]] = []
-                _, round_lat, _, round_errors = run_server_load(
-                    port, workers, jpeg, attributes, phase, 1.0, round_timings
-                )
-                timings += round_timings
+                paced.run_round(port, jpeg, attributes, phase)
                 after = stack_cpu(server.pid)
                 for role, seconds in after.items():
                     cpu[role] = cpu.get(role, 0.0) + seconds - before[role]
@@ -360,54 +413,66 @@ def main(argv: list[str] | None = None) -> int:
                     cpu.get("load generator (this process)", 0.0) + time.process_time() - client_before
                 )
                 cpu["wall"] = cpu.get("wall", 0.0) + time.perf_counter() - wall_before
-                lat += round_lat
-                errors += round_errors
-            # Then saturate with twice as many clients as workers and ping every 20 ms.
-            saturated_rps, _, pings, round_errors = run_server_load(
+                saturated.run_round(port, jpeg, attributes, phase)
+            # Then saturate and ping every 20 ms: /ping must answer fast while every worker is busy.
+            _, _, pings, ping_phase_errors = run_server_load(
                 port, 2 * workers, jpeg, attributes, args.ping_seconds, 0.02
             )
-            errors += round_errors
         finally:
             stop_server(server)
             baseline.close()
     base_rps = len(base_lat) / args.seconds
-    rps = len(lat) / args.seconds
+    errors = paced.errors + saturated.errors + ping_phase_errors
 
     print(
         f"machine: {cpu_count()} CPUs; {workers} worker(s) x {threads} torch thread(s); "
         f"{args.size}px JPEG, {args.detections} detections per answer; "
-        f"{args.seconds:g} s per side in {args.rounds} rounds"
+        f"{args.seconds:g} s per side in {args.rounds} rounds; errors {errors}"
     )
-    print(f"bare predictor in-process : {base_rps:7.2f} img/s   p50 {1000 * statistics.median(base_lat):7.1f} ms")
     print(
-        f"full stack via nginx      : {rps:7.2f} req/s   p50 {1000 * statistics.median(lat):7.1f} ms   errors {errors}"
+        f"bare predictor in-process         : {base_rps:7.2f} img/s   p50 {1000 * statistics.median(base_lat):7.1f} ms"
     )
+    for side in (paced, saturated):
+        print(
+            f"full stack, {side.clients} clients ({side.clients // workers} per worker): "
+            f"{len(side.latencies) / args.seconds:7.2f} req/s   p50 {1000 * statistics.median(side.latencies):7.1f} ms"
+        )
+    timings = paced.timings
     names = timings[0] if timings else {}
     inside = {name: 1000 * statistics.median(t.get(name, 0.0) for t in timings) for name in names}
     print(
-        "inside the worker (Server-Timing, p50)    : "
+        "inside the worker (Server-Timing, p50, one client per worker): "
         + ", ".join(f"{name} {ms:.1f} ms" for name, ms in inside.items())
         + f"; the rest of the p50 (HTTP, nginx, gunicorn, Flask, client) "
-        f"{1000 * statistics.median(lat) - sum(inside.values()):.1f} ms"
+        f"{1000 * statistics.median(paced.latencies) - sum(inside.values()):.1f} ms"
     )
     if "inference" in inside:
+        # Throughput follows the mean, and a few slow calls move it where the p50 does not.
+        forward_mean = statistics.mean(t["inference"] for t in timings + saturated.timings)
         print(
-            f"forward in a server worker / bare predictor forward (p50): "
-            f"{inside['inference'] / (1000 * statistics.median(base_lat)):.3f}"
+            f"forward in a server worker / bare predictor forward: p50 "
+            f"{inside['inference'] / (1000 * statistics.median(base_lat)):.3f}, "
+            f"mean {forward_mean / statistics.mean(base_lat):.3f}"
         )
+    # Each minor fault maps a fresh page (zeroed by the kernel): memory given back to the system and taken again.
+    print(
+        f"minor page faults per image : bare predictor {base_faults / len(base_lat):.0f}, "
+        f"server worker {cpu.pop('worker page faults') / len(paced.latencies):.0f}"
+    )
     capacity = cpu.pop("wall") * cpu_count()
     shares = ", ".join(f"{role} {seconds / capacity:.1%}" for role, seconds in cpu.items())
-    print(f"CPU during full-stack rounds (share of {cpu_count()} cores) : {shares}")
-    ratio = rps / base_rps
-    overhead = 1000 * (statistics.median(lat) - statistics.median(base_lat))
+    print(f"CPU, one client per worker (share of {cpu_count()} cores) : {shares}")
+    for side, label in ((paced, "one client per worker"), (saturated, "capacity (2 per worker)")):
+        ratio = len(side.latencies) / len(base_lat)
+        rounds = [count / max(1, base) for count, base in zip(side.round_counts, base_counts, strict=True)]
+        verdict = f"(floor 0.95x)  {'OK' if ratio >= 0.95 else 'BELOW'}" if side is saturated else ""
+        print(
+            f"throughput ratio, {label:24s}: {ratio:.3f}x  {verdict}\n"
+            f"  round by round: median {statistics.median(rounds):.3f}x, "
+            f"{min(rounds):.3f}x to {max(rounds):.3f}x over {len(rounds)} rounds"
+        )
+    overhead = 1000 * (statistics.median(paced.latencies) - statistics.median(base_lat))
     ping_p50, ping_p99 = 1000 * pct(pings, 0.5), 1000 * pct(pings, 0.99)
-    print(f"throughput ratio          : {ratio:.3f}x  (floor 0.95x)  {'OK' if ratio >= 0.95 else 'BELOW'}")
-    # With one client per worker a worker may idle while its answer travels back; with two, nginx holds the next
-    # request ready. Printed to tell the two apart (docs/serving.md: on Zen 5 it was lower, not higher).
-    print(
-        f"saturated ({2 * workers} clients)     : {saturated_rps:7.2f} req/s, "
-        f"{saturated_rps / base_rps:.3f}x of the bare predictor (with /ping every 20 ms)"
-    )
     print(f"p50 latency overhead      : {overhead:.1f} ms (ceiling 5 ms)  {'OK' if overhead <= 5 else 'ABOVE'}")
     print(
         f"/ping while saturated     : p50 {ping_p50:.1f} ms  p99 {ping_p99:.1f} ms over {len(pings)} pings "
