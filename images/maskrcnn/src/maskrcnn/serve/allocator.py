@@ -4,7 +4,7 @@ glibc's malloc serves a block above its mmap threshold (128 KiB, raised as block
 past 32 MiB) with a fresh mmap, and gives it back with munmap when it is freed; a freed heap top above
 the trim threshold goes back to the kernel too. Mask R-CNN's forward allocates and frees feature maps of
 megabytes to tens of megabytes per image, so every call maps fresh pages and the kernel zeroes each one
-on first touch: measured with bench/bench_serving.py (docs/serving.md, "Page faults") at ~6,400 minor
+on first touch: measured with bench/bench_serving.py (docs/serving.md, "bench_serving now") at ~6,400 minor
 page faults per 256-px image on the lite model, and a forward pass 10-16 % slower than with the memory
 kept.
 
