@@ -16,14 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("need_cuda")]
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def need_cuda() -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device visible to torch")
 
 
 def two_gpus() -> None:
