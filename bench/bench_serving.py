@@ -218,9 +218,9 @@ def _process_table() -> dict[int, tuple[int, str, float, int]]:
     return table
 
 
-def stack_cpu(root: int) -> dict[str, float]:
-    """CPU seconds used so far by ``serve`` (pid ``root``) and its descendants, by role; and the
-    workers' minor page faults so far, as ``"worker page faults"``."""
+def stack_usage(root: int) -> tuple[dict[str, float], int]:
+    """CPU seconds used so far by ``serve`` (pid ``root``) and its descendants, by role, and the workers'
+    minor page faults so far."""
     table = _process_table()
     roles: dict[str, float] = {"workers": 0.0, "nginx": 0.0, "serve + gunicorn arbiter": 0.0}
     faults = 0
@@ -238,7 +238,7 @@ def stack_cpu(root: int) -> dict[str, float]:
             faults += minflt
         else:
             roles["serve + gunicorn arbiter"] += cpu
-    return {**roles, "worker page faults": float(faults)}
+    return roles, faults
 
 
 def server_timing(header: str | None) -> dict[str, float]:
@@ -386,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     # Two per worker: a request always waits at nginx, so a worker never idles: the stack's capacity.
     saturated = ServerSide(2 * workers)
     cpu: dict[str, float] = {}
+    worker_faults = 0
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         make_model(base / "model")
@@ -404,11 +405,13 @@ def main(argv: list[str] | None = None) -> int:
                 base_lat += round_base_lat
                 base_counts.append(len(round_base_lat))
                 base_faults += round_base_faults
-                before, client_before, wall_before = stack_cpu(server.pid), time.process_time(), time.perf_counter()
+                (before, faults_before), client_before = stack_usage(server.pid), time.process_time()
+                wall_before = time.perf_counter()
                 paced.run_round(port, jpeg, attributes, phase)
-                after = stack_cpu(server.pid)
+                after, faults_after = stack_usage(server.pid)
                 for role, seconds in after.items():
                     cpu[role] = cpu.get(role, 0.0) + seconds - before[role]
+                worker_faults += faults_after - faults_before
                 cpu["load generator (this process)"] = (
                     cpu.get("load generator (this process)", 0.0) + time.process_time() - client_before
                 )
@@ -457,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     # Each minor fault maps a fresh page (zeroed by the kernel): memory given back to the system and taken again.
     print(
         f"minor page faults per image : bare predictor {base_faults / len(base_lat):.0f}, "
-        f"server worker {cpu.pop('worker page faults') / len(paced.latencies):.0f}"
+        f"server worker {worker_faults / len(paced.latencies):.0f}"
     )
     capacity = cpu.pop("wall") * cpu_count()
     shares = ", ".join(f"{role} {seconds / capacity:.1%}" for role, seconds in cpu.items())

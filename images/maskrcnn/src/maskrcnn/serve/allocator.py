@@ -49,4 +49,7 @@ def keep_freed_memory(environ: Mapping[str, str] | None = None, keep_bytes: int 
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     # mallopt returns 1 on success; setting either value also turns off glibc's dynamic threshold.
-    return bool(mallopt(M_MMAP_THRESHOLD, keep_bytes)) and bool(mallopt(M_TRIM_THRESHOLD, keep_bytes))
+    kept = bool(mallopt(M_MMAP_THRESHOLD, keep_bytes)) and bool(mallopt(M_TRIM_THRESHOLD, keep_bytes))
+    if kept:
+        log.debug("malloc keeps freed blocks up to %d MiB mapped", keep_bytes >> 20)
+    return kept

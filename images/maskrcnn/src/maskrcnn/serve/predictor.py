@@ -27,7 +27,7 @@ from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, p
 from torchvision.models.detection.transform import resize_boxes
 
 from maskrcnn.model.architectures import ModelSpec, load_model
-from maskrcnn.serve.allocator import KEEP_BYTES, keep_freed_memory
+from maskrcnn.serve.allocator import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,8 @@ class Predictor:
         """
         if threads is not None:
             torch.set_num_threads(threads)
-        if torch.device(device).type == "cpu" and keep_freed_memory():
-            log.debug("malloc keeps freed blocks up to %d MiB mapped", KEEP_BYTES >> 20)
+        if torch.device(device).type == "cpu":
+            keep_freed_memory()
         started = time.perf_counter()
         model, spec = load_model(model_dir, device)
         predictor = cls(model, spec, device)
