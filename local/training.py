@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 120.0  # StopTrainingJob: SIGTERM, then SIGKILL after 120 s
 _POSITION = re.compile(r"\b(phase|epoch|step)=(\w+)")
-# maskrcnn.train.job logs its plan before the first step, and again when a time budget (max_runtime) moves it.
-_PLAN = re.compile(r"\bplan(?::|ning) (\d+) steps\b")
+# maskrcnn.train.job logs its plan before the first step, again when a time budget (max_runtime) moves it by 5 %
+# or more, and, with a budget, the step it trained to (smaller re-plans are DEBUG lines: the bar ends there).
+_PLAN = re.compile(r"\b(?:plan: |planning |budget: trained to step )(\d+)\b")
 
 
 @dataclass

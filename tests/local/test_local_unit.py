@@ -237,6 +237,10 @@ def test_a_time_budget_moves_the_bars_total():
         "x INFO maskrcnn.train.job: budget: max_runtime=40 s, measured 0.3 s/step, planning 57 steps (was 8000)"
     )
     assert progress.total == 57
+    # Re-plans that move the end under 5 % are not logged at INFO; the closing line says where it ended.
+    reader.feed("x INFO maskrcnn.train.engine: #metrics phase=train epoch=7 step=55 loss=1.5 lr=0.0")
+    reader.feed("x INFO maskrcnn.train.job: budget: trained to step 55 of its plan, 38 s into max_runtime=40 s")
+    assert progress.n == 55 == progress.total
 
 
 class _Terminal(io.StringIO):

@@ -65,6 +65,28 @@ def test_a_replanned_length_anneals_at_the_new_end() -> None:
     assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_a_plan_shorter_than_the_warm_up_still_anneals_to_zero() -> None:
+    """A tight budget (or a small max_steps) can plan fewer steps than warmup_steps: the warm-up then takes half
+    the plan, so the schedule still peaks and anneals to zero at the last step instead of ending mid-warm-up."""
+    seen = lrs(hp(warmup_steps="50"), 10, 20, 20)
+    assert seen[0] == pytest.approx(0.001)
+    assert seen[10] == pytest.approx(0.1)  # the peak, halfway through the plan
+    assert all(b < a for a, b in itertools.pairwise(seen[10:]))
+    assert seen[20] == pytest.approx(0.0, abs=1e-12)
+    # The same when a budget shortens a longer plan after the job started.
+    plan = {"total": 1000}
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = make_scheduler(optimizer, hp(warmup_steps="50"), 10, lambda: plan["total"])
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    plan["total"] = 40
+    for _ in range(30):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_multistep_divides_at_its_epochs_and_constant_stays() -> None:
     seen = lrs(hp(lr_schedule="multistep", lr_steps="[2, 3]", lr_gamma="0.1"), 10, 40, 40)
     assert seen[19] == pytest.approx(0.1) and seen[20] == pytest.approx(0.01)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -19,40 +20,82 @@ TRAIN = [sys.executable, str(Path(__file__).resolve().parents[2] / "images" / "m
 BUDGET_S = 40
 
 
-def test_a_budgeted_job_anneals_and_writes_its_model_inside_the_budget(make_job) -> None:
-    base = make_job(
-        {
-            "max_steps": "0",
-            "epochs": "1000",
-            "max_runtime": str(BUDGET_S),
-            "warmup_steps": "2",
-            "optimizer": "adamw",
-            "lr": "0.001",
-            "log_every": "1",
-        }
-    )
-    began = time.monotonic()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "MASKRCNN_"))}
-    env.update(SAGEMAKER_BASE_DIR=str(base), PYTHONUNBUFFERED="1")
-    result = subprocess.run(TRAIN, env=env, capture_output=True, text=True, timeout=BUDGET_S + 60)
-    took = time.monotonic() - began
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert took < BUDGET_S, f"the job took {took:.1f} s of its {BUDGET_S} s budget"
+BUDGETED = {
+    "max_steps": "0",
+    "epochs": "1000",
+    "max_runtime": str(BUDGET_S),
+    "warmup_steps": "2",
+    "optimizer": "adamw",
+    "lr": "0.001",
+    "log_every": "1",
+}
+
+
+def env_for(base: Path, job_name: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "MASKRCNN_", "TRAINING_JOB"))}
+    env.update(SAGEMAKER_BASE_DIR=str(base), PYTHONUNBUFFERED="1", TRAINING_JOB_NAME=job_name)
+    return env
+
+
+def assert_annealed_and_written(base: Path, stdout: str) -> None:
+    """The plan's last step was trained at an lr annealed to ~0, then evaluated; the model is on disk."""
     plans = re.findall(
-        r"budget: max_runtime=40 s, measured [\d.e-]+ s/step, planning (\d+) steps \(was (\d+)\)", result.stdout
+        r"budget: max_runtime=40 s, measured [\d.e-]+ s/step, planning (\d+) steps \(was (\d+)\)", stdout
     )
-    assert plans, result.stdout
+    assert plans, stdout
     # The plan's end as trained (re-plans that move it under 5 % are logged at DEBUG only).
-    ended = re.search(r"budget: trained to step (\d+) of its plan, \d+ s into max_runtime=40 s", result.stdout)
-    assert ended, result.stdout
+    ended = re.search(r"budget: trained to step (\d+) of its plan, \d+ s into max_runtime=40 s", stdout)
+    assert ended, stdout
     planned = int(ended[1])
     assert 10 < planned < int(plans[0][1])  # it measured, and cut 1000 epochs down to what fits
-    train = [parse_metrics(line) | {"line": line} for line in result.stdout.splitlines() if "phase=train" in line]
+    train = [parse_metrics(line) | {"line": line} for line in stdout.splitlines() if "phase=train" in line]
     last = train[-1]
     assert f"step={planned} " in last["line"]
     # Annealed: cosine's end is 0. A re-plan at the last epoch start that finds the steps ran slower (a loaded
     # machine) can cut a few steps from a schedule already near its end: the lr is then a hair above 0, never
     # more than 1 % of the peak (measured 0.1 % under a concurrent test run).
     assert last["train:lr"] <= 0.01 * 0.001
-    assert any("phase=eval" in line for line in result.stdout.splitlines()[-10:])
+    assert any("phase=eval" in line for line in stdout.splitlines()[-10:])
     assert (base / "model" / "model.safetensors").is_file() and (base / "model" / "model.json").is_file()
+
+
+def test_a_budgeted_job_anneals_and_writes_its_model_inside_the_budget(make_job) -> None:
+    base = make_job(BUDGETED)
+    began = time.monotonic()
+    result = subprocess.run(TRAIN, env=env_for(base, "budgeted"), capture_output=True, text=True, timeout=BUDGET_S + 60)
+    took = time.monotonic() - began
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert took < BUDGET_S, f"the job took {took:.1f} s of its {BUDGET_S} s budget"
+    assert_annealed_and_written(base, result.stdout)
+
+
+def test_a_restarted_job_counts_its_first_attempt_against_the_budget(make_job) -> None:
+    """SageMaker's MaxRuntimeInSeconds counts every attempt of a job together (a Spot interruption, a retry):
+    the restart plans with the time the first attempt left, and both attempts together end inside the budget."""
+    base = make_job(BUDGETED | {"checkpoint_every": "0"})
+    env = env_for(base, "spot-job")
+    began = time.monotonic()
+    process = subprocess.Popen(TRAIN, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "budget: max_runtime=" in line:  # it has planned: training is under way
+                break
+        time.sleep(max(0.0, 15 - (time.monotonic() - began)))
+        process.send_signal(signal.SIGTERM)  # the interruption, 15 s into the job
+        rest = process.communicate(timeout=60)[0]
+    finally:
+        process.kill()
+    first = time.monotonic() - began
+    assert process.returncode == 143, rest
+    assert (base / "checkpoints" / "last.pt").is_file()
+
+    began = time.monotonic()
+    result = subprocess.run(TRAIN, env=env, capture_output=True, text=True, timeout=BUDGET_S + 60)
+    second = time.monotonic() - began
+    assert result.returncode == 0, result.stdout + result.stderr
+    ran = re.search(r"budget: this job ran (\d+) s before it restarted", result.stdout)
+    assert ran, result.stdout
+    assert abs(int(ran[1]) - first) <= 2, (ran[0], first)
+    assert first + second < BUDGET_S, f"the two attempts took {first:.1f} + {second:.1f} s of a {BUDGET_S} s budget"
+    assert_annealed_and_written(base, result.stdout)

@@ -39,8 +39,11 @@ def save(
     state: LoopState,
     fingerprint: dict[str, Any],
     rng: list[dict[str, torch.Tensor]] | None = None,
+    job: tuple[str, float] = ("", 0.0),
 ) -> Path:
-    """Write ``last.pt``; ``rng`` holds every rank's :func:`rng_state`, in rank order (default: this process's)."""
+    """Write ``last.pt``; ``rng`` holds every rank's :func:`rng_state`, in rank order (default: this process's);
+    ``job`` is the training job's name and the seconds it has run so far, every attempt together (a restart of
+    the same job counts them against its ``max_runtime``)."""
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model.state_dict(),
@@ -53,6 +56,8 @@ def save(
         "history": json.dumps(state.history),
         "fingerprint": json.dumps(fingerprint, sort_keys=True),
         "rng": rng if rng is not None else [rng_state()],
+        "job_name": job[0],
+        "runtime": float(job[1]),
     }
     path = directory / FILENAME
     buffer = io.BytesIO()

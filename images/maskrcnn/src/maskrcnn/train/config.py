@@ -47,7 +47,7 @@ class Hyperparameters:
     lr_schedule: str = "cosine"  # cosine, multistep or constant (after warm-up)
     lr_steps: tuple[int, ...] = (8, 11)  # epochs at which multistep multiplies lr by lr_gamma
     lr_gamma: float = 0.1  # multistep decay factor
-    warmup_steps: int = 50  # linear warm-up from lr * warmup_factor to lr
+    warmup_steps: int = 50  # linear warm-up from lr * warmup_factor to lr (at most half the planned steps)
     warmup_factor: float = 0.001  # starting fraction of lr during warm-up
     clip_grad_norm: float = 10.0  # max gradient L2 norm (0 = no clipping)
     amp: bool = True  # mixed precision: bfloat16 on CUDA (float16 + loss scaling before Ampere) and on CPUs with AMX

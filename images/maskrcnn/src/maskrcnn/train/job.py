@@ -174,20 +174,24 @@ def make_scheduler(
 ):
     """Warm-up, then the schedule over ``total`` steps; a callable ``total`` is read at every step, so a time
     budget can re-plan the length after the job started (multistep's epochs then shrink in proportion).
+    The warm-up takes at most half the planned steps: a plan shorter than ``warmup_steps`` (a tight budget, a
+    small ``max_steps``) would otherwise end still warming up, never annealed.
     A LambdaLR, not torchvision's LinearLR + SequentialLR + CosineAnnealingLR: those fix their lengths when
     built (CosineAnnealingLR steps recursively from a fixed ``T_max``), and a budget moves the end later."""
     planned = total if callable(total) else (lambda: total)
     unbudgeted = planned()
 
     def factor(step: int) -> float:
-        if step < hp.warmup_steps:
-            alpha = step / max(hp.warmup_steps, 1)
+        end = planned()
+        warmup = min(hp.warmup_steps, end // 2)
+        if step < warmup:
+            alpha = step / warmup
             return hp.warmup_factor * (1 - alpha) + alpha
         if hp.lr_schedule == "cosine":
-            progress = (step - hp.warmup_steps) / max(planned() - hp.warmup_steps, 1)
+            progress = (step - warmup) / max(end - warmup, 1)
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         if hp.lr_schedule == "multistep":
-            epoch = step // max(steps_per_epoch, 1) / (planned() / max(unbudgeted, 1))
+            epoch = step // max(steps_per_epoch, 1) / (end / max(unbudgeted, 1))
             return hp.lr_gamma ** sum(epoch >= m for m in hp.lr_steps)
         return 1.0
 
@@ -431,6 +435,18 @@ class _Job:
         restored = checkpoint.restore(payload, self.model, self.optimizer, self.scheduler, self.scaler, rank=ctx.rank)
         vars(self.state).update(vars(restored), last_step=self.total_steps)
         log.info("resuming from checkpoint: epoch %d, step %d", self.state.epoch, self.state.global_step)
+        ran = float(payload.get("runtime", 0.0))
+        if ran and payload.get("job_name") == self.config.job_name:
+            # The same job restarted (a Spot interruption, a retry): SageMaker's MaxRuntimeInSeconds counts every
+            # attempt together, so the budget does too. Another job resuming this checkpoint has a clock of its own.
+            self.job_started -= ran
+            if self.hp.max_runtime:
+                log.info(
+                    "budget: this job ran %.0f s before it restarted; %.0f s of max_runtime=%d s are left",
+                    ran,
+                    self.hp.max_runtime - ran,
+                    self.hp.max_runtime,
+                )
 
     def prepare_loop(self) -> None:
         """DDP, the time budget (planned from the step training starts at), TensorBoard, validation."""
@@ -571,6 +587,7 @@ class _Job:
                 self.state,
                 self.fingerprint,
                 rng=rng,
+                job=(self.config.job_name, time.monotonic() - self.job_started),
             )
 
     def report(self) -> None:
