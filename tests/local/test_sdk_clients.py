@@ -39,6 +39,14 @@ def _require(python: Path, make_target: str) -> None:
         pytest.skip("the SDK's local mode needs `docker compose` or `docker-compose` (Debian: docker-compose)")
 
 
+def _containers(image: str) -> set[str]:
+    """Every container (running or not) made from ``image``."""
+    listed = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"ancestor={image}"], capture_output=True, text=True, check=False
+    )
+    return set(listed.stdout.split())
+
+
 def _drive(
     python: Path, script: str, image: str, data: Path, image_file: Path, work: Path, *extra: str
 ) -> tuple[dict, str]:
@@ -52,15 +60,23 @@ def _drive(
         "AWS_SECRET_ACCESS_KEY": "fake",
         "SAGEMAKER_SUPPRESS_V2_WARNING": "1",
     }
-    result = subprocess.run(
-        [str(python), str(REPO / "tests/local" / script), *args, "--port", str(free_port()), *extra],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-        check=False,
-        cwd=work.parent,
-    )
+    before = _containers(image)
+    try:
+        result = subprocess.run(
+            [str(python), str(REPO / "tests/local" / script), *args, "--port", str(free_port()), *extra],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+            check=False,
+            cwd=work.parent,
+        )
+    finally:
+        # Both SDKs' local modes leave their training jobs' compose containers behind, exited (seen after every
+        # run): the clients' own behaviour, not the image's. Removed here so a CI machine does not collect them.
+        left = sorted(_containers(image) - before)
+        if left:
+            subprocess.run(["docker", "rm", "-f", *left], capture_output=True, check=False)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
