@@ -9,7 +9,8 @@
   Lambda unpacks it);
 * StartBuild: moto records the build (IN_PROGRESS), then a thread downloads the source from the local S3
   location the Lambda passed (``sourceLocationOverride``) and runs the buildspec from that source with bash:
-  its ``install`` and ``build`` phases as written, in one shell, stopping at the first failing command. What
+  its ``install`` and ``build`` phases as written, in one shell, stopping at the first command that exits
+  non-zero (a failing line inside a multi-line command counts only if the command's own status says so). What
   needs AWS is done by the harness against the local ECR instead: ``pre_build`` (ECR login, "is the tag
   pushed?", the cache pull; the local engine's layer cache is the cache) and ``post_build`` (the push: the
   built image is recorded in the local ECR under ``IMAGE_TAG``, its manifest naming the local image id);
@@ -126,9 +127,12 @@ def phase_script(buildspec: Mapping[str, Any], pre_build: Mapping[str, str]) -> 
     """The bash script that runs the buildspec's INSTALL and BUILD commands in one shell, as CodeBuild does.
 
     ``pre_build`` are the variables the harness computed for the PRE_BUILD phase; they are exported between
-    the two. Each command is announced with CodeBuild's own log line; ``set -e`` stops at the first failure.
+    the two. Each command is announced with CodeBuild's own log line, and the build stops at the first command
+    whose exit status is not 0. As in CodeBuild, that status is all that is judged: a line that fails inside
+    a multi-line command goes unnoticed unless the command's last status says so (no errexit, no pipefail),
+    so a buildspec that would hide a failure on AWS hides it here too.
     """
-    lines = ["set -eo pipefail", MAKE_SHIM]
+    lines = [MAKE_SHIM]
     phases = buildspec.get("phases") or {}
     for phase in LOCAL_PHASES:
         if phase == "BUILD":
@@ -138,7 +142,8 @@ def phase_script(buildspec: Mapping[str, Any], pre_build: Mapping[str, str]) -> 
         for command in (phases.get(phase.lower()) or {}).get("commands") or []:
             shown = command.strip().splitlines()[0]
             lines.append(f"echo {shlex.quote(COMMAND_MARK + shown)}")
-            lines.append(command)
+            lines.append(command.rstrip("\n"))
+            lines.append('codebuild_status=$?; [ "$codebuild_status" -eq 0 ] || exit "$codebuild_status"')
     return "\n".join(lines) + "\n"
 
 

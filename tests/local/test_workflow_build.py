@@ -20,7 +20,7 @@ from tinyjob import REPO
 
 from local import runtime as rt
 from local.cli import main
-from local.codebuild import DEFAULT_BASE_IMAGE, failure_of, lambda_environment, package_context
+from local.codebuild import DEFAULT_BASE_IMAGE, failure_of, lambda_environment, package_context, phase_script
 from local.workflow import ACCOUNT, ARTIFACT_BUCKET, REGION, LocalWorkflow, WorkflowRun, report
 from pipeline.build_lambda import BuildSettings
 from pipeline.settings import StackSettings
@@ -79,6 +79,25 @@ def test_a_failed_build_names_its_phase_and_command() -> None:
 
     assert failed.phase == "BUILD"
     assert failed.message == "Error while executing command: make build. Reason: exit status 2"
+
+
+@pytest.mark.unit
+def test_the_local_build_judges_each_command_by_its_exit_status_as_codebuild_does() -> None:
+    """CodeBuild stops at the first command whose status is not 0, and sees nothing else: a line failing inside a
+    multi-line command is hidden by the lines after it. The local build does the same, so a buildspec that would
+    hide a failure on AWS hides it here too (tests/pipeline/test_buildspec.py holds ours to chaining)."""
+    buildspec = {
+        "phases": {
+            "install": {"commands": ["echo one", "false\necho after-a-hidden-failure", "export CARRIED=yes"]},
+            "build": {"commands": ["echo carried=$CARRIED", "(exit 3)", "echo never"]},
+        }
+    }
+    result = subprocess.run(["bash", "-c", phase_script(buildspec, {})], capture_output=True, text=True)
+
+    assert result.returncode == 3
+    assert "after-a-hidden-failure" in result.stdout and "carried=yes" in result.stdout
+    assert "never" not in result.stdout
+    assert failure_of(result.stdout, 3).message == "Error while executing command: (exit 3). Reason: exit status 3"
 
 
 @pytest.mark.unit
