@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds = [count / max(1, base) for count, base in zip(side.round_counts, base_counts, strict=True)]
         median = statistics.median(rounds)
         verdict = f"(floor 0.95x)  {'OK' if median >= 0.95 else 'BELOW'}" if side is saturated else ""
-        off = sum(1 for r in rounds if abs(r / median - 1) > 0.1)
+        off = sum(1 for r in rounds if abs(r - median) > 0.1 * median)
         print(
             f"throughput ratio, {label:24s}: {median:.3f}x, the median of {len(rounds)} rounds  {verdict}\n"
             f"  all rounds together {ratio:.3f}x; rounds from {min(rounds):.3f}x to {max(rounds):.3f}x"

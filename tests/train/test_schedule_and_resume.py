@@ -33,6 +33,12 @@ def lrs(hp: Hyperparameters, steps_per_epoch: int, total, steps: int) -> list[fl
     return seen
 
 
+def advance(optimizer: torch.optim.Optimizer, scheduler, steps: int) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+
+
 def hp(**values: str) -> Hyperparameters:
     return Hyperparameters.from_strings({"lr": "0.1", "warmup_steps": "10", "warmup_factor": "0.01", **values})
 
@@ -53,14 +59,10 @@ def test_a_replanned_length_anneals_at_the_new_end() -> None:
     plan = {"total": 200}
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     scheduler = make_scheduler(optimizer, hp(), 10, lambda: plan["total"])
-    for _ in range(50):
-        optimizer.step()
-        scheduler.step()
+    advance(optimizer, scheduler, 50)
     before = scheduler.get_last_lr()[0]
     plan["total"] = 80
-    for _ in range(30):
-        optimizer.step()
-        scheduler.step()
+    advance(optimizer, scheduler, 30)
     assert before == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 40 / 190)))  # on the old plan
     assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
 
@@ -77,13 +79,9 @@ def test_a_plan_shorter_than_the_warm_up_still_anneals_to_zero() -> None:
     plan = {"total": 1000}
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     scheduler = make_scheduler(optimizer, hp(warmup_steps="50"), 10, lambda: plan["total"])
-    for _ in range(10):
-        optimizer.step()
-        scheduler.step()
+    advance(optimizer, scheduler, 10)
     plan["total"] = 40
-    for _ in range(30):
-        optimizer.step()
-        scheduler.step()
+    advance(optimizer, scheduler, 30)
     assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
 
 
