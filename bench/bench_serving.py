@@ -119,6 +119,7 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
 
 
 def _baseline_worker(
+    index: int,
     model_dir: str,
     threads: int,
     jpeg: bytes,
@@ -142,12 +143,16 @@ def _baseline_worker(
         go[round_index].wait()
         latencies = []
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        deadline = time.perf_counter() + seconds
+        started = time.perf_counter()
+        deadline = started + seconds
         while time.perf_counter() < deadline:
             t = time.perf_counter()
             predictor(image, *options)
             latencies.append(time.perf_counter() - t)
-        queue.put((latencies, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
+        # The last call started before the deadline and ended after it: the round's rate is its calls over the
+        # time they took, not over `seconds` (that would count about half a call a round too many).
+        elapsed = time.perf_counter() - started
+        queue.put((index, latencies, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, elapsed))
 
 
 class Baseline:
@@ -170,26 +175,36 @@ class Baseline:
         self.procs = [
             ctx.Process(
                 target=_baseline_worker,
-                args=(str(model_dir), threads, jpeg, options, seconds, rounds, self.go, self.queue),
+                args=(index, str(model_dir), threads, jpeg, options, seconds, rounds, self.go, self.queue),
             )
-            for _ in range(workers)
+            for index in range(workers)
         ]
+        self.calls = [0] * workers
+        self.elapsed = [0.0] * workers
         for proc in self.procs:
             proc.start()
         for _ in self.procs:
             self.queue.get()  # each one loaded and warm
         self.round = 0
 
-    def phase(self) -> tuple[list[float], int]:
-        """Every call's latency in this round, and the minor page faults of all the processes."""
+    def phase(self) -> tuple[list[float], int, float]:
+        """Every call's latency in this round, the minor page faults of all the processes, and the round's
+        throughput: each process's calls over the time they took, summed."""
         self.go[self.round].set()
         self.round += 1
-        latencies, faults = [], 0
+        latencies, faults, rate = [], 0, 0.0
         for _ in self.procs:
-            round_latencies, round_faults = self.queue.get()
+            index, round_latencies, round_faults, elapsed = self.queue.get()
             latencies += round_latencies
             faults += round_faults
-        return latencies, faults
+            rate += len(round_latencies) / elapsed
+            self.calls[index] += len(round_latencies)
+            self.elapsed[index] += elapsed
+        return latencies, faults, rate
+
+    def rate(self) -> float:
+        """Throughput over all rounds: each process's calls over the time they took, summed."""
+        return sum(calls / max(elapsed, 1e-9) for calls, elapsed in zip(self.calls, self.elapsed, strict=True))
 
     def close(self) -> None:
         for proc in self.procs:
@@ -431,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     # other load on the machine falls on all alike; the idle side costs nothing while another runs.
     phase = args.seconds / args.rounds
     base_lat: list[float] = []
-    base_counts: list[int] = []
+    base_rates: list[float] = []
     base_faults = 0
     # One client per worker: no request ever waits for a worker, so latency is the stack's own; but each
     # worker idles while its answer goes back and the next request comes in (client and nginx share the cores).
@@ -454,9 +469,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             wait_ready(port, process=server)
             for _ in range(args.rounds):
-                round_base_lat, round_base_faults = baseline.phase()
+                round_base_lat, round_base_faults, round_base_rate = baseline.phase()
                 base_lat += round_base_lat
-                base_counts.append(len(round_base_lat))
+                base_rates.append(round_base_rate)
                 base_faults += round_base_faults
                 (before, faults_before), client_before = stack_usage(server.pid), time.process_time()
                 wall_before = time.perf_counter()
@@ -477,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop_server(server)
             baseline.close()
-    base_rps = len(base_lat) / args.seconds
+    base_rps = baseline.rate()
     errors = paced.errors + saturated.errors + ping_phase_errors
 
     print(
@@ -522,8 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     # package install) falls on one side of one round and moves the all-rounds total by a per cent or more;
     # the median is robust to that. A cost of the stack's own comes in every round and moves the median too.
     for side, label in ((paced, "one client per worker"), (saturated, "capacity (2 per worker)")):
-        ratio = len(side.latencies) / len(base_lat)
-        rounds = [count / max(1, base) for count, base in zip(side.round_counts, base_counts, strict=True)]
+        # The stack's side counts the answers completed inside each round's window of `phase` seconds.
+        ratio = len(side.latencies) / args.seconds / base_rps
+        rounds = [count / phase / base for count, base in zip(side.round_counts, base_rates, strict=True)]
         median = statistics.median(rounds)
         verdict = f"(floor 0.95x)  {'OK' if median >= 0.95 else 'BELOW'}" if side is saturated else ""
         off = sum(1 for r in rounds if abs(r - median) > 0.1 * median)
