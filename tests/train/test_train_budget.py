@@ -96,6 +96,8 @@ def test_a_restarted_job_counts_its_first_attempt_against_the_budget(make_job) -
     assert result.returncode == 0, result.stdout + result.stderr
     ran = re.search(r"budget: this job ran (\d+) s before it restarted", result.stdout)
     assert ran, result.stdout
-    assert abs(int(ran[1]) - first) <= 2, (ran[0], first)
+    # The job's clock starts once its interpreter runs and stops at its checkpoint: process start-up and exit lie
+    # outside it (measured up to 2.9 s together on a 2-vCPU AMD EPYC Zen 3), and it logs whole seconds.
+    assert first - 5 <= int(ran[1]) <= first, (ran[0], first)
     assert first + second < BUDGET_S, f"the two attempts took {first:.1f} + {second:.1f} s of a {BUDGET_S} s budget"
     assert_annealed_and_written(base, result.stdout)
