@@ -60,7 +60,7 @@ class Runtime:
             return [self.python, str(script)]
         # An installed (non-editable) harness has no repo next to it: call the same function.
         main = {"train": "train_main", "serve": "serve_main"}[name]
-        code = f"import sys; from maskrcnn.cli import {main}; sys.exit({main}(sys.argv[1:]))"
+        code = f"import sys; from maskrcnn.cli import exit_process, {main}; exit_process({main}(sys.argv[1:]))"
         return [self.python, "-c", code]
 
     def train_command(

@@ -86,3 +86,37 @@ def test_a_plan_is_logged_when_it_moved_the_end_not_for_every_jitter() -> None:
     assert not budget.worth_telling(1030)  # 3 % from the last one told
     assert budget.worth_telling(1060)  # 6 %
     assert not budget.worth_telling(1020)  # 3.8 % from 1060
+
+
+def test_a_restart_plans_at_its_first_step_with_what_the_attempt_before_it_measured() -> None:
+    # The first attempt measured 0.5 s a step and 3 s an epoch end, and was stopped at step 25, 60 s into a
+    # 100-s budget. Its restart has 40 s left: too few to spend ten steps measuring before the first plan.
+    first = planner(seconds=100.0)
+    feed(first, 25, step_s=0.5, eval_s=3.0)
+    restart = BudgetPlanner(
+        100.0,
+        started=-60.0,  # the first attempt's runtime, counted against the budget
+        full_steps=1000,
+        steps_per_epoch=10,
+        evaluates=(1, 100),
+        val_images=0,
+        images_per_step=4,
+        first_step=25,
+        prior=first.measurements(),
+    )
+    assert restart.due(26, 6)  # its first step
+    restart.record(26, 6, 0.6)
+    end = restart.plan(26, 0.6)
+    assert restart.step_seconds() == 0.5 and restart.eval_seconds() == 3.0
+    cost = (end - 26) * 0.5 + restart.evaluations_before(26, end) * 3.0
+    assert cost <= 100.0 - 60.6 - restart.reserve_seconds() < cost + 0.5 + 3.0  # as many as fit, no more
+    # Its own steps replace the earlier step time as they come; the earlier largest epoch end still counts.
+    for step in range(27, 40):
+        restart.record(step, (step - 1) % 10 + 1, 0.6 + (step - 26) * 0.25)
+    assert restart.step_seconds() == 0.25 and restart.eval_seconds() >= 3.0
+
+
+def test_a_job_without_an_earlier_attempt_measures_before_it_plans() -> None:
+    budget = planner()
+    assert budget.measurements() == {"step_seconds": 0.0, "eval_seconds": 0.0}
+    assert not budget.due(1, 1)

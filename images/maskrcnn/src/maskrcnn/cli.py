@@ -8,16 +8,29 @@ failure file behind.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
+import sys
 import time
 import traceback
+from typing import NoReturn
 
 from maskrcnn.contract import EXIT_FAILED, base_paths, setup_logging, write_failure
 from maskrcnn.errors import JobError
 from maskrcnn.train.config import TrainConfig
 
 log = logging.getLogger("maskrcnn")
+
+
+def exit_process(code: int) -> NoReturn:
+    """The entrypoint's exit. The interpreter's shutdown garbage-collects torch's and torchvision's hundreds of
+    thousands of objects several times over: 1.0-1.4 s after a job ended on a Zen 5 (AVX-512), time that
+    ``max_runtime``'s clock cannot see (a stopped attempt's exit is unseen by its restart's budget) and that
+    every test starting ``train`` waits for. Frozen objects are skipped: 0.2 s. Explicitly closed resources
+    (the model, the checkpoint, TensorBoard's files, the log) are written before this; atexit still runs."""
+    gc.freeze()
+    sys.exit(code)
 
 
 def train_main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,10 @@ recent steps, an evaluation's real cost), so a wrong first estimate (a start slo
 corrected while there is schedule left to correct. N never exceeds the plan without a
 budget (``epochs``, ``max_steps``): a budget caps a job, it never lengthens one.
 
+A restarted job (the same job resuming its checkpoint after a Spot interruption or a retry) starts with what
+the attempts before it measured (:meth:`BudgetPlanner.measurements`, kept in the checkpoint) and plans at its
+first step: what is left of the budget may be too short to measure ten steps before planning.
+
 The clock starts when the ``train`` process starts (SageMaker's also counts the data download before it:
 the workflow passes ``MaxRuntimeInSeconds`` minus a margin for that). Pure arithmetic, no torch: the
 training loop feeds it timestamps and step numbers.
@@ -46,6 +50,7 @@ class BudgetPlanner:
     val_images: int
     images_per_step: int
     first_step: int = 0  # the step training started from (a resumed job plans from there)
+    prior: dict[str, float] = field(default_factory=dict)  # a restarted job's earlier measurements
     step_times: list[float] = field(default_factory=list)
     epoch_overheads: list[float] = field(default_factory=list)
     _last: tuple[int, float] | None = None  # (global step, time) of the previous step
@@ -63,18 +68,31 @@ class BudgetPlanner:
 
     def due(self, global_step: int, step_in_epoch: int) -> bool:
         """Whether to plan after this step; depends on step numbers only, so every rank plans at the same one."""
+        if self.prior.get("step_seconds") and global_step == self.first_step + 1:
+            return True  # a restart plans at once, with the step time measured before it
         measured = self.first_step + SKIP_STEPS + MEASURE_STEPS
         later = global_step > measured and (step_in_epoch == 1 or (global_step - measured) % REPLAN_STEPS == 0)
         return global_step == measured or later
 
     def step_seconds(self) -> float:
-        return statistics.median(self.step_times[-RECENT_STEPS:]) if self.step_times else 0.0
+        if self.step_times:
+            return statistics.median(self.step_times[-RECENT_STEPS:])
+        return self.prior.get("step_seconds", 0.0)
+
+    def measurements(self) -> dict[str, float]:
+        """What a restart of this job starts from (see ``prior``): the step time and the largest epoch end."""
+        return {"step_seconds": self.step_seconds(), "eval_seconds": max(self._overheads(), default=0.0)}
+
+    def _overheads(self) -> list[float]:
+        """The epoch ends measured, an earlier attempt's largest included."""
+        earlier = self.prior.get("eval_seconds", 0.0)
+        return [*self.epoch_overheads, earlier] if earlier else self.epoch_overheads
 
     def eval_seconds(self) -> float:
         """An epoch end's cost: the largest measured, else predicting each validation image is assumed to
         cost as much as training one (the forward pass alone is cheaper, scoring and mask pasting add some)."""
-        if self.epoch_overheads:
-            return max(self.epoch_overheads)
+        if overheads := self._overheads():
+            return max(overheads)
         per_image = self.step_seconds() / max(self.images_per_step, 1)
         return max(EVAL_FLOOR_SECONDS, self.val_images * per_image)
 

@@ -40,10 +40,12 @@ def save(
     fingerprint: dict[str, Any],
     rng: list[dict[str, torch.Tensor]] | None = None,
     job: tuple[str, float] = ("", 0.0),
+    budget: dict[str, float] | None = None,
 ) -> Path:
     """Write ``last.pt``; ``rng`` holds every rank's :func:`rng_state`, in rank order (default: this process's);
     ``job`` is the training job's name and the seconds it has run so far, every attempt together (a restart of
-    the same job counts them against its ``max_runtime``)."""
+    the same job counts them against its ``max_runtime``); ``budget``, the time budget's measurements
+    (:meth:`~maskrcnn.train.budget.BudgetPlanner.measurements`), which a restart plans with at once."""
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model.state_dict(),
@@ -58,6 +60,7 @@ def save(
         "rng": rng if rng is not None else [rng_state()],
         "job_name": job[0],
         "runtime": float(job[1]),
+        "budget": {k: float(v) for k, v in (budget or {}).items()},
     }
     path = directory / FILENAME
     buffer = io.BytesIO()

@@ -19,6 +19,7 @@ Exit codes: 0 done, 143 stopped by SIGTERM after checkpointing, 1 failed (see ou
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import logging
@@ -289,6 +290,8 @@ def spawned_worker(local_rank: int, config: TrainConfig, nprocs: int, started: f
         if local_rank == 0:
             write_failure(config.paths, str(exc))
         raise
+    finally:
+        gc.freeze()  # a quick exit, as the entrypoint's (maskrcnn.cli.exit_process)
     if code:
         raise SystemExit(code)
 
@@ -382,6 +385,7 @@ class _Job:
             "world_size": ctx.world_size,
         }
         self.budget: BudgetPlanner | None = None
+        self.prior_budget: dict[str, float] = {}  # a restart of this job: what its earlier attempts measured
         self.summaries = Summaries(None)
         self.written = 0  # history entries already in the TensorBoard files
         self.started = time.perf_counter()
@@ -440,6 +444,7 @@ class _Job:
             # The same job restarted (a Spot interruption, a retry): SageMaker's MaxRuntimeInSeconds counts every
             # attempt together, so the budget does too. Another job resuming this checkpoint has a clock of its own.
             self.job_started -= ran
+            self.prior_budget = dict(payload.get("budget", {}))
             if self.hp.max_runtime:
                 log.info(
                     "budget: this job ran %.0f s before it restarted; %.0f s of max_runtime=%d s are left",
@@ -464,6 +469,7 @@ class _Job:
                 len(self.val_index.images),
                 hp.batch_size * ctx.world_size,
                 first_step=self.state.global_step,
+                prior=self.prior_budget,
             )
         self.summaries = Summaries(self.config.paths.tensorboard_dir if ctx.is_main else None)
         self.written = len(self.state.history)  # a resumed job's earlier entries are in its first run's files
@@ -588,6 +594,7 @@ class _Job:
                 self.fingerprint,
                 rng=rng,
                 job=(self.config.job_name, time.monotonic() - self.job_started),
+                budget=self.budget.measurements() if self.budget is not None else None,
             )
 
     def report(self) -> None:
