@@ -56,6 +56,7 @@ bench: setup  ## training benchmarks (minutes; see docs/benchmarks.md)
 	$(PY) bench/bench_coco_eval.py
 	$(PY) bench/bench_roi_align.py
 	$(PY) bench/bench_convergence.py
+	$(PY) bench/bench_exit.py
 
 bench-serving: setup  ## full stack vs bare predictor, response size, cold start (docs/serving.md)
 	$(PY) bench/bench_serving.py && $(PY) bench/bench_response.py && $(PY) bench/bench_cold_start.py
