@@ -97,8 +97,9 @@ def test_a_restarted_job_counts_its_first_attempt_against_the_budget(make_job) -
     ran = re.search(r"budget: this job ran (\d+) s before it restarted", result.stdout)
     assert ran, result.stdout
     # The job's clock starts once its interpreter runs and stops at its checkpoint: process start-up and exit lie
-    # outside it (measured up to 2.9 s together on a 2-vCPU AMD EPYC Zen 3), and it logs whole seconds.
-    assert first - 5 <= int(ran[1]) <= first, (ran[0], first)
+    # outside it (0.3 s on a Zen 5 since train exits through exit_process; 2.9 s on a Zen 3 before), and it logs
+    # seconds rounded to whole ones (up to 0.5 s above what it ran).
+    assert first - 2 <= int(ran[1]) <= first + 0.5, (ran[0], first)
     assert first + second < BUDGET_S, f"the two attempts took {first:.1f} + {second:.1f} s of a {BUDGET_S} s budget"
     assert_annealed_and_written(base, result.stdout)
     # It planned at its first step, with the step time the first attempt measured (the checkpoint keeps it):
