@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from maskrcnn.train.job import autocast_dtype, grad_scaler
+from maskrcnn.train.job import autocast_dtype, cpu_amx_usable, grad_scaler
 
 pytestmark = pytest.mark.unit
 
@@ -18,6 +18,24 @@ pytestmark = pytest.mark.unit
 )
 def test_cpu_mixed_precision_only_where_it_is_faster(amx: bool, expected: torch.dtype | None) -> None:
     assert autocast_dtype(torch.device("cpu"), amx=amx) == expected
+
+
+@pytest.mark.parametrize(
+    ("environ", "capability", "usable"),
+    [
+        ({}, "AVX512", True),  # a Xeon with AMX, nothing capped: bfloat16
+        ({"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}, "AVX2", False),  # the AVX2 class emulated
+        ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, "AVX512", False),  # oneDNN capped below AMX: its bf16 kernels are reference
+        ({"DNNL_MAX_CPU_ISA": "avx512_core_bf16"}, "AVX512", False),  # the old name, lower case: still capped
+        ({}, "AVX2", False),  # ATen capped (ATEN_CPU_CAPABILITY=avx2 alone)
+        ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, "AVX512", True),  # a cap that still admits AMX
+        ({"ONEDNN_MAX_CPU_ISA": "ALL"}, "AVX512", True),
+    ],
+)
+def test_amx_counts_only_where_the_kernels_may_use_it(environ: dict[str, str], capability: str, usable: bool) -> None:
+    # The tiles are there in every case (a Sapphire Rapids); what torch may run on them decides.
+    assert cpu_amx_usable(environ, capability, tiles=True) is usable
+    assert cpu_amx_usable(environ, capability, tiles=False) is False
 
 
 @pytest.mark.parametrize(
