@@ -205,12 +205,17 @@ def test_detection_scores_are_rescored_by_the_mask_classifier() -> None:
         (rescored,), _ = heads(features, proposals, sizes)
     assert (plain["labels"] != 3).any() and (plain["labels"] == 3).any()
     threes = plain["labels"] == 3
-    final = plain["scores"][threes].sqrt()  # geometric mean with probability 1; the others' is 0
+    # Geometric mean with probability 1 (the other classes' is 0), times the mask's confidence: torchvision's
+    # path returns each candidate's 28x28 mask probabilities, the mean of those above 0.5.
+    probs = plain["masks"][threes][:, 0]
+    inside = probs > 0.5
+    confidence = (probs * inside).sum((1, 2)) / inside.sum((1, 2)).clamp_min(1)
+    final = plain["scores"][threes].sqrt() * confidence
     order = final.argsort(descending=True)
     passing = order[final[order] > 0.3][:5]
     assert (final < 0.3).any() or len(passing) == 5  # the threshold or the limit is doing something
     assert (rescored["labels"] == 3).all()
-    assert torch.allclose(rescored["scores"], final[passing])
+    assert torch.allclose(rescored["scores"], final[passing], atol=1e-5)
     assert torch.equal(rescored["boxes"], plain["boxes"][threes][passing])  # boxes follow their scores
     assert len(rescored["masks"]) == len(rescored["boxes"])
 
@@ -236,9 +241,10 @@ def test_the_limit_applies_after_rescoring() -> None:
     assert ours["labels"].tolist() == [3]
 
 
-def test_masks_are_predicted_for_the_survivors_only_and_match_the_full_path() -> None:
-    """lite predicts masks only for the detections that survive rescoring; each is the mask torchvision's
-    path computes for the same box and class among all the candidates."""
+def test_masks_are_predicted_for_the_candidates_that_can_pass_only_and_match_the_full_path() -> None:
+    """lite predicts masks only for the candidates whose class-rescored score still passes (the mask's own
+    factor can only lower it); each returned mask is the one torchvision's path computes for the same box
+    and class among all the candidates."""
     from torchvision.models.detection.roi_heads import RoIHeads
 
     model = build_model("lite", 4, 96, 96).eval()
@@ -251,12 +257,26 @@ def test_masks_are_predicted_for_the_survivors_only_and_match_the_full_path() ->
         (ours,), _ = heads(features, proposals, sizes)
         heads.score_thresh, heads.detections_per_img = 0.05**2, 10  # the candidates lite rescores
         (every,), _ = RoIHeads.forward(heads, features, proposals, sizes)
-    assert calls[0] == len(ours["boxes"]) == 5 and calls[1] == len(every["boxes"]) == 10
+    assert len(ours["boxes"]) == 5 and calls[1] == len(every["boxes"]) == 10
+    assert 5 <= calls[0] <= 10  # the candidates above the threshold before the mask's factor, not all of them
     for box, label, mask in zip(ours["boxes"], ours["labels"], ours["masks"], strict=True):
         same = [
             i for i in range(len(every["boxes"])) if torch.equal(every["boxes"][i], box) and every["labels"][i] == label
         ]
         assert len(same) == 1 and torch.allclose(every["masks"][same[0]], mask, atol=1e-6)
+
+
+def test_mask_quality_is_the_mean_probability_inside_the_mask() -> None:
+    from maskrcnn.model.architectures import mask_quality
+
+    logits = torch.full((3, 2, 28, 28), -10.0)
+    logits[0, 1, 4:20, 4:20] = 10.0  # a confident square, in the channel of its class (1)
+    logits[1, 1, 4:20, 4:20] = 0.4  # the same square, hesitant: p = 0.599
+    logits[1, 0, 4:20, 4:20] = 10.0  # another class's channel says nothing about this region
+    quality = mask_quality(logits, torch.tensor([1, 1, 1]))
+    assert quality[0] > 0.999 and abs(float(quality[1]) - float(torch.sigmoid(torch.tensor(0.4)))) < 1e-6
+    assert quality[2] == 0  # an empty mask: nothing to find, the detection drops
+    assert mask_quality(logits[:0], torch.tensor([], dtype=torch.int64)).shape == (0,)
 
 
 def test_one_foreground_class_keeps_the_box_scores() -> None:

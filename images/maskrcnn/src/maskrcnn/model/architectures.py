@@ -344,11 +344,13 @@ class MaskClassifyingRoIHeads(RoIHeads):
     its gradient also shapes the shared features. Inference: each detection's score becomes the geometric
     mean of the box head's score for its class and the mask classifier's probability of the same class,
     so that of the two answers the box head hedges between ("circle 0.60", "rectangle 0.56") the one the
-    outline contradicts drops. ``score_thresh`` and ``detections_per_img`` apply to the final scores: the box
-    head's candidates are taken down to ``score_thresh ** 2`` (the lowest box score that can still pass, as
-    the probability is at most 1) and up to twice ``detections_per_img``, then rescored, cut and sorted, and
-    only the survivors go on to the mask predictor. With a single foreground class there is nothing to tell
-    apart: no rescoring, and the loss is zero.
+    outline contradicts drops; that is then multiplied by the mask's own confidence (:func:`mask_quality`).
+    ``score_thresh`` and ``detections_per_img`` apply to the final scores: the box head's candidates are
+    taken down to ``score_thresh ** 2`` (the lowest box score that can still pass, as the probability is at
+    most 1) and up to twice ``detections_per_img``, then rescored; only those still above ``score_thresh``
+    go on to the mask predictor, whose masks rescore them once more before the cut and the sort. With a
+    single foreground class there is nothing to tell apart: torchvision's path (box scores as they are), and
+    the loss is zero.
     """
 
     def __init__(self, *args: Any, mask_classifier: nn.Module, **kwargs: Any):
@@ -408,22 +410,60 @@ class MaskClassifyingRoIHeads(RoIHeads):
             self.score_thresh, self.detections_per_img = threshold, limit
         mask_features = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
         probabilities = self.mask_classifier(mask_features).float().softmax(dim=1)
+        # The outline's opinion: candidates that can still pass (the mask factor is at most 1) get a mask.
+        candidates: list[torch.Tensor] = []
+        rescored_all: list[torch.Tensor] = []
+        offset = 0
+        for image_scores, image_labels in zip(scores, labels, strict=True):
+            agree = probabilities[offset : offset + len(image_labels)].gather(1, (image_labels - 1)[:, None])[:, 0]
+            rescored = (image_scores.float() * agree).sqrt()
+            candidates.append(torch.where(rescored > threshold)[0] + offset)
+            rescored_all.append(rescored)
+            offset += len(image_labels)
+        chosen = torch.cat(candidates)
+        mask_logits = self.mask_predictor(mask_features[chosen])
+        quality = mask_quality(mask_logits, torch.cat(labels)[chosen])
         result: list[dict[str, torch.Tensor]] = []
         kept: list[torch.Tensor] = []
-        offset = 0
-        for image_boxes, image_scores, image_labels in zip(boxes, scores, labels, strict=True):
-            agree = probabilities[offset : offset + len(image_boxes)].gather(1, (image_labels - 1)[:, None])[:, 0]
-            rescored = (image_scores.float() * agree).sqrt().to(image_scores.dtype)
-            keep = torch.where(rescored > threshold)[0]
-            keep = keep[rescored[keep].argsort(descending=True)][:limit]
-            result.append({"boxes": image_boxes[keep], "labels": image_labels[keep], "scores": rescored[keep]})
-            kept.append(keep + offset)
+        offset, start = 0, 0
+        for image_boxes, image_scores, image_labels, rescored, picked in zip(
+            boxes, scores, labels, rescored_all, candidates, strict=True
+        ):
+            final = rescored[picked - offset] * quality[start : start + len(picked)]
+            keep = torch.where(final > threshold)[0]
+            keep = keep[final[keep].argsort(descending=True)][:limit]
+            index = picked[keep] - offset
+            result.append(
+                {
+                    "boxes": image_boxes[index],
+                    "labels": image_labels[index],
+                    "scores": final[keep].to(image_scores.dtype),
+                }
+            )
+            kept.append(keep + start)
             offset += len(image_boxes)
-        mask_logits = self.mask_predictor(mask_features[torch.cat(kept)])
-        masks = maskrcnn_inference(mask_logits, [r["labels"] for r in result])
+            start += len(picked)
+        masks = maskrcnn_inference(mask_logits[torch.cat(kept)], [r["labels"] for r in result])
         for detections, image_masks in zip(result, masks, strict=True):
             detections["masks"] = image_masks
         return result, {}
+
+
+def mask_quality(mask_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each region's mean mask probability over the pixels its mask keeps (> 0.5), from its class's
+    channel of ``mask_logits`` (N, classes, M, M); 0 for an empty mask.
+
+    A confident outline (probabilities near 1 inside) scores near 1, a hesitant one (a fragment, two objects
+    at once, a shape hidden behind another) lower: the score then ranks how good the *mask* is likely to
+    be, not only the box's class, which is what segm AP ranks (the idea of Mask Scoring R-CNN, Huang et al.
+    2019, without its learned head). On trained lite models: held-out segm AP50 +0.010 to +0.012
+    (docs/benchmarks.md, "Scoring detections by their masks").
+    """
+    if len(labels) == 0:
+        return mask_logits.new_zeros(0, dtype=torch.float32)
+    probs = mask_logits[torch.arange(len(labels), device=labels.device), labels].float().sigmoid()
+    inside = probs > 0.5
+    return (probs * inside).sum((1, 2)) / inside.sum((1, 2)).clamp_min(1)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
