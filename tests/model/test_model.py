@@ -257,8 +257,16 @@ def test_masks_are_predicted_for_the_candidates_that_can_pass_only_and_match_the
         (ours,), _ = heads(features, proposals, sizes)
         heads.score_thresh, heads.detections_per_img = 0.05**2, 10  # the candidates lite rescores
         (every,), _ = RoIHeads.forward(heads, features, proposals, sizes)
+        # Which candidates can pass a threshold once the mask's factor (at most 1) is applied: those whose
+        # class-rescored score (geometric mean with the mask classifier) already does. At 0.3 not all do.
+        agree = heads.mask_classifier(heads.mask_head(heads.mask_roi_pool(features, [every["boxes"]], sizes)))
+        agree = agree.softmax(dim=1).gather(1, (every["labels"] - 1)[:, None])[:, 0]
+        can_pass = {t: int(((every["scores"] * agree).sqrt() > t).sum()) for t in (0.05, 0.3)}
+        heads.score_thresh, heads.detections_per_img = 0.3, 5
+        heads(features, proposals, sizes)
     assert len(ours["boxes"]) == 5 and calls[1] == len(every["boxes"]) == 10
-    assert 5 <= calls[0] <= 10  # the candidates above the threshold before the mask's factor, not all of them
+    assert calls[0] == can_pass[0.05]  # a mask for each candidate that can pass...
+    assert calls[2] == can_pass[0.3] < 10  # ...and none for those that cannot
     for box, label, mask in zip(ours["boxes"], ours["labels"], ours["masks"], strict=True):
         same = [
             i for i in range(len(every["boxes"])) if torch.equal(every["boxes"][i], box) and every["labels"][i] == label
