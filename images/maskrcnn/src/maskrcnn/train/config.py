@@ -50,7 +50,7 @@ class Hyperparameters:
     warmup_steps: int = 50  # linear warm-up from lr * warmup_factor to lr (at most half the planned steps)
     warmup_factor: float = 0.001  # starting fraction of lr during warm-up
     clip_grad_norm: float = 10.0  # max gradient L2 norm (0 = no clipping)
-    amp: bool = True  # mixed precision: bfloat16 on CUDA (float16 + loss scaling before Ampere) and on CPUs with AMX
+    amp: bool = True  # mixed precision: bfloat16 on CUDA (float16 + loss scaling before Ampere) and usable CPU AMX
     min_size: int = 0  # shorter image side fed to the model (0 = the arch's default)
     max_size: int = 0  # longer side cap (0 = the arch's default)
     hflip: float = 0.5  # horizontal flip probability (boxes and masks move with the image)
