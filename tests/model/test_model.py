@@ -305,8 +305,8 @@ def test_one_foreground_class_keeps_the_box_scores() -> None:
 def test_model_json_versions_per_architecture() -> None:
     old_resnet = ModelSpec("resnet50_fpn", ("a",), 800, 1333, format_version=2).to_json()
     assert ModelSpec.from_json(old_resnet).format_version == 2  # its network did not change
-    old_lite = ModelSpec("lite", ("a",), 160, 160, format_version=4).to_json()
-    with pytest.raises(ModelError, match=r"format_version 4 .* 'lite' \(5-5\); retrain"):
+    old_lite = ModelSpec("lite", ("a",), 160, 160, format_version=5).to_json()
+    with pytest.raises(ModelError, match=r"format_version 5 .* 'lite' \(6-6\); retrain"):
         ModelSpec.from_json(old_lite)
 
 

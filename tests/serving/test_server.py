@@ -371,7 +371,7 @@ def write_model(base: Path, model_base: Path, **changes: object) -> Path:
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
-        ("format_version", "format_version 1 is not one this image loads for arch 'lite' (5-5); retrain"),
+        ("format_version", "format_version 1 is not one this image loads for arch 'lite' (6-6); retrain"),
         ("arch", "arch 'resnet18' is not one this image builds"),
         ("no model.json", "model.json missing (found: model.safetensors)"),
         ("no weights", "model.safetensors missing (found: model.json)"),

@@ -135,7 +135,7 @@ def test_saved_model_check(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"x")
     with pytest.raises(ModelError, match=f"{tmp_path}: model.json is not a JSON object"):
         check_saved_model(tmp_path)
-    (tmp_path / "model.json").write_text('{"arch": "lite", "format_version": 5, "class_names": ["a"]}')
+    (tmp_path / "model.json").write_text('{"arch": "lite", "format_version": 6, "class_names": ["a"]}')
     with pytest.raises(ModelError, match=r"malformed: TypeError: .*min_size"):
         check_saved_model(tmp_path)
     (tmp_path / "model.json").write_text(ModelSpec("lite", ("a",), 128, 256).to_json())

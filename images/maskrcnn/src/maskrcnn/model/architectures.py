@@ -214,7 +214,10 @@ def _lite(
         # model painted partly hidden shapes whole). Held-out AP50 0.90 against 0.86 after 10 epochs.
         mask_roi_pool=TrainingRoIAlign(levels, output_size=14, sampling_ratio=2, canonical_scale=MASK_CANONICAL_SCALE),
         mask_head=MaskRCNNHeads(channels, [64, 64], 1, norm_layer=group_norm),
-        mask_predictor=ClassAgnosticMaskPredictor(64, 64, num_classes),
+        # The predictor's 2x2 transposed convolution upsamples to 32 channels, not 64: its 28x28 map for ~75-96
+        # regions a step is memory traffic more than arithmetic, and at 32 the step is cheaper for the same
+        # held-out AP at equal steps (docs/benchmarks.md, "A narrower mask predictor").
+        mask_predictor=ClassAgnosticMaskPredictor(64, 32, num_classes),
         **sizes,
     )
     model.rpn = LevelsRPN.from_rpn(model.rpn, rpn_levels)

@@ -21,10 +21,11 @@ from maskrcnn.errors import ModelError
 ARCHS = ("lite", "resnet50_fpn", "resnet50_fpn_v2")  # what this image builds and loads
 
 # 2: lite's box head has two convolutions; 3: lite classifies from the mask head too; 4: lite pools masks
-# from finer features (MASK_CANONICAL_SCALE); 5: lite's RPN proposes from strides 8-32 (LevelsRPN)
-FORMAT_VERSION = 5
+# from finer features (MASK_CANONICAL_SCALE); 5: lite's RPN proposes from strides 8-32 (LevelsRPN); 6: lite's
+# mask predictor upsamples to 32 channels
+FORMAT_VERSION = 6
 # The oldest model.json each architecture still loads from: only lite's network changed since.
-OLDEST_FORMAT = {"lite": 5, "resnet50_fpn": 2, "resnet50_fpn_v2": 2}
+OLDEST_FORMAT = {"lite": 6, "resnet50_fpn": 2, "resnet50_fpn_v2": 2}
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 # The ResNet body's normalisation, as model.json's ``backbone_norm`` names it (maskrcnn.model.architectures builds each)
