@@ -46,12 +46,12 @@ log = logging.getLogger(__name__)
 # The demo's training job: the CPU preset for the synthetic set (tuned for 2 cores, shared with
 # bench/bench_convergence.py) on 800 training images instead of its 400, for 6 epochs instead of its 10: at most
 # 1200 steps, as 12 epochs of 400 were (held-out segm AP50 0.877 against 0.856 for the preset's 1000), but each
-# image seen 6 times instead of 12, which generalises better where a slower CPU fits only ~760 steps (held-out
-# 0.858 and 0.870 against 0.846 and 0.810 for two seeds, docs/benchmarks.md). It evaluates its validation channel
+# image seen 6 times instead of 12: with lite's narrower mask predictor, at the 806 steps a Zen 3 fits, held-out
+# 0.858 and 0.870 against 0.846 and 0.810 for two seeds (docs/benchmarks.md). It evaluates its validation channel
 # at the middle and the end only, inside a time budget (`max_runtime`): the job plans the steps that fit, so on
 # a slower CPU it anneals fewer steps instead of overrunning the demo's 10 minutes. The rest of the demo
 # (writing the data, starting the job, serving 200 images, scoring) takes ~45 s on an AMD EPYC Zen 5 and 67-79 s
-# on a Zen 3 (AVX2, docs/benchmarks.md; 400 more training images add ~5 s there), and grows when the VM slows
+# on a Zen 3 (AVX2, docs/benchmarks.md; 400 more training images add ~5 s on a Zen 4), and grows when the VM slows
 # down; REST_SECONDS leaves room for the slower.
 # Override one value with `--hp KEY=VALUE`; the preset is in maskrcnn/train/config.py.
 TARGET_SECONDS = 600

@@ -215,8 +215,9 @@ def _lite(
         mask_roi_pool=TrainingRoIAlign(levels, output_size=14, sampling_ratio=2, canonical_scale=MASK_CANONICAL_SCALE),
         mask_head=MaskRCNNHeads(channels, [64, 64], 1, norm_layer=group_norm),
         # The predictor's 2x2 transposed convolution upsamples to 32 channels, not 64: its 28x28 map for ~75-96
-        # regions a step is memory traffic more than arithmetic: at 32 a step costs 8 % less, and held-out AP in
-        # the same time is as good or better (docs/benchmarks.md, "Fewer repeats and a narrower mask predictor").
+        # regions a step is memory traffic more than arithmetic: at 32 a step costs 8 % less (AVX2, Zen 4), held-out
+        # AP in the same time is within noise alone and better together with the demo's 800 training images
+        # (docs/benchmarks.md, "Fewer repeats and a narrower mask predictor").
         mask_predictor=ClassAgnosticMaskPredictor(64, 32, num_classes),
         **sizes,
     )
