@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from maskrcnn.errors import ConfigError, ModelError
-from maskrcnn.model.format import ModelSpec, check_saved_model
+from maskrcnn.model.format import FORMAT_VERSION, ModelSpec, check_saved_model
 from maskrcnn.serve.gunicorn_conf import RunDir, assign_device_slot, gunicorn_options
 from maskrcnn.serve.settings import ServeSettings
 from maskrcnn.serve.supervisor import render_nginx_conf
@@ -135,7 +136,8 @@ def test_saved_model_check(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"x")
     with pytest.raises(ModelError, match=f"{tmp_path}: model.json is not a JSON object"):
         check_saved_model(tmp_path)
-    (tmp_path / "model.json").write_text('{"arch": "lite", "format_version": 6, "class_names": ["a"]}')
+    no_sizes = {"arch": "lite", "format_version": FORMAT_VERSION, "class_names": ["a"]}
+    (tmp_path / "model.json").write_text(json.dumps(no_sizes))
     with pytest.raises(ModelError, match=r"malformed: TypeError: .*min_size"):
         check_saved_model(tmp_path)
     (tmp_path / "model.json").write_text(ModelSpec("lite", ("a",), 128, 256).to_json())
