@@ -11,6 +11,7 @@ import pytest
 import torch
 from maskrcnn.errors import ModelError
 from maskrcnn.model.architectures import ModelSpec, build_model, load_model, load_pretrained, save_model
+from maskrcnn.model.format import FORMAT_VERSION, OLDEST_FORMAT
 from safetensors.torch import save_file
 
 pytestmark = pytest.mark.unit
@@ -305,8 +306,11 @@ def test_one_foreground_class_keeps_the_box_scores() -> None:
 def test_model_json_versions_per_architecture() -> None:
     old_resnet = ModelSpec("resnet50_fpn", ("a",), 800, 1333, format_version=2).to_json()
     assert ModelSpec.from_json(old_resnet).format_version == 2  # its network did not change
-    old_lite = ModelSpec("lite", ("a",), 160, 160, format_version=5).to_json()
-    with pytest.raises(ModelError, match=r"format_version 5 .* 'lite' \(6-6\); retrain"):
+    oldest = OLDEST_FORMAT["lite"]
+    old_lite = ModelSpec("lite", ("a",), 160, 160, format_version=oldest - 1).to_json()
+    with pytest.raises(
+        ModelError, match=rf"format_version {oldest - 1} .* 'lite' \({oldest}-{FORMAT_VERSION}\); retrain"
+    ):
         ModelSpec.from_json(old_lite)
 
 

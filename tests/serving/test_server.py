@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from maskrcnn.model.format import FORMAT_VERSION, OLDEST_FORMAT
 from maskrcnn.serve.supervisor import EXIT_REFUSED
 from PIL import Image
 from serving_support import DETECT, Server, encode, group_processes, rss_mb, wait_until_ready
@@ -371,7 +372,11 @@ def write_model(base: Path, model_base: Path, **changes: object) -> Path:
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
-        ("format_version", "format_version 1 is not one this image loads for arch 'lite' (6-6); retrain"),
+        (
+            "format_version",
+            "format_version 1 is not one this image loads for arch 'lite' "
+            f"({OLDEST_FORMAT['lite']}-{FORMAT_VERSION}); retrain",
+        ),
         ("arch", "arch 'resnet18' is not one this image builds"),
         ("no model.json", "model.json missing (found: model.safetensors)"),
         ("no weights", "model.safetensors missing (found: model.json)"),
