@@ -38,6 +38,21 @@ def test_the_plan_leaves_the_reserve_and_every_evaluation_free() -> None:
     assert 25 < end < 1000
 
 
+def test_a_plan_after_an_epochs_last_step_keeps_time_for_that_epochs_evaluation() -> None:
+    # A plan due at step 30, the last of the third 10-step epoch: that epoch's evaluation runs after the plan.
+    # Left out, the plan spends its time on steps, and the next one (after the evaluation) has to cut the
+    # end to the step it is at, on a schedule that was not annealed there (CI, 2026-12-07: lr at 4 % of peak).
+    budget = planner(seconds=100.0)
+    now = feed(budget, 30, step_s=0.5, eval_s=3.0)
+    assert budget.evaluations_before(30, 35) == 1 and budget.evaluations_before(31, 35) == 0
+    end = budget.plan(30, now)
+    assert (end - 30) * 0.5 + budget.evaluations_before(30, end) * 3.0 <= 100.0 - now - budget.reserve_seconds()
+    # The next plan, after the evaluation it kept time for, finds the same end.
+    now += 3.0 + 0.5
+    budget.record(31, 1, now)
+    assert budget.plan(31, now) == end
+
+
 def test_a_budget_never_lengthens_the_job() -> None:
     budget = planner(seconds=10_000.0, full=40)
     now = feed(budget, 12, step_s=0.1)

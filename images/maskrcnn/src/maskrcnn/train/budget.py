@@ -101,9 +101,10 @@ class BudgetPlanner:
         return self.eval_seconds() + WRITE_SECONDS + SAFETY_SHARE * self.seconds
 
     def evaluations_before(self, global_step: int, end: int) -> int:
-        """Evaluating epoch ends strictly between ``global_step`` and ``end`` (the final one is in the reserve)."""
+        """Evaluating epoch ends from ``global_step`` on and before ``end`` (the final one is in the reserve).
+        A plan made after an epoch's last step counts that epoch's end: its evaluation runs after the plan."""
         eval_every, epochs = self.evaluates
-        first = global_step // self.steps_per_epoch + 1
+        first = max(-(-global_step // self.steps_per_epoch), 1)  # the first epoch end at or after global_step
         last = min((end - 1) // self.steps_per_epoch, epochs - 1)  # an epoch end before ``end``
         return sum(1 for epoch in range(first, last + 1) if epoch % eval_every == 0)
 
