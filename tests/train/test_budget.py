@@ -28,13 +28,18 @@ def feed(budget: BudgetPlanner, steps: int, step_s: float, eval_s: float = 0.0, 
     return now
 
 
+def cost(budget: BudgetPlanner, step: int, end: int, step_s: float = 0.5, eval_s: float = 3.0) -> float:
+    """What training from ``step`` to ``end`` takes: its steps and the evaluations on the way."""
+    return (end - step) * step_s + budget.evaluations_before(step, end) * eval_s
+
+
 def test_the_plan_leaves_the_reserve_and_every_evaluation_free() -> None:
     budget = planner(seconds=100.0)
     now = feed(budget, 25, step_s=0.5, eval_s=3.0)  # two epoch ends seen: evaluations of 3 s
     assert abs(budget.step_seconds() - 0.5) < 1e-9 and abs(budget.eval_seconds() - 3.0) < 1e-9
     end = budget.plan(25, now)
-    cost = (end - 25) * 0.5 + budget.evaluations_before(25, end) * 3.0
-    assert cost <= 100.0 - now - budget.reserve_seconds() < cost + 0.5 + 3.0  # as many as fit, no more
+    took = cost(budget, 25, end)
+    assert took <= 100.0 - now - budget.reserve_seconds() < took + 0.5 + 3.0  # as many as fit, no more
     assert 25 < end < 1000
 
 
@@ -46,7 +51,7 @@ def test_a_plan_after_an_epochs_last_step_keeps_time_for_that_epochs_evaluation(
     now = feed(budget, 30, step_s=0.5, eval_s=3.0)
     assert budget.evaluations_before(30, 35) == 1 and budget.evaluations_before(31, 35) == 0
     end = budget.plan(30, now)
-    assert (end - 30) * 0.5 + budget.evaluations_before(30, end) * 3.0 <= 100.0 - now - budget.reserve_seconds()
+    assert cost(budget, 30, end) <= 100.0 - now - budget.reserve_seconds()
     # The next plan, after the evaluation it kept time for, finds the same end.
     now += 3.0 + 0.5
     budget.record(31, 1, now)
@@ -123,8 +128,8 @@ def test_a_restart_plans_at_its_first_step_with_what_the_attempt_before_it_measu
     restart.record(26, 6, 0.6)
     end = restart.plan(26, 0.6)
     assert restart.step_seconds() == 0.5 and restart.eval_seconds() == 3.0
-    cost = (end - 26) * 0.5 + restart.evaluations_before(26, end) * 3.0
-    assert cost <= 100.0 - 60.6 - restart.reserve_seconds() < cost + 0.5 + 3.0  # as many as fit, no more
+    took = cost(restart, 26, end)
+    assert took <= 100.0 - 60.6 - restart.reserve_seconds() < took + 0.5 + 3.0  # as many as fit, no more
     # Its own steps replace the earlier step time as they come; the earlier largest epoch end still counts.
     for step in range(27, 40):
         restart.record(step, (step - 1) % 10 + 1, 0.6 + (step - 26) * 0.25)
