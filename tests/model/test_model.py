@@ -378,3 +378,46 @@ def test_lite_proposes_from_strides_8_to_32_only() -> None:
         poisoned = {**features, "0": torch.full_like(features["0"], float("nan"))}
         again, _ = model.rpn(images, poisoned)
     assert len(proposals[0]) > 0 and torch.equal(proposals[0], again[0])
+
+
+def test_frozen_batch_norm_keeps_bfloat16_under_autocast_and_torchvisions_values_in_float32(tmp_path: Path) -> None:
+    """torchvision's FrozenBatchNorm2d promotes a bfloat16 activation to float32 (its buffers are float32)."""
+    from maskrcnn.model.architectures import FrozenBatchNorm2d
+    from torchvision.models import resnet18
+    from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    buffers = {
+        "weight": torch.rand(8),
+        "bias": torch.rand(8),
+        "running_mean": torch.rand(8),
+        "running_var": 1 + torch.rand(8),
+    }
+    ours, theirs = FrozenBatchNorm2d(8), TorchvisionFrozenBatchNorm2d(8)
+    ours.load_state_dict(buffers)
+    theirs.load_state_dict(buffers)
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.equal(ours(x), theirs(x))  # float32: the same arithmetic, bit for bit
+    conv = torch.nn.Conv2d(3, 8, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        activation = conv(torch.randn(1, 3, 9, 9))
+        assert activation.dtype == torch.bfloat16
+        assert theirs(activation).dtype == torch.float32  # what this class is for
+        assert ours(activation).dtype == torch.bfloat16
+    # the whole pretrained body: its last stage's output stays bfloat16
+    torch.save(resnet18().state_dict(), tmp_path / "resnet18.pth")
+    body = build_model("lite", 3, pretrained=tmp_path / "resnet18.pth").backbone.body.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
+        assert all(out.dtype == torch.bfloat16 for out in body(torch.rand(1, 3, 64, 64)).values())
+
+
+def test_a_model_trained_with_sync_batch_norm_saves_as_batch_norm(tmp_path: Path) -> None:
+    """Multi-GPU jobs train resnet50's BatchNorm as SyncBatchNorm; serving rebuilds plain BatchNorm2d."""
+    from maskrcnn.model.architectures import backbone_norm
+
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model("resnet50_fpn", 3, 128, 128))
+    assert isinstance(model.backbone.body.bn1, torch.nn.SyncBatchNorm)
+    assert backbone_norm(model) == "batch_norm"
+    save_model(tmp_path, model, ModelSpec(arch="resnet50_fpn", class_names=("a", "b"), min_size=128, max_size=128))
+    loaded, spec = load_model(tmp_path)
+    assert spec.backbone_norm == "batch_norm" and type(loaded.backbone.body.bn1) is torch.nn.BatchNorm2d

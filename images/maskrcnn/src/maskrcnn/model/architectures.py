@@ -51,7 +51,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.ops import Conv2dNormActivation, FrozenBatchNorm2d
+from torchvision.ops import Conv2dNormActivation
+from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 
 from maskrcnn.errors import ModelError
 from maskrcnn.model.format import FORMAT_VERSION, SPEC_FILE, WEIGHTS_FILE, ModelSpec, check_saved_model
@@ -68,6 +69,22 @@ DEFAULT_SIZES = {"lite": (256, 512), "resnet50_fpn": (800, 1333), "resnet50_fpn_
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm: normalises the same way in training and inference, at any batch size."""
     return nn.GroupNorm(16, channels)
+
+
+class FrozenBatchNorm2d(TorchvisionFrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d (same buffers, same state dict) computed in the input's dtype.
+
+    torchvision's multiplies the input by a float32 scale: under autocast a bfloat16 activation times a
+    float32 tensor promotes to float32 (``mul`` and ``add`` are on no autocast list), so every frozen layer of
+    the ResNet body would hand float32 to the next ReLU and convolution (twice the memory traffic, and a cast
+    back before each convolution). Here the scale and shift are computed in float32 from the buffers and cast
+    to the input's dtype; a float32 input gives exactly torchvision's result.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + shift.to(x.dtype).reshape(1, -1, 1, 1)
 
 
 # The ResNet body's normalisation, by its name in model.json (``backbone_norm``), and its module type
@@ -584,6 +601,8 @@ def backbone_norm(model: nn.Module) -> str:
     """The NORM_LAYERS name of the backbone body's normalisation."""
     backbone: Any = _unwrap(model).backbone  # typed as Tensor | Module by nn.Module.__getattr__
     layer = type(backbone.body.bn1)
+    if issubclass(layer, nn.SyncBatchNorm):  # BatchNorm2d as a multi-GPU job trains it: the same state dict
+        return "batch_norm"
     return next(name for name, (_, kind) in NORM_LAYERS.items() if kind is layer)
 
 
