@@ -15,7 +15,7 @@ import torchvision
 from maskrcnn.errors import NotAcceptable, RequestError, UnsupportedMediaType
 from maskrcnn.serve import codec
 from maskrcnn.serve.codec import RequestOptions
-from maskrcnn.serve.predictor import Detections
+from maskrcnn.serve.predictor import Detections, paste_binary_masks, rle_encode
 from PIL import Image
 from pycocotools import mask as mask_utils
 from serving_support import encode
@@ -284,6 +284,51 @@ def test_chunks_equal_torchvision_pasting_for_any_box() -> None:
     expected = np.stack([detections.mask(i) for i in range(40)], axis=2)
     assert chunks.flags.f_contiguous and chunks.shape == (90, 120, 40)
     assert np.array_equal(chunks.astype(bool), expected)
+
+
+def random_detections(count: int, height: int, width: int, seed: int = 0) -> Detections:
+    """Boxes anywhere (sub-pixel, past the edges after expansion), smooth-ish random probabilities."""
+    generator = torch.Generator().manual_seed(seed)
+    corners = torch.rand(count, 2, generator=generator) * torch.tensor([width, height])
+    sizes = torch.rand(count, 2, generator=generator) * torch.tensor([width, height]) * 0.8
+    sizes[:3] = 0.2
+    boxes = torch.cat([corners, corners + sizes], dim=1)
+    boxes = torchvision.ops.clip_boxes_to_image(boxes, (height, width)).numpy().astype(np.float32)
+    probs = torch.nn.functional.avg_pool2d(torch.rand(count, 1, 32, 32, generator=generator), 5, 1)  # 28 x 28
+    scores = np.linspace(1, 0.1, count, dtype=np.float32)
+    return Detections(boxes, scores, np.ones(count, np.int64), probs, (height, width))
+
+
+@pytest.mark.parametrize(("height", "width", "budget"), [(90, 120, 16_000_000), (77, 51, 77 * 51 * 3), (200, 37, 1)])
+def test_batched_pasting_gives_the_box_by_box_masks(height: int, width: int, budget: int) -> None:
+    """The GPU path (all masks in a few gathers) against the CPU path, run here on CPU tensors."""
+    detections = random_detections(40, height, width)
+    expected = np.concatenate(list(detections.mask_chunks()), axis=2)
+    batched = paste_binary_masks(
+        detections.mask_probs, torch.from_numpy(detections.boxes), (height, width), 0.5, pixel_budget=budget
+    )
+    got = np.concatenate([m.to(torch.uint8).numpy().transpose(2, 1, 0) for m in batched], axis=2)
+    assert got.shape == expected.shape == (height, width, 40)
+    assert np.array_equal(got, expected)
+
+
+def test_device_rle_gives_pycocotools_bytes() -> None:
+    detections = random_detections(30, 64, 96, seed=1)
+    chunks = np.concatenate(list(detections.mask_chunks()), axis=2)
+    chunks[:, :, 0] = 1  # a mask that starts with a run of ones, and one that is all ones
+    chunks[:, :, 1] = 0
+    chunks[0, 0, 1] = 1
+    chunks[:, :, 2] = 0  # and an empty one
+    expected = mask_utils.encode(np.asfortranarray(chunks))
+    masks = torch.from_numpy(np.ascontiguousarray(chunks.transpose(2, 1, 0))).bool()
+    assert rle_encode(masks, (64, 96)) == expected
+    assert rle_encode(masks[:0], (64, 96)) == []
+
+
+def test_rle_masks_on_the_cpu_are_the_chunks_encoded() -> None:
+    detections = random_detections(12, 50, 70, seed=2)
+    chunks = np.concatenate(list(detections.mask_chunks()), axis=2)
+    assert detections.rle_masks() == mask_utils.encode(np.asfortranarray(chunks))
 
 
 def test_polygon_and_none_formats() -> None:

@@ -7,11 +7,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from maskrcnn.errors import ConfigError, ModelError
 from maskrcnn.model.format import FORMAT_VERSION, ModelSpec, check_saved_model
 from maskrcnn.serve.gunicorn_conf import RunDir, assign_device_slot, gunicorn_options
-from maskrcnn.serve.settings import ServeSettings
-from maskrcnn.serve.supervisor import render_nginx_conf
+from maskrcnn.serve.settings import GPU_RESERVE_BYTES, GPU_WORKER_BYTES, ServeSettings, default_workers_per_gpu
+from maskrcnn.serve.supervisor import gpu_count, gpu_memory_bytes, render_nginx_conf
 
 pytestmark = pytest.mark.unit
 
@@ -31,9 +32,62 @@ def test_cpu_workers_times_threads_never_exceed_cores(cores: int) -> None:
     assert settings.workers * settings.torch_threads <= cores
 
 
-def test_one_worker_per_gpu() -> None:
+GIB = 1024**3
+
+
+def test_one_worker_per_gpu_when_its_memory_is_unknown() -> None:
     settings = ServeSettings.from_env({}, cpu_count=32, gpu_count=4)
     assert settings.device == "cuda" and settings.workers == 4 and settings.torch_threads == 1
+    assert settings.workers_per_gpu == 1
+
+
+@pytest.mark.parametrize(
+    ("gpus", "memory_gib", "cores", "per_gpu"),
+    [
+        (1, 15, 4, 2),  # g4dn.xlarge: T4 (15 GiB usable), 4 vCPU
+        (1, 22, 4, 2),  # g5.xlarge / g6.xlarge: A10G / L4
+        (8, 80, 192, 2),  # p5.48xlarge: H100
+        (4, 15, 48, 2),  # g4dn.12xlarge
+        (1, 6, 8, 1),  # a GPU two workers do not fit in (3 GiB each + 1 GiB free)
+        (1, 7, 8, 2),
+        (1, 80, 1, 1),  # one core: a second worker has no core for its CPU part
+        (8, 80, 8, 1),
+    ],
+)
+def test_workers_per_gpu_follow_memory_and_cores(gpus: int, memory_gib: int, cores: int, per_gpu: int) -> None:
+    settings = ServeSettings.from_env({}, cpu_count=cores, gpu_count=gpus, gpu_memory_bytes=memory_gib * GIB)
+    assert settings.workers == gpus * per_gpu and settings.workers_per_gpu == per_gpu
+    assert settings.max_concurrent_transforms == settings.workers  # a request in flight per worker
+
+
+def test_default_workers_per_gpu_is_pure() -> None:
+    assert default_workers_per_gpu(0, cpu_count=8, gpu_count=1) == 1  # unknown memory
+    assert default_workers_per_gpu(80 * GIB, cpu_count=8, gpu_count=0) == 0
+    assert default_workers_per_gpu(GPU_RESERVE_BYTES + 2 * GPU_WORKER_BYTES, cpu_count=8, gpu_count=1) == 2
+    assert default_workers_per_gpu(GPU_RESERVE_BYTES + 2 * GPU_WORKER_BYTES - 1, cpu_count=8, gpu_count=1) == 1
+
+
+def test_worker_count_override_holds_on_a_gpu() -> None:
+    settings = ServeSettings.from_env(
+        {"SAGEMAKER_MODEL_SERVER_WORKERS": "3"}, cpu_count=32, gpu_count=2, gpu_memory_bytes=80 * GIB
+    )
+    assert settings.workers == 3 and settings.workers_per_gpu == 2  # slots 0, 2 on GPU 0; slot 1 on GPU 1
+
+
+def test_inference_dtype_choice() -> None:
+    assert ServeSettings.from_env({}, cpu_count=2).inference_dtype == "auto"
+    chosen = ServeSettings.from_env({"MASKRCNN_INFERENCE_DTYPE": "Float32"}, cpu_count=2)
+    assert chosen.inference_dtype == "float32"
+    assert ServeSettings.from_json(chosen.to_json()) == chosen
+
+
+def test_gpu_count_reads_the_driver_folder_seam(tmp_path: Path) -> None:
+    assert gpu_count({"MASKRCNN_NVIDIA_PROC": str(tmp_path / "absent")}) == 0
+    assert gpu_memory_bytes(0) == 0
+    # A faked driver folder on a host whose torch sees no CUDA: still no GPU to serve on.
+    if not torch.cuda.is_available():
+        (tmp_path / "version").write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05")
+        assert gpu_count({"MASKRCNN_NVIDIA_PROC": str(tmp_path)}) == 0
 
 
 def test_sagemaker_variables_are_honoured() -> None:
@@ -76,6 +130,7 @@ def test_timeouts_agree() -> None:
         ("SAGEMAKER_BATCH_STRATEGY", "ALL"),
         ("MASKRCNN_DEVICE", "tpu"),
         ("MASKRCNN_DEVICE", "cuda"),
+        ("MASKRCNN_INFERENCE_DTYPE", "int8"),
         ("SAGEMAKER_MODEL_SERVER_TIMEOUT", "-1"),
     ],
 )

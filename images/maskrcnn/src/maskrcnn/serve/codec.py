@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pycocotools import mask as mask_utils
 from werkzeug.datastructures import MIMEAccept
 from werkzeug.http import parse_accept_header
 
@@ -241,10 +240,10 @@ def instances(detections: Detections, class_names: Sequence[str], mask_format: s
     if mask_format == "none" or not out:
         return out
     masks: list[dict[str, Any]] = []
-    for chunk in detections.mask_chunks():
-        if mask_format == "rle":
-            masks.extend(_rle_dict(encoded) for encoded in mask_utils.encode(chunk))
-        else:
+    if mask_format == "rle":
+        masks.extend(_rle_dict(encoded) for encoded in detections.rle_masks())
+    else:
+        for chunk in detections.mask_chunks():
             masks.extend({"polygons": polygons(chunk[:, :, j])} for j in range(chunk.shape[2]))
     for item, mask in zip(out, masks, strict=True):
         item["mask"] = mask

@@ -11,7 +11,7 @@ Environment (SageMaker's names first, then ours):
 ==================================  ==========================================================
 ``SAGEMAKER_BASE_DIR``              root of every path (default ``/opt/ml``); model from ``model/``
 ``SAGEMAKER_BIND_TO_PORT``          public port (default 8080)
-``SAGEMAKER_MODEL_SERVER_WORKERS``  gunicorn workers (default: one per GPU; on CPU see below)
+``SAGEMAKER_MODEL_SERVER_WORKERS``  gunicorn workers (default: see below)
 ``SAGEMAKER_MODEL_SERVER_TIMEOUT``  seconds one inference may take (default 60; 600 in batch)
 ``SAGEMAKER_MAX_PAYLOAD_IN_MB``     request body limit in MiB (default 6, at most 100)
 ``SAGEMAKER_BATCH``                 ``true`` in batch transform
@@ -19,6 +19,7 @@ Environment (SageMaker's names first, then ours):
 ``SAGEMAKER_MAX_CONCURRENT_TRANSFORMS``  reported by ``/execution-parameters`` (default workers)
 ``MASKRCNN_TORCH_THREADS``          intra-op threads per worker (default cores // workers)
 ``MASKRCNN_DEVICE``                 ``auto`` (default), ``cpu`` or ``cuda``
+``MASKRCNN_INFERENCE_DTYPE``        GPU autocast: ``auto`` (default), ``bfloat16``, ``float16``, ``float32``
 ``MASKRCNN_MAX_IMAGE_PIXELS``       decoded-pixel cap per image, our decompression-bomb guard
 ``MASKRCNN_MAX_IMAGES``             images per JSON request (default 16)
 ``MASKRCNN_NGINX``                  path to nginx, or ``off`` to let gunicorn listen itself
@@ -26,6 +27,12 @@ Environment (SageMaker's names first, then ours):
 
 CPU default: ``workers = min(cores, 4)`` and ``threads = cores // workers`` so that
 workers x threads <= cores (oversubscribing cores makes every request slower and starves /ping).
+
+GPU default (:func:`default_workers_per_gpu`): two workers per GPU where two fit in the smallest GPU's memory
+(``GPU_WORKER_BYTES`` each, with ``GPU_RESERVE_BYTES`` left free) and the host has a core for each, else one;
+worker ``slot`` runs on ``cuda:<slot % gpus>``. Each worker has one request in flight, so a GPU has
+``workers_per_gpu`` requests in flight: one request's CPU part (decode, resize, RLE) overlaps the other's
+forward pass, which one worker alone leaves the GPU idle for.
 """
 
 from __future__ import annotations
@@ -48,6 +55,13 @@ MAX_PAYLOAD_MB = 100  # batch transform's ceiling
 DEFAULT_MAX_IMAGE_PIXELS = 36_000_000  # 6000 x 6000: above any camera we expect, far below an OOM
 DEFAULT_MAX_IMAGES = 16
 MAX_CPU_WORKERS = 4  # beyond this, more threads per worker beat more copies of the model
+MAX_WORKERS_PER_GPU = 2  # the second overlaps the first's CPU part; a third only queues on the GPU
+GIB = 1024**3
+# One GPU worker's device memory: CUDA context, weights, the caching allocator's peak for a full-size
+# (800 x 1333) resnet50_fpn forward pass and mask pasting (docs/serving.md, "GPU serving", says how measured).
+GPU_WORKER_BYTES = 3 * GIB
+GPU_RESERVE_BYTES = 1 * GIB  # left free on each GPU for fragmentation and the driver
+INFERENCE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 GRACEFUL_TIMEOUT_S = 25  # SIGKILL follows SIGTERM after 30 s; leave room to exit cleanly
 BATCH_STRATEGIES = ("SINGLE_RECORD", "MULTI_RECORD")
 
@@ -62,6 +76,8 @@ class ServeSettings:
     torch_threads: int = 1
     device: str = "cpu"  # "cpu" or "cuda"; a GPU worker takes cuda:<its slot>
     gpu_count: int = 0
+    gpu_memory_bytes: int = 0  # the smallest visible GPU's total memory; 0 = unknown
+    inference_dtype: str = "auto"  # GPU autocast dtype; auto = bfloat16 where native, else float16
     timeout_s: int = DEFAULT_TIMEOUT_S
     max_payload_mb: int = DEFAULT_PAYLOAD_MB
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
@@ -75,6 +91,13 @@ class ServeSettings:
     @property
     def model_dir(self) -> Path:
         return self.base_dir / "model"
+
+    @property
+    def workers_per_gpu(self) -> int:
+        """Workers sharing one GPU (the busiest GPU's count when workers is not a multiple); 0 on the CPU."""
+        if self.device != "cuda" or self.gpu_count < 1:
+            return 0
+        return -(-self.workers // self.gpu_count)
 
     @property
     def max_payload_bytes(self) -> int:
@@ -97,6 +120,7 @@ class ServeSettings:
         *,
         cpu_count: int,
         gpu_count: int = 0,
+        gpu_memory_bytes: int = 0,
         nginx: str | None = None,
     ) -> ServeSettings:
         """Resolve settings from the environment and the machine; raise ConfigError on bad values."""
@@ -110,7 +134,10 @@ class ServeSettings:
         if device == "auto":
             device = "cuda" if gpu_count > 0 else "cpu"
 
-        default_workers = gpu_count if device == "cuda" else min(cpu_count, MAX_CPU_WORKERS)
+        if device == "cuda":
+            default_workers = gpu_count * default_workers_per_gpu(gpu_memory_bytes, cpu_count, gpu_count)
+        else:
+            default_workers = min(cpu_count, MAX_CPU_WORKERS)
         workers = _int(env, "SAGEMAKER_MODEL_SERVER_WORKERS", default_workers, minimum=1)
         default_threads = max(1, cpu_count // workers) if device == "cpu" else 1
         threads = _int(env, "MASKRCNN_TORCH_THREADS", default_threads, minimum=1)
@@ -126,6 +153,10 @@ class ServeSettings:
         if strategy not in BATCH_STRATEGIES:
             raise ConfigError(f"SAGEMAKER_BATCH_STRATEGY must be one of {', '.join(BATCH_STRATEGIES)}")
 
+        dtype = env.get("MASKRCNN_INFERENCE_DTYPE", "auto").lower()
+        if dtype not in INFERENCE_DTYPES:
+            raise ConfigError(f"MASKRCNN_INFERENCE_DTYPE must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
+
         nginx_choice = env.get("MASKRCNN_NGINX", "")
         if nginx_choice.lower() == "off":
             nginx = None
@@ -138,6 +169,8 @@ class ServeSettings:
             torch_threads=threads,
             device=device,
             gpu_count=gpu_count,
+            gpu_memory_bytes=max(0, gpu_memory_bytes),
+            inference_dtype=dtype,
             timeout_s=timeout,
             max_payload_mb=payload,
             max_image_pixels=_int(env, "MASKRCNN_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS, minimum=1),
@@ -158,6 +191,19 @@ class ServeSettings:
         data: dict[str, Any] = json.loads(text)
         data["base_dir"] = Path(data["base_dir"])
         return cls(**data)
+
+
+def default_workers_per_gpu(gpu_memory_bytes: int, cpu_count: int, gpu_count: int) -> int:
+    """Default workers per GPU: as many as fit in the GPU's memory and have a core each, 1 to 2.
+
+    An unknown memory size (0) gets one: a second worker that does not fit fails with CUDA out of memory
+    under load instead of at start.
+    """
+    if gpu_count < 1:
+        return 0
+    fit = (gpu_memory_bytes - GPU_RESERVE_BYTES) // GPU_WORKER_BYTES if gpu_memory_bytes > 0 else 1
+    cores = max(1, cpu_count // gpu_count)
+    return int(max(1, min(MAX_WORKERS_PER_GPU, fit, cores)))
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:

@@ -40,11 +40,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from types import FrameType
 
-from maskrcnn.device import probe, require_usable_gpu
+from maskrcnn.device import prepare_device
 from maskrcnn.errors import ConfigError, ModelError
 from maskrcnn.model.format import check_saved_model
 from maskrcnn.serve.gunicorn_conf import RunDir
@@ -68,9 +69,14 @@ def main(argv: list[str]) -> int:
     parser.parse_args(argv)
     try:
         if os.environ.get("MASKRCNN_DEVICE", "auto").lower() != "cpu":  # MASKRCNN_DEVICE=cpu: the CPU on purpose
-            require_usable_gpu(probe(os.environ))  # a GPU CUDA cannot use: refused, never served on CPU
+            prepare_device(os.environ)  # the CUDA route before torch loads; a GPU none reaches: refused
+        gpus = gpu_count()
         settings = ServeSettings.from_env(
-            os.environ, cpu_count=cpu_count(), gpu_count=gpu_count(), nginx=shutil.which("nginx")
+            os.environ,
+            cpu_count=cpu_count(),
+            gpu_count=gpus,
+            gpu_memory_bytes=gpu_memory_bytes(gpus),
+            nginx=shutil.which("nginx"),
         )
         spec = check_saved_model(settings.model_dir)
     except (ConfigError, ModelError) as exc:
@@ -96,13 +102,26 @@ def cpu_count() -> int:
     return count
 
 
-def gpu_count() -> int:
-    """Visible CUDA devices; torch is imported only where an NVIDIA driver is present."""
-    if not Path("/proc/driver/nvidia").exists():
+def gpu_count(environ: Mapping[str, str] = os.environ) -> int:
+    """Visible CUDA devices; torch is imported only where an NVIDIA driver is present (``MASKRCNN_NVIDIA_PROC``
+    replaces ``/proc/driver/nvidia``, as in :func:`maskrcnn.device.probe`)."""
+    from maskrcnn.device import NVIDIA_PROC
+
+    if not Path(environ.get("MASKRCNN_NVIDIA_PROC") or NVIDIA_PROC).exists():
         return 0
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpu_memory_bytes(count: int) -> int:
+    """The smallest visible GPU's total memory (0 with no GPU). Reads the device properties, which
+    creates no CUDA context: ``serve`` itself holds no GPU memory (scripts/gpu-check.sh checks that)."""
+    if count < 1:
+        return 0
+    import torch
+
+    return min(int(torch.cuda.get_device_properties(i).total_memory) for i in range(count))
 
 
 def render_nginx_conf(settings: ServeSettings, run_dir: RunDir, cpus: int) -> str:
@@ -181,6 +200,14 @@ class Supervisor:
             settings.timeout_s,
             settings.max_payload_mb,
         )
+        if settings.device == "cuda":
+            log.info(
+                "%d GPU(s) of %.1f GiB: %d worker(s) per GPU, each with one request in flight; autocast %s",
+                settings.gpu_count,
+                settings.gpu_memory_bytes / 2**30,
+                settings.workers_per_gpu,
+                settings.inference_dtype,
+            )
         self._start("gunicorn", [sys.executable, "-m", "maskrcnn.serve.wsgi", str(run_dir.path)])
         if settings.nginx:
             run_dir.nginx_conf.write_text(render_nginx_conf(settings, run_dir, cpu_count()))

@@ -58,7 +58,13 @@ def build_app(settings: ServeSettings, device_slot: int) -> Flask:
         torch.set_num_interop_threads(1)
     inference_thread = ThreadPool(1)
     try:
-        predictor = Predictor.load(settings.model_dir, device, threads=settings.torch_threads, warm=False)
+        predictor = Predictor.load(
+            settings.model_dir,
+            device,
+            threads=settings.torch_threads,
+            warm=False,
+            inference_dtype=settings.inference_dtype,
+        )
     except Exception as exc:
         # gunicorn halts on a worker that fails to boot; this line is what a person needs to read.
         log.error("cannot load the model in %s: %s: %s", settings.model_dir, type(exc).__name__, exc)
@@ -84,6 +90,18 @@ def build_app(settings: ServeSettings, device_slot: int) -> Flask:
         return value
 
     log.info("worker ready on %s with %d torch threads", device, settings.torch_threads)
+    if settings.device == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        # What this worker's allocator holds after the warm-up (a full-size forward pass); the CUDA context
+        # comes on top (nvidia-smi's per-process figure counts both: scripts/gpu-check.sh prints it).
+        log.info(
+            "worker on %s: torch holds %.0f MiB (peak %.0f MiB); the GPU has %.0f of %.0f MiB free",
+            device,
+            torch.cuda.memory_reserved(device) / 2**20,
+            torch.cuda.max_memory_reserved(device) / 2**20,
+            free / 2**20,
+            total / 2**20,
+        )
     return create_app(predictor, settings, run_blocking)
 
 
