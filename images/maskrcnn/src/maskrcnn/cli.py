@@ -42,9 +42,9 @@ def train_main(argv: list[str] | None = None) -> int:
     paths.failure_file.unlink(missing_ok=True)
     try:
         config = TrainConfig.from_env(os.environ)
-        from maskrcnn.device import probe, require_usable_gpu
+        from maskrcnn.device import prepare_device
 
-        require_usable_gpu(probe(os.environ))  # a GPU CUDA cannot use fails here, never trains on CPU
+        prepare_device(os.environ)  # the CUDA route, before torch loads; a GPU no route reaches fails here
         from maskrcnn.train.job import run  # torch loads here, after the config is known to be valid
 
         return run(config, started)
