@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from maskrcnn.device import torch_build
 
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "images" / "maskrcnn" / "Dockerfile"
 SERVE_PORT = 8080
 PING_DEADLINE_S = 180  # SageMaker allows minutes; a cold start here loads torch on 2 busy cores
 
@@ -86,6 +90,7 @@ def test_image_metadata(docker_client, image: str) -> None:
     assert attrs["Cmd"] == ["train"]  # SDK v3's local mode starts training containers with no argument
     env = dict(item.split("=", 1) for item in attrs["Env"])
     assert env["PYTHONUNBUFFERED"] == "1"
+    assert env["NVIDIA_DISABLE_REQUIRE"] == "true"  # the CUDA base's NVIDIA_REQUIRE_CUDA must not refuse old drivers
     assert env["PATH"].startswith("/opt/venv/bin:")
     probe = (
         "test ! -e /opt/ml && ! command -v gcc && ! command -v cc && command -v train && command -v serve"
@@ -94,6 +99,38 @@ def test_image_metadata(docker_client, image: str) -> None:
     )
     out = docker_client.containers.run(image, ["-c", probe + " && echo probe-ok"], entrypoint="bash", remove=True)
     assert b"probe-ok" in out
+
+
+@pytest.mark.unit
+def test_the_compat_package_follows_torchs_cuda() -> None:
+    """The Dockerfile installs the forward-compatibility package of the CUDA the pinned torch is built for."""
+    cuda, _ = torch_build()
+    assert cuda is not None, "the pinned torch is a CUDA build"
+    default = re.search(r"^ARG CUDA_COMPAT_PACKAGE=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
+    assert default is not None and default.group(1) == "cuda-compat-" + cuda.replace(".", "-")
+    assert re.search(r"^\s+NVIDIA_DISABLE_REQUIRE=true \\$", DOCKERFILE.read_text(), re.MULTILINE)
+
+
+@pytest.mark.container
+def test_the_image_takes_its_route_on_a_driver_535_host(docker_client, image: str) -> None:
+    """`serve` in the image on a faked R535 host: forward-compat where the image has the compat libraries (the
+    CUDA base), else the refusal that says the image has none (the offline Debian base); never the CPU."""
+    import docker
+
+    script = (
+        "mkdir -p /tmp/nv && echo 'NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Release Build'"
+        " > /tmp/nv/version && if test -e /usr/local/cuda/compat/libcuda.so.1; then echo compat=yes >&2; fi"
+        " && MASKRCNN_NVIDIA_PROC=/tmp/nv exec /usr/local/bin/entrypoint serve 1>&2"  # ContainerError keeps stderr
+    )
+    with pytest.raises(docker.errors.ContainerError) as caught:
+        docker_client.containers.run(image, ["-c", script], entrypoint="sh", remove=True)
+    exited = caught.value
+    logs = (exited.stderr or b"").decode(errors="replace")
+    assert exited.exit_status == 2, logs
+    if "compat=yes" in logs:
+        assert "route forward-compat" in logs and "CUDA cannot start (route forward-compat" in logs
+    else:
+        assert "/usr/local/cuda/compat has none" in logs and "route refused" in logs
 
 
 @pytest.mark.container
