@@ -79,6 +79,11 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--endpoint-name", help="default: <prefix>-endpoint")
     start.add_argument("--training-instance-type", default="ml.g5.xlarge")
     start.add_argument("--inference-instance-type", default="ml.g4dn.xlarge")
+    start.add_argument(
+        "--inference-ami-version",
+        help="the endpoint hosts' InferenceAmiVersion (GPU instances only; default: one whose driver the image "
+        "runs on, pipeline/amis.py)",
+    )
     start.add_argument("--spot", action="store_true", help="managed spot training (checkpoints resume)")
     start.add_argument(
         "--hyperparameter",
@@ -121,6 +126,7 @@ def execution_from_args(
         release_tag=args.release_tag,
         training_instance_type=args.training_instance_type,
         inference_instance_type=args.inference_instance_type,
+        inference_ami_version=args.inference_ami_version,
         use_spot=args.spot,
         hyperparameters=hyperparameters,
     )

@@ -22,6 +22,8 @@ from maskrcnn.contract import DEFAULT_BASE_DIR, SageMakerPaths
 from maskrcnn.errors import ConfigError
 from maskrcnn.train.config import PRESETS, Hyperparameters
 
+from pipeline.amis import AmiError, check_training_instance, inference_ami
+
 # What the workflow trains unless `-p KEY=VALUE` overrides a key: a preset of the image's own schema
 # (maskrcnn.train.config.Hyperparameters), so every name, type and default has one definition, the image's.
 WORKFLOW_PRESET = "gpu-resnet50"
@@ -80,6 +82,7 @@ class ExecutionInput:
     volume_size_gb: int = 50
     inference_instance_type: str = "ml.g4dn.xlarge"  # T4: enough for one-image requests
     inference_instance_count: int = 1
+    inference_ami_version: str | None = None  # GPU instances: None = pipeline.amis' choice (a driver the image runs)
     max_runtime_seconds: int = 24 * 3600
     use_spot: bool = False
     max_wait_seconds: int = 48 * 3600  # spot only: runtime plus time waiting for capacity
@@ -113,8 +116,28 @@ class ExecutionInput:
         elif not _DIGEST_URI.match(self.image_uri):
             raise InputError(f"image_uri must be an ECR URI pinned by digest (@sha256:...), got {self.image_uri!r}")
         workflow_hyperparameters(self.hyperparameters)
+        try:
+            check_training_instance(self.training_instance_type)
+            inference_ami(self.inference_instance_type, self.inference_ami_version)
+        except AmiError as error:
+            raise InputError(str(error)) from None
         if self.use_spot and self.max_wait_seconds < self.max_runtime_seconds:
             raise InputError("max_wait_seconds must be at least max_runtime_seconds for spot training")
+
+    def production_variants(self) -> list[dict[str, Any]]:
+        """CreateEndpointConfig's variants; a GPU instance gets the InferenceAmiVersion whose driver the image's
+        CUDA reaches (the default AMIs of ml.g4dn/g5/p4d run R470, which it does not), a CPU one none."""
+        variant: dict[str, Any] = {
+            "VariantName": "AllTraffic",
+            "ModelName": self.model_name,
+            "InitialInstanceCount": self.inference_instance_count,
+            "InstanceType": self.inference_instance_type,
+            "ContainerStartupHealthCheckTimeoutInSeconds": 600,
+        }
+        ami = inference_ami(self.inference_instance_type, self.inference_ami_version)
+        if ami is not None:
+            variant["InferenceAmiVersion"] = ami
+        return [variant]
 
     def resolved_hyperparameters(self) -> dict[str, str]:
         """The workflow preset overridden by the given values, every value a string as SageMaker requires.
@@ -172,6 +195,7 @@ class ExecutionInput:
             "Inference": {
                 "InstanceType": self.inference_instance_type,
                 "InstanceCount": self.inference_instance_count,
+                "ProductionVariants": self.production_variants(),
             },
         }
         if self.image_uri is not None:

@@ -225,15 +225,8 @@ def deploy_states(settings: StackSettings) -> dict[str, State]:
             f"{SAGEMAKER}:createEndpointConfig",
             {
                 "EndpointConfigName.$": "$.ModelName",
-                "ProductionVariants": [
-                    {
-                        "VariantName": "AllTraffic",
-                        "ModelName.$": "$.ModelName",
-                        "InitialInstanceCount.$": "$.Inference.InstanceCount",
-                        "InstanceType.$": "$.Inference.InstanceType",
-                        "ContainerStartupHealthCheckTimeoutInSeconds": 600,
-                    }
-                ],
+                # Rendered by ExecutionInput.production_variants: InferenceAmiVersion only on GPU instances.
+                "ProductionVariants.$": "$.Inference.ProductionVariants",
             },
             "FindEndpoint",
         ),

@@ -72,10 +72,11 @@ def test_every_api_request_validates_against_botocore(definition: dict, image_ur
 
 
 def test_a_wrong_request_is_reported_by_the_validator(definition: dict) -> None:
-    definition["States"]["CreateEndpointConfig"]["Parameters"]["ProductionVariants"][0]["InitialInstanceCount"] = "1"
+    document = example_input().to_document()
+    document["Inference"]["ProductionVariants"][0]["InitialInstanceCount"] = "1"
     del definition["States"]["CreateModel"]["Parameters"]["ModelName.$"]
 
-    errors = validate_definition(definition, example_input().to_document())
+    errors = validate_definition(definition, document)
 
     assert len(errors) == 2
     assert "InitialInstanceCount" in errors[0] or "InitialInstanceCount" in errors[1]
