@@ -9,6 +9,10 @@ requests in flight. The output tree mirrors the input tree (an S3 prefix); each 
 gets no ``.out``, the others still run, and the job ends non-zero listing them (SageMaker fails the
 job too). These images are not split into records (SplitType None), so SINGLE_RECORD and
 MULTI_RECORD both send one file per request; the strategy only reaches the server.
+
+:func:`transform_job_request` is the same job as SageMaker's CreateTransformJob request: on an NVIDIA GPU
+instance type it sets ``TransformResources.TransformAmiVersion`` to a host image whose driver the image's CUDA
+reaches (:mod:`pipeline.amis`; the default AMI of ml.g4dn/g5 transform hosts runs R470, which it does not).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from local.endpoint import Endpoint
 from local.errors import EndpointError, HarnessError
 from local.progress import Progress
 from local.runtime import Runtime
+from pipeline.amis import transform_ami
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +98,36 @@ def resolve_parameters(settings: TransformSettings, served: dict[str, Any] | Non
     resolved["MaxConcurrentTransforms"] = max(1, int(resolved["MaxConcurrentTransforms"]))
     resolved["MaxPayloadInMB"] = int(resolved["MaxPayloadInMB"])
     return resolved
+
+
+def transform_job_request(
+    job_name: str,
+    model_name: str,
+    input_uri: str,
+    output_uri: str,
+    instance_type: str,
+    settings: TransformSettings,
+    instance_count: int = 1,
+    ami_version: str | None = None,
+) -> dict[str, Any]:
+    """CreateTransformJob's request for this job on SageMaker: the given knobs, the S3 prefixes, and on a GPU
+    instance the TransformAmiVersion ``ami_version`` or :func:`pipeline.amis.transform_ami`'s choice (checked
+    the same way: raises ``ValueError`` for one the image would refuse)."""
+    resources: dict[str, Any] = {"InstanceType": instance_type, "InstanceCount": instance_count}
+    ami = transform_ami(instance_type, ami_version)
+    if ami is not None:
+        resources["TransformAmiVersion"] = ami
+    source: dict[str, Any] = {"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": input_uri}}}
+    if settings.content_type:
+        source["ContentType"] = settings.content_type
+    return {
+        "TransformJobName": job_name,
+        "ModelName": model_name,
+        **settings.given(),
+        "TransformInput": {**source, "SplitType": "None"},
+        "TransformOutput": {"S3OutputPath": output_uri, "Accept": settings.accept},
+        "TransformResources": resources,
+    }
 
 
 def transform_files(
