@@ -21,11 +21,20 @@ def test_a_training_line_is_read_back_by_the_exported_regexes() -> None:
             "loss": 0.8123,
             "lr": 0.01,
             "images_per_sec": 6.5,
+            "job_images_per_sec": 52.0,
             "data_wait": 0.03,
         },
     )
     found = parse_metrics(line)
-    assert found == {"train:loss": 0.8123, "train:lr": 0.01, "train:images_per_sec": 6.5, "train:data_wait_share": 0.03}
+    assert found == {
+        "train:loss": 0.8123,
+        "train:lr": 0.01,
+        "train:images_per_sec": 6.5,  # one process's (one GPU's), never read from job_images_per_sec
+        "train:job_images_per_sec": 52.0,
+        "train:data_wait_share": 0.03,
+    }
+    job_only = format_metrics("train", {"job_images_per_sec": 52.0})
+    assert parse_metrics(job_only) == {"train:job_images_per_sec": 52.0}
 
 
 def test_evaluation_line_and_non_finite_values() -> None:

@@ -105,6 +105,38 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     return bool(tensor.item())
 
 
+NO_PLAN = -(2**63)  # the flag of a rank that made no budget plan this step: below every plan's negative
+
+
+@dataclass(frozen=True)
+class StepFlags:
+    """What every rank must agree on after a step, so that all stop, fail or re-plan at the same one."""
+
+    nonfinite: bool  # the loss was NaN or infinite on some rank
+    stop: bool  # some rank was asked to stop (SIGTERM)
+    out_of_time: bool  # the time budget: no further step fits, on some rank
+    plan: int | None  # the budget's new last step, the smallest any rank planned; None: no plan this step
+
+
+def agree(
+    finite: torch.Tensor, stop: bool, ctx: DistContext, *, out_of_time: bool = False, plan: int | None = None
+) -> StepFlags:
+    """The step's flags of every rank, in ONE all_reduce (MAX; the plan as its negative, so that the MAX is the
+    smallest plan), read by the host once: the only wait for the device a training step has.
+
+    ``finite`` (this rank's loss, a bool tensor on the device) is not read before: the flags go to the device
+    from pinned memory without waiting, and the one read of the reduced flags waits for the step's work.
+    """
+    host = torch.tensor([int(stop), int(out_of_time), NO_PLAN if plan is None else -plan], dtype=torch.int64)
+    if finite.device.type == "cuda":
+        host = host.pin_memory()
+    flags = torch.cat([(~finite).reshape(1).to(torch.int64), host.to(finite.device, non_blocking=True)])
+    if ctx.distributed:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, stopping, late, negative_plan = flags.tolist()
+    return StepFlags(bool(nonfinite), bool(stopping), bool(late), None if negative_plan == NO_PLAN else -negative_plan)
+
+
 def agreed_min(value: int, ctx: DistContext) -> int:
     """The smallest ``value`` over all ranks: hosts holding different amounts of data run the same steps."""
     if not ctx.distributed:

@@ -1,19 +1,20 @@
 """The training step loop and COCO evaluation, as plain functions.
 
-``train_one_epoch`` runs optimizer steps over one pass of a loader, logging a metrics line every
-``log_every`` steps, stopping early when asked (max_steps reached, SIGTERM) and raising
-:class:`~maskrcnn.errors.NonFiniteLossError` the moment the loss is NaN or infinite. ``evaluate``
-predicts a loader and scores bbox and segm mAP with faster-coco-eval (measured against pycocotools
-on the same predictions in ``bench/bench_coco_eval.py``; it agrees to 1e-4 and is faster).
+``train_steps`` runs optimizer steps over one pass of a loader and yields each :class:`Step` with its loss
+parts still on the device; :class:`TrainMetrics` sums them there and reads them only when it writes a
+metrics line (every ``log_every`` steps). ``train_one_epoch`` is the two together for one process, raising
+:class:`~maskrcnn.errors.NonFiniteLossError` at a NaN or infinite loss (the job's loop in
+``maskrcnn.train.job`` adds what every rank must agree on between steps). ``evaluate`` predicts a loader and
+scores bbox and segm mAP with faster-coco-eval (measured against pycocotools on the same predictions in
+``bench/bench_coco_eval.py``; it agrees to 1e-4 and is faster).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,16 +40,15 @@ class LoopState:
 
 
 @dataclass
-class StepTimer:
-    """Splits wall time into waiting for data and computing, for the images/s report."""
+class Step:
+    """One optimizer step as its loop sees it. The tensors stay on the device: reading one is a host sync,
+    which the job does once a step for every flag together (``maskrcnn.train.distributed.agree``)."""
 
-    data_wait: float = 0.0
-    total: float = 0.0
-    images: int = 0
-
-    def reset(self) -> None:
-        self.data_wait = self.total = 0.0
-        self.images = 0
+    losses: torch.Tensor  # float64 [*parts, total], detached, on the device
+    names: tuple[str, ...]  # the model's loss parts, then "loss"
+    finite: torch.Tensor  # bool scalar on the device: the total loss is finite
+    images: int  # images this process trained
+    data_wait: float  # seconds this step waited for its batch
 
 
 def move_to(images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device):
@@ -57,6 +57,118 @@ def move_to(images: list[torch.Tensor], targets: list[dict[str, Any]], device: t
         {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets
     ]
     return images, targets
+
+
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: Iterable[tuple[list[torch.Tensor], list[dict[str, Any]]]],
+    device: torch.device,
+    state: LoopState,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    clip_grad_norm: float = 0.0,
+    epoch_steps: int = 0,
+) -> Iterator[Step]:
+    """Optimizer steps over ``loader`` (at most ``epoch_steps`` of this epoch, when given), each yielded once
+    done; ``state`` is advanced before the yield. Nothing here waits for the device: what to do with a step
+    (check its loss, log, stop, checkpoint) is the caller's, between steps."""
+    model.train()
+    if epoch_steps and state.step_in_epoch >= epoch_steps:
+        return
+    start = time.perf_counter()
+    for images, targets in loader:
+        data_wait = time.perf_counter() - start
+        images, targets = move_to(images, targets, device)
+        autocast = (
+            torch.autocast(device_type=device.type, dtype=amp_dtype)
+            if amp_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            losses = model(images, targets)
+            loss = sum(losses.values())
+        assert isinstance(loss, torch.Tensor)
+        update(model, optimizer, loss, scaler, clip_grad_norm)
+        scheduler.step()
+        state.step_in_epoch += 1
+        state.global_step += 1
+        detached = loss.detach()
+        yield Step(
+            losses=torch.stack([v.detach().double() for v in (*losses.values(), detached)]),
+            names=(*losses, "loss"),
+            finite=torch.isfinite(detached),
+            images=len(images),
+            data_wait=data_wait,
+        )
+        if epoch_steps and state.step_in_epoch >= epoch_steps:
+            return
+        start = time.perf_counter()
+
+
+class TrainMetrics:
+    """The training metrics lines of one epoch: the loss parts summed on the device between lines and read
+    once per line, the images this process trained per wall second (``images_per_sec``: per GPU on a GPU
+    host) and the job's (``job_images_per_sec``: that times the processes, which all train the same steps),
+    and the share of the time spent waiting for data.
+
+    A line is written for the epoch's first step, every ``log_every`` steps and the job's planned last step
+    (``state.last_step``), so any job, however short, reports its loss; each is also appended to
+    ``state.history``.
+    """
+
+    def __init__(self, log_every: int, world_size: int = 1):
+        self.log_every, self.world_size = log_every, world_size
+        self.first = True
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: torch.Tensor | None = None
+        self.steps = self.images = 0
+        self.data_wait = 0.0
+        self.since = time.perf_counter()
+
+    def add(self, step: Step, state: LoopState, lr: float) -> None:
+        """Count ``step`` (already in ``state``); write a line if one is due."""
+        self.sums = step.losses if self.sums is None else self.sums + step.losses
+        self.steps += 1
+        self.images += step.images
+        self.data_wait += step.data_wait
+        if self.first or state.global_step % self.log_every == 0 or state.global_step == state.last_step:
+            self._write(step.names, state, lr)
+        self.first = False
+
+    def _write(self, names: tuple[str, ...], state: LoopState, lr: float) -> None:
+        assert self.sums is not None
+        values: dict[str, float | int] = {"epoch": state.epoch, "step": state.global_step}
+        values.update(zip(names, (total / self.steps for total in self.sums.tolist()), strict=True))
+        values["lr"] = lr
+        seconds = time.perf_counter() - self.since
+        if seconds > 0:
+            values["images_per_sec"] = self.images / seconds
+            values["job_images_per_sec"] = self.images * self.world_size / seconds
+            values["data_wait"] = min(self.data_wait / seconds, 1.0)
+        log.info(format_metrics("train", values))
+        state.history.append({"phase": "train", **values})
+        self._reset()
+
+
+def non_finite_loss(step: Step, state: LoopState, lr: float, *, here: bool = True) -> NonFiniteLossError:
+    """The failure for a step whose loss was not finite (``here``: on this rank; else on another one)."""
+    if not here:
+        return NonFiniteLossError(
+            f"loss became non-finite on another rank at epoch {state.epoch} step {state.global_step - 1}; "
+            f"see that rank's log; lower lr (now {lr:.4g}) or keep clip_grad_norm > 0"
+        )
+    values = dict(zip(step.names, step.losses.tolist(), strict=True))
+    total = values.pop("loss")
+    parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+    return NonFiniteLossError(
+        f"loss became {total} at epoch {state.epoch} step {state.global_step - 1} ({parts}); "
+        f"lower lr (now {lr:.4g}) or keep clip_grad_norm > 0"
+    )
 
 
 def train_one_epoch(
@@ -72,88 +184,32 @@ def train_one_epoch(
     clip_grad_norm: float = 0.0,
     max_steps: int = 0,
     log_every: int = 10,
-    world_size: int = 1,
-    after_step: Callable[[LoopState], bool] | None = None,
     epoch_steps: int = 0,
-    any_rank: Callable[[bool], bool] | None = None,
 ) -> bool:
-    """Train until the loader ends or the epoch has ``epoch_steps`` steps; False when stopped early.
-
-    Stopped early means ``max_steps`` reached or ``after_step(state)`` returned False; that hook runs
-    after every optimizer step (checkpointing, stop signals). A metrics line is logged every
-    ``log_every`` steps and always for the first step of the run and for ``state.last_step`` (the
-    job's last), so any job, however short, reports its loss. ``any_rank(flag)`` is True when ``flag`` is true
-    on any rank: with it, a non-finite loss on one rank stops every rank at the same step. ``state`` is
-    advanced in place.
-    """
-    model.train()
-    timer = StepTimer()
-    running: dict[str, float] = {}
-    counted = 0
-    first = True
-    start = time.perf_counter()
-    for images, targets in loader:
-        if epoch_steps and state.step_in_epoch >= epoch_steps:
-            break
-        fetched = time.perf_counter()
-        timer.data_wait += fetched - start
-        images, targets = move_to(images, targets, device)
-        autocast = (
-            torch.autocast(device_type=device.type, dtype=amp_dtype)
-            if amp_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            losses = model(images, targets)
-            loss = sum(losses.values())
-        loss_value = check_finite(loss, losses, state, scheduler, any_rank)
-        update(model, optimizer, loss, scaler, clip_grad_norm)
-        scheduler.step()
-        state.step_in_epoch += 1
-        state.global_step += 1
-        for key, value in losses.items():
-            running[key] = running.get(key, 0.0) + float(value.detach())
-        running["loss"] = running.get("loss", 0.0) + loss_value
-        timer.images += len(images) * world_size
-        counted += 1
-        now = time.perf_counter()
-        timer.total += now - start
-        start = now
-        if first or state.global_step % log_every == 0 or state.global_step == state.last_step:
-            _log_train(state, running, timer, scheduler, counted)
-            running.clear()
-            timer.reset()
-            counted = 0
-        first = False
+    """One process's epoch, as torchvision's reference runs it: :func:`train_steps` with a metrics line every
+    ``log_every`` steps, :class:`~maskrcnn.errors.NonFiniteLossError` at a non-finite loss; False when it
+    stopped at ``max_steps``. The job's own loop (``maskrcnn.train.job``) is this, with the ranks' agreement,
+    stop requests, checkpoints and the time budget between steps."""
+    metrics = TrainMetrics(log_every)
+    for step in train_steps(
+        model,
+        optimizer,
+        scheduler,
+        loader,
+        device,
+        state,
+        scaler=scaler,
+        amp_dtype=amp_dtype,
+        clip_grad_norm=clip_grad_norm,
+        epoch_steps=epoch_steps,
+    ):
+        lr = float(scheduler.get_last_lr()[0])
+        if not bool(step.finite):
+            raise non_finite_loss(step, state, lr)
+        metrics.add(step, state, lr)
         if max_steps and state.global_step >= max_steps:
             return False
-        if after_step is not None and not after_step(state):
-            return False
     return True
-
-
-def check_finite(
-    loss: torch.Tensor,
-    losses: dict[str, torch.Tensor],
-    state: LoopState,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    any_rank: Callable[[bool], bool] | None,
-) -> float:
-    """The loss as a float; raises NonFiniteLossError when it (or, with ``any_rank``, another rank's) is not finite."""
-    loss_value = float(loss.detach())
-    finite = math.isfinite(loss_value)
-    if any_rank is not None and any_rank(not finite) and finite:
-        raise NonFiniteLossError(
-            f"loss became non-finite on another rank at epoch {state.epoch} step {state.global_step}; "
-            f"see that rank's log; lower lr (now {scheduler.get_last_lr()[0]:.4g}) or keep clip_grad_norm > 0"
-        )
-    if not finite:
-        parts = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
-        raise NonFiniteLossError(
-            f"loss became {loss_value} at epoch {state.epoch} step {state.global_step} ({parts}); "
-            f"lower lr (now {scheduler.get_last_lr()[0]:.4g}) or keep clip_grad_norm > 0"
-        )
-    return loss_value
 
 
 def update(
@@ -177,17 +233,6 @@ def update(
         if clip_grad_norm > 0:
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         optimizer.step()
-
-
-def _log_train(state: LoopState, running: dict[str, float], timer: StepTimer, scheduler, steps: int) -> None:
-    values: dict[str, float | int] = {"epoch": state.epoch, "step": state.global_step}
-    values.update({k: v / steps for k, v in running.items()})
-    values["lr"] = scheduler.get_last_lr()[0]
-    if timer.total > 0:
-        values["images_per_sec"] = timer.images / timer.total
-        values["data_wait"] = timer.data_wait / timer.total
-    log.info(format_metrics("train", values))
-    state.history.append({"phase": "train", **values})
 
 
 @torch.inference_mode()

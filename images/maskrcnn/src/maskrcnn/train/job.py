@@ -63,7 +63,7 @@ from maskrcnn.train.data import (
     split_index,
     train_transforms,
 )
-from maskrcnn.train.engine import LoopState, evaluate, train_one_epoch
+from maskrcnn.train.engine import LoopState, Step, TrainMetrics, evaluate, non_finite_loss, train_steps
 from maskrcnn.train.summaries import OVERLAY_IMAGES, Summaries, predicted_overlays
 
 log = logging.getLogger(__name__)
@@ -533,7 +533,11 @@ class _Job:
         return scores
 
     def _train_epoch(self) -> bool:
-        """The rest of the current epoch; True when it ran to the epoch's end."""
+        """The rest of the current epoch; True when it ran to the epoch's end.
+
+        Between steps, in this order: the step's flags agreed by every rank (one collective: a non-finite
+        loss, a stop request, the budget's plan), the metrics line, TensorBoard, the stop, the periodic
+        checkpoint, the budget's new end."""
         hp, ctx, state = self.hp, self.ctx, self.state
         self.train_set.set_epoch(state.epoch)
         self.sampler.set_epoch(state.epoch)
@@ -548,7 +552,8 @@ class _Job:
             generator=torch.Generator().manual_seed(hp.seed + state.epoch),
             worker_init_fn=ignore_stop_signals,
         )
-        return train_one_epoch(
+        metrics = TrainMetrics(hp.log_every, ctx.world_size)
+        for step in train_steps(
             self.train_model,
             self.optimizer,
             self.scheduler,
@@ -558,36 +563,49 @@ class _Job:
             scaler=self.scaler,
             amp_dtype=self.amp_dtype,
             clip_grad_norm=hp.clip_grad_norm,
-            max_steps=hp.max_steps,
-            log_every=hp.log_every,
-            world_size=ctx.world_size,
-            after_step=self.after_step,
             epoch_steps=self.steps_per_epoch,
-            any_rank=(lambda flag: distributed.any_rank(flag, ctx)) if ctx.distributed else None,
-        )
+        ):
+            last = bool(hp.max_steps) and state.global_step >= hp.max_steps
+            flags = self.agree(step, budget=not last)
+            lr = float(self.scheduler.get_last_lr()[0])
+            if flags.nonfinite:
+                raise non_finite_loss(step, state, lr, here=not bool(step.finite))
+            metrics.add(step, state, lr)
+            if last:
+                return False
+            self.report()
+            if flags.stop:
+                return False
+            if hp.checkpoint_every and state.global_step % hp.checkpoint_every == 0:
+                self.save_checkpoint()
+            if self.budget is not None and not self.keep_to_budget(flags):
+                return False
+        return True
 
-    def after_step(self, current: LoopState) -> bool:
-        """Between steps: TensorBoard, a stop request, the periodic checkpoint, the budget. False ends the epoch."""
-        self.report()
-        if distributed.any_rank(self.stop(), self.ctx):
-            return False
-        if self.hp.checkpoint_every and current.global_step % self.hp.checkpoint_every == 0:
-            self.save_checkpoint()
-        return self.budget is None or self.keep_to_budget(current)
+    def agree(self, step: Step, budget: bool) -> distributed.StepFlags:
+        """The step's flags, agreed by every rank in one collective; with ``budget`` (and a time budget), this
+        step's time is recorded and the budget plans (at the steps it is due) or checks that a step still fits."""
+        plan, late = None, False
+        if budget and self.budget is not None:
+            current, now = self.state, time.monotonic()
+            self.budget.record(current.global_step, current.step_in_epoch, now)
+            if self.budget.due(current.global_step, current.step_in_epoch):
+                plan = self.budget.plan(current.global_step, now)
+            else:
+                late = self.budget.out_of_time(now)
+        return distributed.agree(step.finite, self.stop(), self.ctx, out_of_time=late, plan=plan)
 
-    def keep_to_budget(self, current: LoopState) -> bool:
-        """Plan (every rank the same step count: the smallest); False when no further step fits."""
-        budget, ctx = self.budget, self.ctx
+    def keep_to_budget(self, flags: distributed.StepFlags) -> bool:
+        """The agreed plan (every rank the same step count: the smallest) as the job's end; False when the
+        epoch must end here (no further step fits)."""
+        budget, current = self.budget, self.state
         assert budget is not None
-        now = time.monotonic()
-        budget.record(current.global_step, current.step_in_epoch, now)
-        if budget.due(current.global_step, current.step_in_epoch):
-            planned = distributed.agreed_min(budget.plan(current.global_step, now), ctx)
-            if planned != current.last_step:
-                level = logging.INFO if budget.worth_telling(planned) else logging.DEBUG
-                log.log(level, describe(self.hp.max_runtime, budget.step_seconds(), planned, current.last_step))
-                current.last_step = planned
-        elif distributed.any_rank(budget.out_of_time(now), ctx):
+        if flags.plan is not None:
+            if flags.plan != current.last_step:
+                level = logging.INFO if budget.worth_telling(flags.plan) else logging.DEBUG
+                log.log(level, describe(self.hp.max_runtime, budget.step_seconds(), flags.plan, current.last_step))
+                current.last_step = flags.plan
+        elif flags.out_of_time:
             log.warning(
                 "budget: stopping at step %d of %d: the steps ran slower than planned",
                 current.global_step,

@@ -3,12 +3,13 @@
 Every metric the training job reports is printed on a single line that starts with
 ``#metrics`` followed by ``name=value`` pairs::
 
-    #metrics phase=train epoch=1 step=40 loss=0.8123 lr=0.01 images_per_sec=6.21 data_wait=0.03
+    #metrics phase=train epoch=1 step=40 loss=0.81 lr=0.01 images_per_sec=6.2 job_images_per_sec=49.7 data_wait=0.03
     #metrics phase=eval epoch=1 bbox_mAP=0.5123 segm_mAP=0.4981 segm_AP50=0.8712
 
 SageMaker's ``MetricDefinitions`` apply a regex per log line and take the first group as
-a float. ``METRIC_DEFINITIONS`` is that list; the local harness and the Step Functions
-workflow import it from here so the three never drift apart.
+a float. ``images_per_sec`` is one training process's (one GPU's on a GPU host), ``job_images_per_sec``
+the whole job's (that times the processes). ``METRIC_DEFINITIONS`` is that list; the local harness and
+the Step Functions workflow import it from here so the three never drift apart.
 
 This module imports nothing heavy: ``pipeline/`` imports it without torch.
 """
@@ -26,7 +27,8 @@ _NUMBER = r"([-+]?(?:[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|nan|inf))"
 _METRICS: dict[str, str] = {
     "loss": "train:loss",
     "lr": "train:lr",
-    "images_per_sec": "train:images_per_sec",
+    "images_per_sec": "train:images_per_sec",  # per process: per GPU
+    "job_images_per_sec": "train:job_images_per_sec",  # every process of every host
     "data_wait": "train:data_wait_share",
     "bbox_mAP": "validation:bbox_mAP",
     "segm_mAP": "validation:segm_mAP",
