@@ -181,3 +181,18 @@ def test_real_predictor_end_to_end(predictor, sample_jpeg: bytes) -> None:  # ty
         assert mask.shape == (96, 128)
     scores = [i["score"] for i in prediction["instances"]]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_autocast_context_gives_float32_detections(predictor, sample_rgb: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """The GPU's autocast branch of the forward, driven on the CPU (bfloat16 there too): float32 out."""
+    from maskrcnn.serve.predictor import autocast_dtype
+
+    assert autocast_dtype(torch.device("cpu"), "bfloat16") is None  # never on the CPU by default
+    assert predictor.autocast is None
+    predictor.autocast = torch.bfloat16
+    try:
+        found = predictor(sample_rgb, score_threshold=0.0, max_detections=5)
+    finally:
+        predictor.autocast = None
+    assert found.boxes.dtype == np.float32 and found.mask_probs.dtype == torch.float32
+    assert len(found.rle_masks()) == len(found)

@@ -352,3 +352,13 @@ def test_png_rendering(sample_rgb: np.ndarray) -> None:
 def test_empty_detections_encode() -> None:
     empty = Detections.empty((10, 20))
     assert json.loads(codec.encode_json([empty], ("a",), "rle"))["predictions"][0]["instances"] == []
+
+
+def test_the_gpu_branches_run_on_cpu_tensors() -> None:
+    """What a GPU's Detections do (batched paste, copy back, device RLE), driven here on CPU tensors."""
+    detections = random_detections(25, 70, 90, seed=3)
+    expected = np.concatenate(list(detections.mask_chunks()), axis=2)
+    device_chunks = np.concatenate(list(detections._device_chunks()), axis=2)
+    assert device_chunks.flags.f_contiguous and np.array_equal(device_chunks, expected)
+    device_rle = [e for masks in detections._device_masks() for e in rle_encode(masks, detections.image_size)]
+    assert device_rle == detections.rle_masks()
