@@ -22,11 +22,20 @@ PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD/images/maskrcnn/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+TEE_PID=
+finish() { # the scratch folder goes; the log's tee gets its last lines before the machine is handed back
+  rm -rf "$WORK"
+  if [[ -n "$TEE_PID" ]]; then
+    exec 1>&- 2>&-
+    wait "$TEE_PID" 2>/dev/null || true
+  fi
+}
+trap finish EXIT
 LOG_DIR=${OUT:-}
 if [[ -n "$LOG_DIR" ]]; then
   mkdir -p "$LOG_DIR"
   exec > >(tee -a "$LOG_DIR/gpu-check.log") 2>&1
+  TEE_PID=$!
 fi
 echo "gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 

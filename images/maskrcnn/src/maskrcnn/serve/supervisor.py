@@ -115,8 +115,9 @@ def gpu_count(environ: Mapping[str, str] = os.environ) -> int:
 
 
 def gpu_memory_bytes(count: int) -> int:
-    """The smallest visible GPU's total memory (0 with no GPU). Reads the device properties, which
-    creates no CUDA context: ``serve`` itself holds no GPU memory (scripts/gpu-check.sh checks that)."""
+    """The smallest visible GPU's total memory (0 with no GPU), from the device properties, as
+    :func:`maskrcnn.device.probe` reads the capabilities: no allocation, so no CUDA context is expected in
+    ``serve`` itself (scripts/gpu-check.sh lists each process's GPU memory to show it)."""
     if count < 1:
         return 0
     import torch
