@@ -185,6 +185,18 @@ def _add_workflow(verbs: Any) -> None:
     workflow.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter (repeat)")
     workflow.add_argument("--mode", choices=rt.MODES, default="auto", help="where the job and the endpoint run")
     workflow.add_argument("--gpus", action="store_true", help="docker run --gpus all")
+    workflow.add_argument(
+        "--gate",
+        metavar="METRIC=MIN",
+        help="the quality gate, as `pipeline start --gate` (default: the workflow's, validation:segm_AP50=0.5)",
+    )
+    workflow.add_argument(
+        "--approve",
+        choices=("auto", "manual"),
+        default="auto",
+        help="auto: the model is registered Approved; manual: the run prints the command that approves, and waits",
+    )
+    workflow.add_argument("--approval-timeout", type=int, default=3600, metavar="S", help="manual: seconds to wait")
     workflow.add_argument("--keep-endpoint", action="store_true", help="serve the endpoint until Ctrl-C")
     workflow.add_argument("--output", type=Path, required=True, help="new or empty folder: history, jobs, models")
     workflow.set_defaults(func=cmd_workflow)
@@ -322,7 +334,17 @@ def cmd_workflow(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from local.runtime import stop_on_signals
     from local.workflow import LocalWorkflow, WorkflowRun, report
 
-    run = WorkflowRun(args.training_data, args.validation_data, args.pretrained, args.image, args.build, args.hp)
+    run = WorkflowRun(
+        args.training_data,
+        args.validation_data,
+        args.pretrained,
+        args.image,
+        args.build,
+        args.hp,
+        gate=args.gate,
+        approve=args.approve,
+        approval_timeout_s=args.approval_timeout,
+    )
     # --build: docker mode needs the engine and the base the build starts from; the jobs run the image it builds.
     checked = args.image or (
         environ.get("BASE_IMAGE", DEFAULT_BASE_IMAGE) if args.build else environ.get("IMAGE", rt.DEFAULT_IMAGE)

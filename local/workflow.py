@@ -349,6 +349,9 @@ class WorkflowRun:
     build: bool = False  # the build branch: the build Lambda and a local CodeBuild build the image
     hyperparameters: Sequence[str] = ()  # KEY=VALUE, as `pipeline start -p` takes them
     build_context: Path | None = None  # what the Lambda ships (default: this checkout, packaged as deploy does)
+    gate: str | None = None  # METRIC=MIN, as `pipeline start --gate` takes it (None: the workflow's default)
+    approve: str = "auto"  # auto | manual, as `pipeline start --approve`; manual waits for `pipeline approve`
+    approval_timeout_s: int = 3600  # how long a manual approval is waited for
 
 
 @dataclass
@@ -428,6 +431,10 @@ class LocalWorkflow:
         s3 = self.sagemaker._client("s3")
         for bucket in (DATA_BUCKET, ARTIFACT_BUCKET):
             s3.create_bucket(Bucket=bucket)
+        # The stack's AWS::SageMaker::ModelPackageGroup, which RegisterModel versions into.
+        self.sagemaker._client("sagemaker").create_model_package_group(
+            ModelPackageGroupName=self.settings.model_package_group_name
+        )
         definition, changes = shorten_waits(deployed_definition(self.settings))
         (self.output / "statemachine.asl.json").write_text(json.dumps(definition, indent=2) + "\n")
         self.state_machine_arn = self.sagemaker._client("stepfunctions").create_state_machine(
@@ -491,8 +498,13 @@ class LocalWorkflow:
             self.say(f"image {run.image} ({self.runtime.mode} mode) stands as {uri}")
         else:
             sha = self._prepare_build(run.build_context)
-        args = _start_args(uris, uri, checked)
+        args = _start_args(uris, uri, checked, run)
         execution = execution_from_args(args, self.settings, ARTIFACT_BUCKET, stamp, sha)
+        if execution.approval_poll_seconds > SHORT_WAIT_S:
+            self.say(f"  approval polls every {SHORT_WAIT_S} s (deployed: {execution.approval_poll_seconds} s)")
+            execution = dataclasses.replace(execution, approval_poll_seconds=SHORT_WAIT_S)
+        gate = f"{execution.gate_metric} >= {execution.gate_min_value}"
+        self.say(f"quality gate: {gate}; approval: {execution.approval}")
         document = execution.to_document()
         if not checked and overrides:
             document["Training"]["HyperParameters"] = {**PRESETS[WORKFLOW_PRESET], **overrides}
@@ -562,13 +574,17 @@ class LocalWorkflow:
         seen = 0
         entered: dict[str, datetime] = {}
         done = False
+        depth = 0  # inside a Map iteration: its states are the Map's detail, not printed
         while True:
             if not done:
                 done = sfn.describe_execution(executionArn=arn)["status"] != "RUNNING"
             self._drain()  # what the services did comes before the states that saw it
             events = list(history(sfn, arn))
             for event in events[seen:]:
-                self._report(event, entered)
+                depth += event["type"] == "MapIterationStarted"
+                depth -= event["type"] in ("MapIterationSucceeded", "MapIterationFailed", "MapIterationAborted")
+                if depth == 0:
+                    self._report(event, entered)
                 yield event
             seen = len(events)
             if done:
@@ -585,9 +601,27 @@ class LocalWorkflow:
             state = event["stateExitedEventDetails"]["name"]
             took = (event["timestamp"] - entered.get(state, event["timestamp"])).total_seconds()
             self.say(f"< {state} ({took:.1f} s)")
+            self._explain(state, json.loads(event["stateExitedEventDetails"].get("output") or "{}"))
         elif kind in ("TaskFailed", "LambdaFunctionFailed"):  # the execution's own failure is in the verdict
             details = next((v for k, v in event.items() if k.endswith("EventDetails")), {})
             self.say(f"! {kind}: {details.get('error', '')}: {details.get('cause', '')}")
+
+    def _explain(self, state: str, output: Mapping[str, Any]) -> None:
+        """The numbers behind a decision, from the state's own output: the gate's metric, the registration."""
+        if state == "ReadGateMetric":
+            gate = output["Gate"]
+            verdict = "passes" if gate["Value"] >= gate["MinValue"] else "is below"
+            self.say(f"    quality gate: {gate['MetricName']} = {gate['Value']} {verdict} the bar {gate['MinValue']}")
+        elif state == "RegisterModel":
+            package = output["ModelPackage"]["Arn"]
+            self.say(f"    registered {package} as {output['Registration']['Status']}")
+            if output["Registration"]["Status"] != "Approved":
+                self.say(f"    waiting for approval; approve or reject it with:\n      {review_command(package)}")
+
+
+def review_command(package_arn: str, verb: str = "approve") -> str:
+    """The command a person runs to approve (or reject) a package the execution waits on."""
+    return f"python -m pipeline {verb} --model-package {package_arn}"
 
 
 @contextmanager
@@ -601,23 +635,23 @@ def _quiet(logger: logging.Logger, level: int) -> Iterator[None]:
         logger.setLevel(previous)
 
 
-def _start_args(uris: Mapping[str, str], uri: str, hyperparameters: list[str]) -> Any:
-    """The namespace `pipeline start` would parse from its flags for this run."""
-    import argparse
+def _start_args(uris: Mapping[str, str], uri: str | None, hyperparameters: list[str], run: WorkflowRun) -> Any:
+    """The namespace `pipeline start` parses from the flags this run stands for (its parser: its defaults)."""
+    from pipeline.__main__ import parser
 
-    return argparse.Namespace(
-        training_data=uris["training"],
-        validation_data=uris.get("validation"),
-        pretrained_data=uris.get("pretrained"),
-        image_uri=uri,
-        git_sha=None,
-        release_tag=None,
-        endpoint_name=None,
-        training_instance_type="ml.g5.xlarge",
-        inference_instance_type="ml.g4dn.xlarge",
-        spot=False,
-        hyperparameter=hyperparameters,
-    )
+    argv = ["start", "--stack", "local", "--training-data", uris["training"], "--approve", run.approve]
+    argv += ["--approval-timeout", str(run.approval_timeout_s)]
+    for flag, value in (
+        ("--validation-data", uris.get("validation")),
+        ("--pretrained-data", uris.get("pretrained")),
+        ("--image-uri", uri),
+        ("--gate", run.gate),
+    ):
+        if value is not None:
+            argv += [flag, value]
+    for pair in hyperparameters:
+        argv += ["-p", pair]
+    return parser().parse_args(argv)
 
 
 def _last_task_failure(events: Sequence[Mapping[str, Any]]) -> str:

@@ -5,6 +5,8 @@
     python -m pipeline deploy --stack maskrcnn --code-bucket B --data-bucket D
     python -m pipeline start --stack maskrcnn --training-data s3://D/train/ [--image-uri URI@sha256:...]
     python -m pipeline promote --repository maskrcnn-sagemaker --digest sha256:... --tag release-1.0
+    python -m pipeline approve --model-package arn:aws:sagemaker:...:model-package/maskrcnn-models/3
+    python -m pipeline reject --model-package arn:aws:sagemaker:...:model-package/maskrcnn-models/3
 
 ``render`` and ``validate`` need no AWS; the others use boto3's default credentials and region.
 See docs/pipeline.md.
@@ -27,13 +29,22 @@ from maskrcnn.train.config import Hyperparameters
 from local.errors import HarnessError
 from local.layout import parse_pairs
 from pipeline import release
-from pipeline.execution import WORKFLOW_PRESET, ExecutionInput, InputError, example_input
+from pipeline.execution import (
+    APPROVAL_MODES,
+    GATE_METRIC,
+    GATE_MIN_VALUE,
+    WORKFLOW_PRESET,
+    ExecutionInput,
+    InputError,
+    example_input,
+)
 from pipeline.settings import StackSettings
 from pipeline.shapes import validate_definition
 from pipeline.template import build_template
 from pipeline.workflow import build_definition
 
 log = logging.getLogger("pipeline")
+REVIEWS = {"approve": "Approved", "reject": "Rejected"}  # verb -> ModelApprovalStatus
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -94,6 +105,25 @@ def parser() -> argparse.ArgumentParser:
         help=f"any image hyperparameter ({', '.join(Hyperparameters.accepted())}; README's table), "
         f"over the {WORKFLOW_PRESET!r} preset in maskrcnn/train/config.py; repeatable",
     )
+    start.add_argument(
+        "--gate",
+        default=f"{GATE_METRIC}={GATE_MIN_VALUE}",
+        metavar="METRIC=MIN",
+        help="the quality gate: a FinalMetricDataList metric and its least value (default: %(default)s)",
+    )
+    start.add_argument(
+        "--approve",
+        choices=APPROVAL_MODES,
+        default="manual",
+        help="auto: register the model Approved; manual (default): wait for `approve` or `reject`",
+    )
+    start.add_argument("--approval-timeout", type=int, default=ExecutionInput.approval_timeout_seconds, metavar="S")
+    for verb, status in REVIEWS.items():
+        review = commands.add_parser(verb, help=f"set a registered model package's approval status to {status}")
+        review.add_argument(
+            "--model-package", required=True, metavar="ARN", help="the package the execution registered"
+        )
+        review.add_argument("--description", help="ApprovalDescription: why (shown in the registry)")
     promote = commands.add_parser("promote", help="retag a tested digest as a release (no rebuild)")
     promote.add_argument("--repository", required=True)
     promote.add_argument("--digest", required=True)
@@ -111,6 +141,11 @@ def execution_from_args(
     """The execution ``start`` sends; ``bucket`` is the stack's artifact bucket."""
     job = f"{settings.prefix}-{stamp}"
     hyperparameters = parse_pairs(args.hyperparameter, "-p")
+    metric, _, bar = args.gate.rpartition("=")
+    try:
+        gate_min_value = float(bar)
+    except ValueError:
+        raise InputError(f"--gate takes METRIC=MIN with a number, got {args.gate!r}") from None
     return ExecutionInput(
         prefix=settings.prefix,
         job_name=job,
@@ -129,6 +164,10 @@ def execution_from_args(
         inference_ami_version=args.inference_ami_version,
         use_spot=args.spot,
         hyperparameters=hyperparameters,
+        gate_metric=metric,
+        gate_min_value=gate_min_value,
+        approval=args.approve,
+        approval_timeout_seconds=args.approval_timeout,
     )
 
 
@@ -189,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
         execution = execution_from_args(args, settings, outputs["ArtifactBucketName"], stamp, head_sha)
         arn = aws.start(session, outputs["StateMachineArn"], execution.to_document(), execution.job_name)
         log.info("started %s", arn)
+        return 0
+    if args.command in REVIEWS:
+        status = aws.review(session, args.model_package, REVIEWS[args.command], args.description)
+        log.info("%s: %s", args.model_package, status)
         return 0
     if args.command == "promote":
         release.promote(session.client("ecr"), args.repository, args.digest, args.tag)

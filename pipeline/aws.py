@@ -105,3 +105,14 @@ def start(session: Any, state_machine_arn: str, document: dict[str, Any], name: 
     )
     arn: str = response["executionArn"]
     return arn
+
+
+def review(session: Any, model_package_arn: str, status: str, description: str | None) -> str:
+    """Approve or reject a registered model package; an execution waiting on it goes on. Returns the new status."""
+    sagemaker = session.client("sagemaker")
+    update: dict[str, Any] = {"ModelPackageArn": model_package_arn, "ModelApprovalStatus": status}
+    if description:
+        update["ApprovalDescription"] = description
+    sagemaker.update_model_package(**update)
+    status_now: str = sagemaker.describe_model_package(ModelPackageName=model_package_arn)["ModelApprovalStatus"]
+    return status_now

@@ -12,6 +12,7 @@ build and trains that exact image; without it, ``git_sha`` selects what CodeBuil
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,12 +22,18 @@ from typing import Any
 from maskrcnn.contract import DEFAULT_BASE_DIR, SageMakerPaths
 from maskrcnn.errors import ConfigError
 from maskrcnn.train.config import PRESETS, Hyperparameters
+from maskrcnn.train.metrics import METRIC_DEFINITIONS
 
 from pipeline.amis import AmiError, check_training_instance, inference_ami
 
 # What the workflow trains unless `-p KEY=VALUE` overrides a key: a preset of the image's own schema
 # (maskrcnn.train.config.Hyperparameters), so every name, type and default has one definition, the image's.
 WORKFLOW_PRESET = "gpu-resnet50"
+# The quality gate a model must pass to be registered, unless the execution input names another: a metric of
+# the image's METRIC_DEFINITIONS (what FinalMetricDataList holds) and the least value it may have.
+GATE_METRIC = "validation:segm_AP50"
+GATE_MIN_VALUE = 0.5
+APPROVAL_MODES = ("auto", "manual")  # auto: registered Approved; manual: PendingManualApproval, awaited
 CHECKPOINT_LOCAL_PATH = str(SageMakerPaths(Path(DEFAULT_BASE_DIR)).checkpoints_dir)
 # The job's own budget (max_runtime) is MaxRuntimeInSeconds less this: SageMaker's clock also runs while it
 # pulls the image and downloads the data, before `train` starts, and while it uploads the model after it.
@@ -87,6 +94,11 @@ class ExecutionInput:
     use_spot: bool = False
     max_wait_seconds: int = 48 * 3600  # spot only: runtime plus time waiting for capacity
     hyperparameters: Mapping[str, str] = field(default_factory=dict)  # overrides of WORKFLOW_PRESET
+    gate_metric: str = GATE_METRIC  # FinalMetricDataList's name of the metric the gate reads
+    gate_min_value: float = GATE_MIN_VALUE  # below it: BelowQualityBar, nothing registered or deployed
+    approval: str = "manual"  # APPROVAL_MODES
+    approval_timeout_seconds: int = 7 * 24 * 3600  # waited for a manual approval, then ApprovalTimedOut
+    approval_poll_seconds: int = 60  # between DescribeModelPackage polls while it is pending
 
     def __post_init__(self) -> None:
         for label, name in (
@@ -123,6 +135,18 @@ class ExecutionInput:
             raise InputError(str(error)) from None
         if self.use_spot and self.max_wait_seconds < self.max_runtime_seconds:
             raise InputError("max_wait_seconds must be at least max_runtime_seconds for spot training")
+        self._check_gate_and_approval()
+
+    def _check_gate_and_approval(self) -> None:
+        metrics = [d["Name"] for d in METRIC_DEFINITIONS]
+        if self.gate_metric not in metrics:
+            raise InputError(f"gate metric {self.gate_metric!r} is none the job logs; one of {', '.join(metrics)}")
+        if not math.isfinite(self.gate_min_value):
+            raise InputError(f"the gate's minimum must be a finite number, got {self.gate_min_value!r}")
+        if self.approval not in APPROVAL_MODES:
+            raise InputError(f"approval must be one of {', '.join(APPROVAL_MODES)}, got {self.approval!r}")
+        if self.approval_poll_seconds < 1 or self.approval_timeout_seconds < 0:
+            raise InputError("approval_poll_seconds must be at least 1 and approval_timeout_seconds at least 0")
 
     def production_variants(self) -> list[dict[str, Any]]:
         """CreateEndpointConfig's variants; a GPU instance gets the InferenceAmiVersion whose driver the image's
@@ -197,6 +221,12 @@ class ExecutionInput:
                 "InstanceCount": self.inference_instance_count,
                 "ProductionVariants": self.production_variants(),
             },
+            "QualityGate": {"MetricName": self.gate_metric, "MinValue": self.gate_min_value},
+            "Approval": {
+                "Mode": self.approval,
+                "TimeoutSeconds": self.approval_timeout_seconds,
+                "PollSeconds": self.approval_poll_seconds,
+            },
         }
         if self.image_uri is not None:
             document["ImageUri"] = self.image_uri
@@ -213,6 +243,7 @@ def example_input(
     bucket: str = "maskrcnn-example-bucket",
     image_uri: str | None = None,
     use_spot: bool = False,
+    approval: str = "manual",
 ) -> ExecutionInput:
     """A complete input, used by ``render`` (next to the definition) and by the tests."""
     stamp = "20240601-120000"
@@ -230,4 +261,5 @@ def example_input(
         git_sha=None if image_uri else "0123456789abcdef0123456789abcdef01234567",
         use_spot=use_spot,
         hyperparameters={"epochs": "2", "arch": "resnet50_fpn_v2"},
+        approval=approval,
     )

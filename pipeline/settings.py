@@ -40,5 +40,9 @@ class StackSettings:
         return f"{self.prefix}-build-image"
 
     @property
+    def model_package_group_name(self) -> str:
+        return f"{self.prefix}-models"
+
+    @property
     def state_machine_name(self) -> str:
         return f"{self.prefix}-train-deploy"

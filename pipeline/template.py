@@ -3,12 +3,12 @@
     template = build_template(StackSettings())      # json.dumps it; `python -m pipeline render`
 
 Resources: the ECR repository, the artefact bucket (build contexts, model artefacts,
-checkpoints), the build Lambda, the CodeBuild service role and log group (the Lambda owns the
-CodeBuild project itself and updates it in place), the state machine, and one IAM role per
-principal. Least privilege: every statement names its resources; ``Resource: "*"`` appears
-only for actions that have no resource level (ECR auth tokens, PutMetricData, ListEndpoints,
-log delivery, X-Ray); ``iam:PassRole`` is limited by ``iam:PassedToService``. checkov skips are
-in each resource's Metadata with the reason.
+checkpoints), the model package group (the registry gated models are versioned in), the build
+Lambda, the CodeBuild service role and log group (the Lambda owns the CodeBuild project itself and
+updates it in place), the state machine, and one IAM role per principal. Least privilege: every
+statement names its resources; ``Resource: "*"`` appears only for actions that have no resource
+level (ECR auth tokens, PutMetricData, ListEndpoints, log delivery, X-Ray); ``iam:PassRole`` is
+limited by ``iam:PassedToService``. checkov skips are in each resource's Metadata with the reason.
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ def arns(settings: StackSettings) -> dict[str, Json]:
         "model": sub(f"{sm}:model/{p}*"),
         "endpoint_config": sub(f"{sm}:endpoint-config/{p}*"),
         "endpoint": sub(f"{sm}:endpoint/{p}*"),
+        "model_package_group": sub(f"{sm}:model-package-group/{settings.model_package_group_name}"),
+        "model_packages": sub(f"{sm}:model-package/{settings.model_package_group_name}/*"),
         "events_rule": sub(f"arn:{PARTITION}:events:{REGION}:{ACCOUNT}:rule/{TRAINING_EVENTS_RULE}"),
         "sagemaker_logs": sub(f"arn:{PARTITION}:logs:{REGION}:{ACCOUNT}:log-group:/aws/sagemaker/*"),
     }
@@ -215,6 +217,9 @@ def roles(settings: StackSettings) -> dict[str, Json]:
                     [a["training_job"]],
                 ),
                 statement(["sagemaker:CreateModel"], [a["model"]]),
+                # Registers versions of the stack's group and reads their approval; approving is a person's call.
+                statement(["sagemaker:CreateModelPackage"], [a["model_package_group"], a["model_packages"]]),
+                statement(["sagemaker:DescribeModelPackage"], [a["model_packages"]]),
                 statement(["sagemaker:CreateEndpointConfig"], [a["endpoint_config"]]),
                 statement(
                     ["sagemaker:CreateEndpoint", "sagemaker:UpdateEndpoint"],
@@ -381,6 +386,17 @@ def build_template(settings: StackSettings) -> Json:
                 ]
             ),
         },
+        "ModelPackageGroup": {
+            "Type": "AWS::SageMaker::ModelPackageGroup",
+            "Properties": {
+                "ModelPackageGroupName": settings.model_package_group_name,
+                "ModelPackageGroupDescription": "Models that passed the workflow's quality gate, approved or pending",
+            },
+            # cfn-lint checks every region: this type is missing in seven (ap-east-2, ap-south-2, ap-southeast-4,
+            # ap-southeast-6, cn-north-1, cn-northwest-1, us-gov-east-1 in cfn-lint's spec); the stack needs the
+            # registry, so it does not deploy there (docs/pipeline.md says so).
+            "Metadata": {"cfn-lint": {"config": {"ignore_checks": ["E3006"]}}},
+        },
         "StateMachine": {
             "Type": "AWS::StepFunctions::StateMachine",
             "Properties": {
@@ -418,5 +434,6 @@ def build_template(settings: StackSettings) -> Json:
             "ArtifactBucketName": {"Value": {"Ref": "ArtifactBucket"}},
             "SageMakerRoleArn": {"Value": {"Fn::GetAtt": ["SageMakerExecutionRole", "Arn"]}},
             "BuildFunctionArn": {"Value": {"Fn::GetAtt": ["BuildFunction", "Arn"]}},
+            "ModelPackageGroupName": {"Value": settings.model_package_group_name},
         },
     }

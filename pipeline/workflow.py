@@ -39,6 +39,9 @@ SAGEMAKER = "arn:aws:states:::sagemaker"
 AWS_SDK = "arn:aws:states:::aws-sdk"
 BUILD_FAILURE_STATUSES = ("FAILED", "FAULT", "STOPPED", "TIMED_OUT")
 SERVING_PORT_ENV = {"SAGEMAKER_MODEL_SERVER_TIMEOUT": "60"}
+# What the serving container takes and answers (maskrcnn/serve/codec.py), as the registry records it.
+SUPPORTED_CONTENT_TYPES = ("image/jpeg", "image/png", "application/x-image", "application/json")
+SUPPORTED_RESPONSE_TYPES = ("application/json", "image/png")
 
 # The build Lambda only starts a CodeBuild build: a failure is an API throttle or a cold start, over in seconds.
 BUILD_RETRY: State = {
@@ -194,17 +197,173 @@ def training_parameters() -> dict[str, Any]:
     }
 
 
+def gate_states() -> dict[str, State]:
+    """From a trained job to its gate metric checked against ``$.QualityGate``, before anything is registered.
+
+    ASL has no lookup by a name held in the input, so a Map walks ``FinalMetricDataList`` and keeps the
+    value of the one metric named ``$.QualityGate.MetricName``; a job that logged none of it fails too.
+    """
+    item_processor = {
+        "ProcessorConfig": {"Mode": "INLINE"},
+        "StartAt": "IsGateMetric",
+        "States": {
+            "IsGateMetric": choice(
+                [{"Variable": "$.Metric.MetricName", "StringEqualsPath": "$.Wanted", "Next": "KeepValue"}],
+                default="SkipMetric",
+            ),
+            "KeepValue": {"Type": "Pass", "Parameters": {"Value.$": "$.Metric.Value"}, "End": True},
+            "SkipMetric": {"Type": "Pass", "Result": {}, "End": True},
+        },
+    }
+    below = "States.Format('{} = {} is below the quality bar {}', $.Gate.MetricName, $.Gate.Value, $.Gate.MinValue)"
+    return {
+        "MeasureGateMetric": {
+            "Type": "Map",
+            "ItemsPath": "$.TrainingJob.FinalMetricDataList",
+            "ItemSelector": {"Metric.$": "$$.Map.Item.Value", "Wanted.$": "$.QualityGate.MetricName"},
+            "ItemProcessor": item_processor,
+            "ResultSelector": {"Values.$": "$[*].Value"},
+            "ResultPath": "$.GateMetric",
+            "Next": "IsGateMetricLogged",
+        },
+        "IsGateMetricLogged": choice(
+            [{"Variable": "$.GateMetric.Values[0]", "IsPresent": True, "Next": "ReadGateMetric"}],
+            default="GateMetricNotLogged",
+        ),
+        "GateMetricNotLogged": {
+            "Type": "Fail",
+            "Error": "GateMetricNotLogged",
+            "CausePath": "States.Format('the training job logged no {}: no model to judge', $.QualityGate.MetricName)",
+        },
+        "ReadGateMetric": pass_state(
+            {
+                "MetricName.$": "$.QualityGate.MetricName",
+                "Value.$": "$.GateMetric.Values[0]",
+                "MinValue.$": "$.QualityGate.MinValue",
+            },
+            "$.Gate",
+            "CheckQualityGate",
+        ),
+        "CheckQualityGate": choice(
+            [{"Variable": "$.Gate.Value", "NumericLessThanPath": "$.Gate.MinValue", "Next": "BelowQualityBar"}],
+            default="ChooseApprovalStatus",
+        ),
+        "BelowQualityBar": {"Type": "Fail", "Error": "BelowQualityBar", "CausePath": below},
+    }
+
+
+def registry_states(settings: StackSettings) -> dict[str, State]:
+    """From a model that passed the gate to an Approved package in the registry (or Rejected, or timed out).
+
+    ``$.Approval.Mode`` "auto" registers it Approved; otherwise it waits PendingManualApproval, polled every
+    ``$.Approval.PollSeconds`` until someone approves or rejects it (``python -m pipeline approve|reject``)
+    or ``$.Approval.TimeoutSeconds`` have been waited.
+    """
+    status = "$.Review.Status"
+    return {
+        "ChooseApprovalStatus": choice(
+            [{"Variable": "$.Approval.Mode", "StringEquals": "auto", "Next": "ApproveAutomatically"}],
+            default="AwaitManualApproval",
+        ),
+        "ApproveAutomatically": {
+            "Type": "Pass",
+            "Result": {"Status": "Approved"},
+            "ResultPath": "$.Registration",
+            "Next": "RegisterModel",
+        },
+        "AwaitManualApproval": {
+            "Type": "Pass",
+            "Result": {"Status": "PendingManualApproval"},
+            "ResultPath": "$.Registration",
+            "Next": "RegisterModel",
+        },
+        "RegisterModel": task(
+            f"{AWS_SDK}:sagemaker:createModelPackage",
+            {
+                "ModelPackageGroupName": settings.model_package_group_name,
+                "ModelPackageDescription.$": "States.Format('{}: {} = {}', $.JobName, $.Gate.MetricName, $.Gate.Value)",
+                "InferenceSpecification": {
+                    "Containers": [
+                        {
+                            "Image.$": "$.Image.Uri",
+                            "ModelDataUrl.$": "$.TrainingJob.S3ModelArtifacts",
+                            "Environment": dict(SERVING_PORT_ENV),
+                        }
+                    ],
+                    "SupportedContentTypes": list(SUPPORTED_CONTENT_TYPES),
+                    "SupportedResponseMIMETypes": list(SUPPORTED_RESPONSE_TYPES),
+                    "SupportedRealtimeInferenceInstanceTypes.$": "States.Array($.Inference.InstanceType)",
+                },
+                "ModelApprovalStatus.$": "$.Registration.Status",
+                "MetadataProperties": {"GeneratedBy.$": "$.TrainingJob.TrainingJobArn"},
+                "CustomerMetadataProperties": {
+                    "TrainingJobName.$": "$.JobName",
+                    "GateMetricName.$": "$.Gate.MetricName",
+                    "GateMetricValue.$": "States.Format('{}', $.Gate.Value)",
+                },
+            },
+            "StartApprovalWait",
+            result_selector={"Arn.$": "$.ModelPackageArn"},
+            result_path="$.ModelPackage",
+        ),
+        "StartApprovalWait": {
+            "Type": "Pass",
+            "Result": {"Seconds": 0},
+            "ResultPath": "$.ApprovalWait",
+            "Next": "DescribeModelPackage",
+        },
+        "DescribeModelPackage": task(
+            f"{AWS_SDK}:sagemaker:describeModelPackage",
+            {"ModelPackageName.$": "$.ModelPackage.Arn"},
+            "IsModelApproved",
+            result_selector={"Status.$": "$.ModelApprovalStatus"},
+            result_path="$.Review",
+            retry=[SDK_RETRY],
+        ),
+        "IsModelApproved": choice(
+            [
+                {"Variable": status, "StringEquals": "Approved", "Next": "CreateModel"},
+                {"Variable": status, "StringEquals": "Rejected", "Next": "Rejected"},
+                {
+                    "Variable": "$.ApprovalWait.Seconds",
+                    "NumericGreaterThanEqualsPath": "$.Approval.TimeoutSeconds",
+                    "Next": "ApprovalTimedOut",
+                },
+            ],
+            default="WaitForApproval",
+        ),
+        "WaitForApproval": {"Type": "Wait", "SecondsPath": "$.Approval.PollSeconds", "Next": "CountApprovalWait"},
+        "CountApprovalWait": pass_state(
+            {"Seconds.$": "States.MathAdd($.ApprovalWait.Seconds, $.Approval.PollSeconds)"},
+            "$.ApprovalWait",
+            "DescribeModelPackage",
+        ),
+        "Rejected": {
+            "Type": "Fail",
+            "Error": "Rejected",
+            "CausePath": "States.Format('model package {} was rejected; nothing deployed', $.ModelPackage.Arn)",
+        },
+        "ApprovalTimedOut": {
+            "Type": "Fail",
+            "Error": "ApprovalTimedOut",
+            "CausePath": "States.Format('model package {} was neither approved nor rejected within {} s', "
+            "$.ModelPackage.Arn, $.Approval.TimeoutSeconds)",
+        },
+    }
+
+
 def deploy_states(settings: StackSettings) -> dict[str, State]:
     """From a pinned image to a trained model behind an InService endpoint."""
     return {
         "TrainModel": task(
             f"{SAGEMAKER}:createTrainingJob.sync",
             training_parameters(),
-            "CreateModel",
+            "MeasureGateMetric",
             # .sync returns DescribeTrainingJob; keep only what later states read.
             result_selector={
                 "S3ModelArtifacts.$": "$.ModelArtifacts.S3ModelArtifacts",
                 "TrainingJobArn.$": "$.TrainingJobArn",
+                "FinalMetricDataList.$": "$.FinalMetricDataList",
             },
             result_path="$.TrainingJob",
         ),
@@ -284,7 +443,12 @@ def build_definition(settings: StackSettings) -> dict[str, Any]:
     return {
         "Comment": "Build the Mask R-CNN image, train it on SageMaker and deploy it to an endpoint.",
         "StartAt": "ChooseImage",
-        "States": {**build_states(settings), **deploy_states(settings)},
+        "States": {
+            **build_states(settings),
+            **gate_states(),
+            **registry_states(settings),
+            **deploy_states(settings),
+        },
     }
 
 

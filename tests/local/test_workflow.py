@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from pipeline.workflow import build_definition
 
 IMAGE = "maskrcnn-sagemaker:latest"  # process mode runs this checkout's code; the tag only names the image
 TINY = [f"{k}={v}" for k, v in TINY_HP.items()]
+MET = "validation:segm_AP50=0"  # a bar two training steps meet
 
 
 def entered_states(folder: Path) -> list[str]:
@@ -46,16 +48,20 @@ def test_workflow_command_succeeds_with_a_real_endpoint(
 ) -> None:
     out = tmp_path / "wf"
     args = ["workflow", "--training-data", str(dataset), "--image", IMAGE, "--mode", "process", "--output", str(out)]
-    code = main(args + [a for hp in TINY for a in ("--hp", hp)])
+    code = main(args + ["--gate", MET] + [a for hp in TINY for a in ("--hp", hp)])
 
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "execution SUCCEEDED" in printed
+    assert re.search(r"quality gate: validation:segm_AP50 = [0-9.e-]+ passes the bar 0\.0", printed), printed
+    assert re.search(r"registered arn:aws:sagemaker:\S+:model-package/maskrcnn-models/1 as Approved", printed)
+    assert "> IsGateMetric\n" not in printed  # the Map's iterations are its detail
     assert "smoke request: " in printed and "-> HTTP 200" in printed
     assert "WaitForEndpoint waits 2 s (deployed: 60 s)" in printed  # the run says what it shortened
     (folder,) = [p for p in out.iterdir() if p.name.startswith("maskrcnn-")]
     states = entered_states(folder)
-    assert states[:3] == ["ChooseImage", "UseGivenImage", "TrainModel"] and states[-1] == "Deployed"
+    assert states[:4] == ["ChooseImage", "UseGivenImage", "TrainModel", "MeasureGateMetric"]
+    assert {"CheckQualityGate", "RegisterModel", "DescribeModelPackage"} <= set(states) and states[-1] == "Deployed"
     assert "CreateEndpoint" in states and "BuildImage" not in states
     # The job ran in the job folder on the channel downloaded from S3, and wrote the model it served.
     (job,) = list((out / "jobs").iterdir())
@@ -63,6 +69,27 @@ def test_workflow_command_succeeds_with_a_real_endpoint(
     assert sorted(p.name for p in (job / "channels" / "training").iterdir()) == sorted(
         p.name for p in dataset.iterdir()
     )
+
+
+@pytest.mark.integration
+def test_a_model_below_the_gate_ends_the_run_before_any_endpoint(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "wf"
+    args = ["workflow", "--training-data", str(dataset), "--image", IMAGE, "--mode", "process", "--output", str(out)]
+    code = main(args + ["--gate", "validation:segm_AP50=0.99"] + [a for hp in TINY for a in ("--hp", hp)])
+
+    printed = capsys.readouterr().out
+    assert code == 1, printed
+    verdict = re.search(
+        r"FAILED in state BelowQualityBar: BelowQualityBar: validation:segm_AP50 = (\S+) is below", printed
+    )
+    assert verdict and printed.count("the quality bar 0.99") == 1, printed
+    (folder,) = [p for p in out.iterdir() if p.name.startswith("maskrcnn-")]
+    assert "RegisterModel" not in entered_states(folder) and "CreateModel" not in entered_states(folder)
+    assert not (out / "endpoints").exists()  # no model was ever served
+    job_metrics = json.loads((folder / "execution.json").read_text())["outcome"]
+    assert job_metrics["error"] == "BelowQualityBar" and float(verdict.group(1)) < 0.99
 
 
 @pytest.mark.integration
@@ -81,7 +108,7 @@ def test_unknown_hyperparameter_fails_in_train_model_with_the_jobs_reason(
 def test_second_execution_updates_the_running_endpoint(dataset: Path, tmp_path: Path, process_runtime) -> None:
     import boto3
 
-    run = WorkflowRun(training=dataset, image=IMAGE, hyperparameters=TINY)
+    run = WorkflowRun(training=dataset, image=IMAGE, hyperparameters=TINY, gate=MET)
     with LocalWorkflow(process_runtime, tmp_path / "wf", io.StringIO()) as workflow:
         first = workflow.run(run)
         assert first.ok, first

@@ -108,6 +108,8 @@ def state_machine_arn(interpreter: Any) -> str:
             "SageMakerRoleArn": f"arn:aws:iam::{ACCOUNT}:role/maskrcnn-sagemaker",
         },
     )
+    # The stack's model package group (AWS::SageMaker::ModelPackageGroup), which RegisterModel versions into.
+    boto3.client("sagemaker").create_model_package_group(ModelPackageGroupName=SETTINGS.model_package_group_name)
     created = boto3.client("stepfunctions").create_state_machine(
         name=SETTINGS.state_machine_name,
         definition=json.dumps(definition),

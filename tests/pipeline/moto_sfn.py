@@ -7,7 +7,9 @@ What stays here is what only tests want, on top of moto's stand-in services:
 * moto's CodeBuild reports every build SUCCEEDED on first look; ``BuildScript`` scripts the
   statuses a build goes through so the poll loop and the failure branch run;
 * retries and Waits are instant and recorded, so the tests assert the definition's intervals
-  (``python -m local workflow`` shortens them in its copy of the definition instead).
+  (``python -m local workflow`` shortens them in its copy of the definition instead);
+* moto's training jobs report one fixed metric (``train:progress``); ``Recorder.metrics`` is what the
+  quality gate reads from FinalMetricDataList instead.
 
 The fixtures skip on another moto version than ``local.sfn.MOTO_VERSION``.
 """
@@ -47,11 +49,14 @@ class Recorder:
     retry_sleeps: list[float] = field(default_factory=list)
     waits: list[int] = field(default_factory=list)
     build: BuildScript = field(default_factory=BuildScript)
+    # FinalMetricDataList of every training job; the default passes the workflow's default gate.
+    metrics: dict[str, float] = field(default_factory=lambda: {"train:loss": 0.4, "validation:segm_AP50": 0.87})
 
 
 def install(monkeypatch: pytest.MonkeyPatch, handlers: Mapping[str, Callable[[Any, Any], Any]]) -> Recorder:
     """Patch moto's interpreter and backends for this test; monkeypatch undoes it all."""
     from moto.codebuild.models import CodeBuildBackend
+    from moto.sagemaker.models import SageMakerModelBackend
     from moto.stepfunctions.parser.asl.component.common.retry import retrier_decl
     from moto.stepfunctions.parser.asl.component.state.wait.wait_function.wait_function import WaitFunction
 
@@ -78,4 +83,16 @@ def install(monkeypatch: pytest.MonkeyPatch, handlers: Mapping[str, Callable[[An
         return builds
 
     monkeypatch.setattr(CodeBuildBackend, "batch_get_builds", batch_get_builds)
+
+    original_create_training_job = SageMakerModelBackend.create_training_job
+
+    def create_training_job(self: Any, **request: Any) -> Any:
+        job = original_create_training_job(self, **request)
+        job.final_metric_data_list = [
+            {"MetricName": name, "Value": value, "Timestamp": job.creation_time}
+            for name, value in recorder.metrics.items()
+        ]
+        return job
+
+    monkeypatch.setattr(SageMakerModelBackend, "create_training_job", create_training_job)
     return recorder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import boto3
@@ -11,11 +12,13 @@ from conftest import BUCKET, SETTINGS, run_execution
 from maskrcnn.train.metrics import METRIC_DEFINITIONS
 from moto_sfn import history
 
+from pipeline.__main__ import main
 from pipeline.execution import example_input
 from pipeline.shapes import validate_request
 from pipeline.workflow import AWS_SDK, SAGEMAKER
 
 pytestmark = pytest.mark.integration
+DIGEST_URI = "123456789012.dkr.ecr.us-east-1.amazonaws.com/maskrcnn-sagemaker@sha256:" + "cd" * 32
 
 
 def failed_state_names(execution_arn: str) -> list[str]:
@@ -39,7 +42,7 @@ def scheduled_requests(execution_arn: str) -> list[tuple[str, dict[str, Any]]]:
 
 def test_success_path_builds_trains_and_deploys(state_machine_arn: str, artifact_bucket: str, interpreter: Any) -> None:
     interpreter.build.statuses = ["IN_PROGRESS", "SUCCEEDED"]
-    document = example_input(bucket=artifact_bucket).to_document()
+    document = example_input(bucket=artifact_bucket, approval="auto").to_document()
 
     result = run_execution(state_machine_arn, document)
 
@@ -78,7 +81,9 @@ def test_success_path_builds_trains_and_deploys(state_machine_arn: str, artifact
 def test_requests_the_interpreter_sent_are_valid_botocore_requests(
     state_machine_arn: str, artifact_bucket: str, interpreter: Any
 ) -> None:
-    result = run_execution(state_machine_arn, example_input(bucket=artifact_bucket, use_spot=True).to_document())
+    result = run_execution(
+        state_machine_arn, example_input(bucket=artifact_bucket, use_spot=True, approval="auto").to_document()
+    )
     assert result["status"] == "SUCCEEDED", result
 
     checked = []
@@ -126,7 +131,7 @@ def test_failed_codebuild_build_stops_before_training(
 ) -> None:
     interpreter.build.statuses = ["IN_PROGRESS", "FAILED"]
 
-    result = run_execution(state_machine_arn, example_input(bucket=artifact_bucket).to_document())
+    result = run_execution(state_machine_arn, example_input(bucket=artifact_bucket, approval="auto").to_document())
 
     assert result["status"] == "FAILED"
     assert failed_state_names(result["executionArn"]) == ["BuildFailed"]
@@ -136,12 +141,12 @@ def test_failed_codebuild_build_stops_before_training(
 def test_existing_endpoint_is_updated_with_a_given_image(
     state_machine_arn: str, artifact_bucket: str, interpreter: Any
 ) -> None:
-    first = example_input(bucket=artifact_bucket).to_document()
+    first = example_input(bucket=artifact_bucket, approval="auto").to_document()
     assert run_execution(state_machine_arn, first)["status"] == "SUCCEEDED"
     image_uri = boto3.client("sagemaker").describe_training_job(TrainingJobName=first["JobName"])[
         "AlgorithmSpecification"
     ]["TrainingImage"]
-    second = example_input(bucket=artifact_bucket, image_uri=image_uri).to_document()
+    second = example_input(bucket=artifact_bucket, image_uri=image_uri, approval="auto").to_document()
     second.update(JobName="maskrcnn-train-2", ModelName="maskrcnn-model-2")
 
     result = run_execution(state_machine_arn, second)
@@ -162,3 +167,157 @@ def test_existing_endpoint_is_updated_with_a_given_image(
         ]
         == image_uri
     )
+
+
+def model_packages(status: str | None = None) -> list[dict[str, Any]]:
+    sagemaker = boto3.client("sagemaker")
+    listed = sagemaker.list_model_packages(ModelPackageGroupName=SETTINGS.model_package_group_name)
+    described = [
+        sagemaker.describe_model_package(ModelPackageName=p["ModelPackageArn"])
+        for p in listed["ModelPackageSummaryList"]
+    ]
+    return [p for p in described if status is None or p["ModelApprovalStatus"] == status]
+
+
+def test_success_registers_the_model_approved_with_its_gate_metric(
+    state_machine_arn: str, artifact_bucket: str, interpreter: Any
+) -> None:
+    document = example_input(bucket=artifact_bucket, approval="auto").to_document()
+
+    result = run_execution(state_machine_arn, document)
+
+    assert result["status"] == "SUCCEEDED", result
+    (package,) = model_packages()
+    assert package["ModelApprovalStatus"] == "Approved"
+    assert package["CustomerMetadataProperties"] == {
+        "TrainingJobName": document["JobName"],
+        "GateMetricName": "validation:segm_AP50",
+        "GateMetricValue": "0.87",
+    }
+    job = boto3.client("sagemaker").describe_training_job(TrainingJobName=document["JobName"])
+    (container,) = package["InferenceSpecification"]["Containers"]
+    assert container["ModelDataUrl"] == job["ModelArtifacts"]["S3ModelArtifacts"]
+    assert container["Image"] == job["AlgorithmSpecification"]["TrainingImage"]
+    assert interpreter.waits == []  # auto: approved at once, no approval wait
+
+
+@pytest.mark.parametrize(
+    ("metrics", "error", "cause"),
+    [
+        (
+            {"validation:segm_AP50": 0.31},
+            "BelowQualityBar",
+            "validation:segm_AP50 = 0.31 is below the quality bar 0.5",
+        ),
+        (
+            {"train:loss": 1.2},
+            "GateMetricNotLogged",
+            "the training job logged no validation:segm_AP50: no model to judge",
+        ),
+    ],
+)
+def test_a_model_below_the_gate_is_neither_registered_nor_deployed(
+    state_machine_arn: str,
+    artifact_bucket: str,
+    interpreter: Any,
+    metrics: dict[str, float],
+    error: str,
+    cause: str,
+) -> None:
+    interpreter.metrics = metrics
+    document = example_input(bucket=artifact_bucket, approval="auto").to_document()
+
+    result = run_execution(state_machine_arn, document)
+
+    assert (result["status"], result.get("error"), result.get("cause")) == ("FAILED", error, cause)
+    assert failed_state_names(result["executionArn"]) == [error]
+    sagemaker = boto3.client("sagemaker")
+    assert model_packages() == []
+    assert sagemaker.list_models()["Models"] == [] and sagemaker.list_endpoints()["Endpoints"] == []
+
+
+def test_the_gate_takes_its_metric_and_bar_from_the_input(
+    state_machine_arn: str, artifact_bucket: str, interpreter: Any
+) -> None:
+    interpreter.metrics = {"validation:segm_AP50": 0.87, "validation:bbox_AP50": 0.42}
+    document = example_input(bucket=artifact_bucket, image_uri=DIGEST_URI, approval="auto").to_document()
+    document["QualityGate"] = {"MetricName": "validation:bbox_AP50", "MinValue": 0.4}
+    assert run_execution(state_machine_arn, document)["status"] == "SUCCEEDED"
+
+    document.update(JobName="maskrcnn-train-2", ModelName="maskrcnn-model-2")
+    document["QualityGate"]["MinValue"] = 0.99
+    result = run_execution(state_machine_arn, document)
+    assert result.get("cause") == "validation:bbox_AP50 = 0.42 is below the quality bar 0.99"
+
+
+def wait_for_pending_package(timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pending = model_packages("PendingManualApproval")
+        if pending:
+            arn: str = pending[0]["ModelPackageArn"]
+            return arn
+        time.sleep(0.05)
+    raise TimeoutError("no model package PendingManualApproval")
+
+
+@pytest.mark.parametrize(("verb", "status"), [("approve", "SUCCEEDED"), ("reject", "FAILED")])
+def test_manual_approval_waits_for_the_approve_or_reject_command(
+    state_machine_arn: str,
+    artifact_bucket: str,
+    interpreter: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    verb: str,
+    status: str,
+) -> None:
+    from moto.stepfunctions.parser.asl.component.state.wait.wait_function.wait_function import WaitFunction
+
+    def wait(self: Any, env: Any, wait_seconds: int) -> None:
+        interpreter.waits.append(wait_seconds)
+        time.sleep(0.02)  # the person takes a while: the poll loop goes round
+
+    monkeypatch.setattr(WaitFunction, "_wait_interval", wait)
+    document = example_input(bucket=artifact_bucket, image_uri=DIGEST_URI, approval="manual").to_document()
+    sfn = boto3.client("stepfunctions")
+    arn = sfn.start_execution(stateMachineArn=state_machine_arn, name="manual", input=json.dumps(document))[
+        "executionArn"
+    ]
+    package = wait_for_pending_package()
+    time.sleep(0.2)
+    assert sfn.describe_execution(executionArn=arn)["status"] == "RUNNING"
+    assert boto3.client("sagemaker").list_models()["Models"] == []  # nothing deployed while it waits
+
+    assert main([verb, "--model-package", package, "--description", "looked at the overlays"]) == 0
+
+    result = wait_for_end(arn)
+    assert result["status"] == status, result
+    assert set(interpreter.waits) == {60}  # PollSeconds, polled until decided
+    models = boto3.client("sagemaker").list_models()["Models"]
+    if verb == "approve":
+        assert [m["ModelName"] for m in models] == [document["ModelName"]]
+    else:
+        assert (result.get("error"), models) == ("Rejected", [])
+        assert result.get("cause") == f"model package {package} was rejected; nothing deployed"
+
+
+def test_an_approval_never_given_times_out(state_machine_arn: str, artifact_bucket: str, interpreter: Any) -> None:
+    document = example_input(bucket=artifact_bucket, image_uri=DIGEST_URI, approval="manual").to_document()
+    document["Approval"].update(TimeoutSeconds=150, PollSeconds=60)
+
+    result = run_execution(state_machine_arn, document)
+
+    assert (result["status"], result.get("error")) == ("FAILED", "ApprovalTimedOut")
+    assert interpreter.waits == [60, 60, 60]  # 0, 60, 120 waited: still pending; 180 >= 150
+    assert [p["ModelApprovalStatus"] for p in model_packages()] == ["PendingManualApproval"]
+    assert boto3.client("sagemaker").list_models()["Models"] == []
+
+
+def wait_for_end(arn: str, timeout: float = 30.0) -> dict[str, Any]:
+    sfn = boto3.client("stepfunctions")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        described: dict[str, Any] = sfn.describe_execution(executionArn=arn)
+        if described["status"] != "RUNNING":
+            return described
+        time.sleep(0.05)
+    raise TimeoutError(arn)

@@ -74,7 +74,9 @@ def test_star_resources_only_where_aws_has_no_resource_level(template: dict[str,
     sagemaker_scoped = [
         s for _, s in statements(template) if any(a.startswith("sagemaker:Create") for a in s["Action"])
     ]
-    assert all("maskrcnn*" in json.dumps(s["Resource"]) for s in sagemaker_scoped)
+    assert all(all(f"/{StackSettings().prefix}" in json.dumps(r) for r in s["Resource"]) for s in sagemaker_scoped), (
+        sagemaker_scoped
+    )
 
 
 @pytest.mark.unit
