@@ -7,10 +7,18 @@ SageMaker Python SDK start it (shared/CONTRACT.md), on a Docker engine, and prin
 short evidence per point. A PASS means those clients will work with the image; a SKIP says why the point
 could not be checked here (no GPU, no ``--payload``, a label the image does not carry).
 
+Each row is of one of two kinds, shown in the table. **contract**: what SageMaker requires of the image for a
+hosting mode (shared/CONTRACT.md); broken, the row FAILs. **advice**: what we recommend and SageMaker does
+not enforce (our house rules: refuse unknown hyperparameters, refuse bodies SageMaker's real-time front end
+would refuse anyway); broken, the row WARNs. The exit code is 1 only when a row FAILed. A closing line says
+which hosting modes (real-time, batch transform, serverless, asynchronous, multi-model) the image is fit for,
+from the rows each mode needs (:data:`MODE_POINTS`).
+
 * Training: ``train`` as the argument with hyperparameters as SDK v2 writes them (``str(v)``), and no
   argument at all with SDK v3's encoding (``json.dumps(v)``, strings as they are) and its
-  ``network_interface_name`` ``ethwe``; a model under /opt/ml/model; an unknown hyperparameter must leave
-  /opt/ml/output/failure and a non-zero exit; SIGTERM must end the job within 120 s; two hosts ``algo-1``
+  ``network_interface_name`` ``ethwe``; a model under /opt/ml/model; an unknown hyperparameter should leave
+  /opt/ml/output/failure and a non-zero exit (advice); SIGTERM must end the job within 120 s (SKIP when the job
+  ended before it could be stopped); two hosts ``algo-1``
   and ``algo-2`` on one user-defined network (container names ``algo-N-xxxxx`` as SDK v2's compose file
   has them; the first container to exit stops the other, as its ``--abort-on-container-exit`` does) must
   both exit 0 with a model written.
@@ -18,7 +26,14 @@ could not be checked here (no GPU, no ``--payload``, a label the image does not 
   served with ``serve``: /ping within the start-up budget; every ping under 2 s while invocations run;
   ``--payload`` on /invocations answered 2xx; /execution-parameters in the documented spelling (SKIP on
   404); ``SAGEMAKER_BIND_TO_PORT`` honoured when the image carries the accept-bind-to-port label; a body
-  over 6 MiB refused with a 4xx, the server still healthy; SIGTERM ends it within 30 s.
+  over 6 MiB refused with a 4xx, the server still healthy (advice: SageMaker's real-time front end refuses
+  it before the container, and asynchronous inference needs the opposite); SIGTERM ends it within 30 s.
+* Other hosting modes, each in a container of its own: serverless's read-only root file system (``docker run
+  --read-only --tmpfs /tmp``, the model mounted read-only, serverless's largest memory) answering /ping and
+  ``--payload``; asynchronous inference's large bodies (a 20-MB PNG or JPEG made from ``--payload``'s type,
+  with ``SAGEMAKER_MAX_PAYLOAD_IN_MB`` raised) answered 2xx; the multi-model API (SKIP unless the image
+  carries the label ``com.amazonaws.sagemaker.capabilities.multi-models=true``): /ping with no model, load,
+  409 on a second load, list, get, invoke, unload, 404 after.
 
 ``--hp`` picks the hyperparameters of every training run (keep them tiny: the check trains six times).
 Keep them the image's own names; the check adds only an unknown key for the failure row. For images it
@@ -51,26 +66,31 @@ from local.runtime import SHM_SIZE
 
 log = logging.getLogger(__name__)
 
-PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
+CONTRACT, ADVICE = "contract", "advice"  # a broken contract row FAILs; a broken advice row WARNs
 TRAIN_TIMEOUT_S = 900.0  # one training run of the user's (tiny) hyperparameters
 TRAIN_STOP_S = 120.0  # StopTrainingJob: SIGTERM, SIGKILL 120 s later
 SERVE_STOP_S = 30.0  # an endpoint: SIGTERM, SIGKILL 30 s later
 STARTUP_S = 240.0  # /ping must pass within minutes (4 in the older docs; the newer allow 8)
 PING_LIMIT_S = 2.0  # each ping must answer within 2 s
 MAX_PAYLOAD = 6 * 1024 * 1024  # real-time request limit: 6291456 bytes
-SIGTERM_AFTER_S = 15.0  # an unknown image is stopped after this much training
+SIGTERM_AFTER_S = 5.0  # an unknown image is stopped this long after it starts: short jobs end soon after
 COMPOSE_STOP_S = 10.0  # docker compose's stop timeout (--abort-on-container-exit)
 SERVE_PORT = 8080
 BIND_PORT = 8123  # SAGEMAKER_BIND_TO_PORT for the bind-to-port row: anything but 8080
 UNKNOWN_HP = "contract_check_no_such_hyperparameter"
 TITLE_LABEL = "org.opencontainers.image.title"
 BIND_LABEL = "com.amazonaws.sagemaker.capabilities.accept-bind-to-port"
+MULTI_MODEL_LABEL = "com.amazonaws.sagemaker.capabilities.multi-models"
+SERVERLESS_MEMORY = "6144m"  # serverless's largest memory size: an image that needs more cannot run there
+LARGE_BODY = 20 * 1024 * 1024  # an asynchronous-inference body (S3 objects up to 1 GB)
+LARGE_LIMIT_MB = 64  # SAGEMAKER_MAX_PAYLOAD_IN_MB for the large-body row
 
 # The rows, in the order they are checked and printed.
 TRAIN_V2 = "train: `train` argument (SDK v2), v2 hyperparameters"
 TRAIN_V3 = "train: no argument (SDK v3), v3 hyperparameters"
 MODEL = "train: a model under /opt/ml/model"
-UNKNOWN = "train: unknown hyperparameter -> failure file, exit != 0"
+UNKNOWN = "train: unknown hyperparameter -> failure file, exit != 0 (house rule)"
 TRAIN_SIGTERM = f"train: SIGTERM -> exit within {TRAIN_STOP_S:.0f} s"
 TWO_HOSTS = "train: two hosts algo-1, algo-2"
 TRAIN_GPU = "train: GPU (--gpus all)"
@@ -78,10 +98,25 @@ PING = f"serve: /ping 200 within {STARTUP_S:.0f} s"
 INVOKE = "serve: /invocations with --payload -> 2xx"
 PING_BUSY = f"serve: each /ping < {PING_LIMIT_S:.0f} s while invocations run"
 EXECUTION_PARAMETERS = "serve: /execution-parameters spelling"
-LARGE = "serve: body over 6 MiB -> 4xx, server healthy"
+LARGE = "serve: body over 6 MiB -> 4xx by default, server healthy"
 SERVE_SIGTERM = f"serve: SIGTERM -> exit within {SERVE_STOP_S:.0f} s"
 BIND = "serve: SAGEMAKER_BIND_TO_PORT honoured"
 SERVE_GPU = "serve: GPU (--gpus all)"
+READ_ONLY = "serverless: --read-only --tmpfs /tmp, /ping and --payload"
+LARGE_OK = f"asynchronous: 20-MB body, SAGEMAKER_MAX_PAYLOAD_IN_MB={LARGE_LIMIT_MB} -> 2xx"
+MULTI_MODEL = "multi-model: load, 409, list, get, invoke, unload, 404"
+
+# Rows whose failure is a recommendation broken (WARN), not the contract (FAIL).
+ADVICE_POINTS = frozenset({UNKNOWN, LARGE})
+# The rows each hosting mode needs: the image is fit for a mode when all of them PASS.
+REAL_TIME_POINTS = (PING, INVOKE, PING_BUSY, SERVE_SIGTERM)
+MODE_POINTS: dict[str, tuple[str, ...]] = {
+    "real-time": REAL_TIME_POINTS,
+    "batch transform": REAL_TIME_POINTS,
+    "serverless": (*REAL_TIME_POINTS, READ_ONLY),
+    "asynchronous": (*REAL_TIME_POINTS, LARGE_OK),
+    "multi-model": (MULTI_MODEL,),
+}
 
 
 @dataclass(frozen=True)
@@ -103,8 +138,19 @@ KNOWN_IMAGES = {
 @dataclass(frozen=True)
 class Row:
     point: str
-    status: str  # PASS | FAIL | SKIP
+    status: str  # PASS | FAIL | WARN | SKIP
     evidence: str
+
+    @property
+    def kind(self) -> str:
+        return ADVICE if self.point in ADVICE_POINTS else CONTRACT
+
+
+def graded(row: Row) -> Row:
+    """An advice row that failed WARNs: the image breaks a recommendation of ours, not SageMaker's contract."""
+    if row.kind == ADVICE and row.status == FAIL:
+        return Row(row.point, WARN, row.evidence)
+    return row
 
 
 @dataclass(frozen=True)
@@ -146,14 +192,44 @@ def exit_code(rows: list[Row]) -> int:
     return 1 if any(row.status == FAIL for row in rows) else 0
 
 
+def hosting_modes(rows: list[Row]) -> dict[str, tuple[str, str]]:
+    """Each hosting mode's verdict from the rows it needs: ``fit``, ``not fit`` or ``not shown``, and why."""
+    by_point = {row.point: row for row in rows}
+    verdicts: dict[str, tuple[str, str]] = {}
+    for mode, points in MODE_POINTS.items():
+        needed = [by_point[p] for p in points if p in by_point]
+        failed = [row for row in needed if row.status in (FAIL, WARN)]
+        skipped = [row for row in needed if row.status == SKIP]
+        if len(needed) < len(points):
+            verdicts[mode] = ("not shown", "not checked")
+        elif failed:
+            verdicts[mode] = ("not fit", failed[0].point)
+        elif skipped:
+            verdicts[mode] = ("not shown", skipped[0].evidence)
+        else:
+            verdicts[mode] = ("fit", "")
+    return verdicts
+
+
+def render_modes(rows: list[Row]) -> str:
+    """One line: the hosting modes the image is fit for, then the others with the row that decided."""
+    verdicts = hosting_modes(rows)
+    fit = [mode for mode, (verdict, _) in verdicts.items() if verdict == "fit"]
+    others = [f"{mode} {verdict} ({why})" for mode, (verdict, why) in verdicts.items() if verdict != "fit"]
+    return f"hosting modes: fit for {', '.join(fit) or 'none'}" + (f"; {'; '.join(others)}" if others else "")
+
+
 def render_table(rows: list[Row]) -> str:
-    """A plain-text table: point, result, evidence."""
-    width = max([len("contract point"), *(len(row.point) for row in rows)])
-    lines = [f"{'contract point':<{width}}  result  evidence", f"{'-' * width}  ------  --------"]
-    lines += [f"{row.point:<{width}}  {row.status:<6}  {row.evidence}" for row in rows]
-    failed = sum(row.status == FAIL for row in rows)
-    skipped = sum(row.status == SKIP for row in rows)
-    lines.append(f"{len(rows) - failed - skipped} passed, {failed} failed, {skipped} skipped")
+    """A plain-text table: point, kind (contract or advice), result, evidence; a count; the hosting modes."""
+    width = max([len("point"), *(len(row.point) for row in rows)])
+    lines = [f"{'point':<{width}}  kind      result  evidence", f"{'-' * width}  --------  ------  --------"]
+    lines += [f"{row.point:<{width}}  {row.kind:<8}  {row.status:<6}  {row.evidence}" for row in rows]
+    counts = {status: sum(row.status == status for row in rows) for status in (PASS, FAIL, WARN, SKIP)}
+    lines.append(
+        f"{counts[PASS]} passed, {counts[FAIL]} failed, {counts[WARN]} warned, {counts[SKIP]} skipped "
+        "(FAIL: SageMaker's contract broken, sets the exit code; WARN: a recommendation of ours)"
+    )
+    lines.append(render_modes(rows))
     return "\n".join(lines)
 
 
@@ -197,12 +273,12 @@ class Bench:
     def path(self, run: str, host: str = "algo-1") -> Path:
         return self.workdir / run / host
 
-    def start(self, command: str | None, mounts: Mapping[Path, str], **kwargs: Any) -> Any:
+    def start(self, command: str | None, mounts: Mapping[Path, str], mode: str = "rw", **kwargs: Any) -> Any:
         container = self.docker.containers.run(
             self.spec.image,
             command,
             detach=True,
-            volumes={str(host): {"bind": target, "mode": "rw"} for host, target in mounts.items()},
+            volumes={str(host): {"bind": target, "mode": mode} for host, target in mounts.items()},
             shm_size=SHM_SIZE,
             **kwargs,
         )
@@ -324,14 +400,15 @@ def check_train_sigterm(bench: Bench) -> Row:
     probe = bench.stop_probe
     tree = bench.tree(bench.path("sigterm"), {**bench.spec.hyperparameters, **(probe.hyperparameters if probe else {})})
     container = bench.train("train", tree)
-    if not _wait_running(container, probe):
-        run = bench.wait(container, 10)
-        if run.code == 0 and probe is None:
-            return Row(
-                point, SKIP, f"training ended (exit 0) within {SIGTERM_AFTER_S:.0f} s; give --hp that train longer"
-            )
-        return Row(point, FAIL, f"exit {run.code} before it was stopped: {_last_line(run.logs)}")
-    container.kill(signal="SIGTERM")
+    delivered = False
+    if _wait_running(container, probe):
+        try:
+            container.kill(signal="SIGTERM")
+            delivered = True
+        except Exception:  # the Docker API refuses (409) a container that exited in the meantime
+            log.debug("SIGTERM not delivered", exc_info=True)
+    if not delivered:
+        return _ended_before_stop(point, bench.wait(container, 10))
     run = bench.wait(container, TRAIN_STOP_S)
     if run.code is None:
         return Row(point, FAIL, f"still running {TRAIN_STOP_S:.0f} s after SIGTERM (SageMaker would SIGKILL)")
@@ -342,6 +419,17 @@ def check_train_sigterm(bench: Bench) -> Row:
             return Row(point, FAIL, f"{evidence}, but nothing in /opt/ml/checkpoints")
         evidence += f", checkpoint {', '.join(checkpoints[:2])}"
     return Row(point, PASS, evidence)
+
+
+def _ended_before_stop(point: str, run: Run) -> Row:
+    """The job exited before SIGTERM reached it: nothing was shown about stopping (SKIP), unless it failed."""
+    if run.code == 0:
+        return Row(
+            point, SKIP, "the job ended (exit 0) before it could be stopped: untested; give --hp that train longer"
+        )
+    if run.code is None:
+        return Row(point, FAIL, f"no training line within {TRAIN_TIMEOUT_S:.0f} s: {_last_line(run.logs)}")
+    return Row(point, FAIL, f"exit {run.code} before it was stopped: {_last_line(run.logs)}")
 
 
 def check_two_hosts(bench: Bench) -> Row:
@@ -422,11 +510,17 @@ class Server:
 
 @contextmanager
 def serving(
-    bench: Bench, model: Path, port: int = SERVE_PORT, env: Mapping[str, str] | None = None, **kwargs: Any
+    bench: Bench,
+    model: Path | None,
+    port: int = SERVE_PORT,
+    env: Mapping[str, str] | None = None,
+    mounts: Mapping[Path, str] | None = None,
+    **kwargs: Any,
 ) -> Iterator[Server]:
     """``docker run IMAGE serve`` with ``model`` at /opt/ml/model and ``port`` published on 127.0.0.1."""
     ports = {f"{port}/tcp": ("127.0.0.1", None)}
-    container = bench.start("serve", {model: "/opt/ml/model"}, environment=dict(env or {}), ports=ports, **kwargs)
+    volumes = {**({model: "/opt/ml/model"} if model is not None else {}), **(mounts or {})}
+    container = bench.start("serve", volumes, environment=dict(env or {}), ports=ports, **kwargs)
     container.reload()
     host_port = container.attrs["NetworkSettings"]["Ports"][f"{port}/tcp"][0]["HostPort"]
     server = Server(container, f"http://127.0.0.1:{host_port}", None)
@@ -586,6 +680,113 @@ def check_serve_gpu(bench: Bench, model: Path, payload: bytes | None, content_ty
         return Row(SERVE_GPU, row.status, f"/ping 200 after {server.ready_s:.1f} s; {row.evidence}")
 
 
+def check_read_only(bench: Bench, model: Path, payload: bytes | None, content_type: str | None) -> Row:
+    """Serverless: the root file system read-only but /tmp, the model read-only, serverless's largest memory."""
+    point = READ_ONLY
+    flags = {"read_only": True, "tmpfs": {"/tmp": ""}, "mem_limit": SERVERLESS_MEMORY, "mode": "ro"}
+    with serving(bench, model, **flags) as server:
+        if server.ready_s is None:
+            return _not_ready(point, server)
+        evidence = f"/ping 200 after {server.ready_s:.1f} s"
+        if payload is None or content_type is None:
+            return Row(point, PASS, f"{evidence}; no --payload given, /invocations not tried")
+        row = check_invocation(server, payload, content_type)
+        return Row(point, row.status, f"{evidence}; {row.evidence}")
+
+
+def large_body(content_type: str | None, size: int = LARGE_BODY) -> bytes | None:
+    """A PNG or JPEG of noise (incompressible) at least ``size`` bytes, in ``content_type``; None for other types."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    formats = {"image/png": "PNG", "application/x-image": "PNG", "image/jpeg": "JPEG"}
+    fmt = formats.get((content_type or "").split(";")[0].strip().lower())
+    if fmt is None:
+        return None
+    side = int((size / 3) ** 0.5) + 16  # three bytes a pixel, PNG's and JPEG's (quality 100) size of noise
+    while True:
+        pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(
+            buffer, format=fmt, **({"quality": 100, "subsampling": 0} if fmt == "JPEG" else {})
+        )
+        if buffer.tell() >= size:
+            return buffer.getvalue()
+        side = int(side * (size / buffer.tell()) ** 0.5) + 16
+
+
+def check_large_body(bench: Bench, model: Path, content_type: str | None) -> Row:
+    """Asynchronous inference posts the whole S3 object: a 20-MB image, the payload limit raised, answered 2xx."""
+    point = LARGE_OK
+    if content_type is None:
+        return Row(point, SKIP, "no --payload given")
+    body = large_body(content_type)
+    if body is None:
+        return Row(point, SKIP, f"--payload is {content_type}: the check makes 20-MB bodies as PNG or JPEG only")
+    with serving(bench, model, env={"SAGEMAKER_MAX_PAYLOAD_IN_MB": str(LARGE_LIMIT_MB)}) as server:
+        if server.ready_s is None:
+            return _not_ready(point, server)
+        try:
+            started = time.monotonic()
+            reply = _invoke(server.url, body, content_type)
+        except EndpointError as exc:
+            return Row(point, FAIL, str(exc)[:120])
+        evidence = f"{len(body) / 1e6:.1f} MB {content_type}: HTTP {reply.status} in {time.monotonic() - started:.1f} s"
+        if not reply.ok:
+            return Row(point, FAIL, f"{evidence}: {reply.message()[:80]}")
+        return Row(point, PASS, evidence)
+
+
+def _json_request(server: Server, method: str, path: str, data: Any = None) -> client.Reply:
+    body = json.dumps(data).encode() if data is not None else None
+    headers = {"Content-Type": "application/json", "Accept": "application/json"} if body else {}
+    return client.request(method, server.url + path, body, headers)
+
+
+def check_multi_model(bench: Bench, model: Path, payload: bytes | None, content_type: str | None) -> Row:
+    """SageMaker's multi-model container API, as the platform drives it, on a server with no model loaded."""
+    point = MULTI_MODEL
+    if bench.labels.get(MULTI_MODEL_LABEL) != "true":
+        return Row(point, SKIP, f"the image has no label {MULTI_MODEL_LABEL}=true")
+    models = bench.workdir / "multi-model"
+    shutil.copytree(model, models / "m1" / "model")
+    env = {"SAGEMAKER_MULTI_MODEL": "true"}
+    with serving(bench, None, env=env, mounts={models: "/opt/ml/models"}) as server:
+        if server.ready_s is None:
+            return _not_ready(point, server)
+        load = {"model_name": "m1", "url": "/opt/ml/models/m1/model"}
+        steps: list[tuple[str, Callable[[], client.Reply], int]] = [
+            ("load", lambda: _json_request(server, "POST", "/models", load), 200),
+            ("load again", lambda: _json_request(server, "POST", "/models", load), 409),
+            ("list", lambda: _json_request(server, "GET", "/models"), 200),
+            ("get", lambda: _json_request(server, "GET", "/models/m1"), 200),
+        ]
+        if payload is not None and content_type is not None:
+            headers = {"Content-Type": content_type, "X-Amzn-SageMaker-Target-Model": "m1.tar.gz"}
+            invoke = ("invoke", lambda: client.request("POST", server.url + "/models/m1/invoke", payload, headers), 200)
+            steps.append(invoke)
+        steps += [
+            ("unload", lambda: _json_request(server, "DELETE", "/models/m1"), 200),
+            ("get after unload", lambda: _json_request(server, "GET", "/models/m1"), 404),
+        ]
+        seen = []
+        for name, call, expected in steps:
+            try:
+                reply = call()
+            except EndpointError as exc:
+                return Row(point, FAIL, f"{name}: {_last_line(str(exc), 100)}")
+            ok = reply.ok if expected == 200 else reply.status == expected
+            if name == "list" and ok:
+                listed = reply.json().get("models", []) if reply.content_type.startswith("application/json") else []
+                ok = any(isinstance(m, dict) and m.get("modelName") == "m1" for m in listed)
+            if not ok:
+                return Row(point, FAIL, f"{name}: HTTP {reply.status}, expected {expected}: {reply.message()[:60]}")
+            seen.append(f"{name} {reply.status}")
+        return Row(point, PASS, f"/ping 200 with no model after {server.ready_s:.1f} s; " + ", ".join(seen))
+
+
 def serve_model(bench: Bench, trees: list[Path]) -> Path | None:
     """The first tree's model packed to model.tar.gz and unpacked into a fresh folder, as SageMaker does."""
     for tree in trees:
@@ -633,7 +834,7 @@ def run_check(spec: CheckSpec, on_row: Callable[[Row], None] | None = None) -> l
     rows: list[Row] = []
 
     def add(point: str, check: Callable[[], Row]) -> Row:
-        row = _guarded(point, check)
+        row = graded(_guarded(point, check))
         rows.append(row)
         log.info("%s  %s: %s", row.status, row.point, row.evidence)
         if on_row:
@@ -649,7 +850,10 @@ def run_check(spec: CheckSpec, on_row: Callable[[Row], None] | None = None) -> l
         add(TRAIN_SIGTERM, lambda: check_train_sigterm(bench))
         add(TWO_HOSTS, lambda: check_two_hosts(bench))
         add(TRAIN_GPU, lambda: check_train_gpu(bench))
-        serve_points = (PING, INVOKE, PING_BUSY, EXECUTION_PARAMETERS, LARGE, SERVE_SIGTERM, BIND, SERVE_GPU)
+        serve_points = (
+            *(PING, INVOKE, PING_BUSY, EXECUTION_PARAMETERS, LARGE, SERVE_SIGTERM, BIND, SERVE_GPU),
+            *(READ_ONLY, LARGE_OK, MULTI_MODEL),
+        )
         model = serve_model(bench, [v2_tree, v3_tree])
         if model is None:
             for point in serve_points:
@@ -668,6 +872,9 @@ def run_check(spec: CheckSpec, on_row: Callable[[Row], None] | None = None) -> l
                 add(SERVE_SIGTERM, lambda: check_serve_sigterm(server))
         add(BIND, lambda: check_bind_to_port(bench, model))
         add(SERVE_GPU, lambda: check_serve_gpu(bench, model, payload, content_type))
+        add(READ_ONLY, lambda: check_read_only(bench, model, payload, content_type))
+        add(LARGE_OK, lambda: check_large_body(bench, model, content_type))
+        add(MULTI_MODEL, lambda: check_multi_model(bench, model, payload, content_type))
         return rows
     finally:
         bench.close()

@@ -2,7 +2,7 @@
 
     IMAGE=maskrcnn-sagemaker:latest MASKRCNN_SKIP_BUILD=1 pytest tests/image/test_check.py -rs
 
-The first test runs the whole check (six training runs, three servers): about 1.5 minutes on 2 CPU cores;
+The first test runs the whole check (six training runs, six servers): about 2.5 minutes on 2 CPU cores;
 the second only the two training rows.
 """
 
@@ -19,6 +19,8 @@ from tiny import TINY_HP
 
 from local.check import (
     FAIL,
+    MULTI_MODEL,
+    MULTI_MODEL_LABEL,
     PASS,
     SERVE_GPU,
     SKIP,
@@ -28,6 +30,7 @@ from local.check import (
     check_train_v2,
     check_train_v3,
     exit_code,
+    hosting_modes,
     run_check,
 )
 
@@ -42,16 +45,21 @@ def _payload(dataset: Path) -> Path:
 
 
 @pytest.mark.timeout(900)
-def test_our_image_passes_every_point(image: str, dataset: Path) -> None:
-    """Every row PASS; only the GPU rows SKIP here, and they say why."""
+def test_our_image_passes_every_point(image: str, docker_client, dataset: Path) -> None:
+    """Every row PASS, the serverless and asynchronous ones too; only the GPU rows SKIP here, and they say why."""
     rows = run_check(CheckSpec(image, dataset, TINY, _payload(dataset)))
     statuses = {row.point: row.status for row in rows}
-    assert len(rows) == 15
-    gpu = {TRAIN_GPU, SERVE_GPU}
-    assert {p: s for p, s in statuses.items() if p not in gpu and s != PASS} == {}, rows
+    assert len(rows) == 18
+    unchecked = {TRAIN_GPU, SERVE_GPU}
+    if docker_client.images.get(image).labels.get(MULTI_MODEL_LABEL) != "true":
+        unchecked.add(MULTI_MODEL)
+    assert {p: s for p, s in statuses.items() if p not in unchecked and s != PASS} == {}, rows
     for row in rows:
-        if row.point in gpu and row.status == SKIP:
+        if row.point in {TRAIN_GPU, SERVE_GPU} and row.status == SKIP:
             assert "nvidia runtime" in row.evidence
+    verdicts = hosting_modes(rows)
+    fit = {mode for mode, (verdict, _) in verdicts.items() if verdict == "fit"}
+    assert {"real-time", "batch transform", "serverless", "asynchronous"} <= fit, verdicts
     assert exit_code(rows) == 0
 
 
