@@ -100,8 +100,9 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
     # A 1-bit PNG that claims 8000 x 8000 pixels in a few kilobytes: over our cap, under Pillow's.
     data = image_bytes("1", size=(8000, 8000))
     assert len(data) < 100_000
-    with pytest.raises(RequestError, match="the limit is"):
+    with pytest.raises(RequestError, match="the limit is") as refused:
         decode(data)
+    assert refused.value.status == 413  # too large, as a body over the limit is
     # Far beyond: Pillow's own guard answers, still as a 400.
     with pytest.raises(RequestError):
         decode(image_bytes("1", size=(30000, 30000)), max_pixels=10**10)

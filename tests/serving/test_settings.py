@@ -11,8 +11,16 @@ import torch
 from maskrcnn.errors import ConfigError, ModelError
 from maskrcnn.model.format import FORMAT_VERSION, ModelSpec, check_saved_model
 from maskrcnn.serve.gunicorn_conf import RunDir, assign_device_slot, gunicorn_options
-from maskrcnn.serve.settings import GPU_RESERVE_BYTES, GPU_WORKER_BYTES, ServeSettings, default_workers_per_gpu
-from maskrcnn.serve.supervisor import gpu_count, gpu_memory_bytes, render_nginx_conf
+from maskrcnn.serve.settings import (
+    CPU_WORKER_BYTES,
+    GPU_RESERVE_BYTES,
+    GPU_WORKER_BYTES,
+    SERVE_RESERVE_BYTES,
+    ServeSettings,
+    cpu_workers_in_memory,
+    default_workers_per_gpu,
+)
+from maskrcnn.serve.supervisor import gpu_count, gpu_memory_bytes, memory_limit_bytes, render_nginx_conf
 
 pytestmark = pytest.mark.unit
 
@@ -114,6 +122,43 @@ def test_batch_transform_gets_the_longer_default_timeout() -> None:
     assert ServeSettings.from_env({"SAGEMAKER_BATCH": "true"}, cpu_count=2).timeout_s == 600
 
 
+@pytest.mark.parametrize(
+    ("memory_gib", "cores", "workers", "threads"),
+    [(0, 8, 4, 2), (3, 2, 1, 2), (3, 4, 1, 4), (6, 4, 3, 1), (1, 2, 1, 2), (24, 2, 2, 1)],
+)
+def test_cpu_workers_and_threads_follow_the_memory_cap(memory_gib: int, cores: int, workers: int, threads: int) -> None:
+    """A 3-GB serverless endpoint runs one worker with every core's thread; no cap (0) changes nothing."""
+    settings = ServeSettings.from_env({}, cpu_count=cores, memory_bytes=memory_gib * GIB)
+    assert (settings.workers, settings.torch_threads) == (workers, threads)
+    assert settings.memory_bytes == memory_gib * GIB
+    assert cpu_workers_in_memory(SERVE_RESERVE_BYTES + 2 * CPU_WORKER_BYTES) == 2
+
+
+def test_memory_cap_from_cgroup_v2_and_v1(tmp_path: Path) -> None:
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("3221225472\n")
+    assert memory_limit_bytes(v2) == 3 * GIB
+    (v2 / "memory.max").write_text("max\n")
+    assert memory_limit_bytes(v2) == 0
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert memory_limit_bytes(tmp_path / "v1") == 0
+    assert memory_limit_bytes(tmp_path / "none") == 0
+
+
+def test_asynchronous_limits_reach_nginx_gunicorn_and_the_worker(tmp_path: Path) -> None:
+    """1024 MiB bodies and a 3600-s inference: nginx waits longest, gunicorn next, the model's deadline first."""
+    env = {"SAGEMAKER_MAX_PAYLOAD_IN_MB": "1024", "SAGEMAKER_MODEL_SERVER_TIMEOUT": "3600"}
+    settings = ServeSettings.from_env(env, cpu_count=2, nginx="/usr/sbin/nginx")
+    assert settings.max_payload_bytes == 1024 * 1024 * 1024 and settings.timeout_s == 3600
+    conf = render_nginx_conf(settings, RunDir(tmp_path), 2)
+    assert f"client_max_body_size {1024**3};" in conf
+    assert "proxy_read_timeout 3610s;" in conf and "proxy_send_timeout 3610s;" in conf
+    assert gunicorn_options(settings, RunDir(tmp_path))["timeout"] == 3605
+
+
 def test_timeouts_agree() -> None:
     settings = ServeSettings.from_env({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "30"}, cpu_count=2)
     assert settings.nginx_timeout_s >= settings.gunicorn_timeout_s >= settings.timeout_s == 30
@@ -125,7 +170,8 @@ def test_timeouts_agree() -> None:
         ("SAGEMAKER_MODEL_SERVER_WORKERS", "0"),
         ("SAGEMAKER_MODEL_SERVER_WORKERS", "two"),
         ("SAGEMAKER_BIND_TO_PORT", "70000"),
-        ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "101"),
+        ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "1025"),
+        ("SAGEMAKER_MODEL_SERVER_TIMEOUT", "3601"),
         ("SAGEMAKER_BATCH", "maybe"),
         ("SAGEMAKER_BATCH_STRATEGY", "ALL"),
         ("MASKRCNN_DEVICE", "tpu"),

@@ -179,9 +179,10 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             width, height = image.size
             if width < 1 or height < 1:
                 raise RequestError(f"the image has no pixels ({width} x {height})")
-            if width * height > max_pixels:
+            if width * height > max_pixels:  # 413: too large, like a body over the limit (asynchronous bodies)
                 raise RequestError(
-                    f"the image is {width} x {height} = {width * height} pixels; the limit is {max_pixels}"
+                    f"the image is {width} x {height} = {width * height} pixels; the limit is {max_pixels}",
+                    status=413,
                 )
             image.load()  # decode now: truncated or corrupt data fails here, not later
             return _to_rgb(_upright(image))

@@ -12,8 +12,8 @@ Environment (SageMaker's names first, then ours):
 ``SAGEMAKER_BASE_DIR``              root of every path (default ``/opt/ml``); model from ``model/``
 ``SAGEMAKER_BIND_TO_PORT``          public port (default 8080)
 ``SAGEMAKER_MODEL_SERVER_WORKERS``  gunicorn workers (default: see below)
-``SAGEMAKER_MODEL_SERVER_TIMEOUT``  seconds one inference may take (default 60; 600 in batch)
-``SAGEMAKER_MAX_PAYLOAD_IN_MB``     request body limit in MiB (default 6, at most 100)
+``SAGEMAKER_MODEL_SERVER_TIMEOUT``  seconds one inference may take (default 60; 600 in batch; at most 3600)
+``SAGEMAKER_MAX_PAYLOAD_IN_MB``     request body limit in MiB (default 6, at most 1024)
 ``SAGEMAKER_BATCH``                 ``true`` in batch transform
 ``SAGEMAKER_BATCH_STRATEGY``        reported by ``/execution-parameters`` (default SINGLE_RECORD)
 ``SAGEMAKER_MAX_CONCURRENT_TRANSFORMS``  reported by ``/execution-parameters`` (default workers)
@@ -25,8 +25,11 @@ Environment (SageMaker's names first, then ours):
 ``MASKRCNN_NGINX``                  path to nginx, or ``off`` to let gunicorn listen itself
 ==================================  ==========================================================
 
-CPU default: ``workers = min(cores, 4)`` and ``threads = cores // workers`` so that
-workers x threads <= cores (oversubscribing cores makes every request slower and starves /ping).
+CPU default: ``workers = min(cores, 4, workers the memory cap holds)`` and ``threads = cores // workers`` so that
+workers x threads <= cores (oversubscribing cores makes every request slower and starves /ping). The memory
+cap is the container's cgroup limit (``docker run --memory``, a serverless endpoint's ``MemorySizeInMB``):
+``SERVE_RESERVE_BYTES`` for nginx, the supervisor and gunicorn's arbiter, then ``CPU_WORKER_BYTES`` a worker,
+at least one; so a 3-GB serverless endpoint runs one worker with every core's thread.
 
 GPU default (:func:`default_workers_per_gpu`): two workers per GPU where two fit in the smallest GPU's memory
 (``GPU_WORKER_BYTES`` each, with ``GPU_RESERVE_BYTES`` left free) and the host has a core for each, else one;
@@ -51,7 +54,8 @@ DEFAULT_PORT = 8080
 DEFAULT_TIMEOUT_S = 60  # SageMaker answers a real-time invocation within 60 s
 BATCH_TIMEOUT_S = 600  # a batch-transform invocation may take up to 600 s
 DEFAULT_PAYLOAD_MB = 6  # real-time request limit: 6 MiB
-MAX_PAYLOAD_MB = 100  # batch transform's ceiling
+MAX_PAYLOAD_MB = 1024  # asynchronous inference posts S3 objects of up to 1 GB (batch transform's ceiling: 100)
+MAX_TIMEOUT_S = 3600  # asynchronous inference's longest InvocationTimeoutSeconds
 DEFAULT_MAX_IMAGE_PIXELS = 36_000_000  # 6000 x 6000: above any camera we expect, far below an OOM
 DEFAULT_MAX_IMAGES = 16
 MAX_CPU_WORKERS = 4  # beyond this, more threads per worker beat more copies of the model
@@ -61,6 +65,10 @@ GIB = 1024**3
 # (800 x 1333) resnet50_fpn forward pass and mask pasting (docs/serving.md, "GPU serving", says how measured).
 GPU_WORKER_BYTES = 3 * GIB
 GPU_RESERVE_BYTES = 1 * GIB  # left free on each GPU for fragmentation and the driver
+# One CPU worker's memory: resnet50_fpn's weights and a full-size forward pass (lite's worker peaks near 0.5 GiB
+# with a 20-MB PNG; docs/serving.md, "Hosting modes"), and what serve's other processes take beside them.
+CPU_WORKER_BYTES = 3 * GIB // 2
+SERVE_RESERVE_BYTES = GIB // 2
 INFERENCE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 GRACEFUL_TIMEOUT_S = 25  # SIGKILL follows SIGTERM after 30 s; leave room to exit cleanly
 BATCH_STRATEGIES = ("SINGLE_RECORD", "MULTI_RECORD")
@@ -77,6 +85,7 @@ class ServeSettings:
     device: str = "cpu"  # "cpu" or "cuda"; a GPU worker takes cuda:<its slot>
     gpu_count: int = 0
     gpu_memory_bytes: int = 0  # the smallest visible GPU's total memory; 0 = unknown
+    memory_bytes: int = 0  # the container's memory cap (cgroup); 0 = none
     inference_dtype: str = "auto"  # GPU autocast dtype; auto = bfloat16 where native, else float16
     timeout_s: int = DEFAULT_TIMEOUT_S
     max_payload_mb: int = DEFAULT_PAYLOAD_MB
@@ -121,6 +130,7 @@ class ServeSettings:
         cpu_count: int,
         gpu_count: int = 0,
         gpu_memory_bytes: int = 0,
+        memory_bytes: int = 0,
         nginx: str | None = None,
     ) -> ServeSettings:
         """Resolve settings from the environment and the machine; raise ConfigError on bad values."""
@@ -137,14 +147,18 @@ class ServeSettings:
         if device == "cuda":
             default_workers = gpu_count * default_workers_per_gpu(gpu_memory_bytes, cpu_count, gpu_count)
         else:
-            default_workers = min(cpu_count, MAX_CPU_WORKERS)
+            default_workers = min(cpu_count, MAX_CPU_WORKERS, cpu_workers_in_memory(memory_bytes))
         workers = _int(env, "SAGEMAKER_MODEL_SERVER_WORKERS", default_workers, minimum=1)
         default_threads = max(1, cpu_count // workers) if device == "cpu" else 1
         threads = _int(env, "MASKRCNN_TORCH_THREADS", default_threads, minimum=1)
 
         batch = _bool(env, "SAGEMAKER_BATCH", False)
         timeout = _int(
-            env, "SAGEMAKER_MODEL_SERVER_TIMEOUT", BATCH_TIMEOUT_S if batch else DEFAULT_TIMEOUT_S, minimum=1
+            env,
+            "SAGEMAKER_MODEL_SERVER_TIMEOUT",
+            BATCH_TIMEOUT_S if batch else DEFAULT_TIMEOUT_S,
+            minimum=1,
+            maximum=MAX_TIMEOUT_S,
         )
         payload = _int(env, "SAGEMAKER_MAX_PAYLOAD_IN_MB", DEFAULT_PAYLOAD_MB, minimum=1)
         if payload > MAX_PAYLOAD_MB:
@@ -170,6 +184,7 @@ class ServeSettings:
             device=device,
             gpu_count=gpu_count,
             gpu_memory_bytes=max(0, gpu_memory_bytes),
+            memory_bytes=max(0, memory_bytes),
             inference_dtype=dtype,
             timeout_s=timeout,
             max_payload_mb=payload,
@@ -191,6 +206,14 @@ class ServeSettings:
         data: dict[str, Any] = json.loads(text)
         data["base_dir"] = Path(data["base_dir"])
         return cls(**data)
+
+
+def cpu_workers_in_memory(memory_bytes: int) -> int:
+    """CPU workers a memory cap holds (``CPU_WORKER_BYTES`` each after ``SERVE_RESERVE_BYTES``), at least one;
+    no cap (0) holds any number."""
+    if memory_bytes <= 0:
+        return MAX_CPU_WORKERS
+    return max(1, (memory_bytes - SERVE_RESERVE_BYTES) // CPU_WORKER_BYTES)
 
 
 def default_workers_per_gpu(gpu_memory_bytes: int, cpu_count: int, gpu_count: int) -> int:

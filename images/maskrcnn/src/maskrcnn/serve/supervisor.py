@@ -76,6 +76,7 @@ def main(argv: list[str]) -> int:
             cpu_count=cpu_count(),
             gpu_count=gpus,
             gpu_memory_bytes=gpu_memory_bytes(gpus),
+            memory_bytes=memory_limit_bytes(),
             nginx=shutil.which("nginx"),
         )
         spec = check_saved_model(settings.model_dir)
@@ -100,6 +101,17 @@ def cpu_count() -> int:
         if quota != "max":
             count = min(count, max(1, math.ceil(int(quota) / int(period))))
     return count
+
+
+def memory_limit_bytes(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The container's memory cap (``docker run --memory``, a serverless endpoint's size): cgroup v2's
+    ``memory.max``, else v1's ``memory.limit_in_bytes``; 0 when there is none (v1 writes a huge number)."""
+    for name in ("memory.max", "memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            text = (cgroup / name).read_text().strip()
+            limit = 0 if text == "max" else int(text)
+            return limit if 0 < limit < 2**60 else 0
+    return 0
 
 
 def gpu_count(environ: Mapping[str, str] = os.environ) -> int:
@@ -192,7 +204,8 @@ class Supervisor:
         settings = self.settings
         run_dir.settings_file.write_text(settings.to_json())
         log.info(
-            "serving %s on port %d: %d worker(s) x %d torch thread(s) on %s, timeout %d s, payload %d MiB",
+            "serving %s on port %d: %d worker(s) x %d torch thread(s) on %s, timeout %d s, payload %d MiB, "
+            "memory cap %s",
             settings.model_dir,
             settings.port,
             settings.workers,
@@ -200,6 +213,7 @@ class Supervisor:
             settings.device,
             settings.timeout_s,
             settings.max_payload_mb,
+            f"{settings.memory_bytes / 2**30:.1f} GiB" if settings.memory_bytes else "none",
         )
         if settings.device == "cuda":
             log.info(
