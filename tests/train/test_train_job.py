@@ -254,7 +254,19 @@ def test_one_process_per_device_launcher_trains_and_stops_together(make_job) -> 
     assert len(payload["rng"]) == 2  # each rank's own random state, restored to that rank on resume
 
 
-def test_a_failing_device_process_leaves_its_reason(make_job, tmp_path: Path) -> None:
+def test_a_failing_device_process_leaves_its_reason(make_job, synthetic_dir: Path, tmp_path: Path) -> None:
+    weights = tmp_path / "weights"  # what the device processes read (the launcher checks only the data)
+    weights.mkdir()
+    for name in ("a.pth", "b.pth"):
+        (weights / name).write_bytes(b"")
+    base = make_job(channels={"training": synthetic_dir, "pretrained": weights})
+    result = run_train(base, MASKRCNN_PROCS_PER_HOST="2", MASKRCNN_MASTER_PORT=str(free_port()))
+    assert result.returncode == 1
+    assert "started 2 training processes" in result.stdout
+    assert "the pretrained channel must hold exactly one" in failure_reason(base)
+
+
+def test_bad_data_fails_in_the_launcher_before_the_device_processes_start(make_job, tmp_path: Path) -> None:
     data = tmp_path / "empty"
     data.mkdir()
     (data / "annotations.json").write_text(
@@ -264,6 +276,7 @@ def test_a_failing_device_process_leaves_its_reason(make_job, tmp_path: Path) ->
     result = run_train(base, MASKRCNN_PROCS_PER_HOST="2", MASKRCNN_MASTER_PORT=str(free_port()))
     assert result.returncode == 1
     assert "has no images" in failure_reason(base)
+    assert "started 2 training processes" not in result.stdout  # checked once for the host, by the launcher
 
 
 def test_a_short_job_still_reports_its_loss(make_job) -> None:

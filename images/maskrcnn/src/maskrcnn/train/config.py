@@ -40,7 +40,7 @@ class Hyperparameters:
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit; for smoke runs)
     max_runtime: int = 0  # seconds the job may take: fit the schedule's steps, evaluate, write the model (0 = none)
     batch_size: int = 4  # images per process per step
-    lr: float = 0.02  # peak learning rate (per the whole job; not scaled by world size)
+    lr: float = 0.02  # peak learning rate for one process's batch_size images; N processes train at N x lr
     optimizer: str = "sgd"  # sgd or adamw
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-4  # L2 / decoupled weight decay
@@ -310,7 +310,7 @@ SYNTHETIC_CPU_TRAIN_IMAGES = 400
 GPU_RESNET50_PRESET: dict[str, str] = {
     "arch": "resnet50_fpn",
     "epochs": "10",
-    "lr": "0.01",  # SGD for one GPU's 4 images a step (the schema's 0.02 is torchvision's for 16 a step)
+    "lr": "0.01",  # SGD for one GPU's 4 images a step (x GPUs on a bigger host: the rate per image stays)
     "checkpoint_every": "500",
 }
 

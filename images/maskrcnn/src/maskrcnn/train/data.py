@@ -56,7 +56,7 @@ import math
 import random
 import signal
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,16 +111,18 @@ class DatasetIndex:
             self.category_ids,
         )
 
-    def to_coco(self) -> dict[str, Any]:
-        """Ground truth for pycocotools / faster-coco-eval; category ids are our labels."""
+    def to_coco(self, image_ids: Mapping[Any, int] | None = None) -> dict[str, Any]:
+        """Ground truth for pycocotools / faster-coco-eval; category ids are our labels. ``image_ids`` renumbers
+        the images (a job-wide numbering of several hosts' shards, whose own ids are unique only per host)."""
         anns: list[dict[str, Any]] = []
+        new_id = (lambda image_id: image_ids[image_id]) if image_ids is not None else (lambda image_id: image_id)
         for image in self.images:
             for ann in self.annotations.get(image["id"], []):
                 rle = _to_rle(ann["segmentation"], image["height"], image["width"])
                 anns.append(
                     {
                         "id": len(anns) + 1,
-                        "image_id": image["id"],
+                        "image_id": new_id(image["id"]),
                         "category_id": ann["label"],
                         "segmentation": {"size": rle["size"], "counts": _counts_str(rle)},
                         "area": float(mask_utils.area(rle)),
@@ -129,10 +131,21 @@ class DatasetIndex:
                     }
                 )
         return {
-            "images": [{k: im[k] for k in ("id", "file_name", "width", "height")} for im in self.images],
+            "images": [
+                {"id": new_id(im["id"]), "file_name": im["file_name"], "width": im["width"], "height": im["height"]}
+                for im in self.images
+            ],
             "annotations": anns,
             "categories": [{"id": i + 1, "name": n} for i, n in enumerate(self.class_names)],
         }
+
+
+def merge_coco(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One COCO ground truth from several with distinct image ids (each host's shard, renumbered by
+    :meth:`DatasetIndex.to_coco`); annotation ids are renumbered, the categories are the first part's."""
+    images = [image for part in parts for image in part["images"]]
+    annotations = [{**ann, "id": n} for n, ann in enumerate((a for part in parts for a in part["annotations"]), 1)]
+    return {"images": images, "annotations": annotations, "categories": parts[0]["categories"]}
 
 
 def detect_format(channel: Path) -> str:
@@ -146,12 +159,18 @@ def detect_format(channel: Path) -> str:
     )
 
 
-def load_index(channel: Path, fmt: str = "auto") -> DatasetIndex:
-    """Read a channel directory into a validated :class:`DatasetIndex`."""
+ImageSizes = Mapping[str, tuple[int, int]]  # an image file's path -> (width, height), as its header says
+
+
+def load_index(channel: Path, fmt: str = "auto", sizes: ImageSizes | None = None) -> DatasetIndex:
+    """Read a channel directory into a validated :class:`DatasetIndex`.
+
+    ``sizes``: every image's header as another process of this host already read it (:func:`image_sizes` of
+    the index it loaded): no image header is opened again (under FastFile each is a read from S3)."""
     if not channel.is_dir():
         raise DataError(f"dataset folder {channel} does not exist")
     fmt = detect_format(channel) if fmt == "auto" else fmt
-    index = _load_pennfudan(channel) if fmt == "pennfudan" else _load_coco(channel)
+    index = _load_pennfudan(channel, sizes) if fmt == "pennfudan" else _load_coco(channel, sizes)
     if not index.images:
         raise DataError(f"dataset {channel} has no images")
     if not any(index.annotations.get(im["id"]) for im in index.images):
@@ -159,7 +178,12 @@ def load_index(channel: Path, fmt: str = "auto") -> DatasetIndex:
     return index
 
 
-def _load_coco(channel: Path) -> DatasetIndex:
+def image_sizes(index: DatasetIndex) -> dict[str, tuple[int, int]]:
+    """Each image's (width, height) by its path: what :func:`load_index` read from the headers."""
+    return {str(im["path"]): (im["width"], im["height"]) for im in index.images}
+
+
+def _load_coco(channel: Path, sizes: ImageSizes | None = None) -> DatasetIndex:
     path = _annotation_file(channel)
     try:
         coco = json.loads(path.read_text())
@@ -175,7 +199,7 @@ def _load_coco(channel: Path) -> DatasetIndex:
     categories = _coco_categories(coco["categories"], where)
     label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
     images = _coco_images(coco["images"], channel, where, repairs)
-    _check_headers(images, where)
+    _check_headers(images, where, sizes)
     image_of = {im["id"]: im for im in images}
     annotations: dict[Any, list[dict[str, Any]]] = {}
     seen: set[tuple[Any, ...]] = set()
@@ -269,14 +293,22 @@ def _coco_images(entries: list[Any], channel: Path, where: str, repairs: Counter
     return images
 
 
-def _check_headers(images: list[dict[str, Any]], where: str) -> None:
+def _header_size(path: Path, sizes: ImageSizes | None) -> tuple[int, int]:
+    """(width, height) of an image: from ``sizes`` when it has the file, else from its header (no pixels)."""
+    if sizes is not None and str(path) in sizes:
+        width, height = sizes[str(path)]
+        return width, height
+    try:
+        with Image.open(path) as handle:
+            return handle.size
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+
+
+def _check_headers(images: list[dict[str, Any]], where: str, sizes: ImageSizes | None = None) -> None:
     """Open every image's header (cheap: no pixels decoded) so a bad file fails the job now, not hours in."""
     for im in images:
-        try:
-            with Image.open(im["path"]) as handle:
-                width, height = handle.size
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DataError(f"cannot read image {im['path']}: {exc}") from None
+        width, height = _header_size(im["path"], sizes)
         if im.get("width") is None and im.get("height") is None:
             im["width"], im["height"] = width, height
         elif (im.get("width"), im.get("height")) != (width, height):
@@ -448,7 +480,7 @@ def _find_image(channel: Path, file_name: str) -> Path | None:
     return None
 
 
-def _load_pennfudan(channel: Path) -> DatasetIndex:
+def _load_pennfudan(channel: Path, sizes: ImageSizes | None = None) -> DatasetIndex:
     image_paths = sorted(p for p in (channel / "PNGImages").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     images, annotations = [], {}
     for image_id, path in enumerate(image_paths, start=1):
@@ -459,11 +491,7 @@ def _load_pennfudan(channel: Path) -> DatasetIndex:
         if grey.ndim == 3:
             raise DataError(f"{mask_path} must be single-channel (one grey level per instance)")
         height, width = grey.shape
-        try:
-            with Image.open(path) as handle:  # the header only: a mismatch fails now, not in the data loader
-                image_size = handle.size
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from None
+        image_size = _header_size(path, sizes)  # the header only: a mismatch fails now, not in the data loader
         if image_size != (width, height):
             raise DataError(
                 f"PennFudan image {path.name} is {image_size[0]}x{image_size[1]} but its mask {mask_path.name} "

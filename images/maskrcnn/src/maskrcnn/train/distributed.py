@@ -96,6 +96,25 @@ def init(config: TrainConfig, local_rank: int, nprocs: int) -> DistContext:
     return DistContext(rank, local_rank, world_size, device)
 
 
+def sync_batch_norm(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """``model`` with every BatchNorm layer that trains as SyncBatchNorm, when the job has several CUDA processes.
+
+    Trainable BatchNorm (resnet50 from scratch; v2's FPN and heads) would otherwise normalise with each GPU's
+    own 4 images (and the few regions the heads see of them): poor statistics, and running averages that
+    differ from rank to rank while only rank 0's are saved. Synchronised, each layer normalises over the
+    whole step's batch. The frozen BatchNorm of a pretrained body (FrozenBatchNorm2d) and GroupNorm are not
+    BatchNorm layers and stay as they are; the state dict is the same, so the saved model is plain BatchNorm2d.
+    CPU jobs (gloo) keep per-process statistics: torch's SyncBatchNorm runs on GPUs only ("SyncBatchNorm
+    expected input tensor to be on GPU"), and a CPU process trains lite (GroupNorm) or few resnet steps.
+    """
+    if not (ctx.distributed and ctx.device.type == "cuda"):
+        return model
+    count = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if count:
+        log.info("SyncBatchNorm: %d BatchNorm layers normalise over all %d processes' images", count, ctx.world_size)
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def any_rank(flag: bool, ctx: DistContext) -> bool:
     """True when ``flag`` is true on any rank: every rank stops at the same step."""
     if not ctx.distributed:
@@ -171,6 +190,15 @@ def gather_to_main(items: list[Any], ctx: DistContext) -> list[Any] | None:
     if parts is None:
         return None
     return [item for part in parts for item in (part or [])]
+
+
+def gather_to_all(item: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's ``item``, in rank order, on every rank."""
+    if not ctx.distributed:
+        return [item]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, item)
+    return gathered
 
 
 def barrier(ctx: DistContext) -> None:

@@ -312,7 +312,7 @@ class _Discard:
 def evaluate(
     model: nn.Module,
     loader: Iterable[tuple[list[torch.Tensor], list[dict[str, Any]]]],
-    ground_truth: dict[str, Any],
+    ground_truth: dict[str, Any] | None,
     device: torch.device,
     epoch: int = 0,
     should_stop: Callable[[], bool] | None = None,
@@ -321,7 +321,8 @@ def evaluate(
     """Predict ``loader`` and score it; logs one metrics line.
 
     With ``gather`` (distributed evaluation: each rank predicts its part), the predictions of every rank
-    are merged on the main rank, which scores them; the other ranks get None from it and return {}.
+    are merged on the main rank, which scores them against ``ground_truth``; the other ranks get None from it
+    (and need no ground truth) and return {}.
     """
     started = time.perf_counter()
     log.info("evaluating epoch %d", epoch)
@@ -331,6 +332,7 @@ def evaluate(
         if merged is None:
             return {}
         results = merged
+    assert ground_truth is not None, "the rank that scores needs the ground truth"
     scores = coco_scores(ground_truth, results)
     log.info(format_metrics("eval", {"epoch": epoch, **scores}))
     log.info("evaluation took %.1fs for %d detections", time.perf_counter() - started, len(results))

@@ -54,12 +54,15 @@ from maskrcnn.train.config import Hyperparameters, TrainConfig
 from maskrcnn.train.data import (
     DatasetIndex,
     GroupedOrder,
+    ImageSizes,
     InstanceDataset,
     aspect_ratio_groups,
     collate,
     eval_transforms,
     ignore_stop_signals,
+    image_sizes,
     load_index,
+    merge_coco,
     split_index,
     train_transforms,
 )
@@ -109,11 +112,12 @@ def training_sampler(dataset: InstanceDataset, config: TrainConfig, ctx: distrib
     return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.hp.seed)
 
 
-def load_data(config: TrainConfig) -> tuple[DatasetIndex, DatasetIndex]:
+def load_data(config: TrainConfig, sizes: ImageSizes | None = None) -> tuple[DatasetIndex, DatasetIndex]:
+    """The training and validation sets, checked (``sizes``: the image headers as :func:`check_data` read them)."""
     hp = config.hp
-    training = load_index(config.paths.channel("training"), hp.dataset_format)
+    training = load_index(config.paths.channel("training"), hp.dataset_format, sizes)
     if "validation" in config.channels:
-        validation = load_index(config.paths.channel("validation"), hp.dataset_format)
+        validation = load_index(config.paths.channel("validation"), hp.dataset_format, sizes)
         if validation.class_names != training.class_names:
             raise DataError(
                 f"validation classes {validation.class_names} differ from training classes {training.class_names}"
@@ -133,6 +137,24 @@ def load_data(config: TrainConfig) -> tuple[DatasetIndex, DatasetIndex]:
             )
         return training, validation
     return split_index(training, hp.val_fraction, hp.seed)
+
+
+def check_data(config: TrainConfig) -> dict[str, tuple[int, int]]:
+    """Check this host's datasets once, before its training processes start, and return every image's size.
+
+    Reading each image's header is the check's slow part (linear in the images: about half a minute for COCO's
+    118k on a local disk, and under FastFile each is a read from S3); the processes get the sizes and read no
+    header again (``load_index(..., sizes)``), while each still parses the annotations itself. Bad data fails
+    here, in the launcher, before any process starts. Every host checks its own data (a sharded channel
+    differs from host to host).
+    """
+    began = time.perf_counter()
+    training, validation = load_data(config)
+    sizes = {**image_sizes(training), **image_sizes(validation)}
+    log.info(
+        "data checked once for this host: %d image headers read in %.1f s", len(sizes), time.perf_counter() - began
+    )
+    return sizes
 
 
 def pretrained_file(config: TrainConfig) -> Path | None:
@@ -247,12 +269,43 @@ def grad_scaler(amp_dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
     return torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
 
-def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+REFERENCE_LR = (0.02, 16)  # torchvision's detection reference: lr 0.02 for 16 images a step (8 GPUs x 2)
+
+
+def job_lr(hp: Hyperparameters, world_size: int) -> float:
+    """The optimizer's peak learning rate: ``lr`` times the number of training processes.
+
+    ``lr`` and ``batch_size`` are both one process's: ``lr`` is the rate for ``batch_size`` images a step,
+    and a job of N processes, which trains N x batch_size images a step, trains at N x lr (the linear scaling
+    rule of Goyal et al. 2017 that torchvision's 0.02 per 16 images follows, applied as detectron2's
+    ``REFERENCE_WORLD_SIZE`` applies it). So the same hyperparameters mean the same learning rate per image
+    on any instance: a recipe tried on one GPU trains alike on an 8-GPU host or on several hosts, and a
+    one-process job (the CPU demo) trains at ``lr`` exactly. Left unscaled, the usual move (the same
+    hyperparameters, a bigger instance) would silently train at an eighth of the rate per image. Where a
+    recipe gives a job-wide rate (torchvision's ``--lr 0.02`` for 8 x 2 images), divide it by the processes:
+    the job's log states the rate it trains at, for how many images, and per image (:func:`describe_lr`).
+    """
+    return hp.lr * world_size
+
+
+def describe_lr(hp: Hyperparameters, world_size: int) -> str:
+    peak, images = job_lr(hp, world_size), hp.batch_size * world_size
+    reference, per = REFERENCE_LR
+    return (
+        f"learning rate: peak {peak:.4g} for {images} images a step ({world_size} process(es) x batch_size "
+        f"{hp.batch_size}; lr={hp.lr:g} is one process's, scaled by the processes): {peak / images:.4g} per image "
+        f"(torchvision's reference: {reference:g} for {per} images, {reference / per:.4g} per image)"
+    )
+
+
+def make_optimizer(model: torch.nn.Module, hp: Hyperparameters, lr: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer of the trainable parameters at peak ``lr`` (default ``hp.lr``: one process's)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    lr = hp.lr if lr is None else lr
     if hp.optimizer == "adamw":
         # one fused kernel instead of a dozen ops per tensor: 13 -> 4.5 ms a lite step on 2 CPU cores
-        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, fused=True)
-    return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=hp.weight_decay, fused=True)
+    return torch.optim.SGD(params, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
 
 
 def run(config: TrainConfig, started: float | None = None) -> int:
@@ -266,13 +319,14 @@ def run(config: TrainConfig, started: float | None = None) -> int:
         stop = StopSignal()
         stop.install()
         return worker(0, config, 1, stop, started)
-    # SIGTERM stays blocked while the GPU processes start: they inherit the mask through spawn's exec, so
-    # a stop that comes while one is still importing torch waits until its handler is in place
-    # (spawned_worker unblocks it) instead of killing it, which would read as a failure.
+    # SIGTERM stays blocked while the data is checked and the GPU processes start: they inherit the mask
+    # through spawn's exec, so a stop that comes while one is still importing torch waits until its handler
+    # is in place (spawned_worker unblocks it) instead of killing it, which would read as a failure.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
+        sizes = check_data(config)
         context = mp.start_processes(
-            spawned_worker, args=(config, nprocs, started), nprocs=nprocs, join=False, start_method="spawn"
+            spawned_worker, args=(config, nprocs, started, sizes), nprocs=nprocs, join=False, start_method="spawn"
         )
 
         def forward(signum: int, _frame: Any) -> None:
@@ -295,14 +349,16 @@ def run(config: TrainConfig, started: float | None = None) -> int:
     return 0
 
 
-def spawned_worker(local_rank: int, config: TrainConfig, nprocs: int, started: float) -> None:
+def spawned_worker(
+    local_rank: int, config: TrainConfig, nprocs: int, started: float, sizes: ImageSizes | None = None
+) -> None:
     """One GPU's process: its own logging, its failure reason on disk, its exit code as the process's."""
     stop = StopSignal()
     stop.install()  # first: SIGTERM was blocked since before this process started (see run)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     setup_logging(rank=local_rank)
     try:
-        code = worker(local_rank, config, nprocs, stop, started)
+        code = worker(local_rank, config, nprocs, stop, started, sizes)
     except JobError as exc:
         if local_rank == 0:
             write_failure(config.paths, str(exc))
@@ -313,13 +369,21 @@ def spawned_worker(local_rank: int, config: TrainConfig, nprocs: int, started: f
         raise SystemExit(code)
 
 
-def worker(local_rank: int, config: TrainConfig, nprocs: int, stop: StopSignal, started: float) -> int:
+def worker(
+    local_rank: int,
+    config: TrainConfig,
+    nprocs: int,
+    stop: StopSignal,
+    started: float,
+    sizes: ImageSizes | None = None,
+) -> int:
+    """One training process: join the job, train, leave; ``sizes``: the image headers the launcher read."""
     ctx = distributed.init(config, local_rank, nprocs)
     if not ctx.is_main:
         logging.getLogger("maskrcnn.train.engine").setLevel(logging.WARNING)  # one metrics stream per job
     state = LoopState()
     try:
-        return _train(config, ctx, stop, state, started)
+        return _train(config, ctx, stop, state, started, sizes)
     except RuntimeError as exc:
         where = f"epoch {state.epoch} step {state.global_step}"
         lost = distributed.describe_failure(exc, ctx, config, where)
@@ -331,14 +395,19 @@ def worker(local_rank: int, config: TrainConfig, nprocs: int, stop: StopSignal, 
 
 
 def _train(
-    config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, state: LoopState, job_started: float
+    config: TrainConfig,
+    ctx: distributed.DistContext,
+    stop: StopSignal,
+    state: LoopState,
+    job_started: float,
+    sizes: ImageSizes | None = None,
 ) -> int:
     """The job on one rank; ``state`` is advanced in place, so a failure can say where it happened.
 
     Every rank runs the same collectives in the same order: set-up (the agreed step count), resume (the
     checkpoint broadcast), the loop (stop flags, budget plans, checkpoints' random states), the outputs.
     """
-    job = _Job(config, ctx, stop, state, job_started)
+    job = _Job(config, ctx, stop, state, job_started, sizes)
     job.resume()
     job.prepare_loop()
     scores = job.train()
@@ -352,7 +421,13 @@ class _Job:
     """One rank's job, built in set-up order by ``__init__``; then resume, prepare_loop, train, finish."""
 
     def __init__(
-        self, config: TrainConfig, ctx: distributed.DistContext, stop: StopSignal, state: LoopState, job_started: float
+        self,
+        config: TrainConfig,
+        ctx: distributed.DistContext,
+        stop: StopSignal,
+        state: LoopState,
+        job_started: float,
+        sizes: ImageSizes | None = None,
     ):
         self.config, self.hp, self.ctx, self.stop, self.state = config, config.hp, ctx, stop, state
         self.job_started = job_started
@@ -363,7 +438,7 @@ class _Job:
             # Deterministic mode also fills every new tensor with NaN, to expose reads of uninitialised memory;
             # nothing here reads memory it has not written, and the fill costs ~4 % of a lite training step.
             torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
-        self.train_index, self.val_index = load_data(config)
+        self.train_index, self.val_index = load_data(config, sizes)
         log.info(
             "data: %d training and %d validation images, classes %s (%s format)",
             len(self.train_index.images),
@@ -381,10 +456,12 @@ class _Job:
             trainable_backbone_layers=hp.trainable_backbone_layers,
             max_detections=hp.max_detections,
         ).to(ctx.device)
+        self.model = distributed.sync_batch_norm(self.model, ctx)
         self.train_model: torch.nn.Module = self.model
         self._training_data()
         self._plan()
-        self.optimizer = make_optimizer(self.model, hp)
+        self.optimizer = make_optimizer(self.model, hp, job_lr(hp, ctx.world_size))
+        log.info(describe_lr(hp, ctx.world_size))
         self.scheduler = make_scheduler(self.optimizer, hp, self.steps_per_epoch, lambda: state.last_step)
         state.last_step = self.total_steps
         self.amp_dtype = autocast_dtype(ctx.device) if hp.amp else None
@@ -490,8 +567,8 @@ class _Job:
             )
         self.summaries = Summaries(self.config.paths.tensorboard_dir if ctx.is_main else None)
         self.written = len(self.state.history)  # a resumed job's earlier entries are in its first run's files
-        self.val_loader, self.shared_eval = validation_loader(self.val_index, self.config, ctx)
-        self.ground_truth = self.val_index.to_coco()
+        self.val_loader = validation_loader(self.val_index, self.config, ctx)
+        self.ground_truth, self.job_image_ids = job_ground_truth(self.val_index, self.config, ctx)
         self.overlay_set = InstanceDataset(self.val_index, eval_transforms())
         self.started = time.perf_counter()
 
@@ -638,13 +715,17 @@ class _Job:
         self.written = len(self.state.history)
 
     def evaluate(self) -> dict[str, float]:
-        """Every rank scores its part of a validation set they all hold; else rank 0 scores it alone.
+        """Every rank predicts its part of the validation images (:func:`validation_loader`), rank 0 scores
+        them all; the scores on rank 0, {} on the others.
 
         Stops at the next batch on SIGTERM (the scores are then partial, and unused)."""
-        ctx = self.ctx
-        if not (self.shared_eval or ctx.is_main):
-            return {}
-        gather = (lambda results: distributed.gather_to_main(results, ctx)) if self.shared_eval else None
+        ctx, ids = self.ctx, self.job_image_ids
+
+        def gather(results: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+            if ids is not None:  # several hosts' shards: their images in the job-wide numbering
+                results = [{**result, "image_id": ids[result["image_id"]]} for result in results]
+            return distributed.gather_to_main(results, ctx)
+
         return evaluate(
             self.model,
             self.val_loader,
@@ -652,7 +733,7 @@ class _Job:
             ctx.device,
             self.state.epoch,
             should_stop=self.stop,
-            gather=gather,
+            gather=gather if ctx.distributed else None,
         )
 
     def report_evaluation(self, scores: dict[str, float], record: bool = True) -> None:
@@ -689,29 +770,60 @@ def stopped(state: LoopState) -> int:
     return EXIT_STOPPED
 
 
-def validation_loader(
-    index: DatasetIndex, config: TrainConfig, ctx: distributed.DistContext
-) -> tuple[DataLoader, bool]:
-    """The validation loader of this rank, and whether every rank evaluates a part of one shared set.
+def validation_loader(index: DatasetIndex, config: TrainConfig, ctx: distributed.DistContext) -> DataLoader:
+    """This rank's part of the validation images: every rank predicts a part, no image twice (no padding),
+    and rank 0 scores the merged predictions (:meth:`_Job.evaluate`).
 
-    Shared when every host holds the same validation images: a validation channel FullyReplicated, or a
-    split of a FullyReplicated training channel (same files, same seed). Each rank then predicts every
-    world_size-th image (no padding: no image counted twice) and rank 0 scores the merged predictions.
-    Otherwise (sharded data) rank 0 scores its own host's validation images.
+    FullyReplicated (a validation channel every host holds whole, or a split of a FullyReplicated training
+    channel: same files, same seed): every world_size-th image of the set. ShardedByS3Key: each host holds
+    validation images of its own; its processes take every nprocs-th of them, and rank 0 scores every host's
+    (:func:`job_ground_truth`).
     """
     channel = "validation" if "validation" in config.channels else "training"
-    shared = ctx.distributed and not config.sharded(channel)
+    sharded = config.sharded(channel)
+    nprocs = ctx.world_size // len(config.resources.hosts)
+    count = len(index.images)
+    part = range(ctx.local_rank, count, nprocs) if sharded else range(ctx.rank, count, ctx.world_size)
+    if ctx.distributed:
+        whose = f"this host's {count} (sharded)" if sharded else f"the {count}"
+        log.info("evaluation: this rank predicts %d of %s validation images", len(part), whose)
     dataset: torch.utils.data.Dataset = InstanceDataset(index, eval_transforms())
-    if shared:
-        dataset = torch.utils.data.Subset(dataset, range(ctx.rank, len(index.images), ctx.world_size))
-    loader = DataLoader(
+    if len(part) < count:
+        dataset = torch.utils.data.Subset(dataset, part)
+    return DataLoader(
         dataset,
         batch_size=2,
         collate_fn=collate,
         num_workers=min(loader_workers(config, ctx), 2),
         worker_init_fn=ignore_stop_signals,
     )
-    return loader, shared
+
+
+def job_ground_truth(
+    index: DatasetIndex, config: TrainConfig, ctx: distributed.DistContext
+) -> tuple[dict[str, Any] | None, dict[Any, int] | None]:
+    """Rank 0's ground truth for the job's whole validation set (None on the other ranks), and the job-wide
+    number of each of this rank's validation images where the ids need one (else None).
+
+    One host or FullyReplicated data: the index's own, ids as they are. ShardedByS3Key over several hosts:
+    a host's image ids are unique only on that host, so every host's images are numbered 1..N host after
+    host, and each host's first process sends its ground truth to rank 0 (once, at set-up).
+    """
+    channel = "validation" if "validation" in config.channels else "training"
+    hosts = len(config.resources.hosts)
+    if not (config.sharded(channel) and hosts > 1):
+        return (index.to_coco() if ctx.is_main else None), None
+    nprocs = ctx.world_size // hosts
+    counts = distributed.gather_to_all(len(index.images), ctx)[::nprocs]  # one per host, in host order
+    host = ctx.rank // nprocs
+    first = sum(counts[:host])
+    ids = {image["id"]: first + n for n, image in enumerate(index.images, 1)}
+    own = [index.to_coco(ids)] if ctx.local_rank == 0 else []
+    parts = distributed.gather_to_main(own, ctx)
+    if parts is None:
+        return None, ids
+    log.info("evaluation: rank 0 scores %d validation images of %d hosts (%s)", sum(counts), hosts, counts)
+    return merge_coco(parts), ids
 
 
 def write_outputs(
