@@ -1,7 +1,7 @@
 """``python -m local VERB ...``: the parser, logging set-up, and the one place errors become exit codes.
 
-Verbs: ``train``, ``serve``, ``invoke``, ``transform``, ``synth``, ``demo``, ``check``, ``workflow`` (docs/local.md
-has every flag).
+Verbs: ``train``, ``serve``, ``invoke``, ``transform``, ``async``, ``synth``, ``demo``, ``check``, ``workflow``
+(docs/local.md has every flag).
 Exit codes: 0 done; 1 the job / a request / the demo failed; 2 a usage or set-up problem; 143 the
 training job was stopped (SIGTERM/Ctrl-C) after checkpointing; 130 interrupted otherwise.
 """
@@ -65,6 +65,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     _add_serve(verbs, environ)
     _add_invoke(verbs)
     _add_transform(verbs, environ)
+    _add_async(verbs)
     _add_synth(verbs)
     _add_demo(verbs, environ)
     _add_check(verbs, environ)
@@ -107,6 +108,13 @@ def _add_serve(verbs: Any, environ: Mapping[str, str]) -> None:
     serve.add_argument("--model", type=Path, required=True, help="model.tar.gz or an unpacked model folder")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="server environment")
+    serve.add_argument(
+        "--serverless",
+        action="store_true",
+        help="as Serverless Inference runs it (docker mode): read-only root file system but /tmp, --memory; "
+        "prints the cold start",
+    )
+    serve.add_argument("--memory", type=int, default=3072, metavar="MB", help="--serverless: MemorySizeInMB (3072)")
     _runtime_flags(serve, environ)
     serve.set_defaults(func=cmd_serve)
 
@@ -136,6 +144,21 @@ def _add_transform(verbs: Any, environ: Mapping[str, str]) -> None:
     transform.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     _runtime_flags(transform, environ)
     transform.set_defaults(func=cmd_transform)
+
+
+def _add_async(verbs: Any) -> None:
+    run = verbs.add_parser(
+        "async", help="asynchronous inference against a running endpoint: <name>.out / <name>.error per input file"
+    )
+    run.add_argument("--endpoint", required=True, help="a running endpoint, e.g. http://127.0.0.1:8080")
+    run.add_argument("--input", type=Path, required=True, help="folder of request bodies (read recursively)")
+    run.add_argument("--output", type=Path, required=True, help="S3OutputPath: <name>.out per answer")
+    run.add_argument("--failures", type=Path, help="S3FailurePath: <name>.error per failure (default: --output)")
+    run.add_argument("--max-concurrent", type=int, default=1, help="MaxConcurrentInvocationsPerInstance (1)")
+    run.add_argument("--timeout", type=float, default=900, help="InvocationTimeoutSeconds (900, at most 3600)")
+    run.add_argument("--content-type", help="default: from each file's suffix")
+    run.add_argument("--accept", default="application/json")
+    run.set_defaults(func=cmd_async)
 
 
 def _add_synth(verbs: Any) -> None:
@@ -246,9 +269,16 @@ def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             args.port,
             parse_pairs(args.env, "--env"),
             log_sink=for_stream(sys.stdout).line,
+            serverless_memory_mb=args.memory if args.serverless else None,
         ) as endpoint,
         stop_on_signals() as stop,
     ):
+        if args.serverless:
+            print(
+                f"serverless, {args.memory} MB, read-only root file system: cold start {endpoint.ready_s:.1f} s "
+                "(docker run to the first 200 on /ping; SageMaker's ModelSetupTime)",
+                flush=True,
+            )
         print(f"serving {args.model} at {endpoint.url} (Ctrl-C stops)", flush=True)
         wait_until_stopped(endpoint, stop)
     return 0
@@ -284,6 +314,29 @@ def cmd_transform(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         progress=for_stream(sys.stdout),
     )
     print(f"transform: {result.succeeded} of {result.total} inputs -> {args.output}")
+    for name, why in result.failures:
+        print(f"failed: {name}: {why}", file=sys.stderr)
+    return 1 if result.failures else 0
+
+
+def cmd_async(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from local.asyncinf import AsyncJob, run_async
+
+    job = AsyncJob(
+        args.endpoint,
+        args.input,
+        args.output,
+        args.failures,
+        args.max_concurrent,
+        args.timeout,
+        args.content_type,
+        args.accept,
+    )
+    result = run_async(job, for_stream(sys.stdout))
+    print(
+        f"async: {result.succeeded} of {result.total} answered in {result.seconds:.1f} s -> {job.output_dir}"
+        + (f"; {len(result.failures)} failed -> {job.failure_dir}" if result.failures else "")
+    )
     for name, why in result.failures:
         print(f"failed: {name}: {why}", file=sys.stderr)
     return 1 if result.failures else 0

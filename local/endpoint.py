@@ -7,7 +7,10 @@ The model (``model.tar.gz``, extracted safely, or an unpacked folder) becomes ``
 temporary base directory: ``SAGEMAKER_BASE_DIR`` in process mode, mounted at /opt/ml/model in docker
 mode. The server gets ``SAGEMAKER_BIND_TO_PORT`` (process) or ``-p PORT:8080`` (docker). Stopping
 is SageMaker's: SIGTERM, SIGKILL after 30 s. The server's log goes to ``log_sink`` (and its last
-lines into the error when it fails to start).
+lines into the error when it fails to start). ``ready_s`` is the cold start: seconds from starting the server
+(``docker run`` included) to the first 200 on /ping, what SageMaker bills a serverless endpoint as
+``ModelSetupTime``. ``serverless_memory_mb`` runs it as Serverless Inference does (docker mode:
+``--read-only --tmpfs /tmp --memory MB``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class Endpoint:
         env: Mapping[str, str] | None = None,
         log_sink: Callable[[str], None] | None = None,
         startup_timeout_s: float = STARTUP_TIMEOUT_S,
+        serverless_memory_mb: int | None = None,
     ):
         global _endpoint_count
         _endpoint_count += 1
@@ -56,6 +60,8 @@ class Endpoint:
         self.env = dict(env or {})
         self.log_sink = log_sink or (lambda line: log.debug("serve | %s", line))
         self.startup_timeout_s = startup_timeout_s
+        self.serverless_memory_mb = serverless_memory_mb
+        self.ready_s: float | None = None  # the cold start, once /ping answered 200
         self.container = f"local-endpoint-{int(time.time())}-{_endpoint_count}"
         self.recent: collections.deque[str] = collections.deque(maxlen=40)
         self.process: subprocess.Popen | None = None
@@ -92,11 +98,13 @@ class Endpoint:
             base = self._workdir / "ml"
             base.mkdir()
             self._place_model(base)
-            argv, env = self.runtime.serve_command(base, self.port, self.env, self.container)
+            argv, env = self.runtime.serve_command(base, self.port, self.env, self.container, self.serverless_memory_mb)
             log.info("starting serve (%s mode) for %s on port %d", self.runtime.mode, self.model, self.port)
+            started = time.monotonic()
             self.process = start_streaming(argv, env)
             threading.Thread(target=self._pump, daemon=True).start()
             self.wait_ready()
+            self.ready_s = time.monotonic() - started
         except BaseException:
             self.stop()
             raise

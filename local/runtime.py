@@ -6,6 +6,9 @@
   hosts reach each other on 127.0.0.1), ``--gpus all`` on request; ``docker run -p P:8080 IMAGE serve``.
 * ``auto``: docker when an engine answers and the image exists, else process.
 
+A serverless endpoint (``serve_command(..., serverless_memory_mb=MB)``, docker mode only) runs as SageMaker
+Serverless Inference runs a container: ``--read-only --tmpfs /tmp --memory MB``, the model mounted read-only.
+
 Both run the same code on the same files, so they make the same artifacts. The docker CLI's
 ``docker run`` forwards SIGTERM to the container (sig-proxy), so stopping the CLI stops the job.
 """
@@ -40,6 +43,16 @@ SHM_SIZE = "1g"
 # ONEDNN_MAX_CPU_ISA=AVX2 emulates the AVX2 class on a newer CPU), they reach the container too, so docker
 # mode measures what process mode measures.
 CPU_KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+# Serverless Inference's memory sizes (MemorySizeInMB): 1024 to 6144 in steps of 1024.
+SERVERLESS_MEMORY_MB = (1024, 2048, 3072, 4096, 5120, 6144)
+
+
+def serverless_flags(memory_mb: int) -> tuple[str, ...]:
+    """``docker run`` flags of a serverless endpoint: only /tmp writable, ``memory_mb`` of memory, no swap."""
+    if memory_mb not in SERVERLESS_MEMORY_MB:
+        sizes = ", ".join(str(size) for size in SERVERLESS_MEMORY_MB)
+        raise HarnessError(f"--memory must be one of Serverless Inference's sizes ({sizes} MB), got {memory_mb}")
+    return ("--read-only", "--tmpfs", "/tmp", "--memory", f"{memory_mb}m", "--memory-swap", f"{memory_mb}m")
 
 
 @dataclass(frozen=True)
@@ -73,15 +86,26 @@ class Runtime:
         return [*argv, self.image, "train"], dict(self.environ)
 
     def serve_command(
-        self, base: Path, port: int, env: Mapping[str, str], container_name: str
+        self,
+        base: Path,
+        port: int,
+        env: Mapping[str, str],
+        container_name: str,
+        serverless_memory_mb: int | None = None,
     ) -> tuple[list[str], dict[str, str]]:
-        """(argv, environment) that run ``serve`` on ``base``/model, answering on ``port``."""
+        """(argv, environment) that run ``serve`` on ``base``/model, answering on ``port``; with
+        ``serverless_memory_mb``, as Serverless Inference runs it (:func:`serverless_flags`)."""
         if self.mode == "process":
+            if serverless_memory_mb is not None:
+                raise HarnessError("--serverless needs docker mode: a read-only root file system is a container's")
             extra = {"SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_BIND_TO_PORT": str(port)}
             return self.entrypoint("serve"), {**self.environ, **env, **extra}
         model = (base / "model").resolve()
-        mounts = ("-v", f"{model}:{CONTAINER_BASE}/model")
-        argv = self._docker_run(container_name, env, "-p", f"127.0.0.1:{port}:8080", *mounts)
+        if serverless_memory_mb is None:
+            flags: tuple[str, ...] = ("-v", f"{model}:{CONTAINER_BASE}/model")
+        else:
+            flags = ("-v", f"{model}:{CONTAINER_BASE}/model:ro", *serverless_flags(serverless_memory_mb))
+        argv = self._docker_run(container_name, env, "-p", f"127.0.0.1:{port}:8080", *flags)
         return [*argv, self.image, "serve"], dict(self.environ)
 
     def _docker_run(self, container_name: str, env: Mapping[str, str], *flags: str) -> list[str]:

@@ -53,13 +53,15 @@ def _wait_for_log(container, needle: str, timeout: float) -> str:
     pytest.fail(f"{needle!r} not logged within {timeout:.0f} s (status {container.status}):\n{logs[-4000:]}")
 
 
-def _start_server(docker_client, image: str, opt_ml: Path, containers: list):
+def _start_server(docker_client, image: str, opt_ml: Path, containers: list, **run_kwargs):
+    """``docker run IMAGE serve`` (``run_kwargs``: more of docker's options), once /ping answers 200."""
     container = docker_client.containers.run(
         image,
         "serve",
         detach=True,
         volumes={str(opt_ml / "model"): {"bind": "/opt/ml/model", "mode": "ro"}},
         ports={f"{SERVE_PORT}/tcp": ("127.0.0.1", None)},
+        **run_kwargs,
     )
     containers.append(container)
     container.reload()
