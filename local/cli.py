@@ -105,7 +105,15 @@ def _add_train(verbs: Any, environ: Mapping[str, str]) -> None:
 
 def _add_serve(verbs: Any, environ: Mapping[str, str]) -> None:
     serve = verbs.add_parser("serve", help="start an endpoint for a model until Ctrl-C")
-    serve.add_argument("--model", type=Path, required=True, help="model.tar.gz or an unpacked model folder")
+    model = serve.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", type=Path, help="model.tar.gz or an unpacked model folder")
+    model.add_argument(
+        "--multi-model",
+        type=Path,
+        metavar="DIR",
+        help="a multi-model endpoint over a folder of *.tar.gz (the S3 prefix): loaded on first invoke --target-model, "
+        "the least recently used evicted when the server answers 507",
+    )
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="server environment")
     serve.add_argument(
@@ -127,6 +135,7 @@ def _add_invoke(verbs: Any) -> None:
     invoke.add_argument("--content-type", help="default: from each file's suffix")
     invoke.add_argument("--attributes", help="X-Amzn-SageMaker-Custom-Attributes")
     invoke.add_argument("--out", type=Path, help="write <name>.out files here (default: JSON to stdout)")
+    invoke.add_argument("--target-model", help="a multi-model endpoint's TargetModel, e.g. site-a.tar.gz")
     invoke.set_defaults(func=cmd_invoke)
 
 
@@ -262,6 +271,9 @@ def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from local.endpoint import Endpoint, wait_until_stopped
     from local.runtime import stop_on_signals
 
+    if args.multi_model is not None:
+        return _serve_multi_model(args, environ)
+
     with (
         Endpoint(
             _runtime(args, environ),
@@ -284,11 +296,40 @@ def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return 0
 
 
+def _serve_multi_model(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from local.endpoint import wait_until_stopped
+    from local.multimodel import MultiModelEndpoint, archives
+    from local.runtime import stop_on_signals
+
+    if args.serverless:
+        raise HarnessError("a serverless endpoint serves one model: --serverless or --multi-model, not both")
+    endpoint = MultiModelEndpoint(
+        _runtime(args, environ),
+        args.multi_model,
+        args.port,
+        parse_pairs(args.env, "--env"),
+        log_sink=for_stream(sys.stdout).line,
+    )
+    with endpoint, stop_on_signals() as stop:
+        names = archives(args.multi_model)
+        print(f"multi-model endpoint for {args.multi_model}: {len(names)} model(s): {', '.join(names[:5])}")
+        print(f"serving at {endpoint.url} (invoke --target-model NAME; Ctrl-C stops)", flush=True)
+        wait_until_stopped(endpoint.server, stop)
+    return 0
+
+
 def cmd_invoke(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from local.client import invoke_files
 
     failures = invoke_files(
-        args.url, args.files, args.accept, args.content_type, args.attributes, args.out, stdout=sys.stdout
+        args.url,
+        args.files,
+        args.accept,
+        args.content_type,
+        args.attributes,
+        args.out,
+        stdout=sys.stdout,
+        target_model=args.target_model,
     )
     return 1 if failures else 0
 

@@ -20,6 +20,7 @@ from local.errors import EndpointError, HarnessError
 log = logging.getLogger(__name__)
 
 ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
+TARGET_MODEL_HEADER = "X-Amzn-SageMaker-Target-Model"  # InvokeEndpoint's TargetModel (multi-model endpoints)
 CONTENT_TYPES = {
     ".png": "image/png",
     ".jpg": "image/jpeg",
@@ -105,10 +106,13 @@ def invoke(
     accept: str = "application/json",
     attributes: str | None = None,
     timeout: float = INVOKE_TIMEOUT_S,
+    target_model: str | None = None,
 ) -> Reply:
     headers = {"Content-Type": content_type, "Accept": accept}
     if attributes:
         headers[ATTRIBUTES_HEADER] = attributes
+    if target_model:
+        headers[TARGET_MODEL_HEADER] = target_model
     return request("POST", base_url(url) + "/invocations", body, headers, timeout)
 
 
@@ -137,6 +141,7 @@ def invoke_files(
     attributes: str | None,
     out_dir: Path | None,
     stdout: TextIO,
+    target_model: str | None = None,
 ) -> list[tuple[str, str]]:
     """POST each file; write ``<name>.out`` into ``out_dir`` or JSON to ``stdout``. Returns failures."""
     failures: list[tuple[str, str]] = []
@@ -147,7 +152,8 @@ def invoke_files(
     for path in files:
         if not path.is_file():
             raise HarnessError(f"{path} is not a file")
-        reply = invoke(url, path.read_bytes(), content_type_for(path, content_type), accept, attributes)
+        body, ctype = path.read_bytes(), content_type_for(path, content_type)
+        reply = invoke(url, body, ctype, accept, attributes, target_model=target_model)
         if not reply.ok:
             failures.append((path.name, f"HTTP {reply.status}: {reply.message()}"))
             log.error("%s: HTTP %d: %s", path.name, reply.status, reply.message())

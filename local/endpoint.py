@@ -51,6 +51,7 @@ class Endpoint:
         log_sink: Callable[[str], None] | None = None,
         startup_timeout_s: float = STARTUP_TIMEOUT_S,
         serverless_memory_mb: int | None = None,
+        multi_model: bool = False,
     ):
         global _endpoint_count
         _endpoint_count += 1
@@ -61,6 +62,9 @@ class Endpoint:
         self.log_sink = log_sink or (lambda line: log.debug("serve | %s", line))
         self.startup_timeout_s = startup_timeout_s
         self.serverless_memory_mb = serverless_memory_mb
+        self.multi_model = multi_model  # SAGEMAKER_MULTI_MODEL=true; models go into models_dir (local/multimodel.py)
+        if multi_model:
+            self.env["SAGEMAKER_MULTI_MODEL"] = "true"
         self.ready_s: float | None = None  # the cold start, once /ping answered 200
         self.container = f"local-endpoint-{int(time.time())}-{_endpoint_count}"
         self.recent: collections.deque[str] = collections.deque(maxlen=40)
@@ -78,7 +82,22 @@ class Endpoint:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
+    @property
+    def models_dir(self) -> Path:
+        """A multi-model endpoint's models, on this machine (the server's /opt/ml/models in docker mode)."""
+        assert self._workdir is not None, "the endpoint is not started"
+        return self._workdir / "ml" / "models"
+
+    def model_url(self, folder: str) -> str:
+        """The ``url`` of ``POST /models`` for ``models_dir/<folder>/model``, as the server sees it."""
+        if self.runtime.mode == "docker":
+            return f"/opt/ml/models/{folder}/model"
+        return str(self.models_dir / folder / "model")
+
     def _place_model(self, base: Path) -> None:
+        if self.multi_model:
+            (base / "models").mkdir()
+            return
         target = base / "model"
         if self.model.is_dir():
             if self.runtime.mode == "process":
@@ -98,7 +117,9 @@ class Endpoint:
             base = self._workdir / "ml"
             base.mkdir()
             self._place_model(base)
-            argv, env = self.runtime.serve_command(base, self.port, self.env, self.container, self.serverless_memory_mb)
+            argv, env = self.runtime.serve_command(
+                base, self.port, self.env, self.container, self.serverless_memory_mb, self.multi_model
+            )
             log.info("starting serve (%s mode) for %s on port %d", self.runtime.mode, self.model, self.port)
             started = time.monotonic()
             self.process = start_streaming(argv, env)

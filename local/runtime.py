@@ -92,19 +92,25 @@ class Runtime:
         env: Mapping[str, str],
         container_name: str,
         serverless_memory_mb: int | None = None,
+        multi_model: bool = False,
     ) -> tuple[list[str], dict[str, str]]:
         """(argv, environment) that run ``serve`` on ``base``/model, answering on ``port``; with
-        ``serverless_memory_mb``, as Serverless Inference runs it (:func:`serverless_flags`)."""
+        ``serverless_memory_mb``, as Serverless Inference runs it (:func:`serverless_flags`); with ``multi_model``,
+        ``base``/models where SageMaker puts a multi-model endpoint's models (/opt/ml/models) instead."""
         if self.mode == "process":
             if serverless_memory_mb is not None:
                 raise HarnessError("--serverless needs docker mode: a read-only root file system is a container's")
             extra = {"SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_BIND_TO_PORT": str(port)}
             return self.entrypoint("serve"), {**self.environ, **env, **extra}
         model = (base / "model").resolve()
-        if serverless_memory_mb is None:
-            flags: tuple[str, ...] = ("-v", f"{model}:{CONTAINER_BASE}/model")
+        if multi_model:
+            flags: tuple[str, ...] = ("-v", f"{(base / 'models').resolve()}:{CONTAINER_BASE}/models:ro")
+        elif serverless_memory_mb is None:
+            flags = ("-v", f"{model}:{CONTAINER_BASE}/model")
         else:
             flags = ("-v", f"{model}:{CONTAINER_BASE}/model:ro", *serverless_flags(serverless_memory_mb))
+        if multi_model and serverless_memory_mb is not None:
+            raise HarnessError("a serverless endpoint serves one model: --serverless or --multi-model, not both")
         argv = self._docker_run(container_name, env, "-p", f"127.0.0.1:{port}:8080", *flags)
         return [*argv, self.image, "serve"], dict(self.environ)
 

@@ -60,6 +60,7 @@ def test_our_image_passes_every_point(image: str, docker_client, dataset: Path) 
     verdicts = hosting_modes(rows)
     fit = {mode for mode, (verdict, _) in verdicts.items() if verdict == "fit"}
     assert {"real-time", "batch transform", "serverless", "asynchronous"} <= fit, verdicts
+    assert ("multi-model" in fit) == (MULTI_MODEL not in unchecked), verdicts
     assert exit_code(rows) == 0
 
 

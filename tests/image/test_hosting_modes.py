@@ -1,10 +1,11 @@
-"""The image in SageMaker's other hosting modes, on a real Docker engine: serverless and asynchronous inference.
+"""The image in SageMaker's other hosting modes, on a real Docker engine: serverless, asynchronous, multi-model.
 
     IMAGE=maskrcnn-sagemaker:latest MASKRCNN_SKIP_BUILD=1 pytest tests/image/test_hosting_modes.py -rs
 
 Serverless Inference runs the container with the root file system read-only but /tmp and a memory cap of
-1-6 GB; asynchronous inference posts a whole S3 object (up to 1 GB) to /invocations. Two servers of the
-session's trained model, about 40 s on 2 CPU cores.
+1-6 GB; asynchronous inference posts a whole S3 object (up to 1 GB) to /invocations; a multi-model endpoint
+starts with no model and loads each through its API. Three servers of the session's trained model, about a
+minute on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -89,5 +90,53 @@ def test_asynchronous_20_mb_body_with_the_limit_raised(
 
     logs = container.logs().decode(errors="replace")
     assert "timeout 3600 s, payload 64 MiB" in logs, logs[-3000:]
+    container.reload()
+    assert container.status == "running" and container.attrs["RestartCount"] == 0
+
+
+def _call(url: str, method: str, path: str, payload: dict | None = None, body: bytes | None = None):
+    headers = {"Content-Type": "application/json"} if payload is not None else {"Content-Type": "image/png"}
+    data = json.dumps(payload).encode() if payload is not None else body
+    request = urllib.request.Request(f"{url}{path}", data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def test_multi_model_api(docker_client, image: str, trained_model: Path, containers: list, tmp_path: Path) -> None:
+    """SAGEMAKER_MULTI_MODEL=true and no /opt/ml/model: /ping 200 with nothing loaded; two models loaded, 409 on a
+    second load, both invoked (through both workers), listed; one unloaded, then 404 for it; bad loads typed."""
+    import shutil
+
+    assert docker_client.images.get(image).labels.get("com.amazonaws.sagemaker.capabilities.multi-models") == "true"
+    models = tmp_path / "models"
+    for name in ("m1", "m2"):
+        shutil.copytree(trained_model / "model", models / name / "model")
+    (models / "broken" / "model").mkdir(parents=True)
+    volumes = {str(models): {"bind": "/opt/ml/models", "mode": "ro"}}
+    env = {"SAGEMAKER_MULTI_MODEL": "true", "SAGEMAKER_MODEL_SERVER_WORKERS": "2"}
+    container, url = _start_server(docker_client, image, trained_model, containers, volumes=volumes, environment=env)
+
+    for name in ("m1", "m2"):
+        assert _call(url, "POST", "/models", {"model_name": name, "url": f"/opt/ml/models/{name}/model"})[0] == 200
+    assert _call(url, "POST", "/models", {"model_name": "m1", "url": "/opt/ml/models/m1/model"})[0] == 409
+    status, missing = _call(url, "POST", "/models", {"model_name": "x", "url": "/opt/ml/models/x/model"})
+    assert status == 404 and "no such folder" in missing["error"]
+    status, broken = _call(url, "POST", "/models", {"model_name": "b", "url": "/opt/ml/models/broken/model"})
+    assert status == 400 and "holds no saved model" in broken["error"]
+    status, listed = _call(url, "GET", "/models")
+    assert status == 200 and [m["modelName"] for m in listed["models"]] == ["m1", "m2"]
+    for name in ("m1", "m2", "m2", "m2"):  # two workers: the second loads m2 on its first invocation of it
+        status, answer = _call(url, "POST", f"/models/{name}/invoke", body=_png())
+        assert status == 200 and answer["predictions"][0]["image_size"] == [128, 128], answer
+    assert _call(url, "DELETE", "/models/m1")[0] == 200
+    assert _call(url, "GET", "/models/m1")[0] == 404
+    assert _call(url, "POST", "/models/m1/invoke", body=_png())[0] == 404
+    assert _call(url, "GET", "/models/m2") == (200, {"modelName": "m2", "modelUrl": "/opt/ml/models/m2/model"})
+
+    logs = container.logs().decode(errors="replace")
+    assert "in this worker" in logs and "Traceback" not in logs, logs[-3000:]
     container.reload()
     assert container.status == "running" and container.attrs["RestartCount"] == 0

@@ -55,13 +55,9 @@ def _wait_for_log(container, needle: str, timeout: float) -> str:
 
 def _start_server(docker_client, image: str, opt_ml: Path, containers: list, **run_kwargs):
     """``docker run IMAGE serve`` (``run_kwargs``: more of docker's options), once /ping answers 200."""
+    run_kwargs.setdefault("volumes", {str(opt_ml / "model"): {"bind": "/opt/ml/model", "mode": "ro"}})
     container = docker_client.containers.run(
-        image,
-        "serve",
-        detach=True,
-        volumes={str(opt_ml / "model"): {"bind": "/opt/ml/model", "mode": "ro"}},
-        ports={f"{SERVE_PORT}/tcp": ("127.0.0.1", None)},
-        **run_kwargs,
+        image, "serve", detach=True, ports={f"{SERVE_PORT}/tcp": ("127.0.0.1", None)}, **run_kwargs
     )
     containers.append(container)
     container.reload()
@@ -88,6 +84,7 @@ def test_image_metadata(docker_client, image: str) -> None:
     """Label, entrypoint, environment, and what must not be in the image (/opt/ml, compilers)."""
     attrs = docker_client.images.get(image).attrs["Config"]
     assert attrs["Labels"]["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
+    assert attrs["Labels"]["com.amazonaws.sagemaker.capabilities.multi-models"] == "true"  # SAGEMAKER_MULTI_MODEL
     assert attrs["Entrypoint"] == ["/usr/bin/tini", "--", "/usr/local/bin/entrypoint"]
     assert attrs["Cmd"] == ["train"]  # SDK v3's local mode starts training containers with no argument
     env = dict(item.split("=", 1) for item in attrs["Env"])

@@ -159,6 +159,12 @@ def test_asynchronous_limits_reach_nginx_gunicorn_and_the_worker(tmp_path: Path)
     assert gunicorn_options(settings, RunDir(tmp_path))["timeout"] == 3605
 
 
+def test_multi_model_settings() -> None:
+    settings = ServeSettings.from_env({"SAGEMAKER_MULTI_MODEL": "true", "MASKRCNN_MAX_MODELS": "3"}, cpu_count=2)
+    assert settings.multi_model and settings.max_models == 3
+    assert not ServeSettings.from_env({}, cpu_count=2).multi_model
+
+
 def test_timeouts_agree() -> None:
     settings = ServeSettings.from_env({"SAGEMAKER_MODEL_SERVER_TIMEOUT": "30"}, cpu_count=2)
     assert settings.nginx_timeout_s >= settings.gunicorn_timeout_s >= settings.timeout_s == 30
@@ -172,6 +178,8 @@ def test_timeouts_agree() -> None:
         ("SAGEMAKER_BIND_TO_PORT", "70000"),
         ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "1025"),
         ("SAGEMAKER_MODEL_SERVER_TIMEOUT", "3601"),
+        ("SAGEMAKER_MULTI_MODEL", "maybe"),
+        ("MASKRCNN_MAX_MODELS", "-1"),
         ("SAGEMAKER_BATCH", "maybe"),
         ("SAGEMAKER_BATCH_STRATEGY", "ALL"),
         ("MASKRCNN_DEVICE", "tpu"),

@@ -132,6 +132,13 @@ def create_app(predictor: PredictorLike, settings: ServeSettings, run_blocking: 
         )
         return Response(payload, status=200, mimetype=mimetype, headers={"Server-Timing": timing})
 
+    register_error_handlers(app)
+    return app
+
+
+def register_error_handlers(app: Flask) -> None:
+    """The one mapping of errors to statuses (this module's docstring), for this app and the multi-model one."""
+
     @app.errorhandler(RequestError)
     def request_error(exc: RequestError) -> tuple[Response, int]:
         if exc.status >= 500:
@@ -150,5 +157,3 @@ def create_app(predictor: PredictorLike, settings: ServeSettings, run_blocking: 
     def unexpected(exc: Exception) -> tuple[Response, int]:
         log.exception("%s %s failed unexpectedly", request.method, request.path)
         return jsonify(error=f"internal error: {type(exc).__name__}"), 500
-
-    return app

@@ -23,6 +23,8 @@ Environment (SageMaker's names first, then ours):
 ``MASKRCNN_MAX_IMAGE_PIXELS``       decoded-pixel cap per image, our decompression-bomb guard
 ``MASKRCNN_MAX_IMAGES``             images per JSON request (default 16)
 ``MASKRCNN_NGINX``                  path to nginx, or ``off`` to let gunicorn listen itself
+``SAGEMAKER_MULTI_MODEL``           ``true``: a multi-model endpoint (:mod:`maskrcnn.serve.multimodel`)
+``MASKRCNN_MAX_MODELS``             multi-model: models loaded at once before a load is a 507 (default 0: memory only)
 ==================================  ==========================================================
 
 CPU default: ``workers = min(cores, 4, workers the memory cap holds)`` and ``threads = cores // workers`` so that
@@ -96,6 +98,8 @@ class ServeSettings:
     batch_strategy: str = "SINGLE_RECORD"
     max_concurrent_transforms: int = 1
     graceful_timeout_s: int = GRACEFUL_TIMEOUT_S
+    multi_model: bool = False  # SAGEMAKER_MULTI_MODEL: models loaded through POST /models, none at start
+    max_models: int = 0  # multi-model: loaded models at once (0 = as many as memory holds)
 
     @property
     def model_dir(self) -> Path:
@@ -194,6 +198,8 @@ class ServeSettings:
             batch=batch,
             batch_strategy=strategy,
             max_concurrent_transforms=_int(env, "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", workers, minimum=1),
+            multi_model=_bool(env, "SAGEMAKER_MULTI_MODEL", False),
+            max_models=_int(env, "MASKRCNN_MAX_MODELS", 0, minimum=0),
         )
 
     def to_json(self) -> str:

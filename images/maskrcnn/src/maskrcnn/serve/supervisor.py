@@ -79,6 +79,9 @@ def main(argv: list[str]) -> int:
             memory_bytes=memory_limit_bytes(),
             nginx=shutil.which("nginx"),
         )
+        if settings.multi_model:  # a multi-model endpoint has no /opt/ml/model: models come through POST /models
+            log.info("multi-model endpoint: models under %s are loaded on POST /models", settings.base_dir / "models")
+            return Supervisor(settings).run()
         spec = check_saved_model(settings.model_dir)
     except (ConfigError, ModelError) as exc:
         log.error("serve cannot start: %s", exc)
@@ -256,7 +259,8 @@ class Supervisor:
         if self.reload_requested:
             self.reload_requested = False
             try:  # new workers load the model from disk again: one that cannot would halt gunicorn
-                check_saved_model(self.settings.model_dir)
+                if not self.settings.multi_model:
+                    check_saved_model(self.settings.model_dir)
             except ModelError as exc:
                 log.error("received SIGHUP: not reloading, the running workers keep serving: %s", exc)
                 return

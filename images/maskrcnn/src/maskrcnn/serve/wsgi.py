@@ -41,8 +41,9 @@ T = TypeVar("T")
 INFERENCE_CONCURRENCY = 1  # invocations in flight per worker; the rest wait for any idle worker
 
 
-def build_app(settings: ServeSettings, device_slot: int) -> Flask:
-    """One worker's app: its own Predictor on its own device, its own inference thread."""
+def build_app(settings: ServeSettings, device_slot: int, run_dir: RunDir | None = None) -> Flask:
+    """One worker's app: its own Predictor on its own device, its own inference thread; with
+    ``settings.multi_model``, no model until ``POST /models`` (the registry in ``run_dir``)."""
     import torch  # here, in the worker: the gunicorn master never imports torch before forking
 
     from maskrcnn.serve.app import create_app
@@ -57,20 +58,6 @@ def build_app(settings: ServeSettings, device_slot: int) -> Flask:
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
     inference_thread = ThreadPool(1)
-    try:
-        predictor = Predictor.load(
-            settings.model_dir,
-            device,
-            threads=settings.torch_threads,
-            warm=False,
-            inference_dtype=settings.inference_dtype,
-        )
-    except Exception as exc:
-        # gunicorn halts on a worker that fails to boot; this line is what a person needs to read.
-        log.error("cannot load the model in %s: %s: %s", settings.model_dir, type(exc).__name__, exc)
-        raise
-    # Warm up on the thread that will run inference, so its thread-local state is warm too.
-    inference_thread.spawn(predictor.warm_up).get()
 
     def capture(fn: Any) -> tuple[bool, Any]:
         # Return the exception instead of raising it: gevent's threadpool would print the traceback
@@ -89,6 +76,23 @@ def build_app(settings: ServeSettings, device_slot: int) -> Flask:
             raise value
         return value
 
+    if settings.multi_model:
+        return _multi_model_app(settings, device, run_dir, run_blocking)
+    try:
+        predictor = Predictor.load(
+            settings.model_dir,
+            device,
+            threads=settings.torch_threads,
+            warm=False,
+            inference_dtype=settings.inference_dtype,
+        )
+    except Exception as exc:
+        # gunicorn halts on a worker that fails to boot; this line is what a person needs to read.
+        log.error("cannot load the model in %s: %s: %s", settings.model_dir, type(exc).__name__, exc)
+        raise
+    # Warm up on the thread that will run inference, so its thread-local state is warm too.
+    inference_thread.spawn(predictor.warm_up).get()
+
     log.info("worker ready on %s with %d torch threads", device, settings.torch_threads)
     if settings.device == "cuda":
         free, total = torch.cuda.mem_get_info(device)
@@ -105,6 +109,31 @@ def build_app(settings: ServeSettings, device_slot: int) -> Flask:
     return create_app(predictor, settings, run_blocking)
 
 
+def _multi_model_app(settings: ServeSettings, device: str, run_dir: RunDir | None, run_blocking: Any) -> Flask:
+    """A worker of a multi-model endpoint: no model at start; loads share the registry in the run directory."""
+    import tempfile
+
+    from maskrcnn.serve.multimodel import SYNC_EVERY_S, ModelPool, ModelRegistry, create_multi_model_app
+    from maskrcnn.serve.predictor import Predictor
+
+    def loader(folder: Path) -> Predictor:
+        return Predictor.load(
+            folder, device, threads=settings.torch_threads, warm=True, inference_dtype=settings.inference_dtype
+        )
+
+    shared = run_dir.path if run_dir is not None else Path(tempfile.mkdtemp(prefix="maskrcnn-models-"))
+    pool = ModelPool(ModelRegistry(shared / "models"), loader)
+
+    def drop_unloaded_forever() -> None:  # free a model another worker unloaded, without waiting for a request
+        while True:
+            gevent.sleep(SYNC_EVERY_S)
+            pool.drop_unloaded()
+
+    gevent.spawn(drop_unloaded_forever)
+    log.info("multi-model worker ready on %s with %d torch threads, no model loaded", device, settings.torch_threads)
+    return create_multi_model_app(pool, settings, run_blocking)
+
+
 class ServingApplication(BaseApplication):
     def __init__(self, settings: ServeSettings, run_dir: RunDir):
         self.settings = settings
@@ -117,14 +146,14 @@ class ServingApplication(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self) -> Flask:
-        return build_app(self.settings, 0)
+        return build_app(self.settings, 0, self.run_dir)
 
 
 class InferenceWorker(GeventWorker):
     device_slot = 0  # set by maskrcnn.serve.gunicorn_conf.assign_device_slot before the fork
 
     def load_wsgi(self) -> None:
-        self.wsgi = build_app(self.app.settings, self.device_slot)
+        self.wsgi = build_app(self.app.settings, self.device_slot, self.app.run_dir)
 
     def run(self) -> None:
         inference_address = self.app.inference_address
