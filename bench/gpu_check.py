@@ -372,7 +372,7 @@ def run_config(
         )
     result: dict[str, Any] = {"name": name, **extra}
     try:
-        result["ready_s"] = round(wait_ready(port, process, 120), 1)
+        result["ready_s"] = round(wait_ready(port, process, 45), 1)
         for _ in range(3):  # warm: the first requests at a new size pay cuDNN's and the allocator's first calls
             post(port, body, attributes)
         latencies, timings, counts = [], [], []
