@@ -23,12 +23,15 @@ from local.check import large_body
 
 pytestmark = pytest.mark.container
 
+ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
 SERVERLESS = {"read_only": True, "tmpfs": {"/tmp": ""}, "mem_limit": "3g", "memswap_limit": "3g"}
 
 
-def _post(url: str, body: bytes, content_type: str = "image/png") -> tuple[int, str, bytes]:
+def _post(
+    url: str, body: bytes, content_type: str = "image/png", headers: dict[str, str] | None = None
+) -> tuple[int, str, bytes]:
     request = urllib.request.Request(
-        f"{url}/invocations", data=body, method="POST", headers={"Content-Type": content_type}
+        f"{url}/invocations", data=body, method="POST", headers={"Content-Type": content_type, **(headers or {})}
     )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
@@ -54,6 +57,11 @@ def test_serverless_read_only_root_and_3g(
     status, content_type, body = _post(url, _png())
     assert status == 200 and content_type.startswith("application/json"), body[:300]
     assert json.loads(body)["predictions"][0]["image_size"] == [128, 128]
+
+    # The other code paths too (the PNG overlay, polygons through contourpy): none needs a writable root.
+    for headers, expected in (({"Accept": "image/png"}, "image/png"), ({ATTRIBUTES: "mask_format=polygon"}, "json")):
+        status, content_type, body = _post(url, _png(), headers=headers)
+        assert status == 200 and expected in content_type, (status, body[:300])
 
     status, content_type, body = _post(url, big_png)
     assert status == 413 and content_type.startswith("application/json"), (status, body[:300])
