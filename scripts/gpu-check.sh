@@ -14,11 +14,15 @@
 # CUDA device it says so, skips every phase and exits 0 (GPU_CHECK_ALLOW_CPU=1 runs the phases shrunk on the
 # CPU instead: a dry run that catches the script's own bugs before GPU minutes are spent; figures meaningless).
 #
-#   PYTHON=python3 scripts/gpu-check.sh          # the lent machine's own Python (+ carried wheels on PYTHONPATH)
-#   PYTHON=.venv/bin/python GPU_CHECK_ALLOW_CPU=1 scripts/gpu-check.sh   # dry run here
+#   bash scripts/gpu-check.sh                     # .venv/bin/python where it exists, else python3 (a lent machine's,
+#                                                 # with the carried wheels on PYTHONPATH); PYTHON=... picks another
+#   GPU_CHECK_ALLOW_CPU=1 OUT=/tmp/gc bash scripts/gpu-check.sh   # the dry run on a CPU machine
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
+if [[ -z "${PYTHON:-}" ]]; then # the venv of `make setup` where there is one (not carried to a lent machine)
+  PYTHON=python3
+  [[ -x .venv/bin/python ]] && PYTHON=.venv/bin/python
+fi
 export PYTHONPATH="$PWD/images/maskrcnn/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
