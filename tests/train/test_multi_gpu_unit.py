@@ -112,3 +112,38 @@ def test_given_header_sizes_no_image_is_opened_again(synthetic_dir: Path, monkey
     wrong = {path: (w + 1, h) for path, (w, h) in sizes.items()}
     with pytest.raises(DataError, match="but its entry says"):  # the sizes are what the check compares
         data.load_index(synthetic_dir, sizes=wrong)
+
+
+def test_the_network_between_hosts_is_reported_from_the_files_efa_needs(tmp_path: Path) -> None:
+    from maskrcnn.train.distributed import network_stack
+
+    bare = network_stack({"NCCL_SOCKET_IFNAME": "eth0"}, root=tmp_path)
+    assert "NCCL_SOCKET_IFNAME=eth0" in bare and "aws-ofi-nccl plugin not found" in bare
+    assert "NCCL will use TCP sockets" in bare
+    for library in (
+        "opt/amazon/ofi-nccl/lib/libnccl-net.so",
+        "opt/amazon/efa/lib/libfabric.so.1",
+        "dev/infiniband/uverbs0",
+    ):
+        (tmp_path / library).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / library).touch()
+    efa = network_stack({"NCCL_SOCKET_IFNAME": "eth0", "FI_PROVIDER": "efa"}, root=tmp_path)
+    assert "aws-ofi-nccl plugin /opt/amazon/ofi-nccl/lib/libnccl-net.so" in efa
+    assert "libfabric /opt/amazon/efa/lib/libfabric.so.1" in efa and "1 EFA/RDMA device(s)" in efa
+    assert "FI_PROVIDER=efa" in efa and "TCP" not in efa
+
+
+def test_the_network_nccl_chose_is_read_from_its_own_lines(tmp_path: Path) -> None:
+    from maskrcnn.train.distributed import nccl_debug_to_file, nccl_network
+
+    assert nccl_debug_to_file({}, tmp_path)["NCCL_DEBUG_FILE"] == str(tmp_path / "nccl.%h.%p.log")
+    assert nccl_debug_to_file({"NCCL_DEBUG": "WARN"}, tmp_path) == {}  # the user's own setting wins
+    efa = (
+        "h:1:2 [0] NCCL INFO NET/Plugin: Loaded net plugin Libfabric (v9)\n"
+        "h:1:2 [0] NCCL INFO NET/OFI Selected Provider is efa (found 4 nics)\n"
+        "h:1:2 [0] NCCL INFO Using network Libfabric\n"
+    )
+    assert nccl_network(efa) == "Libfabric (NET/OFI Selected Provider is efa)"
+    tcp = "h:1:2 [0] NCCL INFO NET/Socket : Using [0]eth0:10.0.0.1<0>\nh:1:2 [0] NCCL INFO Using network Socket\n"
+    assert nccl_network(tcp) == "Socket (NET/Socket : Using [0]eth0:10.0.0.1<0>)"
+    assert nccl_network("h:1:2 [0] NCCL INFO Bootstrap : Using eth0\n") is None

@@ -159,6 +159,7 @@ def _decode(key: str, value: Any, kind: Any) -> Any:
         raise ConfigError(f"hyperparameter {key!r} must be {expected}, got {value!r}") from None
 
 
+NETWORK_PREFIXES = ("NCCL_", "FI_")  # what NCCL and libfabric read: the transport between hosts
 INPUT_MODES = ("File", "FastFile")  # both present the channel as files; Pipe (FIFOs) is not read
 DISTRIBUTIONS = ("FullyReplicated", "ShardedByS3Key")
 
@@ -222,6 +223,7 @@ class TrainConfig:
     pretrained_path: Path | None = None  # a weights file baked into the image, if any
     procs_per_host: int | None = None  # None: one per GPU (one on CPU); set to test the launcher on CPU
     extra: Mapping[str, Any] = field(default_factory=dict)
+    network_env: Mapping[str, str] = field(default_factory=dict)  # NCCL_*, FI_* and LD_LIBRARY_PATH, for NCCL's log
 
     @classmethod
     def from_dicts(
@@ -255,6 +257,7 @@ class TrainConfig:
             master_port=int(environ.get("MASKRCNN_MASTER_PORT", "29500")),
             pretrained_path=Path(pretrained) if pretrained else None,
             procs_per_host=int(environ["MASKRCNN_PROCS_PER_HOST"]) if environ.get("MASKRCNN_PROCS_PER_HOST") else None,
+            network_env={k: v for k, v in environ.items() if k.startswith(NETWORK_PREFIXES) or k == "LD_LIBRARY_PATH"},
         )
 
     def sharded(self, channel: str) -> bool:

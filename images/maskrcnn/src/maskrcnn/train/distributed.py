@@ -5,6 +5,18 @@ One process per GPU on each host (one per host on CPU); the master is the first 
 host's node rank is its index in ``hosts``. NCCL on CUDA, gloo on CPU. Hostnames of other hosts
 may resolve only some seconds after start, so resolution is retried.
 
+Between hosts NCCL takes the best network it can load: on p4d/p5 that is EFA, through libfabric and the
+aws-ofi-nccl plugin, and without them plain TCP sockets (several times slower for the gradients'
+all_reduce). Neither ships with torch: the image gets them from its base (``BASE_IMAGE``). A base with EFA
+(AWS's Deep Learning Containers are such bases, or a CUDA base with AWS's EFA installer run as
+``efa_installer.sh -y -g -d --skip-kmod --skip-limit-conf --no-verify``) holds libfabric under
+``/opt/amazon/efa`` and the plugin (``libnccl-net*.so``) under ``/opt/amazon/ofi-nccl`` (older builds:
+``/opt/aws-ofi-nccl``); both ``lib`` folders must be on ``LD_LIBRARY_PATH`` (NCCL loads the plugin by name),
+and ``FI_PROVIDER=efa`` (with ``FI_EFA_USE_DEVICE_RDMA=1`` on p4d/p5) picks EFA. The instance must also pass
+the EFA devices (``/dev/infiniband/uverbs*``) into the container. A multi-host CUDA job logs what it found
+(:func:`network_stack`) and the network NCCL then chose (:func:`nccl_network`, read from NCCL's own INIT/NET
+lines, which go to a file, not the job's log, unless ``NCCL_DEBUG`` is set).
+
 Every collective waits at most ``collective_timeout`` seconds (a hyperparameter, default 10 minutes,
 not torch's 30): a peer that hangs or died fails the job within it. A collective that fails because a
 peer went away becomes a :class:`~maskrcnn.errors.PeerLostError` whose message says which host, at
@@ -15,10 +27,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
+import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,10 +87,17 @@ def init(config: TrainConfig, local_rank: int, nprocs: int) -> DistContext:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    nccl_log: Path | None = None
     if world_size > 1:
         if config.resources.network_interface_name and device.type == "cuda":
             # NCCL must use the interface SageMaker names (the only one routed between hosts).
             os.environ.setdefault("NCCL_SOCKET_IFNAME", config.resources.network_interface_name)
+        if device.type == "cuda" and len(hosts) > 1:
+            environ = {**config.network_env, "NCCL_SOCKET_IFNAME": os.environ.get("NCCL_SOCKET_IFNAME", "")}
+            if local_rank == 0:
+                log.info("network between hosts: %s", network_stack(environ))
+            nccl_log = Path(tempfile.mkdtemp(prefix="maskrcnn-nccl-"))
+            os.environ.update(nccl_debug_to_file(environ, nccl_log))
         # One host: its processes meet on loopback; several: on the first host (or the override).
         master = config.master_addr or ("127.0.0.1" if len(hosts) == 1 else resolve(hosts[0]))
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -93,7 +116,85 @@ def init(config: TrainConfig, local_rank: int, nprocs: int) -> DistContext:
             world_size=world_size,
             timeout=timedelta(seconds=config.hp.collective_timeout),
         )
+        if nccl_log is not None:
+            dist.all_reduce(torch.zeros(1, device=device))  # NCCL opens its communicator (and picks the network)
+            if local_rank == 0:
+                report_nccl_network(nccl_log)
     return DistContext(rank, local_rank, world_size, device)
+
+
+# Where EFA's user space lives when a base image installed it (AWS's EFA installer, Deep Learning Containers)
+NETWORK_LIBRARY_DIRS = (
+    "/opt/amazon/ofi-nccl/lib",
+    "/opt/amazon/ofi-nccl/lib64",
+    "/opt/aws-ofi-nccl/lib",
+    "/opt/amazon/efa/lib",
+    "/opt/amazon/efa/lib64",
+    "/usr/local/lib",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib64",
+)
+
+
+def _find_library(pattern: str, dirs: Sequence[str], root: Path) -> str | None:
+    for directory in dirs:
+        found = sorted((root / directory.lstrip("/")).glob(pattern)) if directory else []
+        if found:
+            return str(Path("/") / found[0].relative_to(root))
+    return None
+
+
+def network_stack(environ: Mapping[str, str], root: Path = Path("/")) -> str:
+    """What NCCL can use between hosts, as one log line: the socket interface, the aws-ofi-nccl plugin and
+    libfabric (searched on ``LD_LIBRARY_PATH`` and where EFA's installer puts them), EFA devices, FI_PROVIDER.
+    ``root`` is the file system's root (tests lay out a fake one)."""
+    dirs = [*environ.get("LD_LIBRARY_PATH", "").split(":"), *NETWORK_LIBRARY_DIRS]
+    plugin = _find_library("libnccl-net*.so*", dirs, root)
+    fabric = _find_library("libfabric.so*", dirs, root)
+    devices = len(list((root / "dev" / "infiniband").glob("uverbs*")))
+    parts = [
+        f"NCCL_SOCKET_IFNAME={environ.get('NCCL_SOCKET_IFNAME') or '(unset)'}",
+        f"aws-ofi-nccl plugin {plugin or 'not found'}",
+        f"libfabric {fabric or 'not found'}",
+        f"{devices} EFA/RDMA device(s)",
+        f"FI_PROVIDER={environ.get('FI_PROVIDER') or '(unset)'}",
+    ]
+    if not (plugin and fabric and devices):
+        parts.append("NCCL will use TCP sockets: on p4d/p5 build on a BASE_IMAGE with EFA (maskrcnn.train.distributed)")
+    return ", ".join(parts)
+
+
+def nccl_debug_to_file(environ: Mapping[str, str], directory: Path) -> dict[str, str]:
+    """The variables that send NCCL's INIT and NET lines to files in ``directory`` (one per process), to read
+    the network it chose from; none when ``NCCL_DEBUG`` is set (the user then reads them in the log)."""
+    if environ.get("NCCL_DEBUG"):
+        return {}
+    return {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET", "NCCL_DEBUG_FILE": str(directory / "nccl.%h.%p.log")}
+
+
+_USING_NETWORK = re.compile(r"NCCL INFO Using network (.+?)\s*$", re.M)
+_DETAIL = re.compile(r"NCCL INFO (NET/OFI Selected Provider is \S+|NET/Socket : Using \S+|NET/IB : Using \S+)")
+
+
+def nccl_network(text: str) -> str | None:
+    """The network NCCL chose, from its INIT/NET lines: "Libfabric (NET/OFI Selected Provider is efa)",
+    "Socket (NET/Socket : Using [0]eth0:10.0.0.1<0>)", ...; None when no line says."""
+    chosen = _USING_NETWORK.search(text)
+    if chosen is None:
+        return None
+    detail = _DETAIL.search(text)
+    return f"{chosen.group(1)} ({detail.group(1)})" if detail else chosen.group(1)
+
+
+def report_nccl_network(directory: Path) -> None:
+    text = "".join(path.read_text(errors="replace") for path in sorted(directory.glob("nccl.*.log")))
+    network = nccl_network(text)
+    if network is None:
+        log.info("NCCL network: not reported (NCCL_DEBUG is set: see NCCL's own lines)")
+    elif network.startswith("Socket"):
+        log.warning("NCCL network: %s: TCP between hosts; EFA needs libfabric and aws-ofi-nccl in the image", network)
+    else:
+        log.info("NCCL network: %s", network)
 
 
 def sync_batch_norm(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
