@@ -13,6 +13,8 @@ LocalStack's), but:
 * moto implements neither SageMaker UpdateEndpoint nor CodeBuild UpdateProject; both are
   added with the minimal behaviour the workflow relies on (``SageMakerModelBackend.update_endpoint``
   is the hook :mod:`local.workflow` replaces with a real endpoint update);
+* moto's CloudWatch DescribeAlarms drops ``StateValue`` when ``AlarmNames`` is given (AWS applies both):
+  ``_describe_alarms_response`` applies both, so the rollback branch names only the alarms that fired;
 * its aws-sdk integration skips the PascalCase <-> API-casing conversion Step Functions does
   (``_normalise_parameters`` / ``_normalise_response`` are stubs in moto); ``sdk_casing`` restores
   it with moto's own ``_to_boto_request`` / ``_from_boto_response`` and botocore's shapes.
@@ -198,13 +200,38 @@ def _update_endpoint_response(self: Any) -> Any:
     from moto.core.responses import ActionResult
 
     endpoint = self.sagemaker_backend.update_endpoint(
-        self._get_param("EndpointName"), self._get_param("EndpointConfigName")
+        self._get_param("EndpointName"),
+        self._get_param("EndpointConfigName"),
+        deployment_config=self._get_param("DeploymentConfig"),
     )
     return ActionResult({"EndpointArn": endpoint.arn})
 
 
-def _update_endpoint_backend(self: Any, endpoint_name: str, endpoint_config_name: str) -> Any:
-    """The stand-in update: the endpoint takes the new config and is InService at once (no server)."""
+def _describe_alarms_response(self: Any) -> Any:
+    """CloudWatch DescribeAlarms with ``AlarmNames`` and ``StateValue`` both applied, as AWS does."""
+    from moto.core.responses import ActionResult
+
+    backend = self.cloudwatch_backend
+    names, prefix, state = (self._get_param(k) for k in ("AlarmNames", "AlarmNamePrefix", "StateValue"))
+    if names:
+        alarms = list(backend.get_alarms_by_alarm_names(names))
+    elif prefix:
+        alarms = list(backend.get_alarms_by_alarm_name_prefix(prefix))
+    else:
+        alarms = list(backend.describe_alarms())
+    alarms = [a for a in alarms if state is None or a.state_value == state]
+    return ActionResult(
+        {
+            "MetricAlarms": [a for a in alarms if a.rule is None],
+            "CompositeAlarms": [a for a in alarms if a.rule is not None],
+        }
+    )
+
+
+def _update_endpoint_backend(
+    self: Any, endpoint_name: str, endpoint_config_name: str, deployment_config: Any = None
+) -> Any:
+    """The stand-in update: the endpoint takes the new config and is InService at once (no server, no canary)."""
     endpoint = self.endpoints[endpoint_name]
     endpoint.endpoint_config_name = endpoint_config_name
     endpoint.endpoint_status = "InService"
@@ -215,6 +242,7 @@ def interpreter_patches(
     handlers: Mapping[str, Callable[[Any, Any], Any]], lambda_calls: list[dict[str, Any]]
 ) -> list[Patch]:
     """Every change above, as ``(owner, attribute, value)``; Lambda ``handlers`` by function name."""
+    from moto.cloudwatch.responses import CloudWatchResponse
     from moto.codebuild.responses import CodeBuildResponse
     from moto.sagemaker.models import SageMakerModelBackend
     from moto.sagemaker.responses import SageMakerResponse
@@ -244,6 +272,7 @@ def interpreter_patches(
         (StateTaskServiceAwsSdk, "_normalise_response", normalise_response),
         (CodeBuildResponse, "update_project", _update_project_response),
         (SageMakerResponse, "update_endpoint", _update_endpoint_response),
+        (CloudWatchResponse, "describe_alarms", _describe_alarms_response),
         (SageMakerModelBackend, "update_endpoint", _update_endpoint_backend),
     ]
 

@@ -199,9 +199,16 @@ class LocalSageMaker:
             backing._start(backing.serve, endpoint, endpoint_config_name)
             return endpoint
 
-        def update_endpoint(backend: Any, endpoint_name: str, endpoint_config_name: str) -> Any:
+        def update_endpoint(
+            backend: Any, endpoint_name: str, endpoint_config_name: str, deployment_config: Any = None
+        ) -> Any:
             endpoint = backend.endpoints[endpoint_name]
             endpoint.endpoint_status = "Updating"
+            if deployment_config:
+                backing.notes.put(
+                    f"endpoint {endpoint_name}: DeploymentConfig {json.dumps(deployment_config)} is not emulated "
+                    "here yet: the new model replaces the old one at once (no canary, no baking, no rollback)"
+                )
             backing._start(backing.serve, endpoint, endpoint_config_name)
             return endpoint
 
@@ -393,6 +400,7 @@ class LocalWorkflow:
         self._stack = ExitStack()
         self.state_machine_arn = ""
         self.keep: list[str] = []
+        self.aws_endpoint_url: str | None = None  # the local AWS over HTTP, for commands run elsewhere
 
     def say(self, text: str) -> None:
         self.stream.write(text + "\n")
@@ -453,6 +461,22 @@ class LocalWorkflow:
         self.sagemaker.shutdown(keep=self.keep)
         self._drain()
 
+    def _serve_aws(self) -> None:
+        """The local account over HTTP (moto's server, this process's backends), so that `pipeline approve`
+        run in another shell reaches it; without moto's server extras only this process can approve."""
+        if self.aws_endpoint_url is not None:
+            return
+        try:
+            from moto.server import ThreadedMotoServer
+        except ImportError as missing:  # flask-cors, which moto's server needs
+            self.say(f"note: moto's server cannot start ({missing}); only this process can approve")
+            return
+        port = free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        self._stack.callback(server.stop)
+        self.aws_endpoint_url = f"http://127.0.0.1:{port}"
+
     def endpoint(self, name: str) -> Endpoint | None:
         return self.sagemaker.endpoints.get(name)
 
@@ -505,6 +529,8 @@ class LocalWorkflow:
             execution = dataclasses.replace(execution, approval_poll_seconds=SHORT_WAIT_S)
         gate = f"{execution.gate_metric} >= {execution.gate_min_value}"
         self.say(f"quality gate: {gate}; approval: {execution.approval}")
+        if execution.approval == "manual":
+            self._serve_aws()
         document = execution.to_document()
         if not checked and overrides:
             document["Training"]["HyperParameters"] = {**PRESETS[WORKFLOW_PRESET], **overrides}
@@ -616,12 +642,15 @@ class LocalWorkflow:
             package = output["ModelPackage"]["Arn"]
             self.say(f"    registered {package} as {output['Registration']['Status']}")
             if output["Registration"]["Status"] != "Approved":
-                self.say(f"    waiting for approval; approve or reject it with:\n      {review_command(package)}")
+                command = review_command(package, self.aws_endpoint_url)
+                self.say(f"    waiting for approval; approve it (or `reject`) in another shell:\n      {command}")
 
 
-def review_command(package_arn: str, verb: str = "approve") -> str:
-    """The command a person runs to approve (or reject) a package the execution waits on."""
-    return f"python -m pipeline {verb} --model-package {package_arn}"
+def review_command(package_arn: str, endpoint_url: str | None, verb: str = "approve") -> str:
+    """The command a person runs to approve (or reject) a package the execution waits on, in the local account."""
+    local = "AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_DEFAULT_REGION=" + REGION
+    where = f"AWS_ENDPOINT_URL={endpoint_url} {local} " if endpoint_url else ""
+    return f"{where}python -m pipeline {verb} --model-package {package_arn}"
 
 
 @contextmanager

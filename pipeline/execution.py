@@ -99,6 +99,10 @@ class ExecutionInput:
     approval: str = "manual"  # APPROVAL_MODES
     approval_timeout_seconds: int = 7 * 24 * 3600  # waited for a manual approval, then ApprovalTimedOut
     approval_poll_seconds: int = 60  # between DescribeModelPackage polls while it is pending
+    canary_percent: int = 10  # an update's canary: this share of the capacity takes traffic first
+    baking_seconds: int = 300  # ... for this long, watched by the alarms, before all traffic shifts
+    max_5xx_errors: int = 0  # alarm: more 5xx answers than this in a minute
+    max_latency_ms: int = 2000  # alarm: p99 model latency above this in a minute
 
     def __post_init__(self) -> None:
         for label, name in (
@@ -147,6 +151,12 @@ class ExecutionInput:
             raise InputError(f"approval must be one of {', '.join(APPROVAL_MODES)}, got {self.approval!r}")
         if self.approval_poll_seconds < 1 or self.approval_timeout_seconds < 0:
             raise InputError("approval_poll_seconds must be at least 1 and approval_timeout_seconds at least 0")
+        if not 1 <= self.canary_percent <= 50:  # SageMaker's CANARY: at most half the capacity
+            raise InputError(f"canary_percent must be 1-50, got {self.canary_percent}")
+        if not 0 <= self.baking_seconds <= 3600:  # WaitIntervalInSeconds
+            raise InputError(f"baking_seconds must be 0-3600, got {self.baking_seconds}")
+        if self.max_5xx_errors < 0 or self.max_latency_ms < 1:
+            raise InputError("max_5xx_errors must be at least 0 and max_latency_ms at least 1")
 
     def production_variants(self) -> list[dict[str, Any]]:
         """CreateEndpointConfig's variants; a GPU instance gets the InferenceAmiVersion whose driver the image's
@@ -226,6 +236,12 @@ class ExecutionInput:
                 "Mode": self.approval,
                 "TimeoutSeconds": self.approval_timeout_seconds,
                 "PollSeconds": self.approval_poll_seconds,
+            },
+            "Deployment": {
+                "CanaryPercent": self.canary_percent,
+                "BakingSeconds": self.baking_seconds,
+                "Max5xxErrors": self.max_5xx_errors,
+                "MaxModelLatencyMicroseconds": self.max_latency_ms * 1000,  # ModelLatency's unit
             },
         }
         if self.image_uri is not None:

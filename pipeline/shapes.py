@@ -59,7 +59,8 @@ SAMPLE_RESULTS: dict[str, Any] = {
     "Review": {"Status": "Approved"},
     "ExistingEndpoints": {"Names": []},
     "EndpointCheck": {"Exists": False},
-    "Endpoint": {"Status": "InService"},
+    "Endpoint": {"Status": "InService", "ConfigName": "maskrcnn-model-20240601-120000"},
+    "FiredAlarms": {"Names": ["maskrcnn-endpoint-5xx-errors"]},
 }
 SAMPLE_CONTEXT = {"Execution": {"Id": f"arn:aws:states:{SAMPLE_REGION}:{SAMPLE_ACCOUNT}:execution:sm:run-1"}}
 

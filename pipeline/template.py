@@ -108,6 +108,7 @@ def arns(settings: StackSettings) -> dict[str, Json]:
         "endpoint": sub(f"{sm}:endpoint/{p}*"),
         "model_package_group": sub(f"{sm}:model-package-group/{settings.model_package_group_name}"),
         "model_packages": sub(f"{sm}:model-package/{settings.model_package_group_name}/*"),
+        "alarms": sub(f"arn:{PARTITION}:cloudwatch:{REGION}:{ACCOUNT}:alarm:{p}*"),
         "events_rule": sub(f"arn:{PARTITION}:events:{REGION}:{ACCOUNT}:rule/{TRAINING_EVENTS_RULE}"),
         "sagemaker_logs": sub(f"arn:{PARTITION}:logs:{REGION}:{ACCOUNT}:log-group:/aws/sagemaker/*"),
     }
@@ -226,6 +227,8 @@ def roles(settings: StackSettings) -> dict[str, Json]:
                     [a["endpoint"], a["endpoint_config"]],
                 ),
                 statement(["sagemaker:DescribeEndpoint"], [a["endpoint"]]),
+                # Each endpoint's two rollback alarms; UpdateEndpoint's AutoRollbackConfiguration needs DescribeAlarms.
+                statement(["cloudwatch:DescribeAlarms", "cloudwatch:PutMetricAlarm"], [a["alarms"]]),
                 statement(["sagemaker:ListEndpoints"], ["*"], sid="ListHasNoResourceLevel"),
                 statement(["events:DescribeRule", "events:PutRule", "events:PutTargets"], [a["events_rule"]]),
                 pass_role("SageMakerExecutionRole", "sagemaker.amazonaws.com"),

@@ -42,6 +42,9 @@ SERVING_PORT_ENV = {"SAGEMAKER_MODEL_SERVER_TIMEOUT": "60"}
 # What the serving container takes and answers (maskrcnn/serve/codec.py), as the registry records it.
 SUPPORTED_CONTENT_TYPES = ("image/jpeg", "image/png", "application/x-image", "application/json")
 SUPPORTED_RESPONSE_TYPES = ("application/json", "image/png")
+# The two alarms of an endpoint that roll a deployment back (names start with the endpoint's, so with the prefix).
+ERROR_ALARM = "States.Format('{}-5xx-errors', $.EndpointName)"
+LATENCY_ALARM = "States.Format('{}-model-latency', $.EndpointName)"
 
 # The build Lambda only starts a CodeBuild build: a failure is an API throttle or a cold start, over in seconds.
 BUILD_RETRY: State = {
@@ -352,6 +355,73 @@ def registry_states(settings: StackSettings) -> dict[str, State]:
     }
 
 
+def alarm_parameters(name: str, metric: str, statistic: Mapping[str, str], threshold: str) -> dict[str, Any]:
+    """PutMetricAlarm for one endpoint metric of the AllTraffic variant, over one-minute periods."""
+    return {
+        "AlarmName.$": name,
+        "AlarmDescription": f"{metric} of the endpoint; rolls back a deployment that trips it",
+        "Namespace": "AWS/SageMaker",
+        "MetricName": metric,
+        "Dimensions": [
+            {"Name": "EndpointName", "Value.$": "$.EndpointName"},
+            {"Name": "VariantName", "Value": "AllTraffic"},
+        ],
+        **statistic,
+        "Period": 60,
+        "EvaluationPeriods": 1,
+        "Threshold.$": threshold,
+        "ComparisonOperator": "GreaterThanThreshold",
+        "TreatMissingData": "notBreaching",  # no traffic in a minute is no evidence against the model
+    }
+
+
+def guarded_update_states() -> dict[str, State]:
+    """An existing endpoint is updated blue/green: the new fleet beside the old one, a canary share for a baking
+    period, then all traffic; either alarm (its 5xx errors, its p99 model latency, thresholds from
+    ``$.Deployment``) rolls it back. The alarms are put (created or updated) per endpoint first."""
+    return {
+        "PutErrorAlarm": task(
+            f"{AWS_SDK}:cloudwatch:putMetricAlarm",
+            alarm_parameters(ERROR_ALARM, "Invocation5XXErrors", {"Statistic": "Sum"}, "$.Deployment.Max5xxErrors"),
+            "PutLatencyAlarm",
+            retry=[SDK_RETRY],
+        ),
+        "PutLatencyAlarm": task(
+            f"{AWS_SDK}:cloudwatch:putMetricAlarm",
+            alarm_parameters(
+                LATENCY_ALARM,
+                "ModelLatency",
+                {"ExtendedStatistic": "p99"},
+                "$.Deployment.MaxModelLatencyMicroseconds",
+            ),
+            "UpdateEndpoint",
+            retry=[SDK_RETRY],
+        ),
+        # The optimised integration takes no DeploymentConfig; the aws-sdk one sends the whole request.
+        "UpdateEndpoint": task(
+            f"{AWS_SDK}:sagemaker:updateEndpoint",
+            {
+                "EndpointName.$": "$.EndpointName",
+                "EndpointConfigName.$": "$.ModelName",
+                "DeploymentConfig": {
+                    "BlueGreenUpdatePolicy": {
+                        "TrafficRoutingConfiguration": {
+                            "Type": "CANARY",
+                            "CanarySize": {"Type": "CAPACITY_PERCENT", "Value.$": "$.Deployment.CanaryPercent"},
+                            "WaitIntervalInSeconds.$": "$.Deployment.BakingSeconds",
+                        },
+                        "TerminationWaitInSeconds": 0,
+                    },
+                    "AutoRollbackConfiguration": {
+                        "Alarms": [{"AlarmName.$": ERROR_ALARM}, {"AlarmName.$": LATENCY_ALARM}]
+                    },
+                },
+            },
+            "DescribeEndpoint",
+        ),
+    }
+
+
 def deploy_states(settings: StackSettings) -> dict[str, State]:
     """From a pinned image to a trained model behind an InService endpoint."""
     return {
@@ -404,7 +474,7 @@ def deploy_states(settings: StackSettings) -> dict[str, State]:
             "EndpointExists",
         ),
         "EndpointExists": choice(
-            [{"Variable": "$.EndpointCheck.Exists", "BooleanEquals": True, "Next": "UpdateEndpoint"}],
+            [{"Variable": "$.EndpointCheck.Exists", "BooleanEquals": True, "Next": "PutErrorAlarm"}],
             default="CreateEndpoint",
         ),
         "CreateEndpoint": task(
@@ -412,26 +482,43 @@ def deploy_states(settings: StackSettings) -> dict[str, State]:
             {"EndpointName.$": "$.EndpointName", "EndpointConfigName.$": "$.ModelName"},
             "DescribeEndpoint",
         ),
-        "UpdateEndpoint": task(
-            f"{SAGEMAKER}:updateEndpoint",
-            {"EndpointName.$": "$.EndpointName", "EndpointConfigName.$": "$.ModelName"},
-            "DescribeEndpoint",
-        ),
+        **guarded_update_states(),
         "DescribeEndpoint": task(
             f"{AWS_SDK}:sagemaker:describeEndpoint",
             {"EndpointName.$": "$.EndpointName"},
             "IsEndpointInService",
-            result_selector={"Status.$": "$.EndpointStatus"},
+            result_selector={"Status.$": "$.EndpointStatus", "ConfigName.$": "$.EndpointConfigName"},
             result_path="$.Endpoint",
             retry=[SDK_RETRY],
         ),
         "IsEndpointInService": choice(
             [
-                {"Variable": "$.Endpoint.Status", "StringEquals": "InService", "Next": "Deployed"},
-                {"Variable": "$.Endpoint.Status", "StringEquals": "Failed", "Next": "EndpointFailed"},
+                {"Variable": "$.Endpoint.Status", "StringEquals": "InService", "Next": "IsNewModelServing"},
+                any_of("$.Endpoint.Status", ("Failed", "UpdateRollbackFailed"), "EndpointFailed"),
             ],
             default="WaitForEndpoint",
         ),
+        # InService again with the old config: SageMaker rolled the update back (an alarm fired during the
+        # baking period, or the new fleet never became healthy); the old model serves on.
+        "IsNewModelServing": choice(
+            [{"Variable": "$.Endpoint.ConfigName", "StringEqualsPath": "$.ModelName", "Next": "Deployed"}],
+            default="FindFiredAlarms",
+        ),
+        "FindFiredAlarms": task(
+            f"{AWS_SDK}:cloudwatch:describeAlarms",
+            {"AlarmNames.$": f"States.Array({ERROR_ALARM}, {LATENCY_ALARM})", "StateValue": "ALARM"},
+            "DeploymentRolledBack",
+            result_selector={"Names.$": "$.MetricAlarms[*].AlarmName"},
+            result_path="$.FiredAlarms",
+            retry=[SDK_RETRY],
+        ),
+        "DeploymentRolledBack": {
+            "Type": "Fail",
+            "Error": "DeploymentRolledBack",
+            "CausePath": "States.Format('the update to {} was rolled back and {} serves on; alarms in ALARM: {} "
+            "(none: the new fleet failed, see DescribeEndpoint FailureReason)', $.ModelName, $.Endpoint.ConfigName, "
+            "States.JsonToString($.FiredAlarms.Names))",
+        },
         "WaitForEndpoint": wait(settings.endpoint_poll_seconds, "DescribeEndpoint"),
         "EndpointFailed": fail("EndpointFailed", "The endpoint went to Failed; see DescribeEndpoint's FailureReason."),
         "Deployed": {"Type": "Succeed"},

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,6 +19,7 @@ from tiny import TINY_HP
 from local import client
 from local.cli import main
 from local.workflow import LocalWorkflow, WorkflowRun, deployed_definition, shorten_waits
+from pipeline.__main__ import main as pipeline_main
 from pipeline.settings import StackSettings
 from pipeline.workflow import build_definition
 
@@ -133,3 +140,60 @@ def test_second_execution_updates_the_running_endpoint(dataset: Path, tmp_path: 
         assert key == f"output/{second.name}/output/model.tar.gz"
         assert s3.head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
     assert not client.ping(url)  # leaving the workflow stops the endpoint
+
+
+def approve_as_printed(stream: io.StringIO, verb: str, after: int = 0, timeout: float = 180.0) -> str:
+    """Wait for the run to print the approval command (past ``after``), then run it (``verb`` in place of
+    approve) in another process, as a person would in another shell; returns the package ARN."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(
+            r"waiting for approval; .*\n\s+(.+python -m pipeline approve --model-package (\S+))\n",
+            stream.getvalue()[after:],
+        )
+        if found:
+            break
+        time.sleep(0.5)
+    else:
+        raise TimeoutError(stream.getvalue())
+    *assignments, _python, _m, _pipeline, _verb, flag, package = shlex.split(found.group(1))
+    env = {**os.environ, **dict(a.split("=", 1) for a in assignments)}
+    if "AWS_ENDPOINT_URL" not in env:  # moto's server lacks flask-cors here: the run said so; approve in-process
+        assert pipeline_main([verb, flag, package]) == 0
+        return package
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", verb, flag, package], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return package
+
+
+@pytest.mark.integration
+def test_manual_approval_waits_for_pipeline_approve_or_reject_from_another_shell(
+    dataset: Path, tmp_path: Path, process_runtime
+) -> None:
+    import boto3
+
+    stream = io.StringIO()
+    # A short approval timeout: a test that fails to approve ends in ApprovalTimedOut instead of hanging.
+    run = WorkflowRun(
+        training=dataset, image=IMAGE, hyperparameters=TINY, gate=MET, approve="manual", approval_timeout_s=240
+    )
+    with LocalWorkflow(process_runtime, tmp_path / "wf", stream) as workflow, ThreadPoolExecutor(1) as pool:
+        approved = pool.submit(workflow.run, run)
+        package = approve_as_printed(stream, "approve")
+        first = approved.result(timeout=300)
+        assert first.ok, stream.getvalue()
+        states = entered_states(first.folder)
+        assert states.count("WaitForApproval") >= 1 and states[-1] == "Deployed"
+        sagemaker = boto3.client("sagemaker")
+        assert sagemaker.describe_model_package(ModelPackageName=package)["ModelApprovalStatus"] == "Approved"
+
+        rejected = pool.submit(workflow.run, run)
+        approve_as_printed(stream, "reject", after=len(stream.getvalue()))
+        second = rejected.result(timeout=300)
+        assert (second.status, second.failed_state, second.error) == ("FAILED", "Rejected", "Rejected")
+        assert "CreateModel" not in entered_states(second.folder)
+        endpoint = sagemaker.describe_endpoint(EndpointName=first.endpoint_name)
+        assert endpoint["EndpointConfigName"] == first.name  # the first model still serves
+        assert client.ping(first.endpoint_url)

@@ -9,7 +9,9 @@ What stays here is what only tests want, on top of moto's stand-in services:
 * retries and Waits are instant and recorded, so the tests assert the definition's intervals
   (``python -m local workflow`` shortens them in its copy of the definition instead);
 * moto's training jobs report one fixed metric (``train:progress``); ``Recorder.metrics`` is what the
-  quality gate reads from FinalMetricDataList instead.
+  quality gate reads from FinalMetricDataList instead;
+* ``Recorder.rollback`` scripts SageMaker rolling an update back: the named alarms go to ALARM in moto's
+  CloudWatch and the endpoint stays InService on its old config, as after a blue/green rollback.
 
 The fixtures skip on another moto version than ``local.sfn.MOTO_VERSION``.
 """
@@ -51,6 +53,8 @@ class Recorder:
     build: BuildScript = field(default_factory=BuildScript)
     # FinalMetricDataList of every training job; the default passes the workflow's default gate.
     metrics: dict[str, float] = field(default_factory=lambda: {"train:loss": 0.4, "validation:segm_AP50": 0.87})
+    rollback: list[str] | None = None  # alarms that fire during the next update's baking period
+    deployment_configs: list[Any] = field(default_factory=list)  # what each UpdateEndpoint asked for
 
 
 def install(monkeypatch: pytest.MonkeyPatch, handlers: Mapping[str, Callable[[Any, Any], Any]]) -> Recorder:
@@ -95,4 +99,21 @@ def install(monkeypatch: pytest.MonkeyPatch, handlers: Mapping[str, Callable[[An
         return job
 
     monkeypatch.setattr(SageMakerModelBackend, "create_training_job", create_training_job)
+
+    stand_in_update = SageMakerModelBackend.update_endpoint  # local.sfn's, patched in above
+
+    def update_endpoint(self: Any, endpoint_name: str, endpoint_config_name: str, deployment_config: Any = None) -> Any:
+        recorder.deployment_configs.append(deployment_config)
+        if recorder.rollback is None:
+            return stand_in_update(self, endpoint_name, endpoint_config_name, deployment_config)
+        import boto3
+
+        cloudwatch = boto3.client("cloudwatch", region_name=self.region_name)
+        for alarm in recorder.rollback:
+            cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="ALARM", StateReason="scripted by the test")
+        endpoint = self.endpoints[endpoint_name]
+        endpoint.endpoint_status = "InService"  # rolled back: the old config serves on
+        return endpoint
+
+    monkeypatch.setattr(SageMakerModelBackend, "update_endpoint", update_endpoint)
     return recorder

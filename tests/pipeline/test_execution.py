@@ -321,3 +321,56 @@ def wait_for_end(arn: str, timeout: float = 30.0) -> dict[str, Any]:
             return described
         time.sleep(0.05)
     raise TimeoutError(arn)
+
+
+def test_an_update_is_blue_green_with_a_canary_and_both_alarms(
+    state_machine_arn: str, artifact_bucket: str, interpreter: Any
+) -> None:
+    first = example_input(bucket=artifact_bucket, image_uri=DIGEST_URI, approval="auto").to_document()
+    assert run_execution(state_machine_arn, first)["status"] == "SUCCEEDED"
+    assert interpreter.deployment_configs == []  # a new endpoint has nothing to shift from
+    second = {**first, "JobName": "maskrcnn-train-2", "ModelName": "maskrcnn-model-2"}
+
+    assert run_execution(state_machine_arn, second)["status"] == "SUCCEEDED"
+
+    alarms = [f"{first['EndpointName']}-5xx-errors", f"{first['EndpointName']}-model-latency"]
+    assert interpreter.deployment_configs == [
+        {
+            "BlueGreenUpdatePolicy": {
+                "TrafficRoutingConfiguration": {
+                    "Type": "CANARY",
+                    "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 10},
+                    "WaitIntervalInSeconds": 300,
+                },
+                "TerminationWaitInSeconds": 0,
+            },
+            "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": a} for a in alarms]},
+        }
+    ]
+    described = boto3.client("cloudwatch").describe_alarms(AlarmNames=alarms)["MetricAlarms"]
+    by_name = {a["AlarmName"]: a for a in described}
+    assert (by_name[alarms[0]]["MetricName"], by_name[alarms[0]]["Threshold"]) == ("Invocation5XXErrors", 0.0)
+    assert (by_name[alarms[1]]["MetricName"], by_name[alarms[1]]["ExtendedStatistic"]) == ("ModelLatency", "p99")
+    assert by_name[alarms[1]]["Threshold"] == 2_000_000.0  # 2000 ms in ModelLatency's microseconds
+    dimensions = {d["Name"]: d["Value"] for d in by_name[alarms[0]]["Dimensions"]}
+    assert dimensions == {"EndpointName": first["EndpointName"], "VariantName": "AllTraffic"}
+
+
+@pytest.mark.parametrize("fired", [["maskrcnn-endpoint-5xx-errors"], []])
+def test_a_rolled_back_update_fails_in_deployment_rolled_back_naming_the_alarm(
+    state_machine_arn: str, artifact_bucket: str, interpreter: Any, fired: list[str]
+) -> None:
+    first = example_input(bucket=artifact_bucket, image_uri=DIGEST_URI, approval="auto").to_document()
+    assert run_execution(state_machine_arn, first)["status"] == "SUCCEEDED"
+    interpreter.rollback = fired
+    second = {**first, "JobName": "maskrcnn-train-2", "ModelName": "maskrcnn-model-2"}
+
+    result = run_execution(state_machine_arn, second)
+
+    assert (result["status"], result.get("error")) == ("FAILED", "DeploymentRolledBack")
+    assert result["cause"].startswith(
+        f"the update to maskrcnn-model-2 was rolled back and {first['ModelName']} serves on; "
+        f"alarms in ALARM: {json.dumps(fired, separators=(',', ':'))}"
+    ), result["cause"]
+    endpoint = boto3.client("sagemaker").describe_endpoint(EndpointName=first["EndpointName"])
+    assert (endpoint["EndpointStatus"], endpoint["EndpointConfigName"]) == ("InService", first["ModelName"])
