@@ -8,7 +8,12 @@
     python -m local train --data DIR --output DIR        # the local harness
 
 On a GPU host it starts one process per GPU (NCCL, AMP); on CPU one process (gloo when several
-hosts). Every host lists the same ``hosts`` in resourceconfig.json; the first is the master.
+hosts). Every host lists the same ``hosts`` in resourceconfig.json; the first is the master. With several
+processes: the launcher checks the host's data once (:func:`check_data`) and its processes reuse the image
+sizes it read; ``lr`` is one process's and the job trains at ``lr`` x processes (:func:`job_lr`; the log
+states the rate per image); trainable BatchNorm is synchronised on GPUs; the ranks agree on each step's
+flags in one collective (:meth:`_Job.agree`); every rank predicts a part of the validation images, sharded
+data included (:func:`validation_loader`), and rank 0 scores them.
 
 Outputs (rank 0 only): ``model/model.safetensors`` and ``model/model.json``;
 ``output/data/metrics.json`` (history) and ``output/data/metrics.png`` (loss and mAP).
