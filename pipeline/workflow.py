@@ -12,9 +12,15 @@ The chain (state names in brackets)::
          |  [IsBuildDone]: FAILED/FAULT/STOPPED/TIMED_OUT -> [BuildFailed]              |
     [ResolveImageDigest] ECR DescribeImages -> [UseBuiltImage] repo@sha256:...          |
          +-------------------------------------------------------------------------------+
-    [TrainModel] createTrainingJob.sync -> [CreateModel] -> [CreateEndpointConfig]
-    [FindEndpoint] -> [CheckEndpoint] -> [EndpointExists]: [UpdateEndpoint] | [CreateEndpoint]
-    [DescribeEndpoint] <-> [WaitForEndpoint] until InService -> [Deployed]; Failed -> [EndpointFailed]
+    [TrainModel] createTrainingJob.sync
+    [MeasureGateMetric] Map over FinalMetricDataList -> [ReadGateMetric] -> [CheckQualityGate]
+         |  none logged -> [GateMetricNotLogged]; below $.QualityGate.MinValue -> [BelowQualityBar]
+    [ChooseApprovalStatus] -> [RegisterModel] CreateModelPackage (Approved | PendingManualApproval)
+    [DescribeModelPackage] <-> [WaitForApproval] until Approved; Rejected -> [Rejected]; -> [ApprovalTimedOut]
+    [CreateModel] -> [CreateEndpointConfig] -> [FindEndpoint] -> [CheckEndpoint] -> [EndpointExists]:
+         new: [CreateEndpoint]; exists: [PutErrorAlarm] -> [PutLatencyAlarm] -> [UpdateEndpoint] blue/green
+    [DescribeEndpoint] <-> [WaitForEndpoint] until InService; Failed -> [EndpointFailed]
+    [IsNewModelServing] -> [Deployed]; rolled back: [FindFiredAlarms] -> [DeploymentRolledBack]
 
 ARNs of the stack's own resources are ``${BuildFunctionArn}`` / ``${SageMakerRoleArn}``
 placeholders, replaced by CloudFormation's DefinitionSubstitutions (see ``substitute``).
