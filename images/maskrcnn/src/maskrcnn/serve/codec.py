@@ -7,9 +7,10 @@ Requests (``POST /invocations``):
 * ``application/json``: ``{"image": "<base64>"}`` for one image, or
   ``{"instances": [{"image": "<base64>"}, ...]}`` for up to ``max_images``.
 
-Every image becomes H x W x 3 uint8 RGB: EXIF orientation applied; palette, RGBA, LA, CMYK,
-greyscale, 1-bit and 16-bit images converted (alpha dropped, 16-bit scaled to 8-bit). An image whose
-header promises more than ``max_pixels`` is refused before it is decoded (decompression bombs).
+Every image becomes H x W x 3 uint8 RGB by :mod:`maskrcnn.imagefile`, the decoder training uses too: EXIF
+orientation applied; palette, RGBA, LA, CMYK, greyscale, 1-bit and 16-bit images converted (alpha dropped,
+16-bit scaled by 255/65535). An image whose header promises more than ``max_pixels`` is refused before it is
+decoded (decompression bombs).
 
 Options come from ``X-Amzn-SageMaker-Custom-Attributes`` as comma-separated ``key=value`` pairs:
 ``score_threshold`` (0..1), ``max_detections`` (1..the model's), ``mask_format`` (rle, polygon,
@@ -36,10 +37,11 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from werkzeug.datastructures import MIMEAccept
 from werkzeug.http import parse_accept_header
 
+from maskrcnn import imagefile
 from maskrcnn.errors import NotAcceptable, RequestError, UnsupportedMediaType
 
 if TYPE_CHECKING:
@@ -168,7 +170,7 @@ def _json_images(body: bytes, max_images: int) -> list[bytes]:
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """One image file's bytes -> H x W x 3 uint8 RGB, upright per its EXIF orientation."""
+    """One image file's bytes -> H x W x 3 uint8 RGB, upright (:func:`maskrcnn.imagefile.decode`)."""
     if not data:
         raise RequestError("the image is empty")
     try:
@@ -184,41 +186,18 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                     f"the image is {width} x {height} = {width * height} pixels; the limit is {max_pixels}",
                     status=413,
                 )
-            image.load()  # decode now: truncated or corrupt data fails here, not later
-            return _to_rgb(_upright(image))
+            return imagefile.decode(image)  # truncated or corrupt data fails here, not later
     except RequestError:
         raise
     except UnidentifiedImageError:
         raise RequestError("the body is not an image this server can read") from None
     except Image.DecompressionBombError as exc:
         raise RequestError(f"the image is too large to decode: {exc}") from None
+    except imagefile.PixelFormatError as exc:
+        raise RequestError(str(exc)) from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error) as exc:
         # Pillow reports corrupt or truncated files through all of these.
         raise RequestError(f"the image could not be decoded: {exc}") from None
-
-
-def _upright(image: Image.Image) -> Image.Image:
-    try:
-        return ImageOps.exif_transpose(image)
-    except Exception:  # a broken EXIF block should not cost the caller the image
-        return image
-
-
-def _to_rgb(image: Image.Image) -> np.ndarray:
-    mode = image.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
-        gray = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # palette transparency converts cleanly only via RGBA
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    array = np.asarray(image)
-    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-        raise RequestError(f"unsupported pixel format {mode!r}")
-    return array
 
 
 # ---------------------------------------------------------------------------------------------

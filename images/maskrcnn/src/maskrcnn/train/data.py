@@ -19,8 +19,9 @@ in seconds, not in a data-loader worker hours in (and again on every resume). Ev
 fix raises :class:`maskrcnn.errors.DataError` naming the file and, for an annotation, its id and image
 (``training/annotations.json: annotation 17 (image 'img_003.png'): polygon has 2 points, needs at least 3``):
 
-* files: missing channel or file, unreadable image, an image's ``width``/``height`` not those of its file
-  header, no images, no annotated instances;
+* files: missing channel or file, unreadable image, an image's ``width``/``height`` not those of the image
+  upright (its header's, turned by its EXIF orientation: a phone photo stored sideways is annotated as shown),
+  no images, no annotated instances;
 * images: an entry without ``id``, one ``id`` for two different entries, one file listed under two ids
   (which id owns its annotations is the author's call, so it is refused, not merged);
 * categories: without integer ``id`` or ``name``, an id defined twice; an annotation whose ``category_id``
@@ -44,7 +45,8 @@ done (``training/annotations.json: repaired on load: 2 duplicate image entries d
 * a bbox reaching past the image is clipped to it.
 
 PennFudan masks are generated from the grey levels, so only the image header is checked against the mask.
-A split (:func:`split_index`) is by file: no image is on both sides.
+A split (:func:`split_index`) is by file: no image is on both sides. Pixels are decoded by
+:mod:`maskrcnn.imagefile`, as serving decodes a request (orientation applied, every mode converted the same way).
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
-from torchvision.transforms.v2 import functional as F
 
+from maskrcnn import imagefile
 from maskrcnn.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -294,13 +296,14 @@ def _coco_images(entries: list[Any], channel: Path, where: str, repairs: Counter
 
 
 def _header_size(path: Path, sizes: ImageSizes | None) -> tuple[int, int]:
-    """(width, height) of an image: from ``sizes`` when it has the file, else from its header (no pixels)."""
+    """(width, height) of an image once upright (EXIF orientation applied): from ``sizes`` when it has the file,
+    else from its header (no pixels)."""
     if sizes is not None and str(path) in sizes:
         width, height = sizes[str(path)]
         return width, height
     try:
         with Image.open(path) as handle:
-            return handle.size
+            return imagefile.upright_size(handle)
     except (OSError, UnidentifiedImageError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
 
@@ -312,9 +315,11 @@ def _check_headers(images: list[dict[str, Any]], where: str, sizes: ImageSizes |
         if im.get("width") is None and im.get("height") is None:
             im["width"], im["height"] = width, height
         elif (im.get("width"), im.get("height")) != (width, height):
+            turned = (im.get("width"), im.get("height")) == (height, width)
             raise DataError(
                 f"{where}: image {im['id']!r} ({im['path'].name}) is {width}x{height} but its entry says "
                 f"{im.get('width')}x{im.get('height')}"
+                + (" (sizes are of the image upright, as its EXIF orientation shows it)" if turned else "")
             )
 
 
@@ -560,13 +565,14 @@ def decode_masks(anns: list[dict[str, Any]], height: int, width: int) -> np.ndar
     return np.stack([mask_utils.decode(_to_rle(a["segmentation"], height, width)) for a in anns])
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """An image file as RGB, whatever its mode (palette, greyscale, 16-bit, RGBA)."""
-    image = _open_image(path)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float32)
-        image = Image.fromarray((array / max(float(array.max()), 1.0) * 255).astype(np.uint8))
-    return image.convert("RGB")
+def load_rgb(path: Path) -> np.ndarray:
+    """An image file as upright H x W x 3 uint8 RGB, decoded as serving decodes it (:mod:`maskrcnn.imagefile`)."""
+    try:
+        with Image.open(path) as image:
+            return imagefile.decode(image)
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
+        # Pillow reports unreadable, corrupt or truncated files through all of these.
+        raise DataError(f"cannot read image {path}: {exc}") from None
 
 
 class InstanceDataset(torch.utils.data.Dataset):
@@ -598,7 +604,7 @@ class InstanceDataset(torch.utils.data.Dataset):
         """Image (uint8 CHW), masks (uint8 NHW), boxes (XYXY) and labels of sample ``i``."""
         meta = self.index.images[i]
         image = load_rgb(meta["path"])
-        width, height = image.size
+        height, width = image.shape[:2]
         anns = [a for a in self.index.annotations.get(meta["id"], []) if not a.get("iscrowd", 0)]
         masks = decode_masks(anns, height, width)
         if masks.shape[1:] != (height, width):
@@ -610,7 +616,7 @@ class InstanceDataset(torch.utils.data.Dataset):
             if len(xs):
                 boxes[k] = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
         labels = torch.tensor([a["label"] for a in anns], dtype=torch.int64)
-        return F.pil_to_tensor(image), mask_t, boxes, labels
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), mask_t, boxes, labels
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
         if self._cache is None:
