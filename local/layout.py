@@ -38,7 +38,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from maskrcnn import dataset_layout
 from maskrcnn.contract import SageMakerPaths
+from maskrcnn.dataset_layout import REPLICATED, SHARDED
+from maskrcnn.errors import DataError
 
 from local.errors import HarnessError
 
@@ -46,7 +49,7 @@ JOB_FILE = "job.json"
 LOG_FILE = "train.log"  # every host's raw job log, as CloudWatch would hold it
 MODEL_ARCHIVE = "model.tar.gz"
 OUTPUT_ARCHIVE = "output.tar.gz"
-DISTRIBUTIONS = {"replicated": "FullyReplicated", "sharded": "ShardedByS3Key"}  # --distribution -> SageMaker's
+DISTRIBUTIONS = {"replicated": REPLICATED, "sharded": SHARDED}  # --distribution -> SageMaker's S3DistributionType
 
 
 def parse_pairs(pairs: Iterable[str], what: str = "--hp") -> dict[str, str]:
@@ -149,31 +152,33 @@ def link_tree(src: Path, dest: Path) -> None:
 def shard_tree(src: Path, dest: Path, shard: int, count: int) -> int:
     """Hard-link host ``shard``'s part of dataset ``src`` (every ``count``-th image) into ``dest``.
 
-    Returns the number of images in the part. COCO: a filtered ``annotations.json`` beside the images it
+    Returns the number of images in the part. The files are found by the rules the job reads them by
+    (:mod:`maskrcnn.dataset_layout`). COCO: a filtered copy of the annotation file beside the images it
     lists; PennFudan: the part's ``PNGImages``/``PedMasks`` pairs.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    if (src / "PNGImages").is_dir() and (src / "PedMasks").is_dir():
-        images = sorted((src / "PNGImages").glob("*.png"))[shard::count]
-        for image in images:
-            for path in (image, src / "PedMasks" / f"{image.stem}_mask.png"):
-                _link_file(path, dest / path.relative_to(src))
-        return len(images)
-    candidates = sorted(src.glob("*.json"))
-    preferred = [p for p in candidates if p.name in ("annotations.json", "instances.json")] or candidates
-    if not preferred:
-        raise HarnessError(f"--distribution sharded: {src} holds no COCO *.json nor PennFudan folders")
+    try:  # the job's own rules (maskrcnn.dataset_layout): a folder it would refuse is refused here
+        if dataset_layout.detect_format(src) == "pennfudan":
+            images = dataset_layout.pennfudan_images(src)[shard::count]
+            for image in images:
+                mask = dataset_layout.pennfudan_mask(src, image)
+                for path in (image, mask) if mask.is_file() else (image,):  # a missing mask is the job's to report
+                    _link_file(path, dest / path.relative_to(src))
+            return len(images)
+        annotations_file = dataset_layout.annotation_file(src)
+    except DataError as exc:
+        raise HarnessError(f"--distribution sharded: {exc}") from None
     try:
-        coco = json.loads(preferred[0].read_text())
+        coco = json.loads(annotations_file.read_text())
         entries = sorted(coco["images"], key=lambda im: im["file_name"])[shard::count]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise HarnessError(f"--distribution sharded: cannot read {preferred[0]}: {exc}") from None
+        raise HarnessError(f"--distribution sharded: cannot read {annotations_file}: {exc}") from None
     ids = {im["id"] for im in entries}
     annotations = [a for a in coco.get("annotations", []) if a.get("image_id") in ids]
     part = {**coco, "images": entries, "annotations": annotations}
-    (dest / preferred[0].name).write_text(json.dumps(part))
+    (dest / annotations_file.name).write_text(json.dumps(part))
     for im in entries:
-        found = next((p for p in (src / im["file_name"], src / "images" / im["file_name"]) if p.is_file()), None)
+        found = dataset_layout.find_image(src, im["file_name"])
         if found is not None:  # a missing file is the job's to report, as it would be on SageMaker
             _link_file(found, dest / found.relative_to(src))
     return len(entries)

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from maskrcnn.dataset_layout import detect_format
 from maskrcnn.errors import DataError
-from maskrcnn.train.data import DatasetIndex, InstanceDataset, detect_format, load_index, split_index, train_transforms
+from maskrcnn.train.data import DatasetIndex, InstanceDataset, load_index, split_index, train_transforms
 from maskrcnn.train.synthetic import write_coco_dataset
 from PIL import Image, ImageFile
 from pycocotools import mask as mask_utils

@@ -5,7 +5,8 @@ annotations with masks as polygons or RLE, categories). Training reads samples f
 :class:`InstanceDataset`; evaluation builds its ground truth from the same index with
 :meth:`DatasetIndex.to_coco`, so both see the same masks.
 
-Formats, detected by :func:`detect_format` (or forced by the ``dataset_format`` hyperparameter):
+Formats, detected by :func:`maskrcnn.dataset_layout.detect_format` (or forced by the ``dataset_format``
+hyperparameter); where each file lies is :mod:`maskrcnn.dataset_layout`'s to say:
 
 * ``coco``: one ``*.json`` annotation file in the channel (``annotations.json`` preferred), images
   beside it or under ``images/``; polygons, RLE and uncompressed RLE; ``iscrowd`` regions are kept
@@ -71,11 +72,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
 
 from maskrcnn import imagefile
+from maskrcnn.dataset_layout import annotation_file, detect_format, find_image, pennfudan_images, pennfudan_mask
 from maskrcnn.errors import DataError
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
@@ -150,17 +150,6 @@ def merge_coco(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"images": images, "annotations": annotations, "categories": parts[0]["categories"]}
 
 
-def detect_format(channel: Path) -> str:
-    if (channel / "PNGImages").is_dir() and (channel / "PedMasks").is_dir():
-        return "pennfudan"
-    if list(channel.glob("*.json")):
-        return "coco"
-    raise DataError(
-        f"cannot tell the dataset format of {channel}: expected a COCO annotation *.json "
-        "or PennFudan's PNGImages/ and PedMasks/ folders"
-    )
-
-
 ImageSizes = Mapping[str, tuple[int, int]]  # an image file's path -> (width, height), as its header says
 
 
@@ -186,7 +175,7 @@ def image_sizes(index: DatasetIndex) -> dict[str, tuple[int, int]]:
 
 
 def _load_coco(channel: Path, sizes: ImageSizes | None = None) -> DatasetIndex:
-    path = _annotation_file(channel)
+    path = annotation_file(channel)
     try:
         coco = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -226,19 +215,6 @@ def _load_coco(channel: Path, sizes: ImageSizes | None = None) -> DatasetIndex:
     )
 
 
-def _annotation_file(channel: Path) -> Path:
-    candidates = sorted(channel.glob("*.json"))
-    preferred = [p for p in candidates if p.name in ("annotations.json", "instances.json")]
-    if not candidates:
-        raise DataError(f"no COCO annotation *.json in {channel}")
-    if len(candidates) > 1 and not preferred:
-        raise DataError(
-            f"several annotation files in {channel} ({', '.join(p.name for p in candidates)}); "
-            "name the one to use annotations.json"
-        )
-    return (preferred or candidates)[0]
-
-
 def _is_id(value: Any) -> bool:
     return isinstance(value, int | str) and not isinstance(value, bool)
 
@@ -276,7 +252,7 @@ def _coco_images(entries: list[Any], channel: Path, where: str, repairs: Counter
                 f"({by_id[image_id].get('file_name')!r} and {im.get('file_name')!r}); image ids must be unique"
             )
         file_name = im.get("file_name")
-        file_path = _find_image(channel, file_name) if isinstance(file_name, str) else None
+        file_path = find_image(channel, file_name) if isinstance(file_name, str) else None
         if file_path is None:
             raise DataError(
                 f"{where}: image id {image_id!r} names {file_name!r}, which is not in {channel} or {channel / 'images'}"
@@ -478,18 +454,10 @@ def _annotation_key(ann: dict[str, Any]) -> tuple[Any, ...]:
     return ann["image_id"], ann["category_id"], ann.get("iscrowd", 0), mask
 
 
-def _find_image(channel: Path, file_name: str) -> Path | None:
-    for candidate in (channel / file_name, channel / "images" / file_name):
-        if file_name and candidate.is_file():
-            return candidate
-    return None
-
-
 def _load_pennfudan(channel: Path, sizes: ImageSizes | None = None) -> DatasetIndex:
-    image_paths = sorted(p for p in (channel / "PNGImages").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     images, annotations = [], {}
-    for image_id, path in enumerate(image_paths, start=1):
-        mask_path = channel / "PedMasks" / f"{path.stem}_mask.png"
+    for image_id, path in enumerate(pennfudan_images(channel), start=1):
+        mask_path = pennfudan_mask(channel, path)
         if not mask_path.is_file():
             raise DataError(f"PennFudan image {path.name} has no mask {mask_path.name} in PedMasks/")
         grey = np.asarray(_open_image(mask_path))
