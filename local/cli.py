@@ -450,7 +450,7 @@ def cmd_workflow(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         endpoint = workflow.endpoint(outcome.endpoint_name)
         if outcome.ok and args.keep_endpoint and endpoint is not None:
             with stop_on_signals() as stop:
-                print(f"serving at {endpoint.url} (Ctrl-C stops)", flush=True)
+                print(f"serving at {outcome.endpoint_url} (Ctrl-C stops)", flush=True)
                 wait_until_stopped(endpoint, stop)
     return 0 if outcome.ok else 1
 

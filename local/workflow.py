@@ -19,9 +19,12 @@ What runs, and who does it:
     the image's ``METRIC_DEFINITIONS`` read from the log), or Failed / Stopped with the job's own
     FailureReason;
   - CreateEndpoint / UpdateEndpoint download the model's ``ModelDataUrl`` from S3 and start
-    :class:`local.endpoint.Endpoint` in a thread: Creating / Updating until ``/ping`` answers, then
-    InService; Failed with the server's last lines as FailureReason. An update stops the running server and
-    starts the new model on the same port (SageMaker swaps without downtime; one machine cannot afford two);
+    :class:`local.endpoint.Endpoint` in a thread, behind a :class:`local.router.Router` whose URL is the
+    endpoint's: Creating / Updating until ``/ping`` answers, then InService; Failed with the server's last lines
+    as FailureReason. An update is blue/green as its DeploymentConfig asks: the new server starts beside the
+    old one, gets the canary share of a smoke load for the baking period, and the rollback alarms are evaluated
+    from its answers (5xx count, p99 latency) and set in CloudWatch; then all traffic shifts to it and the old
+    server stops, or the new one stops and the endpoint stays InService on its old config (rolled back);
 * S3 is moto's: the data folders are uploaded file by file, as ``aws s3 cp --recursive`` would.
 
 * the build branch (``--build``): the build Lambda's handler and CodeBuild's StartBuild / BatchGetBuilds are
@@ -59,6 +62,7 @@ from local.endpoint import Endpoint
 from local.errors import HarnessError, JobFailed
 from local.layout import JobSpec, parse_pairs
 from local.progress import Progress
+from local.router import Router
 from local.runtime import Runtime, free_port
 from local.s3 import download_prefix, split_uri, upload_folder
 from local.sfn import history, interpreter_patches, json_safe
@@ -70,6 +74,7 @@ ACCOUNT = "123456789012"  # moto's default account
 DATA_BUCKET = "maskrcnn-local-data"
 ARTIFACT_BUCKET = "maskrcnn-local-artifacts"  # the stack's ArtifactBucket
 SHORT_WAIT_S = 2  # Wait states and retry intervals above this are shortened to it
+LOCAL_BAKING_S = 6  # a blue/green update's baking period here: the smoke load runs this long
 POLL_S = 0.5
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 EXIT_STOPPED = 143
@@ -160,7 +165,8 @@ class LocalSageMaker:
         self.runtime = runtime
         self.root = root
         self.notes = notes
-        self.endpoints: dict[str, Endpoint] = {}
+        self.endpoints: dict[str, Endpoint] = {}  # the model server now taking all traffic
+        self.routers: dict[str, Router] = {}  # the endpoint's URL, in front of its servers
         self.urls: dict[str, str] = {}
         self.threads: list[threading.Thread] = []
         self.stop = threading.Event()  # StopTrainingJob for every running job (Ctrl-C)
@@ -204,12 +210,7 @@ class LocalSageMaker:
         ) -> Any:
             endpoint = backend.endpoints[endpoint_name]
             endpoint.endpoint_status = "Updating"
-            if deployment_config:
-                backing.notes.put(
-                    f"endpoint {endpoint_name}: DeploymentConfig {json.dumps(deployment_config)} is not emulated "
-                    "here yet: the new model replaces the old one at once (no canary, no baking, no rollback)"
-                )
-            backing._start(backing.serve, endpoint, endpoint_config_name)
+            backing._start(backing.serve, endpoint, endpoint_config_name, deployment_config)
             return endpoint
 
         return [
@@ -286,30 +287,24 @@ class LocalSageMaker:
             job.training_end_time = job.last_modified_time = datetime.now(UTC)
             log.debug("training job %s ended after %.1f s", name, time.monotonic() - started)
 
-    def serve(self, endpoint: Any, config_name: str) -> None:
-        """CreateEndpoint or UpdateEndpoint: the config's model from S3 behind a running server."""
+    def serve(self, endpoint: Any, config_name: str, deployment_config: Any = None) -> None:
+        """CreateEndpoint or UpdateEndpoint: the config's model from S3 behind a server, behind the endpoint's URL."""
         name = endpoint.endpoint_name
         try:
-            sagemaker, s3 = self._client("sagemaker"), self._client("s3")
-            config = sagemaker.describe_endpoint_config(EndpointConfigName=config_name)
-            model = sagemaker.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
-            container = model["PrimaryContainer"]
-            archive = self.root / "endpoints" / name / config_name / "model.tar.gz"
-            archive.parent.mkdir(parents=True, exist_ok=True)
-            bucket, key = split_uri(container["ModelDataUrl"])
-            s3.download_file(bucket, key, str(archive))
+            container, archive = self._model_for(name, config_name)
+            server = Endpoint(self.runtime_for(container["Image"]), archive, free_port(), container.get("Environment"))
             with self._lock:
-                previous = self.endpoints.pop(name, None)
-            port = previous.port if previous is not None else free_port()
-            if previous is not None:
-                self.notes.put(f"endpoint {name}: stopping the old model's server to start {config_name}")
-                previous.stop()
-            server = Endpoint(self.runtime_for(container["Image"]), archive, port, container.get("Environment", {}))
+                previous, router = self.endpoints.get(name), self.routers.get(name)
+            if previous is not None and router is not None:
+                self._update(endpoint, config_name, previous, server, router, deployment_config or {})
+                return
             server.start()
+            router = Router(free_port())
+            router.route({server.url: 1.0})
+            router.start()
             with self._lock:
-                self.endpoints[name] = server
-                self.urls[name] = server.url
-            self.notes.put(f"endpoint {name}: InService at {server.url} ({container['ModelDataUrl']})")
+                self.endpoints[name], self.routers[name], self.urls[name] = server, router, router.url
+            self.notes.put(f"endpoint {name}: InService at {router.url} ({container['ModelDataUrl']})")
             endpoint.endpoint_config_name = config_name
             endpoint.failure_reason = None
             endpoint.endpoint_status = "InService"
@@ -320,6 +315,104 @@ class LocalSageMaker:
         finally:
             endpoint.last_modified_time = datetime.now(UTC)
 
+    def _model_for(self, name: str, config_name: str) -> tuple[dict[str, Any], Path]:
+        """The config's (first) container and its model.tar.gz, downloaded from ModelDataUrl."""
+        sagemaker, s3 = self._client("sagemaker"), self._client("s3")
+        config = sagemaker.describe_endpoint_config(EndpointConfigName=config_name)
+        container: dict[str, Any] = sagemaker.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])[
+            "PrimaryContainer"
+        ]
+        archive = self.root / "endpoints" / name / config_name / "model.tar.gz"
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        bucket, key = split_uri(container["ModelDataUrl"])
+        s3.download_file(bucket, key, str(archive))
+        return container, archive
+
+    def _update(
+        self, endpoint: Any, config_name: str, old: Endpoint, new: Endpoint, router: Router, deployment: Any
+    ) -> None:
+        """Blue/green, as SageMaker's DeploymentConfig asks: the new server beside the old one, the canary share of
+        a smoke load to it for the baking period, the alarms evaluated from what it answered; then all traffic to
+        it (the old server stops) or none (the new server stops). The URL answers throughout. One difference: the
+        canary's share is of the harness's own load; requests to the URL stay on the old model until the shift
+        (SageMaker sends them the canary share too)."""
+        name = endpoint.endpoint_name
+        policy = deployment.get("BlueGreenUpdatePolicy", {}).get("TrafficRoutingConfiguration", {})
+        share = policy.get("CanarySize", {}).get("Value", 100) / 100 if policy.get("Type") == "CANARY" else 1.0
+        baking = float(policy.get("WaitIntervalInSeconds", 0))
+        alarms = [a["AlarmName"] for a in deployment.get("AutoRollbackConfiguration", {}).get("Alarms", [])]
+        self.notes.put(f"endpoint {name}: starting {config_name} beside the serving model")
+        try:
+            new.start()
+        except Exception as error:
+            self._roll_back(endpoint, old, new, f"the new model's server did not start: {error}")
+            return
+        self.notes.put(f"endpoint {name}: canary {share:.0%} of a smoke load to {config_name} for {baking:.0f} s")
+        answers, sent = self._smoke_load(old.url, new.url, share, baking)
+        fired = self._evaluate_alarms(alarms, answers, sent)
+        if fired:
+            self._roll_back(endpoint, old, new, f"alarm(s) {', '.join(fired)} went to ALARM while baking")
+            return
+        router.route({new.url: 1.0})
+        old.stop()
+        with self._lock:
+            self.endpoints[name] = new
+        self.notes.put(f"endpoint {name}: all traffic to {config_name}; the old model's server stopped")
+        endpoint.endpoint_config_name = config_name
+        endpoint.failure_reason = None
+        endpoint.endpoint_status = "InService"
+
+    def _roll_back(self, endpoint: Any, old: Endpoint, new: Endpoint, reason: str) -> None:
+        new.stop()
+        self.notes.put(f"endpoint {endpoint.endpoint_name}: rolled back, the old model serves on: {reason}")
+        endpoint.failure_reason = f"Rolled back: {reason}"[-2000:]
+        endpoint.endpoint_status = "InService"  # on its old config, as after SageMaker's rollback
+
+    def _smoke_load(
+        self, old_url: str, new_url: str, share: float, seconds: float
+    ) -> tuple[list[tuple[int, float]], int]:
+        """One training image, again and again for ``seconds``: every request the canary's share in turn goes to
+        the new server, the others to the old one, until at least one reached the new. Returns the new server's
+        answers (HTTP status, seconds) and how many requests were sent in all."""
+        image = next(
+            (p for p in sorted(self.root.glob("jobs/*/channels/training/**/*")) if p.suffix.lower() in IMAGE_SUFFIXES),
+            None,
+        )
+        deadline, sent, answers = time.monotonic() + seconds, 0, []
+        while not answers or time.monotonic() < deadline:
+            canary = int((sent + 1) * share) > int(sent * share)
+            started = time.monotonic()
+            if image is None:
+                status = 200 if client.ping(new_url if canary else old_url) else 503
+            else:
+                body, kind = image.read_bytes(), client.content_type_for(image)
+                status = client.invoke(new_url if canary else old_url, body, kind).status
+            if canary:
+                answers.append((status, time.monotonic() - started))
+            sent += 1
+        return answers, sent
+
+    def _evaluate_alarms(self, names: Sequence[str], answers: Sequence[tuple[int, float]], sent: int) -> list[str]:
+        """Each alarm's metric from the new server's answers (5xx count; p99 latency of the round trip, in
+        ModelLatency's microseconds) against its threshold; the state is set in CloudWatch. Returns those fired."""
+        if not names:
+            return []
+        cloudwatch = self._client("cloudwatch")
+        fired = []
+        for alarm in cloudwatch.describe_alarms(AlarmNames=list(names))["MetricAlarms"]:
+            if alarm["MetricName"] == "Invocation5XXErrors":
+                value = float(sum(status >= 500 for status, _ in answers))
+            else:
+                latencies = sorted(seconds * 1e6 for _, seconds in answers)
+                value = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else 0.0
+            state = "ALARM" if answers and value > alarm["Threshold"] else "OK"
+            reason = f"{alarm['MetricName']} {value:.0f} over {len(answers)} of {sent} requests"
+            cloudwatch.set_alarm_state(AlarmName=alarm["AlarmName"], StateValue=state, StateReason=reason)
+            self.notes.put(f"alarm {alarm['AlarmName']}: {reason}, threshold {alarm['Threshold']:.0f}: {state}")
+            if state == "ALARM":
+                fired.append(alarm["AlarmName"])
+        return fired
+
     def shutdown(self, keep: Sequence[str] = ()) -> None:
         """Stop running jobs and every server except ``keep``; wait for the worker threads."""
         self.stop.set()
@@ -327,6 +420,7 @@ class LocalSageMaker:
             thread.join(timeout=180)
         with self._lock:
             for name in [n for n in self.endpoints if n not in keep]:
+                self.routers.pop(name).stop()
                 self.endpoints.pop(name).stop()
 
 
@@ -524,6 +618,9 @@ class LocalWorkflow:
             sha = self._prepare_build(run.build_context)
         args = _start_args(uris, uri, checked, run)
         execution = execution_from_args(args, self.settings, ARTIFACT_BUCKET, stamp, sha)
+        if execution.baking_seconds > LOCAL_BAKING_S:
+            self.say(f"  an update bakes its canary {LOCAL_BAKING_S} s (deployed: {execution.baking_seconds} s)")
+            execution = dataclasses.replace(execution, baking_seconds=LOCAL_BAKING_S)
         if execution.approval_poll_seconds > SHORT_WAIT_S:
             self.say(f"  approval polls every {SHORT_WAIT_S} s (deployed: {execution.approval_poll_seconds} s)")
             execution = dataclasses.replace(execution, approval_poll_seconds=SHORT_WAIT_S)

@@ -9,8 +9,10 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,8 @@ from tiny import TINY_HP
 
 from local import client
 from local.cli import main
+from local.endpoint import Endpoint
+from local.errors import EndpointError
 from local.workflow import LocalWorkflow, WorkflowRun, deployed_definition, shorten_waits
 from pipeline.__main__ import main as pipeline_main
 from pipeline.settings import StackSettings
@@ -197,3 +201,81 @@ def test_manual_approval_waits_for_pipeline_approve_or_reject_from_another_shell
         endpoint = sagemaker.describe_endpoint(EndpointName=first.endpoint_name)
         assert endpoint["EndpointConfigName"] == first.name  # the first model still serves
         assert client.ping(first.endpoint_url)
+
+
+class FaultyModelServer(Endpoint):
+    """The harness's model server, or, while ``fault`` is set, one that cannot start or answers every invocation
+    with a 500 (its /ping says healthy, so only the 5xx alarm can catch it)."""
+
+    fault: str | None = None
+
+    def start(self) -> None:
+        self._fault, self._stub = FaultyModelServer.fault, None
+        if self._fault is None:
+            super().start()
+        elif self._fault == "cannot start":
+            raise EndpointError("serve exited with code 1 before answering /ping; last lines:\nmodel.json is broken")
+        else:
+
+            class Answer(BaseHTTPRequestHandler):
+                def log_message(self, *args: object) -> None:
+                    pass
+
+                def do_GET(self) -> None:
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+
+                def do_POST(self) -> None:
+                    self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                    self.send_response(500)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+
+            self._stub = ThreadingHTTPServer(("127.0.0.1", self.port), Answer)
+            threading.Thread(target=self._stub.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._stub is not None:
+            self._stub.shutdown()
+            self._stub.server_close()
+        super().stop()
+
+
+@pytest.mark.integration
+def test_a_bad_update_rolls_back_and_the_endpoint_answers_throughout(
+    dataset: Path, tmp_path: Path, process_runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+
+    monkeypatch.setattr("local.workflow.Endpoint", FaultyModelServer)
+    image = next(p for p in sorted(dataset.rglob("*")) if p.suffix == ".png")
+    run = WorkflowRun(training=dataset, image=IMAGE, hyperparameters=TINY, gate=MET)
+    with LocalWorkflow(process_runtime, tmp_path / "wf", io.StringIO()) as workflow:
+        first = workflow.run(run)
+        assert first.ok, first
+        url = first.endpoint_url
+        for fault, alarms in (("cannot start", "[]"), ("answers 500", '["maskrcnn-endpoint-5xx-errors"]')):
+            FaultyModelServer.fault = fault
+            statuses: list[int] = []
+            done = threading.Event()
+
+            def load(url: str = url, statuses: list[int] = statuses, done: threading.Event = done) -> None:
+                while not done.is_set():
+                    statuses.append(client.invoke(url, image.read_bytes(), "image/png").status)
+
+            sender = threading.Thread(target=load)
+            sender.start()
+            try:
+                outcome = workflow.run(run)
+            finally:
+                done.set()
+                sender.join()
+            assert (outcome.status, outcome.failed_state) == ("FAILED", "DeploymentRolledBack"), (fault, outcome)
+            assert f"alarms in ALARM: {alarms}" in str(outcome.cause)
+            assert len(statuses) > 5 and set(statuses) == {200}, (fault, statuses)  # the old model, throughout
+            endpoint = boto3.client("sagemaker").describe_endpoint(EndpointName=first.endpoint_name)
+            assert (endpoint["EndpointStatus"], endpoint["EndpointConfigName"]) == ("InService", first.name)
+            assert endpoint["FailureReason"].startswith("Rolled back: ")
+        FaultyModelServer.fault = None
+    assert not client.ping(url)  # nothing left serving
