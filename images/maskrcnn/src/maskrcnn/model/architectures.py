@@ -55,7 +55,16 @@ from torchvision.ops import Conv2dNormActivation
 from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 
 from maskrcnn.errors import ModelError
-from maskrcnn.model.format import FORMAT_VERSION, SPEC_FILE, WEIGHTS_FILE, ModelSpec, check_saved_model
+from maskrcnn.model.format import (
+    BATCH_NORM,
+    FORMAT_VERSION,
+    FROZEN_BATCH_NORM,
+    GROUP_NORM,
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    ModelSpec,
+    check_saved_model,
+)
 from maskrcnn.model.roi_align import TrainingRoIAlign
 
 log = logging.getLogger(__name__)
@@ -88,14 +97,13 @@ class FrozenBatchNorm2d(TorchvisionFrozenBatchNorm2d):
 
 
 # The ResNet body's normalisation, by its name in model.json (``backbone_norm``), and its module type
-FROZEN_BN = "frozen_batch_norm"
 NORM_LAYERS: dict[str, tuple[Callable[[int], nn.Module], type[nn.Module]]] = {
-    FROZEN_BN: (FrozenBatchNorm2d, FrozenBatchNorm2d),
-    "batch_norm": (nn.BatchNorm2d, nn.BatchNorm2d),
-    "group_norm": (group_norm, nn.GroupNorm),
+    FROZEN_BATCH_NORM: (FrozenBatchNorm2d, FrozenBatchNorm2d),
+    BATCH_NORM: (nn.BatchNorm2d, nn.BatchNorm2d),
+    GROUP_NORM: (group_norm, nn.GroupNorm),
 }
 # ... when trained from scratch, and for models saved before model.json recorded it
-SCRATCH_NORM = {"lite": "group_norm", "resnet50_fpn": "batch_norm", "resnet50_fpn_v2": "batch_norm"}
+SCRATCH_NORM = {"lite": GROUP_NORM, "resnet50_fpn": BATCH_NORM, "resnet50_fpn_v2": BATCH_NORM}
 # The files each architecture takes (docs/image.md says the same)
 ACCEPTS = {
     "lite": "a ResNet-18 backbone state dict (e.g. torchvision's ResNet18_Weights.IMAGENET1K_V1; its layer4 and "
@@ -506,7 +514,7 @@ def _pretrained_norm(arch: str, state: dict[str, torch.Tensor]) -> str:
     """Frozen BatchNorm for a file that carries BatchNorm statistics (ImageNet and COCO weights, resnet models
     this image trained); else the architecture's own (a lite model trained from scratch: GroupNorm)."""
     has_statistics = "bn1.running_mean" in state or "backbone.body.bn1.running_mean" in state
-    return FROZEN_BN if has_statistics else SCRATCH_NORM[arch]
+    return FROZEN_BATCH_NORM if has_statistics else SCRATCH_NORM[arch]
 
 
 def _is_counter(name: str) -> bool:
@@ -602,7 +610,7 @@ def backbone_norm(model: nn.Module) -> str:
     backbone: Any = _unwrap(model).backbone  # typed as Tensor | Module by nn.Module.__getattr__
     layer = type(backbone.body.bn1)
     if issubclass(layer, nn.SyncBatchNorm):  # BatchNorm2d as a multi-GPU job trains it: the same state dict
-        return "batch_norm"
+        return BATCH_NORM
     return next(name for name, (_, kind) in NORM_LAYERS.items() if kind is layer)
 
 

@@ -29,7 +29,8 @@ OLDEST_FORMAT = {"lite": 6, "resnet50_fpn": 2, "resnet50_fpn_v2": 2}
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 # The ResNet body's normalisation, as model.json's ``backbone_norm`` names it (maskrcnn.model.architectures builds each)
-BACKBONE_NORMS = ("frozen_batch_norm", "batch_norm", "group_norm")
+FROZEN_BATCH_NORM, BATCH_NORM, GROUP_NORM = "frozen_batch_norm", "batch_norm", "group_norm"
+BACKBONE_NORMS = (FROZEN_BATCH_NORM, BATCH_NORM, GROUP_NORM)
 RETRAIN = "retrain the model with this image (its training job writes model.json and model.safetensors)"
 
 
