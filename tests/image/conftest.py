@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import REPO
 from tiny import TINY_HP
 
-REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build-image.sh"
 DEFAULT_IMAGE = "maskrcnn-sagemaker:latest"
 BASE_LABEL = "org.opencontainers.image.base.name"

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 from maskrcnn.serve.supervisor import EXIT_REFUSED
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 PROC_VERSION = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
 
 pytestmark = [

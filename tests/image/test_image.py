@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 from maskrcnn.device import torch_build
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "images" / "maskrcnn" / "Dockerfile"
 SERVE_PORT = 8080
 PING_DEADLINE_S = 180  # SageMaker allows minutes; a cold start here loads torch on 2 busy cores

@@ -11,8 +11,8 @@ import ast
 from pathlib import Path
 
 import pytest
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 ROOTS = {"maskrcnn": REPO / "images/maskrcnn/src/maskrcnn", "local": REPO / "local", "pipeline": REPO / "pipeline"}
 
 pytestmark = pytest.mark.unit

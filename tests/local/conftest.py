@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tinyjob import REPO, tiny_spec
+from support import REPO
+from tinyjob import tiny_spec
 
 from local import runtime as rt
 

@@ -11,11 +11,11 @@ import os
 import tarfile
 
 import pytest
+from support import free_port
 from tinyjob import tiny_spec
 
 from local import client
 from local import runtime as rt
-from local.runtime import free_port
 from local.training import run_training
 
 pytestmark = pytest.mark.container

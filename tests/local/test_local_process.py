@@ -10,8 +10,9 @@ import tarfile
 import time
 
 import pytest
+from support import REPO, free_port
 from tiny import TINY_HP
-from tinyjob import REPO, tiny_spec
+from tinyjob import tiny_spec
 
 from local import client
 from local.errors import JobFailed
@@ -135,8 +136,6 @@ def test_transform_writes_one_out_per_input(trained_job, process_runtime, datase
 
 
 def test_serve_cli_stops_cleanly_on_ctrl_c(trained_job, tmp_path):
-    from local.runtime import free_port
-
     port = free_port()
     process = subprocess.Popen(
         [

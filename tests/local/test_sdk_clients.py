@@ -16,9 +16,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from tinyjob import REPO
-
-from local.runtime import free_port
+from support import REPO, free_port
 
 pytestmark = pytest.mark.container
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tinyjob import REPO
+from support import REPO
 
 from local import client
 from local import runtime as rt

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import REPO
 from tiny import TINY_HP
-from tinyjob import REPO
 
 from local import runtime as rt
 from local.cli import main

@@ -8,8 +8,6 @@ from tiny import TINY_HP
 
 from local.layout import JobSpec
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def tiny_spec(dataset: Path, name: str = "tiny-job", **changes: object) -> JobSpec:
     values: dict = {"name": name, "channels": {"training": dataset}, "hyperparameters": dict(TINY_HP)}

@@ -11,12 +11,12 @@ from typing import Any
 
 import boto3
 import pytest
+from support import REPO
 
 from pipeline import build_lambda
 from pipeline.settings import StackSettings
 from pipeline.workflow import build_definition, substitute
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's default account
 BUCKET = "maskrcnn-artifacts-test"
@@ -38,10 +38,8 @@ def build_context(tmp_path: Path) -> Path:
     """A small build context with the real buildspec and nested folders."""
     context = tmp_path / "build_context"
     (context / "images/maskrcnn/src/maskrcnn/train").mkdir(parents=True)
-    shutil.copy(REPO_ROOT / "buildspec.yml", context / "buildspec.yml")
-    shutil.copy(
-        REPO_ROOT / "images/maskrcnn/src/maskrcnn/train/metrics.py", context / "images/maskrcnn/src/maskrcnn/train/"
-    )
+    shutil.copy(REPO / "buildspec.yml", context / "buildspec.yml")
+    shutil.copy(REPO / "images/maskrcnn/src/maskrcnn/train/metrics.py", context / "images/maskrcnn/src/maskrcnn/train/")
     (context / "Makefile").write_text("build:\n\tdocker build -t maskrcnn-sagemaker:latest images/maskrcnn\n")
     return context
 

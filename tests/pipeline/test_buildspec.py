@@ -9,15 +9,14 @@ is what is asserted: a failure anywhere in the chain that matters must reach it.
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
+from support import REPO
 
 pytestmark = pytest.mark.unit
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PHASES = yaml.safe_load((REPO_ROOT / "buildspec.yml").read_text())["phases"]
+PHASES = yaml.safe_load((REPO / "buildspec.yml").read_text())["phases"]
 
 
 def command_status(command: str, stubs: str, env: dict[str, str]) -> tuple[int, str]:

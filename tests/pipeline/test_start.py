@@ -15,11 +15,11 @@ from pathlib import Path
 import boto3
 import pytest
 from maskrcnn.train.config import PRESETS, Hyperparameters
+from support import REPO
 
 from pipeline import aws
 from pipeline.__main__ import main
 
-REPO = Path(__file__).resolve().parents[2]
 STACK = "maskrcnn-test"
 GIT_SHA = "0123456789abcdef0123456789abcdef01234567"
 START = ["start", "--stack", STACK, "--training-data", "s3://data/train/", "--git-sha", GIT_SHA]

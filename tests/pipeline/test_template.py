@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import REPO
 
 from pipeline.settings import StackSettings
 from pipeline.template import build_template
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CHECKOV = REPO_ROOT / ".venv-checkov" / "bin" / "checkov"
-ASL_VALIDATOR = REPO_ROOT / "pipeline" / "node_modules" / ".bin" / "asl-validator"
+CHECKOV = REPO / ".venv-checkov" / "bin" / "checkov"
+ASL_VALIDATOR = REPO / "pipeline" / "node_modules" / ".bin" / "asl-validator"
 
 
 def missing_tool(reason: str) -> None:

@@ -8,7 +8,6 @@ import io
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from support import REPO, free_port
 
-REPO = Path(__file__).resolve().parents[2]
 SERVE = REPO / "images" / "maskrcnn" / "serve"
 
 CLASS_NAMES = ("circle", "rectangle", "triangle")
@@ -41,12 +40,6 @@ def encode(array: np.ndarray, fmt: str = "JPEG", **save: object) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format=fmt, **save)
     return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def require_or_skip(layer: str, reason: str) -> None:

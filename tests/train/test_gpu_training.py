@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import REPO
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("need_cuda")]
-REPO = Path(__file__).resolve().parents[2]
 
 
 def run_train(base: Path) -> subprocess.CompletedProcess[str]:

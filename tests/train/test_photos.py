@@ -24,8 +24,8 @@ from maskrcnn.errors import DataError
 from maskrcnn.serve import codec
 from maskrcnn.train.data import InstanceDataset, load_index
 from PIL import Image
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 TRAIN = [sys.executable, str(REPO / "images" / "maskrcnn" / "train")]
 ORIENTATION = 0x0112
 
