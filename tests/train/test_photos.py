@@ -23,7 +23,7 @@ from maskrcnn import imagefile
 from maskrcnn.errors import DataError
 from maskrcnn.serve import codec
 from maskrcnn.train.data import InstanceDataset, load_index
-from PIL import Image
+from PIL import Image, ImageFile
 from support import REPO
 
 TRAIN = [sys.executable, str(REPO / "images" / "maskrcnn" / "train")]
@@ -39,7 +39,7 @@ def upright_scene(width: int, height: int, seed: int = 0) -> np.ndarray:
 
 
 def phone_photo(path: Path, width: int = 96, height: int = 128, seed: int = 0) -> np.ndarray:
-    """A JPEG stored sideways (``height`` x ``width`` on disk turned a quarter) with EXIF orientation 6.
+    """A JPEG (or PNG) stored sideways (``height`` x ``width`` on disk turned a quarter) with EXIF orientation 6.
 
     Returns the upright picture, as a browser shows the file. Orientation 6 says "turn 90 degrees clockwise
     to display", so the stored pixels are the upright ones turned 90 degrees counter-clockwise."""
@@ -47,7 +47,7 @@ def phone_photo(path: Path, width: int = 96, height: int = 128, seed: int = 0) -
     stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright)))
     exif = stored.getexif()
     exif[ORIENTATION] = 6
-    stored.save(path, format="JPEG", exif=exif, quality=95)
+    stored.save(path, exif=exif, quality=95)  # the suffix picks the format: a PNG stores it in an eXIf chunk
     return upright
 
 
@@ -82,6 +82,7 @@ def rgba_png(path: Path) -> None:
 
 FILES: dict[str, Callable[[Path], object]] = {
     "phone.jpg": phone_photo,
+    "phone.png": phone_photo,
     "twelve_bit.png": twelve_bit_png,
     "sixteen_bit.png": sixteen_bit_png,
     "palette.png": palette_with_transparency,
@@ -129,12 +130,16 @@ def test_training_and_serving_see_the_same_pixels_of_every_file(tmp_path: Path) 
 
 
 @pytest.mark.unit
-def test_a_phone_photo_comes_out_upright_under_its_upright_annotation(tmp_path: Path) -> None:
-    upright = phone_photo(tmp_path / "phone.jpg")
-    with Image.open(tmp_path / "phone.jpg") as handle:
+@pytest.mark.parametrize("name", ["phone.jpg", "phone.png"])
+def test_a_phone_photo_comes_out_upright_under_its_upright_annotation(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upright = phone_photo(tmp_path / name)
+    with monkeypatch.context() as patch, Image.open(tmp_path / name) as handle:
+        patch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("pixels decoded to read the size"))
         assert handle.size == (128, 96)  # stored sideways
-        assert imagefile.upright_size(handle) == (96, 128)
-    root = write_dataset(tmp_path / "data", {"phone.jpg": phone_photo})
+        assert imagefile.upright_size(handle) == (96, 128)  # from the header alone
+    root = write_dataset(tmp_path / "data", {name: phone_photo})
     image, target = InstanceDataset(load_index(root), transforms=None)[0]
     pixels = image.permute(1, 2, 0).numpy().astype(int)
     assert pixels.shape == upright.shape
