@@ -7,6 +7,8 @@ it for the same reason, and every host's part must load as a dataset of its own.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 from maskrcnn.errors import DataError
 from maskrcnn.train.data import load_index
 from PIL import Image
+from support import REPO
 
 from local import layout
 from local.errors import HarnessError
@@ -87,3 +90,9 @@ def test_a_folder_of_neither_layout_is_refused_with_the_jobs_reason(tmp_path: Pa
     (tmp_path / "data").mkdir()
     with pytest.raises(HarnessError, match="cannot tell the dataset format"):
         layout.shard_tree(tmp_path / "data", tmp_path / "out", 0, 2)
+
+
+def test_the_rules_the_harness_shares_with_the_job_import_no_torch() -> None:
+    # The harness lays out jobs and serve decodes requests without the training stack's start-up cost.
+    code = "import sys, local.layout, maskrcnn.dataset_layout, maskrcnn.imagefile; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
