@@ -47,6 +47,8 @@ from typing import Any
 import hostinfo  # bench/hostinfo.py (benchmarks run as scripts: bench/ is on sys.path)
 import numpy as np
 
+from local.runtime import free_port  # the harness's pick (local/ is importable: installed or on PYTHONPATH)
+
 REPO = Path(__file__).resolve().parents[1]
 SERVE = REPO / "images" / "maskrcnn" / "serve"
 
@@ -69,14 +71,6 @@ def sample_jpeg(size: int = 256) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_server(

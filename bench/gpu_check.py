@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from local.runtime import free_port  # the harness's pick (gpu-check.sh puts the repository on PYTHONPATH)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "images" / "maskrcnn" / "train"
@@ -249,12 +250,6 @@ def train(args: argparse.Namespace) -> int:
 
 
 # serve
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def sample_jpeg(width: int, height: int) -> bytes:
