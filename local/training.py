@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from maskrcnn.contract import EXIT_STOPPED
-from maskrcnn.train.metrics import parse_metrics
+from maskrcnn.train.metrics import parse_metrics, parse_plan
 
 from local.artifacts import pack_dir
 from local.errors import JobFailed
@@ -38,9 +38,6 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 120.0  # StopTrainingJob: SIGTERM, then SIGKILL after 120 s
 _POSITION = re.compile(r"\b(phase|epoch|step)=(\w+)")
-# maskrcnn.train.job logs its plan before the first step, again when a time budget (max_runtime) moves it by 5 %
-# or more, and, with a budget, the step it trained to (smaller re-plans are DEBUG lines: the bar ends there).
-_PLAN = re.compile(r"\b(?:plan: |planning |budget: trained to step )(\d+)\b")
 
 
 @dataclass
@@ -69,9 +66,10 @@ class TrainResult:
 class MetricsReader:
     """Folds log lines into a metrics history and drives the progress bar, in optimizer steps.
 
-    The job logs its plan (``plan: N steps ...``) once it knows the data, and a metrics line for its
-    first and last step: the bar's total is the true one and it ends there, whatever ended the job
-    (max_steps or the epochs).
+    The job announces its plan in ``#plan`` lines (:func:`maskrcnn.train.metrics.parse_plan`): before the
+    first step, at every re-plan of a time budget, and the step training ended at. The bar's total is the
+    latest plan, and the end line moves the bar to the step the job trained to, whatever ended it (the epochs,
+    max_steps, the budget). Nothing here reads the job's sentences, which may be reworded.
     """
 
     progress: Progress
@@ -79,9 +77,11 @@ class MetricsReader:
     final: dict[str, float] = field(default_factory=dict)
 
     def feed(self, line: str) -> None:
-        plan = _PLAN.search(line)
-        if plan:
-            self.progress.set_total(int(plan.group(1)))
+        plan = parse_plan(line)
+        if plan is not None:
+            self.progress.set_total(plan.last_step)
+            if plan.event == "end":
+                self.progress.advance(plan.step)
             return
         values = parse_metrics(line)
         if not values:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from maskrcnn.train.config import TrainConfig
+from maskrcnn.train.metrics import Plan
 
 from local import artifacts, client, layout, transform
 from local import runtime as rt
@@ -221,7 +222,7 @@ def test_progress_counts_steps_to_the_total_the_job_announces():
     """The bar's total is the job's own plan (epochs may end before max_steps), and it ends there."""
     progress = Progress()
     reader = MetricsReader(progress)
-    reader.feed("x INFO maskrcnn.train.job: plan: 16 steps (2 epochs of 8 steps)")
+    reader.feed("x INFO maskrcnn.train.job: " + Plan("start", 0, 16).line())
     assert progress.total == 16
     reader.feed("x INFO maskrcnn.train.engine: #metrics phase=train epoch=0 step=1 loss=2.5 lr=0.01")
     reader.feed("x INFO maskrcnn.train.engine: #metrics phase=eval epoch=1 bbox_mAP=0.1 segm_mAP=0.1 segm_AP50=0.2")
@@ -232,15 +233,40 @@ def test_progress_counts_steps_to_the_total_the_job_announces():
 def test_a_time_budget_moves_the_bars_total():
     progress = Progress()
     reader = MetricsReader(progress)
-    reader.feed("x INFO maskrcnn.train.job: plan: 8000 steps (1000 epochs of 8 steps)")
-    reader.feed(
-        "x INFO maskrcnn.train.job: budget: max_runtime=40 s, measured 0.3 s/step, planning 57 steps (was 8000)"
-    )
+    reader.feed("x INFO maskrcnn.train.job: " + Plan("start", 0, 8000).line())
+    reader.feed("x INFO maskrcnn.train.job: " + Plan("budget", 10, 57).line())
     assert progress.total == 57
-    # Re-plans that move the end under 5 % are not logged at INFO; the closing line says where it ended.
     reader.feed("x INFO maskrcnn.train.engine: #metrics phase=train epoch=7 step=55 loss=1.5 lr=0.0")
-    reader.feed("x INFO maskrcnn.train.job: budget: trained to step 55 of its plan, 38 s into max_runtime=40 s")
+    reader.feed("x INFO maskrcnn.train.job: " + Plan("budget", 55, 55).line())
+    reader.feed("x INFO maskrcnn.train.job: " + Plan("end", 55, 55).line())
     assert progress.n == 55 == progress.total
+
+
+def test_the_bar_ends_at_the_step_trained_to_when_the_budget_cuts_between_metrics_lines():
+    """A re-plan that ends the job at step 53, after the metrics line of step 50 (log_every=10): the bar
+    still ends at 53 of 53, from the job's structured lines alone."""
+    progress = Progress()
+    reader = MetricsReader(progress)
+    reader.feed("x INFO maskrcnn.train.job: " + Plan("start", 0, 8000).line())
+    reader.feed("x INFO maskrcnn.train.engine: #metrics phase=train epoch=6 step=50 loss=1.5 lr=0.001")
+    reader.feed("x INFO maskrcnn.train.job: " + Plan("budget", 53, 53).line())
+    reader.feed("x INFO maskrcnn.train.job: " + Plan("end", 53, 53).line())
+    reader.feed("x INFO maskrcnn.train.engine: #metrics phase=eval epoch=7 bbox_mAP=0.1 segm_mAP=0.1 segm_AP50=0.2")
+    assert progress.n == 53 == progress.total
+
+
+def test_the_bar_reads_no_sentence_of_the_job():
+    """The job's sentences are for people: rewording one (or a sentence that happens to hold a number next to
+    "plan") moves nothing."""
+    progress = Progress()
+    reader = MetricsReader(progress)
+    for sentence in (
+        "x INFO maskrcnn.train.job: plan: 16 steps (2 epochs of 8 steps)",
+        "x INFO maskrcnn.train.job: budget: max_runtime=40 s, measured 0.3 s/step, planning 57 steps (was 8000)",
+        "x INFO maskrcnn.train.job: budget: trained to step 55 of its plan, 38 s into max_runtime=40 s",
+    ):
+        reader.feed(sentence)
+    assert progress.total is None and progress.n == 0 and reader.history == []
 
 
 class _Terminal(io.StringIO):
@@ -255,7 +281,7 @@ def test_a_terminal_shows_the_bar_and_one_line_per_evaluation_and_the_job_log_wi
     reader = MetricsReader(progress)
     progress.start(None, "step", "train")
     for line in (
-        "x INFO maskrcnn.train.job: plan: 8 steps (1 epochs of 8 steps)",
+        "x INFO maskrcnn.train.job: " + Plan("start", 0, 8).line(),
         "x INFO maskrcnn.train.engine: #metrics phase=train epoch=0 step=8 loss=1.5 lr=0.0",
         "x INFO maskrcnn.train.engine: #metrics phase=eval epoch=1 bbox_mAP=0.1 segm_mAP=0.1 segm_AP50=0.25",
     ):

@@ -61,8 +61,7 @@ def test_amp_is_on_inside_the_forward(synthetic_dir: Path) -> None:
     """The dtype a convolution actually computes in, seen by a hook, during a training step."""
     from maskrcnn.model.architectures import build_model
     from maskrcnn.train.data import InstanceDataset, collate, load_index, train_transforms
-    from maskrcnn.train.engine import LoopState, train_one_epoch
-    from maskrcnn.train.job import autocast_dtype, grad_scaler
+    from maskrcnn.train.engine import LoopState, autocast_dtype, grad_scaler, train_one_epoch
 
     device = torch.device("cuda", 0)
     index = load_index(synthetic_dir)

@@ -6,7 +6,7 @@ import math
 import re
 
 import pytest
-from maskrcnn.train.metrics import METRIC_DEFINITIONS, format_metrics, parse_metrics
+from maskrcnn.train.metrics import METRIC_DEFINITIONS, Plan, format_metrics, parse_metrics, parse_plan
 
 pytestmark = pytest.mark.unit
 
@@ -55,3 +55,13 @@ def test_definitions_fit_sagemaker_limits() -> None:
 
 def test_unrelated_lines_yield_nothing() -> None:
     assert parse_metrics("loss=0.5 lr=0.1") == {}
+
+
+@pytest.mark.parametrize("event", ["start", "budget", "end"])
+def test_a_plan_line_is_read_back_and_matches_no_metric(event: str) -> None:
+    plan = Plan(event, 10, 57)
+    line = "2026-01-01 INFO [rank 0] maskrcnn.train.job: " + plan.line()
+    assert parse_plan(line) == plan
+    assert parse_metrics(line) == {}  # SageMaker's regexes never read a plan as a metric
+    assert parse_plan("budget: planning 57 steps (was 8000)") is None
+    assert parse_plan(format_metrics("train", {"step": 10, "loss": 0.5})) is None

@@ -14,8 +14,8 @@ import pytest
 import torch
 from maskrcnn.train import checkpoint
 from maskrcnn.train.config import Hyperparameters
-from maskrcnn.train.engine import LoopState
-from maskrcnn.train.job import SkipSampler, make_optimizer, make_scheduler
+from maskrcnn.train.engine import LoopState, make_optimizer, make_scheduler
+from maskrcnn.train.job import SkipSampler
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from maskrcnn.train.metrics import parse_metrics
+from maskrcnn.train.metrics import parse_metrics, parse_plan
+
+from local.progress import Progress
+from local.training import MetricsReader
 
 pytestmark = pytest.mark.integration
 
@@ -56,6 +59,14 @@ def assert_annealed_and_written(base: Path, stdout: str) -> None:
     # more than 1 % of the peak (measured 0.1 % under a concurrent test run).
     assert last["train:lr"] <= 0.01 * 0.001
     assert any("phase=eval" in line for line in stdout.splitlines()[-10:])
+    # The structured plan lines say the same, and the harness's bar, reading only those, ends where the job did.
+    plans = [plan for line in stdout.splitlines() if (plan := parse_plan(line))]
+    assert plans[0].event == "start" and plans[-1].event == "end" and plans[-1].step == planned
+    assert any(plan.event == "budget" for plan in plans)
+    reader = MetricsReader(Progress())
+    for line in stdout.splitlines():
+        reader.feed(line)
+    assert reader.progress.n == planned == reader.progress.total
     assert (base / "model" / "model.safetensors").is_file() and (base / "model" / "model.json").is_file()
 
 

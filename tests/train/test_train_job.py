@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from maskrcnn.train.metrics import parse_metrics
+from maskrcnn.train.metrics import Plan, parse_metrics, parse_plan
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -286,6 +286,8 @@ def test_a_short_job_still_reports_its_loss(make_job) -> None:
     steps = [parse_metrics(line) and line for line in result.stdout.splitlines() if "#metrics phase=train" in line]
     assert len(steps) == 2 and " step=1 " in steps[0] and " step=3 " in steps[1], steps
     assert all("train:loss" in parse_metrics(line) for line in steps)
+    plans = [plan for line in result.stdout.splitlines() if (plan := parse_plan(line))]
+    assert plans == [Plan("start", 0, 3), Plan("end", 3, 3)]  # what the harness's bar reads, and all it reads
 
 
 def _two_hosts(make_job, hyperparameters: dict[str, str], channels: list[dict[str, Path]] | None = None):

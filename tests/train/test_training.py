@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from maskrcnn.train.job import autocast_dtype, cpu_amx_usable, grad_scaler
+from maskrcnn.device import cpu_amx_usable
+from maskrcnn.train.engine import autocast_dtype, grad_scaler
 
 pytestmark = pytest.mark.unit
 
@@ -52,3 +53,12 @@ def test_cuda_mixed_precision_bfloat16_where_the_gpu_has_it(
     assert dtype == expected
     assert (grad_scaler(dtype) is not None) is scaled
     assert grad_scaler(None) is None
+
+
+def test_the_config_carries_onednns_cap_and_nothing_else_of_the_environment(tmp_path) -> None:
+    from maskrcnn.train.config import TrainConfig
+
+    environ = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "HOME": "/root"}
+    config = TrainConfig.from_dicts(tmp_path, {}, {"training": {}}, {}, environ)
+    assert config.cpu_env == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert autocast_dtype(torch.device("cpu"), config.cpu_env) is None  # capped below AMX: float32

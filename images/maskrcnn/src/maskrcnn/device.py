@@ -29,6 +29,9 @@ for a later ``dlopen`` of the same soname, so the CUDA runtime's ``dlopen("libcu
 one. ``LD_LIBRARY_PATH`` changed inside a running process reaches only processes started afterwards (the
 loader reads it once), which is what the export is for.
 
+The CPU's side: :func:`cpu_amx_usable` says whether bfloat16 autocast may use AMX tiles here (the training
+job's mixed precision on CPU).
+
 Test seams: ``MASKRCNN_NVIDIA_PROC`` replaces ``/proc/driver/nvidia`` (a folder with a ``version`` file makes
 any host look like a GPU host), ``MASKRCNN_CUDA_COMPAT_DIR`` replaces ``/usr/local/cuda/compat``.
 """
@@ -426,3 +429,28 @@ __all__ = [
     "supported",
     "use_route",
 ]
+
+
+# oneDNN's ISA cap, under its name and its old one: the CPU features torch's CPU kernels may use.
+CPU_ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+def cpu_amx_usable(environ: Mapping[str, str], capability: str | None = None, tiles: bool | None = None) -> bool:
+    """Whether torch's CPU kernels may use AMX tiles here: the CPU has them (``tiles``, else asked), ATen runs
+    its AVX-512 kernels (``capability``, else ``torch.backends.cpu.get_cpu_capability()``), and oneDNN's ISA cap
+    (:data:`CPU_ISA_CAPS` in ``environ``) admits AMX.
+
+    The CPU's flags alone are not enough: the AVX2 class emulated on a Xeon with AMX
+    (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``, docs/local.md) still reports the tiles, and there
+    bfloat16 runs on oneDNN's reference kernels, many times slower than float32 (docs/benchmarks.md).
+    """
+    if capability is None or tiles is None:
+        import torch  # only here: the GPU route above is chosen before torch loads
+
+        capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    if capability.upper() != "AVX512":
+        return False
+    cap = next((environ[name] for name in CPU_ISA_CAPS if environ.get(name)), "").strip().upper()
+    if cap and cap not in ("ALL", "DEFAULT") and "AMX" not in cap:
+        return False
+    return torch.cpu._is_amx_tile_supported() if tiles is None else tiles

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from maskrcnn.contract import SageMakerPaths, base_paths
+from maskrcnn.device import CPU_ISA_CAPS
 from maskrcnn.errors import ConfigError
 from maskrcnn.model.format import ARCHS
 
@@ -224,6 +225,7 @@ class TrainConfig:
     procs_per_host: int | None = None  # None: one per GPU (one on CPU); set to test the launcher on CPU
     extra: Mapping[str, Any] = field(default_factory=dict)
     network_env: Mapping[str, str] = field(default_factory=dict)  # NCCL_*, FI_* and LD_LIBRARY_PATH, for NCCL's log
+    cpu_env: Mapping[str, str] = field(default_factory=dict)  # oneDNN's ISA cap, for mixed precision on CPU
 
     @classmethod
     def from_dicts(
@@ -258,6 +260,7 @@ class TrainConfig:
             pretrained_path=Path(pretrained) if pretrained else None,
             procs_per_host=int(environ["MASKRCNN_PROCS_PER_HOST"]) if environ.get("MASKRCNN_PROCS_PER_HOST") else None,
             network_env={k: v for k, v in environ.items() if k.startswith(NETWORK_PREFIXES) or k == "LD_LIBRARY_PATH"},
+            cpu_env={k: v for k, v in environ.items() if k in CPU_ISA_CAPS},
         )
 
     def sharded(self, channel: str) -> bool:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from maskrcnn.device import cpu_amx_usable
 from maskrcnn.errors import NonFiniteLossError
+from maskrcnn.train.config import Hyperparameters
 from maskrcnn.train.metrics import format_metrics
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,79 @@ def move_to(images: list[torch.Tensor], targets: list[dict[str, Any]], device: t
         {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets
     ]
     return images, targets
+
+
+def make_optimizer(model: torch.nn.Module, hp: Hyperparameters, lr: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer of the trainable parameters at peak ``lr`` (default ``hp.lr``: one process's)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = hp.lr if lr is None else lr
+    if hp.optimizer == "adamw":
+        # one fused kernel instead of a dozen ops per tensor (docs/benchmarks.md: the optimizer's share of a step)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=hp.weight_decay, fused=True)
+    return torch.optim.SGD(params, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, hp: Hyperparameters, steps_per_epoch: int, total: int | Callable[[], int]
+):
+    """Warm-up, then the schedule over ``total`` steps; a callable ``total`` is read at every step, so a time
+    budget can re-plan the length after the job started (multistep's epochs then shrink in proportion).
+    The warm-up takes at most half the planned steps: a plan shorter than ``warmup_steps`` (a tight budget, a
+    small ``max_steps``) would otherwise end still warming up, never annealed.
+    A LambdaLR, not torchvision's LinearLR + SequentialLR + CosineAnnealingLR: those fix their lengths when
+    built (CosineAnnealingLR steps recursively from a fixed ``T_max``), and a budget moves the end later."""
+    planned = total if callable(total) else (lambda: total)
+    unbudgeted = planned()
+
+    def factor(step: int) -> float:
+        end = planned()
+        warmup = min(hp.warmup_steps, end // 2)
+        if step < warmup:
+            alpha = step / warmup
+            return hp.warmup_factor * (1 - alpha) + alpha
+        if hp.lr_schedule == "cosine":
+            progress = (step - warmup) / max(end - warmup, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if hp.lr_schedule == "multistep":
+            epoch = step // max(steps_per_epoch, 1) / (end / max(unbudgeted, 1))
+            return hp.lr_gamma ** sum(epoch >= m for m in hp.lr_steps)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast_dtype(
+    device: torch.device,
+    cpu_env: Mapping[str, str] | None = None,
+    *,
+    bf16_supported: bool | None = None,
+    amx: bool | None = None,
+) -> torch.dtype | None:
+    """bfloat16 on CUDA devices that have it (Ampere and newer), float16 on older GPUs; bfloat16 on CPUs
+    whose kernels may use AMX tiles (:func:`maskrcnn.device.cpu_amx_usable` under ``cpu_env``, the job's
+    oneDNN cap); else none (float32). ``bf16_supported`` and ``amx`` override what the machine says.
+
+    bfloat16 has float32's exponent range, so it needs no GradScaler (torchvision's reference and torch's
+    AMP recipe use the scaler for float16 only); the caller makes one only for float16.
+
+    On a CPU only AMX makes bfloat16 pay: with AVX512-BF16 alone the casts around every op cost more than the
+    narrower dot products save, and AMX is what tells those CPUs apart from inside (docs/benchmarks.md).
+    """
+    if device.type == "cuda":
+        if bf16_supported is None:
+            with torch.cuda.device(device):
+                bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if bf16_supported else torch.float16
+    if device.type == "cpu":
+        if amx is None:
+            amx = cpu_amx_usable(cpu_env or {})
+        return torch.bfloat16 if amx else None
+    return None
+
+
+def grad_scaler(amp_dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """float16 needs loss scaling (its small range underflows gradients); bfloat16 and float32 do not."""
+    return torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
 
 def train_steps(

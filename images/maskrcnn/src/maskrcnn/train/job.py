@@ -33,7 +33,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,19 @@ from maskrcnn.train.data import (
     split_index,
     train_transforms,
 )
-from maskrcnn.train.engine import LoopState, Step, TrainMetrics, evaluate, non_finite_loss, train_steps
+from maskrcnn.train.engine import (
+    LoopState,
+    Step,
+    TrainMetrics,
+    autocast_dtype,
+    evaluate,
+    grad_scaler,
+    make_optimizer,
+    make_scheduler,
+    non_finite_loss,
+    train_steps,
+)
+from maskrcnn.train.metrics import Plan
 from maskrcnn.train.summaries import OVERLAY_IMAGES, Summaries, predicted_overlays
 
 log = logging.getLogger(__name__)
@@ -197,83 +209,6 @@ def loader_workers(config: TrainConfig, ctx: distributed.DistContext) -> int:
     return data_workers(config.hp.num_workers, len(os.sched_getaffinity(0)), procs)
 
 
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, hp: Hyperparameters, steps_per_epoch: int, total: int | Callable[[], int]
-):
-    """Warm-up, then the schedule over ``total`` steps; a callable ``total`` is read at every step, so a time
-    budget can re-plan the length after the job started (multistep's epochs then shrink in proportion).
-    The warm-up takes at most half the planned steps: a plan shorter than ``warmup_steps`` (a tight budget, a
-    small ``max_steps``) would otherwise end still warming up, never annealed.
-    A LambdaLR, not torchvision's LinearLR + SequentialLR + CosineAnnealingLR: those fix their lengths when
-    built (CosineAnnealingLR steps recursively from a fixed ``T_max``), and a budget moves the end later."""
-    planned = total if callable(total) else (lambda: total)
-    unbudgeted = planned()
-
-    def factor(step: int) -> float:
-        end = planned()
-        warmup = min(hp.warmup_steps, end // 2)
-        if step < warmup:
-            alpha = step / warmup
-            return hp.warmup_factor * (1 - alpha) + alpha
-        if hp.lr_schedule == "cosine":
-            progress = (step - warmup) / max(end - warmup, 1)
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        if hp.lr_schedule == "multistep":
-            epoch = step // max(steps_per_epoch, 1) / (end / max(unbudgeted, 1))
-            return hp.lr_gamma ** sum(epoch >= m for m in hp.lr_steps)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def autocast_dtype(
-    device: torch.device, *, bf16_supported: bool | None = None, amx: bool | None = None
-) -> torch.dtype | None:
-    """bfloat16 on CUDA devices that have it (Ampere and newer), float16 on older GPUs; bfloat16 on CPUs
-    with AMX tiles; else none (float32). ``bf16_supported`` and ``amx`` override what the machine says.
-
-    bfloat16 has float32's exponent range, so it needs no GradScaler (torchvision's reference and torch's
-    AMP recipe use the scaler for float16 only); the caller makes one only for float16.
-
-    Measured on two Xeon VMs of the same class: with AMX tiles, bfloat16 made a lite step 1.4x faster (284
-    against 409 ms); on one exposing AVX512-BF16 but no AMX tiles, 1.4x slower (396 against 283 ms: the
-    casts around every op cost more than the narrower dot products save). AMX is what tells them apart from
-    inside; without AVX512-BF16 either, the CPU would emulate bfloat16. docs/benchmarks.md has both.
-    """
-    if device.type == "cuda":
-        if bf16_supported is None:
-            with torch.cuda.device(device):
-                bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
-        return torch.bfloat16 if bf16_supported else torch.float16
-    if device.type == "cpu":
-        if amx is None:
-            amx = cpu_amx_usable(os.environ, torch.backends.cpu.get_cpu_capability())
-        return torch.bfloat16 if amx else None
-    return None
-
-
-def cpu_amx_usable(environ: Mapping[str, str], capability: str, tiles: bool | None = None) -> bool:
-    """Whether torch's CPU kernels may use AMX tiles here: the CPU has them (``tiles``, else asked), ATen runs
-    its AVX-512 kernels (``capability``, ``torch.backends.cpu.get_cpu_capability()``), and oneDNN's ISA cap
-    (``ONEDNN_MAX_CPU_ISA``, or its old name ``DNNL_MAX_CPU_ISA``) admits AMX.
-
-    The CPU's flags alone are not enough: the AVX2 class emulated on a Xeon with AMX
-    (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``, docs/local.md) still reports the tiles, and there
-    bfloat16 runs on oneDNN's reference kernels: a lite step took 3.2 s against 0.29 s in float32.
-    """
-    if capability.upper() != "AVX512":
-        return False
-    cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
-    if cap and cap not in ("ALL", "DEFAULT") and "AMX" not in cap:
-        return False
-    return torch.cpu._is_amx_tile_supported() if tiles is None else tiles
-
-
-def grad_scaler(amp_dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
-    """float16 needs loss scaling (its small range underflows gradients); bfloat16 and float32 do not."""
-    return torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-
-
 REFERENCE_LR = (0.02, 16)  # torchvision's detection reference: lr 0.02 for 16 images a step (8 GPUs x 2)
 
 
@@ -301,16 +236,6 @@ def describe_lr(hp: Hyperparameters, world_size: int) -> str:
         f"{hp.batch_size}; lr={hp.lr:g} is one process's, scaled by the processes): {peak / images:.4g} per image "
         f"(torchvision's reference: {reference:g} for {per} images, {reference / per:.4g} per image)"
     )
-
-
-def make_optimizer(model: torch.nn.Module, hp: Hyperparameters, lr: float | None = None) -> torch.optim.Optimizer:
-    """The optimizer of the trainable parameters at peak ``lr`` (default ``hp.lr``: one process's)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    lr = hp.lr if lr is None else lr
-    if hp.optimizer == "adamw":
-        # one fused kernel instead of a dozen ops per tensor: 13 -> 4.5 ms a lite step on 2 CPU cores
-        return torch.optim.AdamW(params, lr=lr, weight_decay=hp.weight_decay, fused=True)
-    return torch.optim.SGD(params, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
 
 
 def run(config: TrainConfig, started: float | None = None) -> int:
@@ -415,6 +340,7 @@ def _train(
     job = _Job(config, ctx, stop, state, job_started, sizes)
     job.resume()
     job.prepare_loop()
+    job.tell_plan("start")
     scores = job.train()
     if scores is None:
         return stopped(state)
@@ -469,7 +395,7 @@ class _Job:
         log.info(describe_lr(hp, ctx.world_size))
         self.scheduler = make_scheduler(self.optimizer, hp, self.steps_per_epoch, lambda: state.last_step)
         state.last_step = self.total_steps
-        self.amp_dtype = autocast_dtype(ctx.device) if hp.amp else None
+        self.amp_dtype = autocast_dtype(ctx.device, config.cpu_env) if hp.amp else None
         self.scaler = grad_scaler(self.amp_dtype)
         log.info("mixed precision: %s", self.amp_dtype or "off")
         if ctx.device.type == "cpu":  # CPU figures differ ~2x between kernel classes (AVX-512 against AVX2)
@@ -594,6 +520,8 @@ class _Job:
             if distributed.any_rank(self.stop(), ctx):
                 return None
             last = state.epoch >= hp.epochs or bool(reached_limit)
+            if last:
+                self.tell_plan("end")
             if last or state.epoch % hp.eval_every == 0:
                 scores, evaluated = self.evaluate(), last
                 if distributed.any_rank(self.stop(), ctx):  # also every rank's wait for the evaluation to end
@@ -608,6 +536,7 @@ class _Job:
                     hp.max_runtime,
                 )
         if not evaluated:  # resumed from a finished checkpoint: score the restored weights
+            self.tell_plan("end")
             scores = self.evaluate()
             if distributed.any_rank(self.stop(), ctx):
                 return None
@@ -687,6 +616,7 @@ class _Job:
                 level = logging.INFO if budget.worth_telling(flags.plan) else logging.DEBUG
                 log.log(level, describe(self.hp.max_runtime, budget.step_seconds(), flags.plan, current.last_step))
                 current.last_step = flags.plan
+                self.tell_plan("budget")
         elif flags.out_of_time:
             log.warning(
                 "budget: stopping at step %d of %d: the steps ran slower than planned",
@@ -694,8 +624,15 @@ class _Job:
                 current.last_step,
             )
             current.last_step = current.global_step
+            self.tell_plan("budget")
         # An epoch's natural end is left to the loop, which then counts the epoch as done.
         return not (current.global_step >= current.last_step and current.step_in_epoch < self.steps_per_epoch)
+
+    def tell_plan(self, event: str) -> None:
+        """The plan as the structured line the harness reads (rank 0; the sentences beside it are for people)."""
+        if self.ctx.is_main:
+            state = self.state
+            log.info(Plan(event, state.global_step, state.global_step if event == "end" else state.last_step).line())
 
     def save_checkpoint(self) -> None:
         # Every rank's random state (each draws its own augmentations and dropout), written by rank 0.

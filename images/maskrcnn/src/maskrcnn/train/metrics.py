@@ -11,6 +11,15 @@ a float. ``images_per_sec`` is one training process's (one GPU's on a GPU host),
 the whole job's (that times the processes). ``METRIC_DEFINITIONS`` is that list; the local harness and
 the Step Functions workflow import it from here so the three never drift apart.
 
+The job's plan (the step it will end at) has a line of its own, which no metric regex matches::
+
+    #plan event=start step=0 last_step=16       before the first step: epochs or max_steps, whichever ends first
+    #plan event=budget step=10 last_step=57     a time budget (max_runtime) moved the end
+    #plan event=end step=55 last_step=55        training ended at this step (the final evaluation follows)
+
+The local harness's progress bar reads these only (:func:`parse_plan`); the sentences the job logs beside
+them are for people and may be reworded freely.
+
 This module imports nothing heavy: ``pipeline/`` imports it without torch.
 """
 
@@ -18,8 +27,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 PREFIX = "#metrics"
+PLAN_PREFIX = "#plan"
+PLAN_EVENTS = ("start", "budget", "end")
 
 _NUMBER = r"([-+]?(?:[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|nan|inf))"
 
@@ -62,3 +74,24 @@ def parse_metrics(line: str) -> dict[str, float]:
         if match:
             found[definition["Name"]] = float(match.group(1))
     return found
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where the job plans to end: ``last_step``, as decided at ``step`` for the reason ``event``."""
+
+    event: str  # one of PLAN_EVENTS
+    step: int  # the global step the plan was made at (the step training ended at, for "end")
+    last_step: int
+
+    def line(self) -> str:
+        return f"{PLAN_PREFIX} event={self.event} step={self.step} last_step={self.last_step}"
+
+
+_PLAN = re.compile(rf"{PLAN_PREFIX} event=({'|'.join(PLAN_EVENTS)}) step=(\d+) last_step=(\d+)\b")
+
+
+def parse_plan(line: str) -> Plan | None:
+    """The plan a log line announces (as :meth:`Plan.line` wrote it), else None."""
+    match = _PLAN.search(line)
+    return Plan(match[1], int(match[2]), int(match[3])) if match else None
