@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from support import REPO
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("need_cuda")]
-REPO = Path(__file__).resolve().parents[2]
 
 
 def two_gpus() -> None:

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,11 @@ import pytest
 from maskrcnn.train.metrics import Plan, parse_metrics, parse_plan
 from PIL import Image
 from safetensors.torch import load_file
+from support import REPO, free_port
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 TRAIN = [sys.executable, str(REPO / "images" / "maskrcnn" / "train")]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def env_for(base: Path, **extra: str) -> dict[str, str]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from maskrcnn.contract import SageMakerPaths, base_paths
+from maskrcnn.dataset_layout import DISTRIBUTIONS
 from maskrcnn.device import CPU_ISA_CAPS
 from maskrcnn.errors import ConfigError
 from maskrcnn.model.format import ARCHS
@@ -162,7 +163,6 @@ def _decode(key: str, value: Any, kind: Any) -> Any:
 
 NETWORK_PREFIXES = ("NCCL_", "FI_")  # what NCCL and libfabric read: the transport between hosts
 INPUT_MODES = ("File", "FastFile")  # both present the channel as files; Pipe (FIFOs) is not read
-DISTRIBUTIONS = ("FullyReplicated", "ShardedByS3Key")
 
 
 def channel_distributions(inputdataconfig: Mapping[str, Any]) -> dict[str, str]:
