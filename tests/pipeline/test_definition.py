@@ -103,6 +103,11 @@ def test_execution_input_renders_strings_optional_channels_and_spot() -> None:
         ({"hyperparameters": {"amp": "maybe"}}, "'amp' must be true or false"),
         ({"training_data": "/local/path"}, "s3://"),
         ({"git_sha": "main"}, "git_sha"),
+        ({"gate_metric": "validation:segm_AP75"}, "gate metric 'validation:segm_AP75' is none the job logs; one of "),
+        ({"gate_min_value": float("nan")}, "finite number"),
+        ({"approval": "yes"}, "approval must be one of auto, manual"),
+        ({"canary_percent": 60}, "canary_percent must be 1-50"),
+        ({"baking_seconds": 7200}, "baking_seconds must be 0-3600"),
     ],
 )
 def test_bad_execution_input_is_refused_before_start(change: dict, message: str) -> None:

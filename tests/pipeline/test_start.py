@@ -18,7 +18,7 @@ from maskrcnn.train.config import PRESETS, Hyperparameters
 from support import REPO
 
 from pipeline import aws
-from pipeline.__main__ import main
+from pipeline.__main__ import main, parser
 
 STACK = "maskrcnn-test"
 GIT_SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -66,6 +66,23 @@ def test_start_sends_any_image_hyperparameter_over_the_gpu_preset(stack: str) ->
 
 
 @pytest.mark.unit
+def test_start_sends_the_gate_and_the_approval_mode(stack: str) -> None:
+    assert main([*START, "--gate", "validation:bbox_AP50=0.7", "--approve", "auto", "--approval-timeout", "600"]) == 0
+
+    [document] = sent_documents(stack)
+    assert document["QualityGate"] == {"MetricName": "validation:bbox_AP50", "MinValue": 0.7}
+    assert (document["Approval"]["Mode"], document["Approval"]["TimeoutSeconds"]) == ("auto", 600)
+    assert document["Deployment"] == {
+        "CanaryPercent": 10,
+        "BakingSeconds": 300,
+        "Max5xxErrors": 0,
+        "MaxModelLatencyMicroseconds": 2_000_000,
+    }
+    defaults = parser().parse_args(START)
+    assert (defaults.gate, defaults.approve) == ("validation:segm_AP50=0.5", "manual")  # production waits for a person
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("pairs", "message"),
     [
@@ -77,15 +94,33 @@ def test_start_sends_any_image_hyperparameter_over_the_gpu_preset(stack: str) ->
 def test_bad_hyperparameters_are_refused_before_any_aws_call(
     pairs: list[str], message: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    assert refused_without_aws([*START, *(arg for pair in pairs for arg in ("-p", pair))], monkeypatch) == 2
+    assert message in caplog.text
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("gate", "message"),
+    [
+        ("validation:segm_AP50=high", "--gate takes METRIC=MIN with a number, got 'validation:segm_AP50=high'"),
+        ("segm_AP50=0.5", "gate metric 'segm_AP50' is none the job logs"),
+    ],
+)
+def test_a_bad_gate_is_refused_before_any_aws_call(
+    gate: str, message: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert refused_without_aws([*START, "--gate", gate], monkeypatch) == 2
+    assert message in caplog.text
+
+
+def refused_without_aws(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     # No credentials: had `start` called AWS first, it would fail on those instead (exit 1).
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-
-    assert main([*START, *(arg for pair in pairs for arg in ("-p", pair))]) == 2
-    assert message in caplog.text
+    return main(args)
 
 
 def run_cli(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
