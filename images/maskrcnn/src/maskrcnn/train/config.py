@@ -297,7 +297,7 @@ def _read_json(path: Path, default: Any) -> Any:
 # bench/bench_convergence.py train with, tuned for 2 CPU cores (docs/benchmarks.md has the curve).
 SYNTHETIC_CPU_PRESET: dict[str, str] = {
     "arch": "lite",
-    "epochs": "10",  # ~305 s of training on 2 AVX-512 cores without AMX (bench/bench_convergence.py)
+    "epochs": "10",  # fits make demo's 10 minutes on 2 cores (docs/benchmarks.md, bench/bench_convergence.py)
     "batch_size": "4",
     "min_size": "160",
     "max_size": "160",

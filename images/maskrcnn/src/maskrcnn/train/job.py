@@ -84,7 +84,7 @@ from maskrcnn.train.engine import (
     train_steps,
 )
 from maskrcnn.train.metrics import Plan
-from maskrcnn.train.summaries import OVERLAY_IMAGES, Summaries, predicted_overlays
+from maskrcnn.train.summaries import OVERLAY_IMAGES, Summaries, plot_history, predicted_overlays
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +159,8 @@ def load_data(config: TrainConfig, sizes: ImageSizes | None = None) -> tuple[Dat
 def check_data(config: TrainConfig) -> dict[str, tuple[int, int]]:
     """Check this host's datasets once, before its training processes start, and return every image's size.
 
-    Reading each image's header is the check's slow part (linear in the images: about half a minute for COCO's
-    118k on a local disk, and under FastFile each is a read from S3); the processes get the sizes and read no
+    Reading each image's header is the check's slow part (linear in the images, and under FastFile each is a
+    read from S3; docs/benchmarks.md has COCO's); the processes get the sizes and read no
     header again (``load_index(..., sizes)``), while each still parses the annotations itself. Bad data fails
     here, in the launcher, before any process starts. Every host checks its own data (a sharded channel
     differs from host to host).
@@ -367,7 +367,7 @@ class _Job:
         if ctx.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
             # Deterministic mode also fills every new tensor with NaN, to expose reads of uninitialised memory;
-            # nothing here reads memory it has not written, and the fill costs ~4 % of a lite training step.
+            # nothing here reads memory it has not written, and the fill is paid on every step (docs/benchmarks.md).
             torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
         self.train_index, self.val_index = load_data(config, sizes)
         log.info(
@@ -398,7 +398,7 @@ class _Job:
         self.amp_dtype = autocast_dtype(ctx.device, config.cpu_env) if hp.amp else None
         self.scaler = grad_scaler(self.amp_dtype)
         log.info("mixed precision: %s", self.amp_dtype or "off")
-        if ctx.device.type == "cpu":  # CPU figures differ ~2x between kernel classes (AVX-512 against AVX2)
+        if ctx.device.type == "cpu":  # CPU figures differ between kernel classes: the log says which ran
             cpu = torch.backends.cpu.get_cpu_capability()
             log.info("cpu: %d torch threads, %s kernels", torch.get_num_threads(), cpu)
         self.fingerprint = {
@@ -417,7 +417,7 @@ class _Job:
 
     def _training_data(self) -> None:
         hp, index = self.hp, self.train_index
-        # Decode each training image once, not every epoch (4 % of a lite step on 2 cores), where it fits and the
+        # Decode each training image once, not every epoch (a share of every CPU step), where it fits and the
         # samples are read in this process: a loader worker's copy would die with the worker at each epoch's end.
         decoded = index.decoded_bytes()
         self.workers = loader_workers(self.config, self.ctx)
@@ -527,7 +527,7 @@ class _Job:
                 if distributed.any_rank(self.stop(), ctx):  # also every rank's wait for the evaluation to end
                     return None
                 self.report_evaluation(scores)
-            if last and self.budget is not None and ctx.is_main:  # re-plans under 5 % were logged at DEBUG
+            if last and self.budget is not None and ctx.is_main:  # small re-plans were logged at DEBUG
                 took = time.monotonic() - self.job_started
                 log.info(
                     "budget: trained to step %d of its plan, %.0f s into max_runtime=%d s",
@@ -806,26 +806,3 @@ def write_outputs(
     except OSError as exc:
         raise storage_error(exc, out, "writing metrics to") from exc
     log.info("model written to %s (%s)", config.paths.model_dir, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-
-
-def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [h for h in history if h["phase"] == "train"]
-    evals = [h for h in history if h["phase"] == "eval"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot([h["step"] for h in train], [h["loss"] for h in train], label="loss")
-    left.set_xlabel("step")
-    left.set_title("training loss")
-    for key in ("bbox_mAP", "segm_mAP", "segm_AP50"):
-        right.plot([h["step"] for h in evals], [h.get(key, 0.0) for h in evals], marker="o", label=key)
-    right.set_xlabel("step")
-    right.set_ylim(0, 1)
-    right.set_title("validation")
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)

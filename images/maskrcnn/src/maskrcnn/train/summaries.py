@@ -4,7 +4,8 @@ That folder is where SageMaker's ``TensorBoardOutputConfig`` uploads from (its d
 the local harness prints it (``tensorboard --logdir <job>/algo-1/output/tensorboard``). Written: every
 metrics line of the job as scalars (``train/loss``, ``train/lr``, ``train/images_per_sec``, each loss
 part, ``validation/segm_AP50`` and every other mAP), and at each evaluation a few validation images with
-the model's predicted masks and boxes drawn on them (``predictions/0`` ...).
+the model's predicted masks and boxes drawn on them (``predictions/0`` ...). Beside the model, the job's
+history as a picture: ``output/data/metrics.png`` (:func:`plot_history`).
 
 The writer is tensorboardX: it writes the same event files as ``torch.utils.tensorboard`` with protobuf
 and numpy alone (~3 MB installed), where ``torch.utils.tensorboard`` needs the ``tensorboard`` package (~52 MB
@@ -103,3 +104,27 @@ def predicted_overlays(
         draw_predictions(im, out, class_names, score_threshold, mask_threshold)
         for im, out in zip(images, outputs, strict=True)
     ]
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    """``output/data/metrics.png``: the training loss and the validation mAPs over the steps."""
+    import matplotlib  # only here: the job draws one figure, at its end
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [h for h in history if h["phase"] == "train"]
+    evals = [h for h in history if h["phase"] == "eval"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot([h["step"] for h in train], [h["loss"] for h in train], label="loss")
+    left.set_xlabel("step")
+    left.set_title("training loss")
+    for key in ("bbox_mAP", "segm_mAP", "segm_AP50"):
+        right.plot([h["step"] for h in evals], [h.get(key, 0.0) for h in evals], marker="o", label=key)
+    right.set_xlabel("step")
+    right.set_ylim(0, 1)
+    right.set_title("validation")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
