@@ -167,6 +167,7 @@ class LocalSageMaker:
         self.notes = notes
         self.endpoints: dict[str, Endpoint] = {}  # the model server now taking all traffic
         self.routers: dict[str, Router] = {}  # the endpoint's URL, in front of its servers
+        self.canaries: dict[str, Endpoint] = {}  # a new model's server while an update decides on it
         self.urls: dict[str, str] = {}
         self.threads: list[threading.Thread] = []
         self.stop = threading.Event()  # StopTrainingJob for every running job (Ctrl-C)
@@ -342,14 +343,20 @@ class LocalSageMaker:
         baking = float(policy.get("WaitIntervalInSeconds", 0))
         alarms = [a["AlarmName"] for a in deployment.get("AutoRollbackConfiguration", {}).get("Alarms", [])]
         self.notes.put(f"endpoint {name}: starting {config_name} beside the serving model")
+        with self._lock:
+            self.canaries[name] = new  # stopped by shutdown too, whatever happens here
         try:
             new.start()
         except Exception as error:
             self._roll_back(endpoint, old, new, f"the new model's server did not start: {error}")
             return
         self.notes.put(f"endpoint {name}: canary {share:.0%} of a smoke load to {config_name} for {baking:.0f} s")
-        answers, sent = self._smoke_load(old.url, new.url, share, baking)
-        fired = self._evaluate_alarms(alarms, answers, sent)
+        try:
+            answers, sent = self._smoke_load(old.url, new.url, share, baking)
+            fired = self._evaluate_alarms(alarms, answers, sent)
+        except Exception as error:
+            self._roll_back(endpoint, old, new, f"the canary could not be measured: {error}")
+            return
         if fired:
             self._roll_back(endpoint, old, new, f"alarm(s) {', '.join(fired)} went to ALARM while baking")
             return
@@ -357,6 +364,7 @@ class LocalSageMaker:
         old.stop()
         with self._lock:
             self.endpoints[name] = new
+            self.canaries.pop(name, None)
         self.notes.put(f"endpoint {name}: all traffic to {config_name}; the old model's server stopped")
         endpoint.endpoint_config_name = config_name
         endpoint.failure_reason = None
@@ -364,6 +372,8 @@ class LocalSageMaker:
 
     def _roll_back(self, endpoint: Any, old: Endpoint, new: Endpoint, reason: str) -> None:
         new.stop()
+        with self._lock:
+            self.canaries.pop(endpoint.endpoint_name, None)
         self.notes.put(f"endpoint {endpoint.endpoint_name}: rolled back, the old model serves on: {reason}")
         endpoint.failure_reason = f"Rolled back: {reason}"[-2000:]
         endpoint.endpoint_status = "InService"  # on its old config, as after SageMaker's rollback
@@ -419,6 +429,9 @@ class LocalSageMaker:
         for thread in self.threads:
             thread.join(timeout=180)
         with self._lock:
+            for canary in self.canaries.values():
+                canary.stop()
+            self.canaries.clear()
             for name in [n for n in self.endpoints if n not in keep]:
                 self.routers.pop(name).stop()
                 self.endpoints.pop(name).stop()
@@ -618,6 +631,15 @@ class LocalWorkflow:
             sha = self._prepare_build(run.build_context)
         args = _start_args(uris, uri, checked, run)
         execution = execution_from_args(args, self.settings, ARTIFACT_BUCKET, stamp, sha)
+        execution = self._localise(execution)
+        document = execution.to_document()
+        if not checked and overrides:
+            document["Training"]["HyperParameters"] = {**PRESETS[WORKFLOW_PRESET], **overrides}
+        (folder / "input.json").write_text(json.dumps(document, indent=2) + "\n")
+        return self._execute(execution.job_name, document, folder)
+
+    def _localise(self, execution: Any) -> Any:
+        """The input's intervals that the definition reads from it, shortened as its Waits are; said aloud."""
         if execution.baking_seconds > LOCAL_BAKING_S:
             self.say(f"  an update bakes its canary {LOCAL_BAKING_S} s (deployed: {execution.baking_seconds} s)")
             execution = dataclasses.replace(execution, baking_seconds=LOCAL_BAKING_S)
@@ -628,11 +650,7 @@ class LocalWorkflow:
         self.say(f"quality gate: {gate}; approval: {execution.approval}")
         if execution.approval == "manual":
             self._serve_aws()
-        document = execution.to_document()
-        if not checked and overrides:
-            document["Training"]["HyperParameters"] = {**PRESETS[WORKFLOW_PRESET], **overrides}
-        (folder / "input.json").write_text(json.dumps(document, indent=2) + "\n")
-        return self._execute(execution.job_name, document, folder)
+        return execution
 
     def _prepare_build(self, context: Path | None) -> str:
         """The build function's context and environment; returns the commit the execution asks to build."""
