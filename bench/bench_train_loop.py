@@ -23,8 +23,7 @@ import torch
 from maskrcnn.model.architectures import build_model
 from maskrcnn.train.config import Hyperparameters
 from maskrcnn.train.data import InstanceDataset, collate, load_index, train_transforms
-from maskrcnn.train.engine import LoopState, train_one_epoch
-from maskrcnn.train.job import make_optimizer, make_scheduler
+from maskrcnn.train.engine import LoopState, Optimization, make_optimizer, make_scheduler, train_one_epoch
 from maskrcnn.train.synthetic import write_coco_dataset
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -97,12 +96,10 @@ def main() -> None:
         scheduler = make_scheduler(optimizer, hp, len(loader), len(loader))
         train_one_epoch(
             model,
-            optimizer,
-            scheduler,
+            Optimization(optimizer, scheduler, clip_grad_norm=hp.clip_grad_norm),
             loader,
             torch.device("cpu"),
             LoopState(),
-            clip_grad_norm=hp.clip_grad_norm,
             log_every=args.steps,
             max_steps=args.steps,
         )

@@ -225,7 +225,7 @@ def counted_job(local_rank: int, base: Path, port: int, out: Path) -> None:
     original = dist.all_reduce
 
     def counting(*args: Any, **kwargs: Any) -> Any:
-        if any(frame.function == "_train_epoch" for frame in inspect.stack(0)):
+        if any(frame.function == "train_epoch" for frame in inspect.stack(0)):
             in_loop.append(1)
         return original(*args, **kwargs)
 

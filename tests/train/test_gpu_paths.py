@@ -61,7 +61,7 @@ def test_amp_is_on_inside_the_forward(synthetic_dir: Path) -> None:
     """The dtype a convolution actually computes in, seen by a hook, during a training step."""
     from maskrcnn.model.architectures import build_model
     from maskrcnn.train.data import InstanceDataset, collate, load_index, train_transforms
-    from maskrcnn.train.engine import LoopState, autocast_dtype, grad_scaler, train_one_epoch
+    from maskrcnn.train.engine import LoopState, Optimization, autocast_dtype, grad_scaler, train_one_epoch
 
     device = torch.device("cuda", 0)
     index = load_index(synthetic_dir)
@@ -80,9 +80,7 @@ def test_amp_is_on_inside_the_forward(synthetic_dir: Path) -> None:
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    train_one_epoch(
-        model, optimizer, scheduler, loader, device, LoopState(), scaler=scaler, amp_dtype=dtype, max_steps=1
-    )
+    train_one_epoch(model, Optimization(optimizer, scheduler, scaler, dtype), loader, device, LoopState(), max_steps=1)
     assert seen and seen[0] == expected
 
 

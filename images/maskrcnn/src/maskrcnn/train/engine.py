@@ -1,8 +1,10 @@
 """The training step loop and COCO evaluation, as plain functions.
 
 ``train_steps`` runs optimizer steps over one pass of a loader and yields each :class:`Step` with its loss
-parts still on the device; :class:`TrainMetrics` sums them there and reads them only when it writes a
-metrics line (every ``log_every`` steps). ``train_one_epoch`` is the two together for one process, raising
+parts still on the device; how a loss becomes an update is one :class:`Optimization` (optimizer, scheduler,
+autocast, loss scaling, clipping: :func:`make_optimizer`, :func:`make_scheduler`, :func:`autocast_dtype`,
+:func:`grad_scaler`); :class:`TrainMetrics` sums the loss parts on the device and reads them only when it
+writes a metrics line (every ``log_every`` steps). ``train_one_epoch`` is the two together for one process, raising
 :class:`~maskrcnn.errors.NonFiniteLossError` at a NaN or infinite loss (the job's loop in
 ``maskrcnn.train.job`` adds what every rank must agree on between steps). ``evaluate`` predicts a loader and
 scores bbox and segm mAP with faster-coco-eval (measured against pycocotools on the same predictions in
@@ -52,6 +54,22 @@ class Step:
     finite: torch.Tensor  # bool scalar on the device: the total loss is finite
     images: int  # images this process trained
     data_wait: float  # seconds this step waited for its batch
+
+
+@dataclass
+class Optimization:
+    """How a loss becomes an update: the optimizer at the scheduler's rate, autocast to ``amp_dtype`` (None:
+    float32), float16's loss scaling (``scaler``) and gradient clipping (0: none). Built once by the job
+    (:func:`make_optimizer`, :func:`make_scheduler`, :func:`autocast_dtype`, :func:`grad_scaler`)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None = None
+    amp_dtype: torch.dtype | None = None
+    clip_grad_norm: float = 0.0
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
 
 
 def move_to(images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device):
@@ -137,15 +155,10 @@ def grad_scaler(amp_dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
 
 def train_steps(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimization: Optimization,
     loader: Iterable[tuple[list[torch.Tensor], list[dict[str, Any]]]],
     device: torch.device,
     state: LoopState,
-    *,
-    scaler: torch.amp.GradScaler | None = None,
-    amp_dtype: torch.dtype | None = None,
-    clip_grad_norm: float = 0.0,
     epoch_steps: int = 0,
 ) -> Iterator[Step]:
     """Optimizer steps over ``loader`` (at most ``epoch_steps`` of this epoch, when given), each yielded once
@@ -154,6 +167,7 @@ def train_steps(
     model.train()
     if epoch_steps and state.step_in_epoch >= epoch_steps:
         return
+    amp_dtype = optimization.amp_dtype
     start = time.perf_counter()
     for images, targets in loader:
         data_wait = time.perf_counter() - start
@@ -167,8 +181,8 @@ def train_steps(
             losses = model(images, targets)
             loss = sum(losses.values())
         assert isinstance(loss, torch.Tensor)
-        update(model, optimizer, loss, scaler, clip_grad_norm)
-        scheduler.step()
+        update(model, optimization, loss)
+        optimization.scheduler.step()
         state.step_in_epoch += 1
         state.global_step += 1
         detached = loss.detach()
@@ -249,15 +263,11 @@ def non_finite_loss(step: Step, state: LoopState, lr: float, *, here: bool = Tru
 
 def train_one_epoch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimization: Optimization,
     loader: Iterable[tuple[list[torch.Tensor], list[dict[str, Any]]]],
     device: torch.device,
     state: LoopState,
     *,
-    scaler: torch.amp.GradScaler | None = None,
-    amp_dtype: torch.dtype | None = None,
-    clip_grad_norm: float = 0.0,
     max_steps: int = 0,
     log_every: int = 10,
     epoch_steps: int = 0,
@@ -267,19 +277,8 @@ def train_one_epoch(
     stopped at ``max_steps``. The job's own loop (``maskrcnn.train.job``) is this, with the ranks' agreement,
     stop requests, checkpoints and the time budget between steps."""
     metrics = TrainMetrics(log_every)
-    for step in train_steps(
-        model,
-        optimizer,
-        scheduler,
-        loader,
-        device,
-        state,
-        scaler=scaler,
-        amp_dtype=amp_dtype,
-        clip_grad_norm=clip_grad_norm,
-        epoch_steps=epoch_steps,
-    ):
-        lr = float(scheduler.get_last_lr()[0])
+    for step in train_steps(model, optimization, loader, device, state, epoch_steps):
+        lr = optimization.lr()
         if not bool(step.finite):
             raise non_finite_loss(step, state, lr)
         metrics.add(step, state, lr)
@@ -288,14 +287,9 @@ def train_one_epoch(
     return True
 
 
-def update(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss: torch.Tensor,
-    scaler: torch.amp.GradScaler | None,
-    clip_grad_norm: float,
-) -> None:
+def update(model: nn.Module, optimization: Optimization, loss: torch.Tensor) -> None:
     """One optimizer step from ``loss``: backward (scaled for float16), gradient clipping, step."""
+    optimizer, scaler, clip_grad_norm = optimization.optimizer, optimization.scaler, optimization.clip_grad_norm
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()

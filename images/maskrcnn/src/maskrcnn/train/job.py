@@ -1,7 +1,8 @@
 """The training job: data -> model -> loop -> evaluation -> saved model, under the SageMaker contract.
 
 ``run(config)`` is the whole job for one host; ``images/maskrcnn/train`` calls it through
-:func:`maskrcnn.cli.train_main`, which owns the failure file. Launching:
+:func:`maskrcnn.cli.train_main`, which owns the failure file. One rank's job reads top to bottom in
+:func:`main`: set-up, resume, the loop (an epoch's steps, checkpoint, stop, evaluation), finish. Launching:
 
     SAGEMAKER_BASE_DIR=/tmp/job images/maskrcnn/train     # a hand-made /opt/ml tree
     docker run -v /tmp/job:/opt/ml IMAGE train           # the image
@@ -73,6 +74,7 @@ from maskrcnn.train.data import (
 )
 from maskrcnn.train.engine import (
     LoopState,
+    Optimization,
     Step,
     TrainMetrics,
     autocast_dtype,
@@ -313,7 +315,7 @@ def worker(
         logging.getLogger("maskrcnn.train.engine").setLevel(logging.WARNING)  # one metrics stream per job
     state = LoopState()
     try:
-        return _train(config, ctx, stop, state, started, sizes)
+        return main(config, ctx, stop, state, started, sizes)
     except RuntimeError as exc:
         where = f"epoch {state.epoch} step {state.global_step}"
         lost = distributed.describe_failure(exc, ctx, config, where)
@@ -324,7 +326,7 @@ def worker(
         distributed.shutdown(ctx)
 
 
-def _train(
+def main(
     config: TrainConfig,
     ctx: distributed.DistContext,
     stop: StopSignal,
@@ -332,24 +334,89 @@ def _train(
     job_started: float,
     sizes: ImageSizes | None = None,
 ) -> int:
-    """The job on one rank; ``state`` is advanced in place, so a failure can say where it happened.
+    """The job on one rank, in the order it happens; ``state`` is advanced in place, so a failure can say where.
 
     Every rank runs the same collectives in the same order: set-up (the agreed step count), resume (the
-    checkpoint broadcast), the loop (stop flags, budget plans, checkpoints' random states), the outputs.
+    checkpoint broadcast), the loop (each step's flags, checkpoints' random states, evaluation), the outputs.
     """
-    job = _Job(config, ctx, stop, state, job_started, sizes)
-    job.resume()
-    job.prepare_loop()
+    hp = config.hp
+    job = _Job(config, ctx, stop, state, job_started, sizes)  # set-up: data, model, plan, optimization
+    job.resume()  # a checkpoint, when there is one
+    job.prepare_loop()  # DDP, the time budget, TensorBoard, the validation loader
     job.tell_plan("start")
-    scores = job.train()
-    if scores is None:
-        return stopped(state)
-    job.finish(scores)
+    scores: dict[str, float] = {}
+    evaluated = False
+    while state.epoch < hp.epochs and state.global_step < state.last_step:
+        if job.train_epoch():  # ran to the epoch's end
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        # The step's checkpoint comes first: a stop, a failed evaluation or a full disk later loses no training.
+        job.save_checkpoint()
+        if job.stopping():
+            return stopped(state)
+        last = state.epoch >= hp.epochs or state.global_step >= state.last_step
+        if last:
+            job.tell_plan("end")
+        if last or state.epoch % hp.eval_every == 0:
+            scores, evaluated = job.evaluate(), last
+            if job.stopping():  # also every rank's wait for the evaluation to end
+                return stopped(state)
+            job.report_evaluation(scores)
+    if not evaluated:  # resumed from a finished checkpoint: score the restored weights
+        job.tell_plan("end")
+        scores = job.evaluate()
+        if job.stopping():
+            return stopped(state)
+        job.report_evaluation(scores, record=False)
+    job.finish(scores)  # rank 0 writes the model and the metrics
     return 0
 
 
+def set_determinism(hp: Hyperparameters, device: torch.device) -> None:
+    """Seeded initialisation everywhere; on the CPU also deterministic kernels, so a resumed job ends with the
+    weights of an uninterrupted one."""
+    torch.manual_seed(hp.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every new tensor with NaN, to expose reads of uninitialised memory;
+        # nothing here reads memory it has not written, and the fill is paid on every step (docs/benchmarks.md).
+        torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+
+
+def job_model(config: TrainConfig, ctx: distributed.DistContext, num_classes: int) -> torch.nn.Module:
+    """The model on this rank's device, from the pretrained weights when there are some."""
+    hp = config.hp
+    model = build_model(
+        hp.arch,
+        num_classes,
+        hp.min_size,
+        hp.max_size,
+        pretrained=pretrained_file(config),
+        trainable_backbone_layers=hp.trainable_backbone_layers,
+        max_detections=hp.max_detections,
+    ).to(ctx.device)
+    return distributed.sync_batch_norm(model, ctx)
+
+
+def job_optimization(
+    config: TrainConfig, ctx: distributed.DistContext, model: torch.nn.Module, steps_per_epoch: int, state: LoopState
+) -> Optimization:
+    """The optimizer at the job's rate, its schedule to ``state.last_step`` (read at every step: a time budget
+    moves it), mixed precision where it pays; each choice logged."""
+    hp = config.hp
+    optimizer = make_optimizer(model, hp, job_lr(hp, ctx.world_size))
+    log.info(describe_lr(hp, ctx.world_size))
+    scheduler = make_scheduler(optimizer, hp, steps_per_epoch, lambda: state.last_step)
+    amp_dtype = autocast_dtype(ctx.device, config.cpu_env) if hp.amp else None
+    log.info("mixed precision: %s", amp_dtype or "off")
+    if ctx.device.type == "cpu":  # CPU figures differ between kernel classes: the log says which ran
+        cpu = torch.backends.cpu.get_cpu_capability()
+        log.info("cpu: %d torch threads, %s kernels", torch.get_num_threads(), cpu)
+    return Optimization(optimizer, scheduler, grad_scaler(amp_dtype), amp_dtype, hp.clip_grad_norm)
+
+
 class _Job:
-    """One rank's job, built in set-up order by ``__init__``; then resume, prepare_loop, train, finish."""
+    """One rank's pieces, built in set-up order by ``__init__``; :func:`main` calls them in the order things
+    happen: resume, prepare_loop, then train_epoch / save_checkpoint / evaluate, finish."""
 
     def __init__(
         self,
@@ -363,12 +430,7 @@ class _Job:
         self.config, self.hp, self.ctx, self.stop, self.state = config, config.hp, ctx, stop, state
         self.job_started = job_started
         hp = self.hp
-        torch.manual_seed(hp.seed)
-        if ctx.device.type == "cpu":
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            # Deterministic mode also fills every new tensor with NaN, to expose reads of uninitialised memory;
-            # nothing here reads memory it has not written, and the fill is paid on every step (docs/benchmarks.md).
-            torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+        set_determinism(hp, ctx.device)
         self.train_index, self.val_index = load_data(config, sizes)
         log.info(
             "data: %d training and %d validation images, classes %s (%s format)",
@@ -378,29 +440,12 @@ class _Job:
             self.train_index.source,
         )
         distributed.check_same_classes(self.train_index.class_names, ctx, config)
-        self.model = build_model(
-            hp.arch,
-            self.train_index.num_classes,
-            hp.min_size,
-            hp.max_size,
-            pretrained=pretrained_file(config),
-            trainable_backbone_layers=hp.trainable_backbone_layers,
-            max_detections=hp.max_detections,
-        ).to(ctx.device)
-        self.model = distributed.sync_batch_norm(self.model, ctx)
+        self.model = job_model(config, ctx, self.train_index.num_classes)
         self.train_model: torch.nn.Module = self.model
         self._training_data()
         self._plan()
-        self.optimizer = make_optimizer(self.model, hp, job_lr(hp, ctx.world_size))
-        log.info(describe_lr(hp, ctx.world_size))
-        self.scheduler = make_scheduler(self.optimizer, hp, self.steps_per_epoch, lambda: state.last_step)
+        self.optimization = job_optimization(config, ctx, self.model, self.steps_per_epoch, state)
         state.last_step = self.total_steps
-        self.amp_dtype = autocast_dtype(ctx.device, config.cpu_env) if hp.amp else None
-        self.scaler = grad_scaler(self.amp_dtype)
-        log.info("mixed precision: %s", self.amp_dtype or "off")
-        if ctx.device.type == "cpu":  # CPU figures differ between kernel classes: the log says which ran
-            cpu = torch.backends.cpu.get_cpu_capability()
-            log.info("cpu: %d torch threads, %s kernels", torch.get_num_threads(), cpu)
         self.fingerprint = {
             "arch": hp.arch,
             "format": FORMAT_VERSION,
@@ -461,7 +506,8 @@ class _Job:
                 f"the checkpoint in {directory} was made by a different job "
                 f"({payload['fingerprint']}); remove it or restore that job's settings ({self.fingerprint})"
             )
-        restored = checkpoint.restore(payload, self.model, self.optimizer, self.scheduler, self.scaler, rank=ctx.rank)
+        opt = self.optimization
+        restored = checkpoint.restore(payload, self.model, opt.optimizer, opt.scheduler, opt.scaler, rank=ctx.rank)
         vars(self.state).update(vars(restored), last_step=self.total_steps)
         log.info("resuming from checkpoint: epoch %d, step %d", self.state.epoch, self.state.global_step)
         ran = float(payload.get("runtime", 0.0))
@@ -503,82 +549,40 @@ class _Job:
         self.overlay_set = InstanceDataset(self.val_index, eval_transforms())
         self.started = time.perf_counter()
 
-    def train(self) -> dict[str, float] | None:
-        """Epochs until the plan's last step; the final scores, or None when stopped (checkpoint written)."""
-        hp, ctx, state = self.hp, self.ctx, self.state
-        scores: dict[str, float] = {}
-        evaluated = False
-        reached_limit = state.global_step >= state.last_step
-        while state.epoch < hp.epochs and not reached_limit:
-            finished = self._train_epoch()
-            reached_limit = state.global_step >= state.last_step
-            if finished:
-                state.epoch += 1
-                state.step_in_epoch = 0
-            # The step's checkpoint comes first: a stop, a failed evaluation or a full disk later loses no training.
-            self.save_checkpoint()
-            if distributed.any_rank(self.stop(), ctx):
-                return None
-            last = state.epoch >= hp.epochs or bool(reached_limit)
-            if last:
-                self.tell_plan("end")
-            if last or state.epoch % hp.eval_every == 0:
-                scores, evaluated = self.evaluate(), last
-                if distributed.any_rank(self.stop(), ctx):  # also every rank's wait for the evaluation to end
-                    return None
-                self.report_evaluation(scores)
-            if last and self.budget is not None and ctx.is_main:  # small re-plans were logged at DEBUG
-                took = time.monotonic() - self.job_started
-                log.info(
-                    "budget: trained to step %d of its plan, %.0f s into max_runtime=%d s",
-                    state.global_step,
-                    took,
-                    hp.max_runtime,
-                )
-        if not evaluated:  # resumed from a finished checkpoint: score the restored weights
-            self.tell_plan("end")
-            scores = self.evaluate()
-            if distributed.any_rank(self.stop(), ctx):
-                return None
-            self.report_evaluation(scores, record=False)  # the history has this evaluation from the first run
-        return scores
+    def stopping(self) -> bool:
+        """Whether any rank was asked to stop (a collective: every rank calls it at the same point)."""
+        return distributed.any_rank(self.stop(), self.ctx)
 
-    def _train_epoch(self) -> bool:
+    def epoch_loader(self) -> DataLoader:
+        """The rest of the current epoch's batches, in the order an uninterrupted epoch would have them."""
+        hp, state = self.hp, self.state
+        self.train_set.set_epoch(state.epoch)
+        self.sampler.set_epoch(state.epoch)
+        return DataLoader(
+            self.train_set,
+            batch_size=hp.batch_size,
+            sampler=SkipSampler(self.order, state.step_in_epoch * hp.batch_size),
+            collate_fn=collate,
+            num_workers=self.workers,
+            pin_memory=self.ctx.device.type == "cuda",
+            generator=torch.Generator().manual_seed(hp.seed + state.epoch),
+            worker_init_fn=ignore_stop_signals,
+        )
+
+    def train_epoch(self) -> bool:
         """The rest of the current epoch; True when it ran to the epoch's end.
 
         Between steps, in this order: the step's flags agreed by every rank (one collective: a non-finite
         loss, a stop request, the budget's plan), the metrics line, TensorBoard, the stop, the periodic
         checkpoint, the budget's new end."""
         hp, ctx, state = self.hp, self.ctx, self.state
-        self.train_set.set_epoch(state.epoch)
-        self.sampler.set_epoch(state.epoch)
-        remaining = SkipSampler(self.order, state.step_in_epoch * hp.batch_size)
-        loader = DataLoader(
-            self.train_set,
-            batch_size=hp.batch_size,
-            sampler=remaining,
-            collate_fn=collate,
-            num_workers=self.workers,
-            pin_memory=ctx.device.type == "cuda",
-            generator=torch.Generator().manual_seed(hp.seed + state.epoch),
-            worker_init_fn=ignore_stop_signals,
-        )
         metrics = TrainMetrics(hp.log_every, ctx.world_size)
         for step in train_steps(
-            self.train_model,
-            self.optimizer,
-            self.scheduler,
-            loader,
-            ctx.device,
-            state,
-            scaler=self.scaler,
-            amp_dtype=self.amp_dtype,
-            clip_grad_norm=hp.clip_grad_norm,
-            epoch_steps=self.steps_per_epoch,
+            self.train_model, self.optimization, self.epoch_loader(), ctx.device, state, self.steps_per_epoch
         ):
             last = bool(hp.max_steps) and state.global_step >= hp.max_steps
             flags = self.agree(step, budget=not last)
-            lr = float(self.scheduler.get_last_lr()[0])
+            lr = self.optimization.lr()
             if flags.nonfinite:
                 raise non_finite_loss(step, state, lr, here=not bool(step.finite))
             metrics.add(step, state, lr)
@@ -630,9 +634,18 @@ class _Job:
 
     def tell_plan(self, event: str) -> None:
         """The plan as the structured line the harness reads (rank 0; the sentences beside it are for people)."""
-        if self.ctx.is_main:
-            state = self.state
-            log.info(Plan(event, state.global_step, state.global_step if event == "end" else state.last_step).line())
+        if not self.ctx.is_main:
+            return
+        state = self.state
+        log.info(Plan(event, state.global_step, state.global_step if event == "end" else state.last_step).line())
+        if event == "end" and self.budget is not None:  # small re-plans were logged at DEBUG
+            took = time.monotonic() - self.job_started
+            log.info(
+                "budget: trained to step %d of its plan, %.0f s into max_runtime=%d s",
+                state.global_step,
+                took,
+                self.hp.max_runtime,
+            )
 
     def save_checkpoint(self) -> None:
         # Every rank's random state (each draws its own augmentations and dropout), written by rank 0.
@@ -641,9 +654,9 @@ class _Job:
             checkpoint.save(
                 self.config.paths.checkpoints_dir,
                 self.model,
-                self.optimizer,
-                self.scheduler,
-                self.scaler,
+                self.optimization.optimizer,
+                self.optimization.scheduler,
+                self.optimization.scaler,
                 self.state,
                 self.fingerprint,
                 rng=rng,
