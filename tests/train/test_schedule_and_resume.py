@@ -93,6 +93,22 @@ def test_multistep_divides_at_its_epochs_and_constant_stays() -> None:
     assert set(map(lambda v: round(v, 12), flat[10:])) == {0.1}
 
 
+def test_multistep_built_before_the_job_has_planned_divides_at_its_epochs() -> None:
+    """The job builds its scheduler while its plan is still 0 (LambdaLR calls the factor at once) and plans
+    afterwards: multistep failed there with ZeroDivisionError, and must count epochs of the plan it then gets."""
+    plan = {"total": 0}
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = make_scheduler(optimizer, hp(lr_schedule="multistep", lr_steps="[2, 3]"), 10, lambda: plan["total"])
+    plan["total"] = 40
+    seen = []
+    for _ in range(40):
+        optimizer.step()
+        scheduler.step()
+        seen.append(scheduler.get_last_lr()[0])
+    assert seen[18] == pytest.approx(0.1) and seen[19] == pytest.approx(0.01)  # the lr of steps 20 and 21
+    assert seen[29] == pytest.approx(0.001)
+
+
 def test_skip_sampler_resumes_the_epochs_order_where_it_stopped() -> None:
     base = torch.utils.data.RandomSampler(range(10), generator=torch.Generator().manual_seed(3))
     order = list(base)

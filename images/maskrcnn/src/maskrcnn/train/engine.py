@@ -100,10 +100,14 @@ def make_scheduler(
     A LambdaLR, not torchvision's LinearLR + SequentialLR + CosineAnnealingLR: those fix their lengths when
     built (CosineAnnealingLR steps recursively from a fixed ``T_max``), and a budget moves the end later."""
     planned = total if callable(total) else (lambda: total)
-    unbudgeted = planned()
+    # multistep's epochs are the first plan's: the job builds this before it has planned (a callable still at 0),
+    # so the first length above 0 read is the plan without a budget, and the budget's re-plans scale it.
+    first_plan = [planned()] if planned() > 0 else []
 
     def factor(step: int) -> float:
         end = planned()
+        if not first_plan and end > 0:
+            first_plan.append(end)
         warmup = min(hp.warmup_steps, end // 2)
         if step < warmup:
             alpha = step / warmup
@@ -112,7 +116,8 @@ def make_scheduler(
             progress = (step - warmup) / max(end - warmup, 1)
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         if hp.lr_schedule == "multistep":
-            epoch = step // max(steps_per_epoch, 1) / (end / max(unbudgeted, 1))
+            unbudgeted = first_plan[0] if first_plan else 1
+            epoch = step // max(steps_per_epoch, 1) / (max(end, 1) / unbudgeted)
             return hp.lr_gamma ** sum(epoch >= m for m in hp.lr_steps)
         return 1.0
 
