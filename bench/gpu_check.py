@@ -7,7 +7,8 @@
 ``--quick`` shrinks every phase to seconds so that the script can be dry-run on a CPU
 (``GPU_CHECK_ALLOW_CPU=1 scripts/gpu-check.sh``); its figures mean nothing. Self-contained on purpose: the lent
 machine has its own Python and torch plus the wheels carried in (docs/benchmarks.md, "GPU checks"), so this
-imports only the image's package and the standard library, never the harness or the dev tools.
+imports only the image's package, numpy, the standard library and the standard-library-only parts of the
+harness and bench (``local.runtime.free_port``, ``bench_serving``'s server start and stop), never the dev tools.
 
 train: a synthetic COCO set (the one ``make demo`` uses, :mod:`maskrcnn.train.synthetic`) and two jobs of the
 package's own ``train`` entrypoint on one GPU (``CUDA_VISIBLE_DEVICES`` = the first), so ``images_per_sec`` is
@@ -32,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -40,6 +40,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from bench_serving import stop_server, wait_ready  # bench/ is on sys.path: this runs as a script
 
 from local.runtime import free_port  # the harness's pick (gpu-check.sh puts the repository on PYTHONPATH)
 
@@ -284,32 +286,6 @@ def post(port: int, body: bytes, attributes: str) -> tuple[float, int, dict[str,
     return took, response.status, timing, count
 
 
-def wait_ready(port: int, process: subprocess.Popen[bytes], timeout: float) -> float:
-    started = time.perf_counter()
-    while time.perf_counter() - started < timeout:
-        if process.poll() is not None:
-            raise RuntimeError(f"serve exited with {process.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
-            conn.request("GET", "/ping")
-            if conn.getresponse().status == 200:
-                return time.perf_counter() - started
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"no 200 on /ping within {timeout:.0f} s")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=35)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def stack_processes(root: int) -> dict[int, str]:
     """pid -> role (serve, arbiter, worker, nginx) for ``serve`` (pid ``root``) and its descendants."""
     parents, commands = {}, {}
@@ -367,7 +343,7 @@ def run_config(
         )
     result: dict[str, Any] = {"name": name, **extra}
     try:
-        result["ready_s"] = round(wait_ready(port, process, 45), 1)
+        result["ready_s"] = round(wait_ready(port, 45, process), 1)
         for _ in range(3):  # warm: the first requests at a new size pay cuDNN's and the allocator's first calls
             post(port, body, attributes)
         latencies, timings, counts = [], [], []
@@ -418,7 +394,7 @@ def run_config(
     except Exception as exc:  # one configuration's failure must not hide the others' figures
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
-        stop(process)
+        stop_server(process)
     text = log.read_text(errors="replace").split(f"===== {name}:")[-1]
     result["log"] = [
         line.split(" ", 3)[-1]
