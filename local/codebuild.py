@@ -49,6 +49,10 @@ from unittest import mock
 from local.errors import HarnessError
 from local.runtime import REPO
 from local.s3 import download_prefix
+from pipeline.aws import git_sha, package_lambda, tracked_files
+from pipeline.build_lambda import handler as build_handler
+from pipeline.settings import StackSettings
+from pipeline.template import build_template
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +90,6 @@ def package_context(dest: Path, repo: Path = REPO) -> tuple[Path, str]:
     The same ``package_lambda`` that deploy runs: tracked files as they are in the working tree, plus
     ``SOURCE_VERSION``.
     """
-    from pipeline.aws import git_sha, package_lambda, tracked_files
-
     try:
         sha = git_sha(repo)
         files = tracked_files(repo)
@@ -101,10 +103,10 @@ def package_context(dest: Path, repo: Path = REPO) -> tuple[Path, str]:
     return dest / "build_context", sha
 
 
-def lambda_environment(settings: Any, context_dir: Path, bucket: str, account: str, region: str) -> dict[str, str]:
+def lambda_environment(
+    settings: StackSettings, context_dir: Path, bucket: str, account: str, region: str
+) -> dict[str, str]:
     """The build function's environment as the stack's template sets it, with local values for its references."""
-    from pipeline.template import build_template
-
     template = build_template(settings)
     variables = template["Resources"]["BuildFunction"]["Properties"]["Environment"]["Variables"]
     local = {
@@ -197,14 +199,12 @@ class LocalCodeBuild:
     # -- the Lambda ------------------------------------------------------------------------------------
     def handler(self, event: Any, context: Any) -> Any:
         """``pipeline.build_lambda.handler`` with the function's environment, as Lambda runs it."""
-        from pipeline.build_lambda import handler
-
         if not self.lambda_env:
             raise HarnessError("the local build function has no environment: LocalCodeBuild.configure first")
         with mock.patch.dict(os.environ, self.lambda_env):
-            return handler(event, context)
+            return build_handler(event, context)
 
-    def configure(self, settings: Any, context_dir: Path, bucket: str, account: str, region: str) -> None:
+    def configure(self, settings: StackSettings, context_dir: Path, bucket: str, account: str, region: str) -> None:
         self.lambda_env = lambda_environment(settings, context_dir, bucket, account, region)
 
     # -- CodeBuild -------------------------------------------------------------------------------------

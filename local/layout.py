@@ -44,6 +44,7 @@ from maskrcnn.dataset_layout import REPLICATED, SHARDED
 from maskrcnn.errors import DataError
 
 from local.errors import HarnessError
+from pipeline import execution
 
 JOB_FILE = "job.json"
 LOG_FILE = "train.log"  # every host's raw job log, as CloudWatch would hold it
@@ -53,19 +54,16 @@ DISTRIBUTIONS = {"replicated": REPLICATED, "sharded": SHARDED}  # --distribution
 
 
 def parse_pairs(pairs: Iterable[str], what: str = "--hp") -> dict[str, str]:
-    """``["epochs=2", "lr=0.01"]`` -> ``{"epochs": "2", "lr": "0.01"}``; the last of a repeated key wins.
+    """``["epochs=2", "lr=0.01"]`` -> ``{"epochs": "2", "lr": "0.01"}``, as ``pipeline start -p`` parses them.
 
     Values stay strings, as SageMaker delivers them; the job itself decodes and validates them, so an
-    unknown key fails the way it would on SageMaker (output/failure, non-zero exit).
+    unknown key fails the way it would on SageMaker (output/failure, non-zero exit). A malformed pair is
+    the harness's HarnessError (exit 2).
     """
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise HarnessError(f"{what} takes KEY=VALUE, got {pair!r}")
-        out[key] = value
-    return out
+    try:
+        return execution.parse_pairs(pairs, what)
+    except execution.InputError as error:
+        raise HarnessError(str(error)) from None
 
 
 def host_names(count: int) -> list[str]:

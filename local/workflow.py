@@ -63,9 +63,16 @@ from local.errors import HarnessError, JobFailed
 from local.layout import JobSpec, parse_pairs
 from local.progress import Progress
 from local.router import Router
-from local.runtime import Runtime, free_port
+from local.runtime import REPO, Runtime, free_port
 from local.s3 import download_prefix, split_uri, upload_folder
 from local.sfn import history, interpreter_patches, json_safe
+from pipeline.__main__ import execution_from_args, parser
+from pipeline.aws import git_sha
+from pipeline.build_lambda import SOURCE_VERSION_FILE
+from pipeline.execution import PRESETS, WORKFLOW_PRESET, InputError, workflow_hyperparameters
+from pipeline.settings import StackSettings
+from pipeline.template import build_template
+from pipeline.workflow import build_definition, substitute
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +87,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 EXIT_STOPPED = 143
 
 
-def local_arns(settings: Any) -> dict[str, str]:
+def local_arns(settings: StackSettings) -> dict[str, str]:
     """The ARN each stack resource a DefinitionSubstitution names would have, in the local account."""
     return {
         "BuildFunction": f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{settings.function_name}",
@@ -88,11 +95,8 @@ def local_arns(settings: Any) -> dict[str, str]:
     }
 
 
-def deployed_definition(settings: Any) -> dict[str, Any]:
+def deployed_definition(settings: StackSettings) -> dict[str, Any]:
     """``build_definition`` with the template's own DefinitionSubstitutions, as ``deploy`` deploys it."""
-    from pipeline.template import build_template
-    from pipeline.workflow import build_definition, substitute
-
     substitutions = build_template(settings)["Resources"]["StateMachine"]["Properties"]["DefinitionSubstitutions"]
     arns = local_arns(settings)
     values = {}
@@ -492,9 +496,7 @@ class Outcome:
 class LocalWorkflow:
     """moto's AWS in this process, the interpreter adapted, SageMaker served by the harness."""
 
-    def __init__(self, runtime: Runtime, output: Path, stream: TextIO, settings: Any = None):
-        from pipeline.settings import StackSettings
-
+    def __init__(self, runtime: Runtime, output: Path, stream: TextIO, settings: StackSettings | None = None):
         self.runtime = runtime
         self.output = output
         self.stream = stream
@@ -589,9 +591,6 @@ class LocalWorkflow:
 
     def run(self, run: WorkflowRun) -> Outcome:
         """Upload the data, start one execution, follow it to its end, send one smoke request."""
-        from pipeline.__main__ import execution_from_args
-        from pipeline.execution import PRESETS, WORKFLOW_PRESET, InputError, workflow_hyperparameters
-
         if run.build == (run.image is not None):
             raise HarnessError("pass either --image TAG (the given-image branch) or --build (the build branch)")
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")[:-3]
@@ -654,10 +653,6 @@ class LocalWorkflow:
 
     def _prepare_build(self, context: Path | None) -> str:
         """The build function's context and environment; returns the commit the execution asks to build."""
-        from local.runtime import REPO
-        from pipeline.aws import git_sha
-        from pipeline.build_lambda import SOURCE_VERSION_FILE
-
         if context is None:
             context, sha = package_context(self.output / "build-function")
             self.say(f"build function: this checkout at {sha[:12]}, packaged as `pipeline deploy` does")
@@ -781,8 +776,6 @@ def _quiet(logger: logging.Logger, level: int) -> Iterator[None]:
 
 def _start_args(uris: Mapping[str, str], uri: str | None, hyperparameters: list[str], run: WorkflowRun) -> Any:
     """The namespace `pipeline start` parses from the flags this run stands for (its parser: its defaults)."""
-    from pipeline.__main__ import parser
-
     argv = ["start", "--stack", "local", "--training-data", uris["training"], "--approve", run.approve]
     argv += ["--approval-timeout", str(run.approval_timeout_s)]
     for flag, value in (

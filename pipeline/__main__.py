@@ -23,12 +23,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 from maskrcnn.train.config import Hyperparameters
 
-from local.errors import HarnessError
-from local.layout import parse_pairs
-from pipeline import release
+from pipeline import aws, release
 from pipeline.execution import (
     APPROVAL_MODES,
     GATE_METRIC,
@@ -37,6 +36,7 @@ from pipeline.execution import (
     ExecutionInput,
     InputError,
     example_input,
+    parse_pairs,
 )
 from pipeline.settings import StackSettings
 from pipeline.shapes import validate_definition
@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return run(args)
-    except (InputError, HarnessError) as error:  # the arguments; nothing was started
+    except InputError as error:  # the arguments; nothing was started
         log.error("%s", error)
         return 2
     except release.PromotionError as error:
@@ -208,10 +208,6 @@ def run(args: argparse.Namespace) -> int:
         for error in errors:
             log.error("%s", error)
         return 1 if errors else 0
-
-    import boto3
-
-    from pipeline import aws
 
     session = boto3.session.Session()
     if args.command == "deploy":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,22 @@ _NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker job/model
 
 class InputError(ValueError):
     """The execution input would fail in the workflow; raised before anything is started."""
+
+
+def parse_pairs(pairs: Iterable[str], what: str = "-p") -> dict[str, str]:
+    """``["epochs=2", "lr=0.01"]`` -> ``{"epochs": "2", "lr": "0.01"}``; the last of a repeated key wins.
+
+    Values stay strings, as SageMaker delivers them; the job itself decodes and validates them. ``what`` names
+    the flag in the message. The harness parses its own ``--hp``/``--env``/``--channel`` with this too.
+    """
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"{what} takes KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
 
 
 def workflow_hyperparameters(overrides: Mapping[str, object]) -> dict[str, str]:

@@ -104,3 +104,24 @@ def test_the_server_and_the_saved_model_format_import_nothing_of_training() -> N
     for start in [name for name in found if name.startswith("maskrcnn.serve.")] + ["maskrcnn.model.format"]:
         training = sorted(m for m in reachable(graph, start) if m.startswith("maskrcnn.train"))
         assert not training, f"{start} reaches {training}"
+
+
+# Which package may import which: the harness runs the pipeline and the image; the pipeline builds on the image's
+# facts (hyperparameters, metric definitions, the /opt/ml contract); the image stands alone.
+MAY_IMPORT = {
+    "maskrcnn": {"maskrcnn"},
+    "pipeline": {"maskrcnn", "pipeline"},
+    "local": {"maskrcnn", "pipeline", "local"},
+}
+
+
+def test_packages_depend_one_way() -> None:
+    """Function-level imports included: pipeline/ never reaches into local/, the image into neither."""
+    found = modules()
+    wrong = sorted(
+        f"{name} -> {target}"
+        for name, path in found.items()
+        for target in imports(name, path, set(found))
+        if target.split(".")[0] not in MAY_IMPORT[name.split(".")[0]]
+    )
+    assert not wrong, "imports against the packages' direction: " + ", ".join(wrong)
