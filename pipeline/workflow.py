@@ -33,6 +33,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from maskrcnn.serve.content_types import RESPONSE_TYPES, SUPPORTED_TYPES
 from maskrcnn.train.metrics import METRIC_DEFINITIONS
 
 from pipeline.execution import CHECKPOINT_LOCAL_PATH
@@ -45,9 +46,6 @@ SAGEMAKER = "arn:aws:states:::sagemaker"
 AWS_SDK = "arn:aws:states:::aws-sdk"
 BUILD_FAILURE_STATUSES = ("FAILED", "FAULT", "STOPPED", "TIMED_OUT")
 SERVING_PORT_ENV = {"SAGEMAKER_MODEL_SERVER_TIMEOUT": "60"}
-# What the serving container takes and answers (maskrcnn/serve/codec.py), as the registry records it.
-SUPPORTED_CONTENT_TYPES = ("image/jpeg", "image/png", "application/x-image", "application/json")
-SUPPORTED_RESPONSE_TYPES = ("application/json", "image/png")
 # The two alarms of an endpoint that roll a deployment back (names start with the endpoint's, so with the prefix).
 ERROR_ALARM = "States.Format('{}-5xx-errors', $.EndpointName)"
 LATENCY_ALARM = "States.Format('{}-model-latency', $.EndpointName)"
@@ -299,8 +297,8 @@ def registry_states(settings: StackSettings) -> dict[str, State]:
                             "Environment": dict(SERVING_PORT_ENV),
                         }
                     ],
-                    "SupportedContentTypes": list(SUPPORTED_CONTENT_TYPES),
-                    "SupportedResponseMIMETypes": list(SUPPORTED_RESPONSE_TYPES),
+                    "SupportedContentTypes": list(SUPPORTED_TYPES),  # what the image serves, as the registry records it
+                    "SupportedResponseMIMETypes": list(RESPONSE_TYPES),
                     "SupportedRealtimeInferenceInstanceTypes.$": "States.Array($.Inference.InstanceType)",
                 },
                 "ModelApprovalStatus.$": "$.Registration.Status",

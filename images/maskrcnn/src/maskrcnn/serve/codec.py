@@ -43,14 +43,12 @@ from werkzeug.http import parse_accept_header
 
 from maskrcnn import imagefile
 from maskrcnn.errors import NotAcceptable, RequestError, UnsupportedMediaType
+from maskrcnn.serve.content_types import JSON_TYPE, RESPONSE_TYPES, SUPPORTED_TYPES
+from maskrcnn.serve.content_types import PNG_TYPE as PNG_TYPE  # serve/app.py reads codec.PNG_TYPE
 
 if TYPE_CHECKING:
     from maskrcnn.serve.predictor import Detections
 
-IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image")
-JSON_TYPE = "application/json"
-PNG_TYPE = "image/png"
-SUPPORTED_TYPES = (*IMAGE_TYPES, JSON_TYPE)
 MASK_FORMATS = ("rle", "polygon", "none")
 ATTRIBUTES_LIMIT = 1024  # SageMaker passes at most 1024 characters of custom attributes
 
@@ -114,9 +112,9 @@ def negotiate(accept: str | None) -> str:
     """
     if not accept or not accept.strip():
         return JSON_TYPE
-    best = parse_accept_header(accept, MIMEAccept).best_match([JSON_TYPE, PNG_TYPE])
+    best = parse_accept_header(accept, MIMEAccept).best_match(list(RESPONSE_TYPES))
     if best is None:
-        raise NotAcceptable(f"cannot answer with {accept!r}; offered: {JSON_TYPE}, {PNG_TYPE}")
+        raise NotAcceptable(f"cannot answer with {accept!r}; offered: {', '.join(RESPONSE_TYPES)}")
     return best
 
 
