@@ -1,7 +1,7 @@
 """The workflow's build branch on this machine: the build Lambda in-process, CodeBuild on the local Docker engine.
 
-:mod:`local.workflow` installs :class:`LocalCodeBuild` next to its SageMaker backing when a run asks for
-``--build``:
+:mod:`local.workflow` hands :class:`LocalCodeBuild` moto's CodeBuild records (through :class:`local.sfn.Backing`)
+when a run asks for ``--build``:
 
 * the Lambda: ``pipeline.build_lambda.handler`` itself, called in-process with the environment the stack's
   template gives the function (``BuildFunction``'s ``Environment``) and ``CONTEXT_DIR`` pointing at the
@@ -208,32 +208,9 @@ class LocalCodeBuild:
         self.lambda_env = lambda_environment(settings, context_dir, bucket, account, region)
 
     # -- CodeBuild -------------------------------------------------------------------------------------
-    def patches(self) -> list[tuple[Any, str, Any]]:
-        from moto.codebuild.models import CodeBuildBackend
-        from moto.codebuild.responses import CodeBuildResponse
-
-        original_start = CodeBuildResponse.start_build
-        backing = self
-
-        def start_build(response: Any) -> Any:
-            # moto's StartBuild drops the overrides; the build needs them, as CodeBuild uses them.
-            result = original_start(response)
-            project = response.codebuild_backend.codebuild_projects[response._get_param("projectName")]
-            backing.start(
-                project.project_metadata,
-                result.result["build"],
-                response._get_param("sourceLocationOverride"),
-                response._get_param("environmentVariablesOverride") or [],
-            )
-            return result
-
-        def batch_get_builds(backend: Any, ids: list[str]) -> list[dict[str, Any]]:
-            return [record.metadata for build_id, record in backing.builds.items() if build_id in ids]
-
-        return [
-            (CodeBuildResponse, "start_build", start_build),
-            (CodeBuildBackend, "batch_get_builds", batch_get_builds),
-        ]
+    def batch_get_builds(self, ids: list[str], moto_answer: Callable[[], Any]) -> list[dict[str, Any]]:
+        """The builds' real status and phases; moto's answer (every build SUCCEEDED at once) is not asked for."""
+        return [record.metadata for build_id, record in self.builds.items() if build_id in ids]
 
     def start(
         self,
@@ -295,7 +272,7 @@ class LocalCodeBuild:
         )
 
     def _build(self, record: BuildRecord, source: str, environment: dict[str, str], timeout: float) -> None:
-        import yaml
+        import yaml  # PyYAML, a development dependency (with moto); only --build needs it
 
         record.metadata["currentPhase"] = "DOWNLOAD_SOURCE"
         now = datetime.now(UTC)

@@ -11,31 +11,58 @@ LocalStack's), but:
 * its Lambda invoke needs Docker; ``invoke_in_process`` calls the Python handler instead and
   reports exceptions the way Lambda does (FunctionError + errorType);
 * moto implements neither SageMaker UpdateEndpoint nor CodeBuild UpdateProject; both are
-  added with the minimal behaviour the workflow relies on (``SageMakerModelBackend.update_endpoint``
-  is the hook :mod:`local.workflow` replaces with a real endpoint update);
+  added with the minimal behaviour the workflow relies on (the endpoint takes the new config at once,
+  unless :attr:`Backing.update_endpoint` does the update);
 * moto's CloudWatch DescribeAlarms drops ``StateValue`` when ``AlarmNames`` is given (AWS applies both):
   ``_describe_alarms_response`` applies both, so the rollback branch names only the alarms that fired;
 * its aws-sdk integration skips the PascalCase <-> API-casing conversion Step Functions does
   (``_normalise_parameters`` / ``_normalise_response`` are stubs in moto); ``sdk_casing`` restores
   it with moto's own ``_to_boto_request`` / ``_from_boto_response`` and botocore's shapes.
 
-:func:`interpreter_patches` lists every change as ``(owner, attribute, value)``; the caller applies
-them with what it has (``unittest.mock.patch.object`` in :mod:`local.workflow`, pytest's monkeypatch
-in tests/pipeline), so both undo them the same way. Everything is pinned to moto 5.2.5
+Past the interpreter, moto records every SageMaker and CodeBuild request and answers from its records. A caller
+that does the work for real says so through :class:`Backing`: callbacks that moto's recorded job, endpoint or build
+is handed to (:class:`local.workflow.LocalSageMaker`, :class:`local.codebuild.LocalCodeBuild`; the tests' Recorder).
+This module is the one place that patches moto: :func:`interpreter_patches` lists every change as
+``(owner, attribute, value)``, one per attribute; the caller applies them with what it has
+(``unittest.mock.patch.object`` in :mod:`local.workflow`, pytest's monkeypatch in tests/pipeline), so both undo
+them the same way. Everything is pinned to moto 5.2.5
 (``MOTO_VERSION``): :func:`check_moto` refuses another version rather than run against internals
-that moved.
+that moved. moto is imported inside the functions: a heavy development dependency, which importing this module
+(for :class:`Backing`, :func:`history`) does not need.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from local.errors import HarnessError
 
 MOTO_VERSION = "5.2.5"
 Patch = tuple[Any, str, Any]  # (owner, attribute name, new value)
+
+
+@dataclass(frozen=True)
+class Backing:
+    """Who does the work behind moto's records; each callback gets moto's record once moto made it.
+
+    A callback left None keeps moto's own answer (the stand-in's, for UpdateEndpoint).
+    """
+
+    # CreateTrainingJob: moto's job record (MetricDefinitions as requested); the callback owns its status.
+    training_job: Callable[[Any], None] | None = None
+    # CreateEndpoint: moto's endpoint record and the config name; the callback owns its status.
+    create_endpoint: Callable[[Any, str], None] | None = None
+    # UpdateEndpoint: the endpoint record, the new config name and the request's DeploymentConfig (or None).
+    update_endpoint: Callable[[Any, str, Any], None] | None = None
+    # StartBuild: the project's metadata, moto's build record, sourceLocationOverride, environmentVariablesOverride.
+    start_build: Callable[[Mapping[str, Any], dict[str, Any], str | None, list[Mapping[str, str]]], None] | None = None
+    # BatchGetBuilds: the ids asked for and moto's own answer on demand (asking marks the builds SUCCEEDED in moto's
+    # records); returns the answer to give.
+    batch_get_builds: Callable[[list[str], Callable[[], list[dict[str, Any]]]], list[dict[str, Any]]] | None = None
 
 
 class UnsupportedMoto(HarnessError):
@@ -228,23 +255,83 @@ def _describe_alarms_response(self: Any) -> Any:
     )
 
 
-def _update_endpoint_backend(
-    self: Any, endpoint_name: str, endpoint_config_name: str, deployment_config: Any = None
-) -> Any:
+def finish_update(endpoint: Any, endpoint_config_name: str) -> None:
     """The stand-in update: the endpoint takes the new config and is InService at once (no server, no canary)."""
-    endpoint = self.endpoints[endpoint_name]
     endpoint.endpoint_config_name = endpoint_config_name
     endpoint.endpoint_status = "InService"
-    return endpoint
+
+
+def backend_patches(backing: Backing) -> list[Patch]:
+    """moto's SageMaker and CodeBuild, each request handed to ``backing`` once moto recorded it."""
+    from moto.codebuild.models import CodeBuildBackend
+    from moto.codebuild.responses import CodeBuildResponse
+    from moto.sagemaker.models import SageMakerModelBackend
+
+    original_create_job = SageMakerModelBackend.create_training_job
+    original_create_endpoint = SageMakerModelBackend.create_endpoint
+    original_start_build = CodeBuildResponse.start_build
+    original_batch_get_builds = CodeBuildBackend.batch_get_builds
+
+    def create_training_job(backend: Any, **request: Any) -> Any:
+        definitions = copy.deepcopy(request["algorithm_specification"].get("MetricDefinitions"))
+        job = original_create_job(backend, **request)
+        if definitions is not None:  # moto replaces them with a fixed example
+            job.algorithm_specification["MetricDefinitions"] = definitions
+        if backing.training_job is not None:
+            backing.training_job(job)
+        return job
+
+    def create_endpoint(backend: Any, endpoint_name: str, endpoint_config_name: str, tags: Any) -> Any:
+        endpoint = original_create_endpoint(backend, endpoint_name, endpoint_config_name, tags)
+        if backing.create_endpoint is not None:
+            backing.create_endpoint(endpoint, endpoint_config_name)
+        return endpoint
+
+    def update_endpoint(
+        backend: Any, endpoint_name: str, endpoint_config_name: str, deployment_config: Any = None
+    ) -> Any:
+        endpoint = backend.endpoints[endpoint_name]
+        if backing.update_endpoint is None:
+            finish_update(endpoint, endpoint_config_name)
+        else:
+            backing.update_endpoint(endpoint, endpoint_config_name, deployment_config)
+        return endpoint
+
+    def start_build(response: Any) -> Any:
+        # moto's StartBuild drops the overrides; the build needs them, as CodeBuild uses them.
+        result = original_start_build(response)
+        if backing.start_build is not None:
+            project = response.codebuild_backend.codebuild_projects[response._get_param("projectName")]
+            backing.start_build(
+                project.project_metadata,
+                result.result["build"],
+                response._get_param("sourceLocationOverride"),
+                response._get_param("environmentVariablesOverride") or [],
+            )
+        return result
+
+    def batch_get_builds(backend: Any, ids: list[str]) -> list[dict[str, Any]]:
+        if backing.batch_get_builds is None:
+            return original_batch_get_builds(backend, ids)
+        return backing.batch_get_builds(ids, lambda: original_batch_get_builds(backend, ids))
+
+    return [
+        (SageMakerModelBackend, "create_training_job", create_training_job),
+        (SageMakerModelBackend, "create_endpoint", create_endpoint),
+        (SageMakerModelBackend, "update_endpoint", update_endpoint),
+        (CodeBuildResponse, "start_build", start_build),
+        (CodeBuildBackend, "batch_get_builds", batch_get_builds),
+    ]
 
 
 def interpreter_patches(
-    handlers: Mapping[str, Callable[[Any, Any], Any]], lambda_calls: list[dict[str, Any]]
+    handlers: Mapping[str, Callable[[Any, Any], Any]],
+    lambda_calls: list[dict[str, Any]],
+    backing: Backing | None = None,
 ) -> list[Patch]:
     """Every change above, as ``(owner, attribute, value)``; Lambda ``handlers`` by function name."""
     from moto.cloudwatch.responses import CloudWatchResponse
     from moto.codebuild.responses import CodeBuildResponse
-    from moto.sagemaker.models import SageMakerModelBackend
     from moto.sagemaker.responses import SageMakerResponse
     from moto.stepfunctions.parser.asl.component.state.exec.state_task import (
         lambda_eval_utils,
@@ -273,7 +360,7 @@ def interpreter_patches(
         (CodeBuildResponse, "update_project", _update_project_response),
         (SageMakerResponse, "update_endpoint", _update_endpoint_response),
         (CloudWatchResponse, "describe_alarms", _describe_alarms_response),
-        (SageMakerModelBackend, "update_endpoint", _update_endpoint_backend),
+        *backend_patches(backing or Backing()),
     ]
 
 

@@ -47,7 +47,7 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -55,6 +55,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 from unittest import mock
+
+import boto3
+from maskrcnn.contract import EXIT_STOPPED
+from maskrcnn.dataset_layout import IMAGE_SUFFIXES
 
 from local import client
 from local.codebuild import LocalCodeBuild, package_context
@@ -65,7 +69,8 @@ from local.progress import Progress
 from local.router import Router
 from local.runtime import REPO, Runtime, free_port
 from local.s3 import download_prefix, split_uri, upload_folder
-from local.sfn import history, interpreter_patches, json_safe
+from local.sfn import Backing, history, interpreter_patches, json_safe
+from local.training import run_training
 from pipeline.__main__ import execution_from_args, parser
 from pipeline.aws import git_sha
 from pipeline.build_lambda import SOURCE_VERSION_FILE
@@ -83,8 +88,6 @@ ARTIFACT_BUCKET = "maskrcnn-local-artifacts"  # the stack's ArtifactBucket
 SHORT_WAIT_S = 2  # Wait states and retry intervals above this are shortened to it
 LOCAL_BAKING_S = 6  # a blue/green update's baking period here: the smoke load runs this long
 POLL_S = 0.5
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-EXIT_STOPPED = 143
 
 
 def local_arns(settings: StackSettings) -> dict[str, str]:
@@ -163,7 +166,7 @@ class _LogProgress(Progress):
 
 
 class LocalSageMaker:
-    """The SageMaker calls that do work, served by the harness; installed as patches of moto's backend."""
+    """The SageMaker calls that do work, served by the harness; moto's records reach it through :class:`Backing`."""
 
     def __init__(self, runtime: Runtime, root: Path, notes: queue.Queue[str]):
         self.runtime = runtime
@@ -186,43 +189,19 @@ class LocalSageMaker:
         local = self.resolve_image(uri)
         return self.runtime if local is None else dataclasses.replace(self.runtime, image=local)
 
-    def patches(self) -> list[tuple[Any, str, Any]]:
-        from moto.sagemaker.models import SageMakerModelBackend
+    def create_training_job(self, job: Any) -> None:
+        job.training_job_status, job.secondary_status = "InProgress", "Starting"
+        job.model_artifacts = job.final_metric_data_list = job.training_end_time = None
+        job.secondary_status_transitions = []
+        self._start(self.train, job)
 
-        original_create_job = SageMakerModelBackend.create_training_job
-        original_create_endpoint = SageMakerModelBackend.create_endpoint
-        backing = self
+    def create_endpoint(self, endpoint: Any, config_name: str) -> None:
+        endpoint.endpoint_status = "Creating"
+        self._start(self.serve, endpoint, config_name)
 
-        def create_training_job(backend: Any, **request: Any) -> Any:
-            definitions = copy.deepcopy(request["algorithm_specification"].get("MetricDefinitions"))
-            job = original_create_job(backend, **request)
-            if definitions is not None:  # moto replaces them with a fixed example
-                job.algorithm_specification["MetricDefinitions"] = definitions
-            job.training_job_status, job.secondary_status = "InProgress", "Starting"
-            job.model_artifacts = job.final_metric_data_list = job.training_end_time = None
-            job.secondary_status_transitions = []
-            backing._start(backing.train, job)
-            return job
-
-        def create_endpoint(backend: Any, endpoint_name: str, endpoint_config_name: str, tags: Any) -> Any:
-            endpoint = original_create_endpoint(backend, endpoint_name, endpoint_config_name, tags)
-            endpoint.endpoint_status = "Creating"
-            backing._start(backing.serve, endpoint, endpoint_config_name)
-            return endpoint
-
-        def update_endpoint(
-            backend: Any, endpoint_name: str, endpoint_config_name: str, deployment_config: Any = None
-        ) -> Any:
-            endpoint = backend.endpoints[endpoint_name]
-            endpoint.endpoint_status = "Updating"
-            backing._start(backing.serve, endpoint, endpoint_config_name, deployment_config)
-            return endpoint
-
-        return [
-            (SageMakerModelBackend, "create_training_job", create_training_job),
-            (SageMakerModelBackend, "create_endpoint", create_endpoint),
-            (SageMakerModelBackend, "update_endpoint", update_endpoint),
-        ]
+    def update_endpoint(self, endpoint: Any, config_name: str, deployment_config: Any) -> None:
+        endpoint.endpoint_status = "Updating"
+        self._start(self.serve, endpoint, config_name, deployment_config)
 
     def _start(self, target: Any, *args: Any) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
@@ -231,8 +210,6 @@ class LocalSageMaker:
 
     @staticmethod
     def _client(service: str) -> Any:
-        import boto3
-
         return boto3.client(service, region_name=REGION)
 
     def train(self, job: Any) -> None:
@@ -260,7 +237,7 @@ class LocalSageMaker:
             runtime = self.runtime_for(job.algorithm_specification["TrainingImage"])
             where = f"image {runtime.image}" if runtime.mode == "docker" else "process mode"
             self.notes.put(f"training job {name}: {where}, log {folder / 'train.log'}")
-            result = _run_training(spec, folder / "job", runtime, progress, self.stop)
+            result = run_training(spec, folder / "job", runtime, progress, stop_request=self.stop)
             job.secondary_status = "Uploading"
             model_uri = _model_artifacts_uri(job)
             bucket, key = split_uri(model_uri)
@@ -388,10 +365,7 @@ class LocalSageMaker:
         """One training image, again and again for ``seconds``: every request the canary's share in turn goes to
         the new server, the others to the old one, until at least one reached the new. Returns the new server's
         answers (HTTP status, seconds) and how many requests were sent in all."""
-        image = next(
-            (p for p in sorted(self.root.glob("jobs/*/channels/training/**/*")) if p.suffix.lower() in IMAGE_SUFFIXES),
-            None,
-        )
+        image = smoke_image(self.root.glob("jobs/*/channels/training/**/*"))
         deadline, sent, answers = time.monotonic() + seconds, 0, []
         while not answers or time.monotonic() < deadline:
             canary = int((sent + 1) * share) > int(sent * share)
@@ -442,12 +416,6 @@ class LocalSageMaker:
 
 
 _SHOWN_METRICS = ("train:loss", "validation:segm_AP50", "validation:bbox_AP50")
-
-
-def _run_training(spec: JobSpec, output: Path, runtime: Runtime, progress: Progress, stop: threading.Event) -> Any:
-    from local.training import run_training
-
-    return run_training(spec, output, runtime, progress, stop_request=stop)
 
 
 def _model_artifacts_uri(job: Any) -> str:
@@ -527,7 +495,7 @@ class LocalWorkflow:
         return self
 
     def _start(self) -> None:
-        from moto import mock_aws
+        from moto import mock_aws  # a heavy development dependency; only this command needs it
 
         # Nothing of the person's AWS set-up may reach the local account: fake keys, one region.
         env = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": REGION}
@@ -535,8 +503,16 @@ class LocalWorkflow:
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL"):
             os.environ.pop(name, None)  # patch.dict restores them on exit
         handlers = {self.settings.function_name: self.codebuild.handler}
-        patches = interpreter_patches(handlers, self.lambda_calls) + self.sagemaker.patches() + self.codebuild.patches()
-        for owner, name, value in patches:
+        # What does the work behind moto's records: SageMaker's jobs and endpoints here, CodeBuild's builds.
+        sagemaker, codebuild = self.sagemaker, self.codebuild
+        backing = Backing(
+            training_job=sagemaker.create_training_job,
+            create_endpoint=sagemaker.create_endpoint,
+            update_endpoint=sagemaker.update_endpoint,
+            start_build=codebuild.start,
+            batch_get_builds=codebuild.batch_get_builds,
+        )
+        for owner, name, value in interpreter_patches(handlers, self.lambda_calls, backing):
             self._stack.enter_context(mock.patch.object(owner, name, value, create=True))
         self._stack.enter_context(mock_aws(config={"stepfunctions": {"execute_state_machine": True}}))
         # moto warns for every optimised SageMaker integration it forwards as a plain API call and logs each
@@ -813,12 +789,20 @@ def _failed_state(events: Sequence[Mapping[str, Any]]) -> str | None:
     return open_states[-1] if open_states else None
 
 
+def smoke_image(paths: Iterable[Path]) -> Path | None:
+    """The first (by name) of ``paths`` that is a training image the client can label with a content type."""
+    return next(
+        (p for p in sorted(paths) if p.suffix.lower() in IMAGE_SUFFIXES and p.suffix.lower() in client.CONTENT_TYPES),
+        None,
+    )
+
+
 def smoke_request(url: str | None, document: Mapping[str, Any], output: Path) -> dict[str, Any]:
     """One image of the training data to the endpoint; the answer's status and detections counted."""
     if url is None:
         return {"status": None, "error": "no endpoint URL"}
     training_folder = _local_training_folder(output, document)
-    image = next((p for p in sorted(training_folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES), None)
+    image = smoke_image(training_folder.rglob("*"))
     if image is None:
         return {"status": None, "error": f"no image under {training_folder}"}
     reply = client.invoke(url, image.read_bytes(), client.content_type_for(image))

@@ -125,3 +125,18 @@ def test_packages_depend_one_way() -> None:
         if target.split(".")[0] not in MAY_IMPORT[name.split(".")[0]]
     )
     assert not wrong, "imports against the packages' direction: " + ", ".join(wrong)
+
+
+def test_only_local_sfn_patches_moto() -> None:
+    """moto's internals (its backends, responses, the interpreter) are reached from one module; the rest of the
+    harness starts moto (``mock_aws``, its server) and hands callbacks to local.sfn."""
+    reaching = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                targets = [node.module or ""]
+            inner = [t for t in targets if t.startswith("moto.") and t != "moto.server"]
+            if inner and name != "local.sfn":
+                reaching.append(f"{name}: {', '.join(inner)}")
+    assert not reaching, "moto's internals patched outside local.sfn: " + "; ".join(reaching)

@@ -2,7 +2,8 @@
 
 The interpreter's adaptation (``.sync`` SageMaker, in-process Lambda, aws-sdk casing, UpdateEndpoint and
 UpdateProject) is product code now: :mod:`local.sfn`, which ``python -m local workflow`` also runs on.
-What stays here is what only tests want, on top of moto's stand-in services:
+What stays here is what only tests want, on top of moto's stand-in services, given to :mod:`local.sfn` as its
+``Backing`` (the one place that patches moto's services):
 
 * moto's CodeBuild reports every build SUCCEEDED on first look; ``BuildScript`` scripts the
   statuses a build goes through so the poll loop and the failure branch run;
@@ -25,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from local.sfn import MOTO_VERSION, UnsupportedMoto, history, interpreter_patches
+from local.sfn import MOTO_VERSION, Backing, UnsupportedMoto, finish_update, history, interpreter_patches
 
 __all__ = ["BuildScript", "Recorder", "history", "install"]
 
@@ -59,14 +60,12 @@ class Recorder:
 
 def install(monkeypatch: pytest.MonkeyPatch, handlers: Mapping[str, Callable[[Any, Any], Any]]) -> Recorder:
     """Patch moto's interpreter and backends for this test; monkeypatch undoes it all."""
-    from moto.codebuild.models import CodeBuildBackend
-    from moto.sagemaker.models import SageMakerModelBackend
     from moto.stepfunctions.parser.asl.component.common.retry import retrier_decl
     from moto.stepfunctions.parser.asl.component.state.wait.wait_function.wait_function import WaitFunction
 
     recorder = Recorder()
     try:
-        patches = interpreter_patches(handlers, recorder.lambda_calls)
+        patches = interpreter_patches(handlers, recorder.lambda_calls, recorder_backing(recorder))
     except UnsupportedMoto as error:
         pytest.skip(f"{error} (pinned: {MOTO_VERSION})")
     for owner, name, value in patches:
@@ -76,44 +75,36 @@ def install(monkeypatch: pytest.MonkeyPatch, handlers: Mapping[str, Callable[[An
     monkeypatch.setattr(
         WaitFunction, "_wait_interval", lambda self, env, wait_seconds: recorder.waits.append(wait_seconds)
     )
+    return recorder
 
-    original_batch_get_builds = CodeBuildBackend.batch_get_builds
 
-    def batch_get_builds(self: Any, ids: list[str]) -> list[dict[str, Any]]:
-        builds = original_batch_get_builds(self, ids)
+def recorder_backing(recorder: Recorder) -> Backing:
+    """moto's records as the recorder scripts them: the metrics, the builds' statuses, the updates' rollbacks."""
+
+    def training_job(job: Any) -> None:
+        job.final_metric_data_list = [
+            {"MetricName": name, "Value": value, "Timestamp": job.creation_time}
+            for name, value in recorder.metrics.items()
+        ]
+
+    def batch_get_builds(ids: list[str], moto_answer: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        builds = moto_answer()
         status = recorder.build.next_status()
         for build in builds:
             build["buildStatus"] = status
         return builds
 
-    monkeypatch.setattr(CodeBuildBackend, "batch_get_builds", batch_get_builds)
-
-    original_create_training_job = SageMakerModelBackend.create_training_job
-
-    def create_training_job(self: Any, **request: Any) -> Any:
-        job = original_create_training_job(self, **request)
-        job.final_metric_data_list = [
-            {"MetricName": name, "Value": value, "Timestamp": job.creation_time}
-            for name, value in recorder.metrics.items()
-        ]
-        return job
-
-    monkeypatch.setattr(SageMakerModelBackend, "create_training_job", create_training_job)
-
-    stand_in_update = SageMakerModelBackend.update_endpoint  # local.sfn's, patched in above
-
-    def update_endpoint(self: Any, endpoint_name: str, endpoint_config_name: str, deployment_config: Any = None) -> Any:
+    def update_endpoint(endpoint: Any, endpoint_config_name: str, deployment_config: Any) -> None:
         recorder.deployment_configs.append(deployment_config)
         if recorder.rollback is None:
-            return stand_in_update(self, endpoint_name, endpoint_config_name, deployment_config)
+            finish_update(endpoint, endpoint_config_name)
+            return
         import boto3
 
-        cloudwatch = boto3.client("cloudwatch", region_name=self.region_name)
+        region = endpoint.arn.split(":")[3]
+        cloudwatch = boto3.client("cloudwatch", region_name=region)
         for alarm in recorder.rollback:
             cloudwatch.set_alarm_state(AlarmName=alarm, StateValue="ALARM", StateReason="scripted by the test")
-        endpoint = self.endpoints[endpoint_name]
         endpoint.endpoint_status = "InService"  # rolled back: the old config serves on
-        return endpoint
 
-    monkeypatch.setattr(SageMakerModelBackend, "update_endpoint", update_endpoint)
-    return recorder
+    return Backing(training_job=training_job, update_endpoint=update_endpoint, batch_get_builds=batch_get_builds)
