@@ -195,13 +195,16 @@ class LocalCodeBuild:
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
         self.lambda_env: dict[str, str] = {}
+        # Held while the build function runs with its environment patched into os.environ: a build it starts
+        # waits for it, since a thread reading os.environ while patch.dict restores it gets KeyError.
+        self.lambda_running = threading.Lock()
 
     # -- the Lambda ------------------------------------------------------------------------------------
     def handler(self, event: Any, context: Any) -> Any:
         """``pipeline.build_lambda.handler`` with the function's environment, as Lambda runs it."""
         if not self.lambda_env:
             raise HarnessError("the local build function has no environment: LocalCodeBuild.configure first")
-        with mock.patch.dict(os.environ, self.lambda_env):
+        with self.lambda_running, mock.patch.dict(os.environ, self.lambda_env):
             return build_handler(event, context)
 
     def configure(self, settings: StackSettings, context_dir: Path, bucket: str, account: str, region: str) -> None:
@@ -249,7 +252,8 @@ class LocalCodeBuild:
     def run(self, record: BuildRecord, source: str, environment: dict[str, str], timeout: float) -> None:
         """One build, to its end; its status and phases land on moto's build record."""
         build_id = record.metadata["id"]
-        started = time.monotonic()
+        with self.lambda_running:  # the function that started this build has returned, os.environ is whole
+            started = time.monotonic()
         self.notes.put(f"build {build_id}: IN_PROGRESS, log {record.log}")
         try:
             self._build(record, source, environment, timeout)
