@@ -153,36 +153,68 @@ def create_multi_model_app(pool: ModelPool, settings: ServeSettings, run_blockin
     """The multi-model routes; ``run_blocking`` runs loads and invocations off the event loop, as in app.py."""
     app = Flask("maskrcnn-multi-model")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_payload_bytes
-    run = run_blocking or call_now
-    registry = pool.registry
-    models_root = (settings.base_dir / "models").resolve()
+    routes = MultiModelRoutes(pool, settings, run_blocking or call_now)
+    app.get("/ping")(routes.ping)
+    app.post("/models")(routes.load_model)
+    app.get("/models")(routes.list_models)
+    app.get("/models/<name>")(routes.get_model)
+    app.delete("/models/<name>")(routes.unload_model)
+    app.post("/models/<name>/invoke")(routes.invoke)
+    app.post("/invocations")(routes.invocations)
+    register_error_handlers(app)
+    return app
 
-    @app.get("/ping")
-    def ping() -> Response:
+
+class MultiModelRoutes:
+    """One worker's handlers for the routes in this module's docstring, over its pool and the shared registry."""
+
+    def __init__(self, pool: ModelPool, settings: ServeSettings, run: RunBlocking):
+        self.pool = pool
+        self.registry = pool.registry
+        self.settings = settings
+        self.run = run
+        self.models_root = (settings.base_dir / "models").resolve()
+
+    def ping(self) -> Response:
         return Response(status=200)  # healthy with no model loaded
 
-    @app.post("/models")
-    def load_model() -> tuple[Response, int]:
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict) or not all(
-            isinstance(body.get(k), str) and body[k] for k in ("model_name", "url")
-        ):
-            raise RequestError('expected a JSON object {"model_name": "...", "url": "/opt/ml/models/<name>/model"}')
-        name, url = body["model_name"], body["url"]
+    def load_model(self) -> tuple[Response, int]:
+        """Check the request, the folder and the room left, record the model, then load and warm it here."""
+        name, url = _load_request(request.get_json(silent=True))
+        folder = self._loadable_folder(name, url)
+        self._check_room(name, folder)
+        if not self.registry.add(name, url):
+            raise RequestError(f"model {name!r} is already loaded", status=409)
+        try:
+            self.run(lambda: self.pool.load(name, url), self.settings.timeout_s)
+        except Exception as exc:
+            self.registry.remove(name)
+            if isinstance(exc, RequestError):
+                raise
+            raise RequestError(f"model {name!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
+        return jsonify(modelName=name, modelUrl=url), 200
+
+    def _loadable_folder(self, name: str, url: str) -> Path:
+        """The model's folder: under the models root, present, not loaded yet, a saved model this image loads."""
         folder = Path(url).resolve()
-        if not folder.is_relative_to(models_root):
+        if not folder.is_relative_to(self.models_root):
             raise RequestError(
-                f"url {url} is not under {models_root}, where SageMaker puts a multi-model endpoint's models"
+                f"url {url} is not under {self.models_root}, where SageMaker puts a multi-model endpoint's models"
             )
         if not folder.is_dir():
             raise RequestError(f"url {url}: no such folder", status=404)
-        if registry.get(name) is not None:
+        if self.registry.get(name) is not None:
             raise RequestError(f"model {name!r} is already loaded", status=409)
         try:
             check_saved_model(folder)
         except ModelError as exc:
             raise RequestError(f"model {name!r}: {exc}") from None
-        loaded = registry.entries()
+        return folder
+
+    def _check_room(self, name: str, folder: Path) -> None:
+        """507 beyond ``MASKRCNN_MAX_MODELS`` or when every worker's copy would not fit in the memory left."""
+        settings = self.settings
+        loaded = self.registry.entries()
         if settings.max_models and len(loaded) >= settings.max_models:
             raise RequestError(
                 f"{len(loaded)} models are loaded, MASKRCNN_MAX_MODELS={settings.max_models}", status=507
@@ -195,48 +227,36 @@ def create_multi_model_app(pool: ModelPool, settings: ServeSettings, run_blockin
                 f"({settings.workers} worker(s)); {available / 2**20:.0f} MiB are free",
                 status=507,
             )
-        if not registry.add(name, url):
-            raise RequestError(f"model {name!r} is already loaded", status=409)
-        try:
-            run(lambda: pool.load(name, url), settings.timeout_s)
-        except Exception as exc:
-            registry.remove(name)
-            if isinstance(exc, RequestError):
-                raise
-            raise RequestError(f"model {name!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
-        return jsonify(modelName=name, modelUrl=url), 200
 
-    @app.get("/models")
-    def list_models() -> Response:
-        pool.drop_unloaded()
+    def list_models(self) -> Response:
+        self.pool.drop_unloaded()
         token = request.args.get("next_page_token", "0")
         if not token.isdigit():
             raise RequestError(f"next_page_token {token!r} is not one this server gave")
         start = int(token)
-        entries = registry.entries()
+        entries = self.registry.entries()
         page: dict[str, Any] = {"models": entries[start : start + PAGE_SIZE]}
         if start + PAGE_SIZE < len(entries):
             page["nextPageToken"] = str(start + PAGE_SIZE)
         return jsonify(page)
 
-    @app.get("/models/<name>")
-    def get_model(name: str) -> Response:
-        entry = registry.get(name)
+    def get_model(self, name: str) -> Response:
+        entry = self.registry.get(name)
         if entry is None:
             raise RequestError(f"model {name!r} is not loaded", status=404)
         return jsonify(entry)
 
-    @app.delete("/models/<name>")
-    def unload_model(name: str) -> Response:
-        if not registry.remove(name):
+    def unload_model(self, name: str) -> Response:
+        if not self.registry.remove(name):
             raise RequestError(f"model {name!r} is not loaded", status=404)
-        pool.drop_unloaded()
+        self.pool.drop_unloaded()
         return jsonify(modelName=name)
 
-    @app.post("/models/<name>/invoke")
-    def invoke(name: str) -> Response:
+    def invoke(self, name: str) -> Response:
+        """What ``/invocations`` does, with model ``name`` (loaded in this worker first if another loaded it)."""
+        pool, settings = self.pool, self.settings
         pool.drop_unloaded()
-        entry = registry.get(name)
+        entry = self.registry.get(name)
         if entry is None:
             raise RequestError(f"model {name!r} is not loaded", status=404)
         response_type = codec.negotiate(request.headers.get("Accept"))
@@ -253,14 +273,17 @@ def create_multi_model_app(pool: ModelPool, settings: ServeSettings, run_blockin
             return answer(predictor, body, content_type, response_type, options, settings)
 
         request_attributes = request.headers.get(ATTRIBUTES_HEADER)
-        payload, mimetype, timing = run(predict, settings.timeout_s)
+        payload, mimetype, timing = self.run(predict, settings.timeout_s)
         return Response(payload, status=200, mimetype=mimetype, headers={"Server-Timing": timing})
 
-    @app.post("/invocations")
-    def invocations() -> Response:
+    def invocations(self) -> Response:
         raise RequestError(
             f"a multi-model endpoint: POST /models/<name>/invoke (SageMaker passes {TARGET_MODEL_HEADER} there)"
         )
 
-    register_error_handlers(app)
-    return app
+
+def _load_request(body: Any) -> tuple[str, str]:
+    """(model name, url) from a ``POST /models`` body; 400 unless both are non-empty strings."""
+    if not isinstance(body, dict) or not all(isinstance(body.get(k), str) and body[k] for k in ("model_name", "url")):
+        raise RequestError('expected a JSON object {"model_name": "...", "url": "/opt/ml/models/<name>/model"}')
+    return body["model_name"], body["url"]
