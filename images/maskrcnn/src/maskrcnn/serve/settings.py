@@ -140,22 +140,8 @@ class ServeSettings:
         """Resolve settings from the environment and the machine; raise ConfigError on bad values."""
         env = {k: v.strip() for k, v in environ.items() if v.strip()}
         cpu_count = max(1, cpu_count)
-        device = env.get("MASKRCNN_DEVICE", "auto").lower()
-        if device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"MASKRCNN_DEVICE must be auto, cpu or cuda, got {device!r}")
-        if device == "cuda" and gpu_count == 0:
-            raise ConfigError("MASKRCNN_DEVICE=cuda but no CUDA device is visible")
-        if device == "auto":
-            device = "cuda" if gpu_count > 0 else "cpu"
-
-        if device == "cuda":
-            default_workers = gpu_count * default_workers_per_gpu(gpu_memory_bytes, cpu_count, gpu_count)
-        else:
-            default_workers = min(cpu_count, MAX_CPU_WORKERS, cpu_workers_in_memory(memory_bytes))
-        workers = _int(env, "SAGEMAKER_MODEL_SERVER_WORKERS", default_workers, minimum=1)
-        default_threads = max(1, cpu_count // workers) if device == "cpu" else 1
-        threads = _int(env, "MASKRCNN_TORCH_THREADS", default_threads, minimum=1)
-
+        device = _device(env, gpu_count)
+        workers, threads = _workers_and_threads(env, device, cpu_count, gpu_count, gpu_memory_bytes, memory_bytes)
         batch = _bool(env, "SAGEMAKER_BATCH", False)
         timeout = _int(
             env,
@@ -164,22 +150,10 @@ class ServeSettings:
             minimum=1,
             maximum=MAX_TIMEOUT_S,
         )
-        payload = _int(env, "SAGEMAKER_MAX_PAYLOAD_IN_MB", DEFAULT_PAYLOAD_MB, minimum=1)
-        if payload > MAX_PAYLOAD_MB:
-            raise ConfigError(f"SAGEMAKER_MAX_PAYLOAD_IN_MB must be at most {MAX_PAYLOAD_MB}, got {payload}")
-        strategy = env.get("SAGEMAKER_BATCH_STRATEGY", "SINGLE_RECORD").upper()
-        if strategy not in BATCH_STRATEGIES:
-            raise ConfigError(f"SAGEMAKER_BATCH_STRATEGY must be one of {', '.join(BATCH_STRATEGIES)}")
-
-        dtype = env.get("MASKRCNN_INFERENCE_DTYPE", "auto").lower()
-        if dtype not in INFERENCE_DTYPES:
-            raise ConfigError(f"MASKRCNN_INFERENCE_DTYPE must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
-
-        nginx_choice = env.get("MASKRCNN_NGINX", "")
-        if nginx_choice.lower() == "off":
-            nginx = None
-        elif nginx_choice:
-            nginx = nginx_choice
+        payload = _payload_mb(env)
+        strategy = _batch_strategy(env)
+        dtype = _inference_dtype(env)
+        nginx = _nginx(env, nginx)
         return cls(
             base_dir=base_paths(env).base,
             port=_int(env, "SAGEMAKER_BIND_TO_PORT", DEFAULT_PORT, minimum=1, maximum=65535),
@@ -233,6 +207,64 @@ def default_workers_per_gpu(gpu_memory_bytes: int, cpu_count: int, gpu_count: in
     fit = (gpu_memory_bytes - GPU_RESERVE_BYTES) // GPU_WORKER_BYTES if gpu_memory_bytes > 0 else 1
     cores = max(1, cpu_count // gpu_count)
     return int(max(1, min(MAX_WORKERS_PER_GPU, fit, cores)))
+
+
+def _device(env: Mapping[str, str], gpu_count: int) -> str:
+    """``MASKRCNN_DEVICE`` resolved: auto takes the GPU where one is visible; cuda without one is an error."""
+    device = env.get("MASKRCNN_DEVICE", "auto").lower()
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"MASKRCNN_DEVICE must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and gpu_count == 0:
+        raise ConfigError("MASKRCNN_DEVICE=cuda but no CUDA device is visible")
+    if device == "auto":
+        device = "cuda" if gpu_count > 0 else "cpu"
+    return device
+
+
+def _workers_and_threads(
+    env: Mapping[str, str], device: str, cpu_count: int, gpu_count: int, gpu_memory_bytes: int, memory_bytes: int
+) -> tuple[int, int]:
+    """(workers, torch threads a worker): the environment's, else the defaults in this module's docstring."""
+    if device == "cuda":
+        default_workers = gpu_count * default_workers_per_gpu(gpu_memory_bytes, cpu_count, gpu_count)
+    else:
+        default_workers = min(cpu_count, MAX_CPU_WORKERS, cpu_workers_in_memory(memory_bytes))
+    workers = _int(env, "SAGEMAKER_MODEL_SERVER_WORKERS", default_workers, minimum=1)
+    default_threads = max(1, cpu_count // workers) if device == "cpu" else 1
+    threads = _int(env, "MASKRCNN_TORCH_THREADS", default_threads, minimum=1)
+    return workers, threads
+
+
+def _payload_mb(env: Mapping[str, str]) -> int:
+    """``SAGEMAKER_MAX_PAYLOAD_IN_MB``, 1 to ``MAX_PAYLOAD_MB``."""
+    payload = _int(env, "SAGEMAKER_MAX_PAYLOAD_IN_MB", DEFAULT_PAYLOAD_MB, minimum=1)
+    if payload > MAX_PAYLOAD_MB:
+        raise ConfigError(f"SAGEMAKER_MAX_PAYLOAD_IN_MB must be at most {MAX_PAYLOAD_MB}, got {payload}")
+    return payload
+
+
+def _batch_strategy(env: Mapping[str, str]) -> str:
+    """``SAGEMAKER_BATCH_STRATEGY``, one of ``BATCH_STRATEGIES`` (any case)."""
+    strategy = env.get("SAGEMAKER_BATCH_STRATEGY", "SINGLE_RECORD").upper()
+    if strategy not in BATCH_STRATEGIES:
+        raise ConfigError(f"SAGEMAKER_BATCH_STRATEGY must be one of {', '.join(BATCH_STRATEGIES)}")
+    return strategy
+
+
+def _inference_dtype(env: Mapping[str, str]) -> str:
+    """``MASKRCNN_INFERENCE_DTYPE``, one of ``INFERENCE_DTYPES`` (any case)."""
+    dtype = env.get("MASKRCNN_INFERENCE_DTYPE", "auto").lower()
+    if dtype not in INFERENCE_DTYPES:
+        raise ConfigError(f"MASKRCNN_INFERENCE_DTYPE must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def _nginx(env: Mapping[str, str], found: str | None) -> str | None:
+    """``MASKRCNN_NGINX``: ``off`` (None: gunicorn listens itself), a path, else the nginx ``found`` on PATH."""
+    choice = env.get("MASKRCNN_NGINX", "")
+    if choice.lower() == "off":
+        return None
+    return choice or found
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
