@@ -23,14 +23,15 @@ import time
 from pathlib import Path
 
 import hostinfo  # bench/hostinfo.py (benchmarks run as scripts: bench/ is on sys.path)
-from maskrcnn.train.config import SYNTHETIC_CPU_IMAGE_SIZE, SYNTHETIC_CPU_PRESET, SYNTHETIC_CPU_TRAIN_IMAGES
+from maskrcnn.train.config import PRESETS, SYNTHETIC_CPU_IMAGE_SIZE, SYNTHETIC_CPU_TRAIN_IMAGES
 from maskrcnn.train.synthetic import write_coco_dataset
 
 from local.layout import parse_pairs
+from local.runtime import ENTRYPOINTS
 
-REPO = Path(__file__).resolve().parents[1]
-# The preset this benchmark (and `make demo`) uses; --hp overrides single keys.
-HYPERPARAMETERS = {**SYNTHETIC_CPU_PRESET, "log_every": "25", "checkpoint_every": "0"}
+# The preset this benchmark measures (the demo's preset builds on it), logging more often and writing no
+# checkpoints; --hp overrides single keys.
+HYPERPARAMETERS = {**PRESETS["synthetic-cpu"], "log_every": "25", "checkpoint_every": "0"}
 BUDGET_S = 300.0
 TARGET_AP50 = 0.85
 
@@ -59,7 +60,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the job too
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "images/maskrcnn/train")],
+        [sys.executable, str(ENTRYPOINTS / "train")],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

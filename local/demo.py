@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maskrcnn.train.config import SYNTHETIC_CPU_IMAGE_SIZE, SYNTHETIC_CPU_PRESET, SYNTHETIC_CPU_TRAIN_IMAGES
+from maskrcnn.train.config import DEMO_SECONDS, DEMO_TRAIN_IMAGES, PRESETS, SYNTHETIC_CPU_IMAGE_SIZE
 
 from local import client
 from local.endpoint import Endpoint
@@ -43,32 +43,13 @@ from local.transform import TransformSettings, resolve_parameters, transform_fil
 
 log = logging.getLogger(__name__)
 
-# The demo's training job: the CPU preset for the synthetic set (tuned for 2 cores, shared with
-# bench/bench_convergence.py) on 800 training images instead of its 400, for 6 epochs instead of its 10: at most
-# 1200 steps, as 12 epochs of 400 were (held-out segm AP50 0.877 against 0.856 for the preset's 1000), but each
-# image seen 6 times instead of 12: with lite's narrower mask predictor, at the 806 steps a Zen 3 fits, held-out
-# 0.858 and 0.870 against 0.846 and 0.810 for two seeds (docs/benchmarks.md). It evaluates its validation channel
-# at the middle and the end only, inside a time budget (`max_runtime`): the job plans the steps that fit, so on
-# a slower CPU it anneals fewer steps instead of overrunning the demo's 10 minutes. The rest of the demo
-# (writing the data, starting the job, serving 200 images, scoring) takes ~45 s on an AMD EPYC Zen 5 and 67-79 s
-# on a Zen 3 (AVX2, docs/benchmarks.md; 400 more training images add ~5 s on a Zen 4), and grows when the VM slows
-# down; REST_SECONDS leaves room for the slower.
-# Override one value with `--hp KEY=VALUE`; the preset is in maskrcnn/train/config.py.
-TARGET_SECONDS = 600
-REST_SECONDS = 80
-DEMO_HYPERPARAMETERS: dict[str, str] = {
-    **SYNTHETIC_CPU_PRESET,
-    "epochs": "6",
-    "eval_every": "3",
-    "max_runtime": str(TARGET_SECONDS - REST_SECONDS),
-}
-TRAIN_IMAGES = 2 * SYNTHETIC_CPU_TRAIN_IMAGES  # synthetic training images, all trained on
+# The demo's training job is the "demo" preset (maskrcnn/train/config.py: its hyperparameters, training set size
+# and time budget); override one value with `--hp KEY=VALUE`. What follows is the demo's own: the data it
+# validates and scores on and what it counts as passing.
 VALIDATION_IMAGES = 40  # the job's validation channel: its per-epoch metrics
-# Separate synthetic images the model never sees, scored through the endpoint. 200, not 50: on 50 images one
-# model's segm AP50 read 0.836 and on 300 images of the same generator 0.850 and 0.841; 200 keeps that
-# spread near +-0.01 for ~20 s more inference.
+# Separate synthetic images the model never sees, scored through the endpoint: enough that the figure moves
+# by about +-0.01 between sets of the same generator, for little inference time (docs/benchmarks.md).
 HELDOUT_IMAGES = 200
-IMAGE_SIZE = SYNTHETIC_CPU_IMAGE_SIZE  # synthetic image side, pixels
 TRAIN_SEED, HELDOUT_SEED, VALIDATION_SEED = 0, 1, 2
 EVAL_SCORE_THRESHOLD = 0.05  # COCO AP needs the low-score tail; the server's default is the model's 0.5
 OVERLAYS = 12  # held-out images drawn by the endpoint (image/png) for the contact sheet
@@ -121,7 +102,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         f"Target segm AP50 >= {TARGET_SEGM_AP50} on held-out images: **{verdict}** "
         f"({held['segm_AP50']:.3f}); total {summary['total_seconds']:.0f} s "
-        f"(target {TARGET_SECONDS} s on 2 cores).",
+        f"(target {DEMO_SECONDS} s on 2 cores).",
         "",
         "| metric | held-out (served) | validation (training job) |",
         "| --- | --- | --- |",
@@ -158,9 +139,9 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     for owned in ("data", "job", "predictions", "overlays"):  # only what a previous demo wrote
         shutil.rmtree(out / owned, ignore_errors=True)
-    hyperparameters = {**DEMO_HYPERPARAMETERS, **(hp_overrides or {})}
+    hyperparameters = {**PRESETS["demo"], **(hp_overrides or {})}
 
-    write_datasets(out / "data", train_images or TRAIN_IMAGES, heldout_images or HELDOUT_IMAGES)
+    write_datasets(out / "data", train_images or DEMO_TRAIN_IMAGES, heldout_images or HELDOUT_IMAGES)
     spec = JobSpec(
         name=default_job_name("maskrcnn-demo"),
         channels={"training": out / "data" / "train", "validation": out / "data" / "validation"},
@@ -187,9 +168,9 @@ def write_datasets(data: Path, train_images: int, heldout_images: int) -> None:
     from maskrcnn.train.synthetic import write_coco_dataset
 
     log.info("demo: writing %d training and %d held-out synthetic images", train_images, heldout_images)
-    write_coco_dataset(data / "train", train_images, TRAIN_SEED, IMAGE_SIZE)
-    write_coco_dataset(data / "heldout", heldout_images, HELDOUT_SEED, IMAGE_SIZE)
-    write_coco_dataset(data / "validation", VALIDATION_IMAGES, VALIDATION_SEED, IMAGE_SIZE)
+    write_coco_dataset(data / "train", train_images, TRAIN_SEED, SYNTHETIC_CPU_IMAGE_SIZE)
+    write_coco_dataset(data / "heldout", heldout_images, HELDOUT_SEED, SYNTHETIC_CPU_IMAGE_SIZE)
+    write_coco_dataset(data / "validation", VALIDATION_IMAGES, VALIDATION_SEED, SYNTHETIC_CPU_IMAGE_SIZE)
 
 
 @dataclass
@@ -276,7 +257,7 @@ def summarize(
         "overlays": [str(p) for p in overlays],
         "contact_sheet": str(sheet) if sheet else None,
         "total_seconds": round(seconds, 1),
-        "target": {"segm_AP50": TARGET_SEGM_AP50, "seconds_on_2_cores": TARGET_SECONDS},
+        "target": {"segm_AP50": TARGET_SEGM_AP50, "seconds_on_2_cores": DEMO_SECONDS},
     }
     summary["passed"] = served.scores["segm_AP50"] >= TARGET_SEGM_AP50 and not served.failures
     return summary

@@ -293,11 +293,11 @@ def _read_json(path: Path, default: Any) -> Any:
     return data
 
 
-# The CPU preset for the built-in synthetic set (160-px images): what `make demo` and
-# bench/bench_convergence.py train with, tuned for 2 CPU cores (docs/benchmarks.md has the curve).
+# The CPU preset for the built-in synthetic set (160-px images), tuned for 2 CPU cores: what
+# bench/bench_convergence.py measures and the demo's preset builds on (docs/benchmarks.md has the curve).
 SYNTHETIC_CPU_PRESET: dict[str, str] = {
     "arch": "lite",
-    "epochs": "10",  # fits make demo's 10 minutes on 2 cores (docs/benchmarks.md, bench/bench_convergence.py)
+    "epochs": "10",  # sized to bench_convergence's 300-s training budget on 2 cores (docs/benchmarks.md)
     "batch_size": "4",
     "min_size": "160",
     "max_size": "160",
@@ -308,6 +308,22 @@ SYNTHETIC_CPU_PRESET: dict[str, str] = {
 }
 SYNTHETIC_CPU_IMAGE_SIZE = 160
 SYNTHETIC_CPU_TRAIN_IMAGES = 400
+
+# `make demo`'s training job (local/demo.py): the CPU preset on twice its training images for 6 epochs instead
+# of 10, the same 1200 steps at most as 12 epochs of 400 but each image seen half as often, which scored higher
+# held out (docs/benchmarks.md, "Fewer repeats"). It validates at the middle and the end only, inside a time
+# budget: the job plans the steps that fit, so a slower CPU anneals fewer steps instead of overrunning the
+# demo's DEMO_SECONDS. DEMO_REST_SECONDS is left for the rest of the demo (writing the data, starting the job,
+# serving the held-out images, scoring), sized to the slowest CPU measured (docs/benchmarks.md).
+DEMO_SECONDS = 600  # the demo's target on 2 CPU cores, set-up excluded
+DEMO_REST_SECONDS = 80
+DEMO_PRESET: dict[str, str] = {
+    **SYNTHETIC_CPU_PRESET,
+    "epochs": "6",
+    "eval_every": "3",
+    "max_runtime": str(DEMO_SECONDS - DEMO_REST_SECONDS),
+}
+DEMO_TRAIN_IMAGES = 2 * SYNTHETIC_CPU_TRAIN_IMAGES  # all trained on (the job validates on a set of its own)
 
 # The SageMaker GPU preset: what the AWS workflow (`python -m pipeline start`) trains unless `-p KEY=VALUE`
 # overrides a key. It holds only the keys that differ from Hyperparameters' defaults (sizes stay 0: the
@@ -322,6 +338,7 @@ GPU_RESNET50_PRESET: dict[str, str] = {
 
 # Every named preset of the schema above; each must decode with Hyperparameters.from_strings.
 PRESETS: dict[str, dict[str, str]] = {
+    "demo": DEMO_PRESET,
     "gpu-resnet50": GPU_RESNET50_PRESET,
     "synthetic-cpu": SYNTHETIC_CPU_PRESET,
 }
