@@ -183,6 +183,11 @@ def _build(
     return model
 
 
+LITE_CHANNELS = 96  # the FPN's width, and so the RPN's and both heads' input
+LITE_LEVELS = ["0", "1", "2"]  # the FPN's outputs (strides 4, 8, 16), which both heads pool from
+LITE_RPN_LEVELS = ["1", "2", "pool"]  # strides 8 to 32 (see _lite_rpn)
+
+
 def _lite(
     num_classes: int,
     sizes: dict[str, int],
@@ -190,6 +195,25 @@ def _lite(
     trainable_layers: int,
     max_detections: int,
 ) -> MaskRCNN:
+    """lite (module docstring): a small ResNet-18 FPN, an RPN on three levels, and narrow heads.
+
+    The parts are built in one fixed order, so a seed gives the same initial weights.
+    """
+    model = MaskRCNN(
+        _lite_backbone(norm, trainable_layers),
+        num_classes=None,  # the predictors carry it
+        **_lite_rpn(),
+        **_lite_box_branch(num_classes),
+        **_lite_mask_branch(num_classes),
+        **sizes,
+    )
+    model.rpn = LevelsRPN.from_rpn(model.rpn, LITE_RPN_LEVELS)
+    model.roi_heads = _lite_roi_heads(model.roi_heads, num_classes, max_detections)
+    return model
+
+
+def _lite_backbone(norm: Callable[[int], nn.Module], trainable_layers: int) -> BackboneWithFPN:
+    """ResNet-18 without layer4, its first ``5 - trainable_layers`` stages frozen, under a GroupNorm FPN."""
     # Pretrained ImageNet statistics stay frozen; from scratch, GroupNorm: BatchNorm's running averages
     # lag far behind weights that change this fast, so evaluation would see other features than training.
     body = resnet18(weights=None, norm_layer=norm)
@@ -202,65 +226,77 @@ def _lite(
     for name, parameter in body.named_parameters():
         if all(not name.startswith(stage) for stage in stages):
             parameter.requires_grad_(False)
-    channels = 96
-    backbone = BackboneWithFPN(
+    return BackboneWithFPN(
         body,
         return_layers={"layer1": "0", "layer2": "1", "layer3": "2"},
         in_channels_list=[64, 128, 256],
-        out_channels=channels,
+        out_channels=LITE_CHANNELS,
         norm_layer=group_norm,
     )
-    # Proposals from strides 8 to 32 only: the RPN's stride-4 level held three quarters of the anchors and its
-    # 3x3 convolution at 40x40 a tenth of a training step, for 12-16 px anchors that small images rarely need.
-    rpn_levels = ["1", "2", "pool"]
+
+
+def _lite_rpn() -> dict[str, Any]:
+    """MaskRCNN's RPN arguments: anchors for strides 8 to 32 and fewer proposals."""
+    # Proposals from strides 8 to 32 only (LITE_RPN_LEVELS): the stride-4 level held most of the anchors and
+    # much of a step's time, for 12-16 px anchors that small images rarely need (docs/benchmarks.md, session 5).
     anchors = AnchorGenerator(sizes=((16, 24), (32, 48), (64, 128)), aspect_ratios=((0.5, 1.0, 2.0),) * 3)
-    levels = ["0", "1", "2"]
+    return {
+        "rpn_anchor_generator": anchors,
+        "rpn_head": RPNHead(LITE_CHANNELS, anchors.num_anchors_per_location()[0]),
+        # 300 candidates per level and 150 regions per image still cover the few objects of a small image,
+        # and the region NMS over more was a sizeable part of a late training step (docs/benchmarks.md).
+        "rpn_pre_nms_top_n_train": 300,
+        "rpn_post_nms_top_n_train": 150,
+        "rpn_pre_nms_top_n_test": 500,
+        "rpn_post_nms_top_n_test": 300,
+    }
+
+
+def _lite_box_branch(num_classes: int) -> dict[str, Any]:
+    """MaskRCNN's box arguments: 7x7 pooling by lite's level rule, a convolutional head, the class predictor."""
     # FPN's level rule sends a 224-px box to stride 16; at lite's small image sizes nearly every object
     # would land on the shallowest level, whose features barely tell a circle from a square. Sending a
-    # 64-px box to stride 16 (32 px to stride 8) pools every object from features with some depth.
-    model = MaskRCNN(
-        backbone,
-        num_classes=None,  # the predictors below carry it
-        rpn_anchor_generator=anchors,
-        rpn_head=RPNHead(channels, anchors.num_anchors_per_location()[0]),
-        # 300 candidates per level and 150 regions per image still cover the few objects of a small image;
-        # the region NMS was 10 % of a late training step at 600/300.
-        rpn_pre_nms_top_n_train=300,
-        rpn_post_nms_top_n_train=150,
-        rpn_pre_nms_top_n_test=500,
-        rpn_post_nms_top_n_test=300,
-        box_roi_pool=TrainingRoIAlign(levels, output_size=7, sampling_ratio=2, canonical_scale=CANONICAL_SCALE),
+    # 64-px box to stride 16 (CANONICAL_SCALE; 32 px to stride 8) pools every object from features with some depth.
+    return {
+        "box_roi_pool": TrainingRoIAlign(LITE_LEVELS, output_size=7, sampling_ratio=2, canonical_scale=CANONICAL_SCALE),
         # Two 3x3 convolutions before the FC layer: telling a circle from a rotated square in a 7x7 pool is a
-        # spatial question, which a flat MLP learns far more slowly (held-out AP50 0.74 against 0.67 at epoch 8).
-        box_head=BoxHead(channels, 7, 256),
-        box_predictor=FastRCNNPredictor(256, num_classes),
-        # Masks pool one level finer than the class: a 40-px object covers 10x10 cells at stride 4 but only 5x5
-        # at stride 8, too coarse to see where a shape in front cuts it off (with the box head's rule the
-        # model painted partly hidden shapes whole). Held-out AP50 0.90 against 0.86 after 10 epochs.
-        mask_roi_pool=TrainingRoIAlign(levels, output_size=14, sampling_ratio=2, canonical_scale=MASK_CANONICAL_SCALE),
-        mask_head=MaskRCNNHeads(channels, [64, 64], 1, norm_layer=group_norm),
-        # The predictor's 2x2 transposed convolution upsamples to 32 channels, not 64: its 28x28 map for ~75-96
-        # regions a step is memory traffic more than arithmetic: at 32 a step costs 8 % less (AVX2, Zen 4), held-out
-        # AP in the same time is within noise alone and better together with the demo's 800 training images
-        # (docs/benchmarks.md, "Fewer repeats and a narrower mask predictor").
-        mask_predictor=ClassAgnosticMaskPredictor(64, 32, num_classes),
-        **sizes,
-    )
-    model.rpn = LevelsRPN.from_rpn(model.rpn, rpn_levels)
-    heads = model.roi_heads
-    model.roi_heads = MaskClassifyingRoIHeads(
+        # spatial question, which a flat MLP learns far more slowly (docs/benchmarks.md).
+        "box_head": BoxHead(LITE_CHANNELS, 7, 256),
+        "box_predictor": FastRCNNPredictor(256, num_classes),
+    }
+
+
+def _lite_mask_branch(num_classes: int) -> dict[str, Any]:
+    """MaskRCNN's mask arguments: 14x14 pooling one level finer than the box's, a narrow head, one mask for all."""
+    # Masks pool one level finer than the class: a 40-px object covers 10x10 cells at stride 4 but only 5x5
+    # at stride 8, too coarse to see where a shape in front cuts it off (with the box head's rule the
+    # model painted partly hidden shapes whole; docs/benchmarks.md).
+    pool = TrainingRoIAlign(LITE_LEVELS, output_size=14, sampling_ratio=2, canonical_scale=MASK_CANONICAL_SCALE)
+    return {
+        "mask_roi_pool": pool,
+        "mask_head": MaskRCNNHeads(LITE_CHANNELS, [64, 64], 1, norm_layer=group_norm),
+        # The predictor's 2x2 transposed convolution upsamples to 32 channels, not 64: its 28x28 map for each
+        # region is memory traffic more than arithmetic, so the narrower layer makes a step cheaper for no
+        # loss of held-out AP (docs/benchmarks.md, "Fewer repeats and a narrower mask predictor").
+        "mask_predictor": ClassAgnosticMaskPredictor(64, 32, num_classes),
+    }
+
+
+def _lite_roi_heads(heads: RoIHeads, num_classes: int, max_detections: int) -> MaskClassifyingRoIHeads:
+    """torchvision's RoI heads (``heads``' modules) with lite's sampling and NMS, and a mask classifier."""
+    return MaskClassifyingRoIHeads(
         heads.box_roi_pool,
         heads.box_head,
         heads.box_predictor,
         # 48 sampled regions per image, up to half of them objects: the positives train the box classifier,
         # the masks and the mask classifier; more regions learn more per step but cost more per step (the
-        # mask head runs on every positive), and within 300 s 48 learned most (docs/benchmarks.md).
+        # mask head runs on every positive), and within the demo's budget 48 learned most (docs/benchmarks.md).
         fg_iou_thresh=0.5,
         bg_iou_thresh=0.5,
         batch_size_per_image=48,
         positive_fraction=0.5,
         # NMS at IoU 0.4: the boxes that survive 0.5 are mostly fragments of an object (a third to half of its
-        # box) or two objects at once; held-out AP50 +0.003 to +0.010 on four trained models, none lower.
+        # box) or two objects at once, which 0.4 removes; held-out AP rose on every model tried (docs/benchmarks.md).
         bbox_reg_weights=None,
         score_thresh=0.05,
         nms_thresh=0.4,
@@ -270,7 +306,6 @@ def _lite(
         mask_predictor=heads.mask_predictor,
         mask_classifier=MaskClassifier(64, num_classes, width=32),
     )
-    return model
 
 
 class LevelsRPN(RegionProposalNetwork):
