@@ -24,14 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import hostinfo  # bench/hostinfo.py (bench/ is on sys.path: benchmarks run as scripts)
+from maskrcnn.train.synthetic import write_coco_dataset
 
-import hostinfo  # noqa: E402  # bench/hostinfo.py (bench/ is on sys.path: benchmarks run as scripts)
-from maskrcnn.train.synthetic import write_coco_dataset  # noqa: E402
-
-from local.artifacts import pack_dir  # noqa: E402
-from local.layout import JobSpec, write_job  # noqa: E402
+from local.artifacts import pack_dir
+from local.layout import JobSpec, write_job
+from local.runtime import ENTRYPOINTS, REPO  # local/ is importable: installed or on PYTHONPATH
 
 TRAIN_BUDGET_S = 30.0
 OVERHEAD_BUDGET_S = 1.0
@@ -105,7 +103,7 @@ def main() -> int:
                 shutil.copytree(work / "job" / "algo-1", direct_tree)
             reset_tree(direct_tree)
             env = {**os.environ, "SAGEMAKER_BASE_DIR": str(direct_tree), "TRAINING_JOB_NAME": "bench"}
-            direct.append(timed([sys.executable, str(REPO / "images/maskrcnn/train")], env))
+            direct.append(timed([sys.executable, str(ENTRYPOINTS / "train")], env))
         assert (work / "job" / "model.tar.gz").is_file()
 
         # the harness's own parts, in process

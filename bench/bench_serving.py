@@ -47,10 +47,9 @@ from typing import Any
 import hostinfo  # bench/hostinfo.py (benchmarks run as scripts: bench/ is on sys.path)
 import numpy as np
 
-from local.runtime import free_port  # the harness's pick (local/ is importable: installed or on PYTHONPATH)
+from local.runtime import ENTRYPOINTS, free_port  # local/ is importable: installed or on PYTHONPATH
 
-REPO = Path(__file__).resolve().parents[1]
-SERVE = REPO / "images" / "maskrcnn" / "serve"
+SERVE = ENTRYPOINTS / "serve"
 
 
 def make_model(model_dir: Path, min_size: int = 256, max_size: int = 512) -> Path:

@@ -8,7 +8,8 @@
 (``GPU_CHECK_ALLOW_CPU=1 scripts/gpu-check.sh``); its figures mean nothing. Self-contained on purpose: the lent
 machine has its own Python and torch plus the wheels carried in (docs/benchmarks.md, "GPU checks"), so this
 imports only the image's package, numpy, the standard library and the standard-library-only parts of the
-harness and bench (``local.runtime.free_port``, ``bench_serving``'s server start and stop), never the dev tools.
+harness and bench (``local.runtime``'s ``free_port`` and ``ENTRYPOINTS``, ``bench_serving``'s server start and
+stop), never the dev tools.
 
 train: a synthetic COCO set (the one ``make demo`` uses, :mod:`maskrcnn.train.synthetic`) and two jobs of the
 package's own ``train`` entrypoint on one GPU (``CUDA_VISIBLE_DEVICES`` = the first), so ``images_per_sec`` is
@@ -41,13 +42,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_serving import stop_server, wait_ready  # bench/ is on sys.path: this runs as a script
+from bench_serving import SERVE, stop_server, wait_ready  # bench/ is on sys.path: this runs as a script
 
-from local.runtime import free_port  # the harness's pick (gpu-check.sh puts the repository on PYTHONPATH)
+from local.runtime import ENTRYPOINTS, free_port  # gpu-check.sh puts the repository on PYTHONPATH
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = REPO / "images" / "maskrcnn" / "train"
-SERVE = REPO / "images" / "maskrcnn" / "serve"
+TRAIN = ENTRYPOINTS / "train"
 PACKAGES = ("torch", "torchvision", "numpy", "PIL", "safetensors", "pycocotools", "faster_coco_eval", "flask")
 PACKAGES += ("werkzeug", "gunicorn", "gevent", "tensorboardX", "matplotlib")
 
