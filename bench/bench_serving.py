@@ -403,8 +403,8 @@ class ServerSide:
         self.errors += errors
 
 
-def main(argv: list[str] | None = None) -> int:
-    print(hostinfo.describe(), flush=True)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (the module docstring is its manual)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0, help="measured seconds per side, all rounds")
     parser.add_argument("--rounds", type=int, default=12)
@@ -417,7 +417,168 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="both sides with glibc's own malloc thresholds (maskrcnn.serve.allocator not applied)",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Measured:
+    """Both sides over all rounds, then /ping while the stack is saturated."""
+
+    round_seconds: float  # each side's share of one round
+    # One client per worker: no request ever waits for a worker, so latency is the stack's own; but each
+    # worker idles while its answer goes back and the next request comes in (client and nginx share the cores).
+    paced: ServerSide
+    # Two per worker: a request always waits at nginx, so a worker never idles: the stack's capacity.
+    saturated: ServerSide
+    base_latencies: list[float] = field(default_factory=list)
+    base_rates: list[float] = field(default_factory=list)  # each round's
+    base_faults: int = 0
+    base_rps: float = 0.0  # all rounds together
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by role in the paced rounds, and "wall"
+    worker_faults: int = 0  # the server workers' minor page faults in the paced rounds
+    pings: list[float] = field(default_factory=list)
+    ping_errors: int = 0
+
+    @property
+    def errors(self) -> int:
+        return self.paced.errors + self.saturated.errors + self.ping_errors
+
+
+def measure(args: argparse.Namespace, workers: int, threads: int) -> Measured:
+    """Alternating rounds (baseline, server at one client per worker, server at two, baseline, ...) so that
+    other load on the machine falls on all alike; the idle side costs nothing while another runs."""
+    jpeg = sample_jpeg(args.size)
+    attributes = f"score_threshold=0.0,max_detections={args.detections}"
+    measured = Measured(args.seconds / args.rounds, ServerSide(workers), ServerSide(2 * workers))
+    phase = measured.round_seconds
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        make_model(base / "model")
+        baseline = Baseline(base / "model", workers, threads, jpeg, (0.0, args.detections), phase, args.rounds)
+        port = free_port()
+        server = start_server(
+            base,
+            port,
+            {"SAGEMAKER_MODEL_SERVER_WORKERS": str(workers), "MASKRCNN_TORCH_THREADS": str(threads)},
+            base / "serve.log",
+        )
+        try:
+            wait_ready(port, process=server)
+            for _ in range(args.rounds):
+                round_base_lat, round_base_faults, round_base_rate = baseline.phase()
+                measured.base_latencies += round_base_lat
+                measured.base_rates.append(round_base_rate)
+                measured.base_faults += round_base_faults
+                paced_round(measured, server.pid, port, jpeg, attributes)
+                measured.saturated.run_round(port, jpeg, attributes, phase)
+            # Then saturate and ping every 20 ms: /ping must answer fast while every worker is busy.
+            _, _, measured.pings, measured.ping_errors = run_server_load(
+                port, 2 * workers, jpeg, attributes, args.ping_seconds, 0.02
+            )
+        finally:
+            stop_server(server)
+            baseline.close()
+    measured.base_rps = baseline.rate()
+    return measured
+
+
+def paced_round(measured: Measured, server_pid: int, port: int, jpeg: bytes, attributes: str) -> None:
+    """One round at one client per worker, adding where the CPU went (each role of the stack, this process's
+    load generator, the wall time) and the workers' minor page faults to ``measured``."""
+    cpu = measured.cpu
+    (before, faults_before), client_before = stack_usage(server_pid), time.process_time()
+    wall_before = time.perf_counter()
+    measured.paced.run_round(port, jpeg, attributes, measured.round_seconds)
+    after, faults_after = stack_usage(server_pid)
+    for role, seconds in after.items():
+        cpu[role] = cpu.get(role, 0.0) + seconds - before[role]
+    measured.worker_faults += faults_after - faults_before
+    cpu["load generator (this process)"] = (
+        cpu.get("load generator (this process)", 0.0) + time.process_time() - client_before
+    )
+    cpu["wall"] = cpu.get("wall", 0.0) + time.perf_counter() - wall_before
+
+
+def print_sides(args: argparse.Namespace, workers: int, threads: int, cpus: int, measured: Measured) -> None:
+    """The settings, then each side's throughput and p50 latency."""
+    print(
+        f"machine: {cpus} CPUs; {workers} worker(s) x {threads} torch thread(s); "
+        f"{args.size}px JPEG, {args.detections} detections per answer; "
+        f"{args.seconds:g} s per side in {args.rounds} rounds; errors {measured.errors}"
+    )
+    base_p50 = 1000 * statistics.median(measured.base_latencies)
+    print(f"bare predictor in-process         : {measured.base_rps:7.2f} img/s   p50 {base_p50:7.1f} ms")
+    for side in (measured.paced, measured.saturated):
+        print(
+            f"full stack, {side.clients} clients ({side.clients // workers} per worker): "
+            f"{len(side.latencies) / args.seconds:7.2f} req/s   p50 {1000 * statistics.median(side.latencies):7.1f} ms"
+        )
+
+
+def print_costs(cpus: int, measured: Measured) -> None:
+    """Where a request's time went inside the worker, the forward pass against the bare one, page faults, CPU."""
+    paced, base_lat = measured.paced, measured.base_latencies
+    timings = paced.timings
+    names = timings[0] if timings else {}
+    inside = {name: 1000 * statistics.median(t.get(name, 0.0) for t in timings) for name in names}
+    print(
+        "inside the worker (Server-Timing, p50, one client per worker): "
+        + ", ".join(f"{name} {ms:.1f} ms" for name, ms in inside.items())
+        + f"; the rest of the p50 (HTTP, nginx, gunicorn, Flask, client) "
+        f"{1000 * statistics.median(paced.latencies) - sum(inside.values()):.1f} ms"
+    )
+    if "inference" in inside:
+        # Throughput follows the mean, and a few slow calls move it where the p50 does not.
+        forward_mean = statistics.mean(t["inference"] for t in timings + measured.saturated.timings)
+        print(
+            f"forward in a server worker / bare predictor forward: p50 "
+            f"{inside['inference'] / (1000 * statistics.median(base_lat)):.3f}, "
+            f"mean {forward_mean / statistics.mean(base_lat):.3f}"
+        )
+    # Each minor fault maps a fresh page (zeroed by the kernel): memory given back to the system and taken again.
+    print(
+        f"minor page faults per image : bare predictor {measured.base_faults / len(base_lat):.0f}, "
+        f"server worker {measured.worker_faults / len(paced.latencies):.0f}"
+    )
+    cpu = dict(measured.cpu)
+    capacity = cpu.pop("wall") * cpus
+    shares = ", ".join(f"{role} {seconds / capacity:.1%}" for role, seconds in cpu.items())
+    print(f"CPU, one client per worker (share of {cpus} cores) : {shares}")
+
+
+def print_verdicts(args: argparse.Namespace, measured: Measured) -> None:
+    """Throughput ratios (floor 0.95x at capacity), the p50 overhead (ceiling 5 ms), /ping (ceiling p99 100 ms)."""
+    paced, saturated = measured.paced, measured.saturated
+    # The verdict reads the median of the rounds' ratios: another process busy for a few seconds (a test run, a
+    # package install) falls on one side of one round and moves the all-rounds total by a per cent or more;
+    # the median is robust to that. A cost of the stack's own comes in every round and moves the median too.
+    for side, label in ((paced, "one client per worker"), (saturated, "capacity (2 per worker)")):
+        # The stack's side counts the answers completed inside each round's window of `round_seconds`.
+        ratio = len(side.latencies) / args.seconds / measured.base_rps
+        rounds = [
+            count / measured.round_seconds / base
+            for count, base in zip(side.round_counts, measured.base_rates, strict=True)
+        ]
+        median = statistics.median(rounds)
+        verdict = f"(floor 0.95x)  {'OK' if median >= 0.95 else 'BELOW'}" if side is saturated else ""
+        off = sum(1 for r in rounds if abs(r - median) > 0.1 * median)
+        print(
+            f"throughput ratio, {label:24s}: {median:.3f}x, the median of {len(rounds)} rounds  {verdict}\n"
+            f"  all rounds together {ratio:.3f}x; rounds from {min(rounds):.3f}x to {max(rounds):.3f}x"
+            + (f"; {off} more than 10 % off the median (another process on the machine?)" if off else "")
+        )
+    overhead = 1000 * (statistics.median(paced.latencies) - statistics.median(measured.base_latencies))
+    ping_p50, ping_p99 = 1000 * pct(measured.pings, 0.5), 1000 * pct(measured.pings, 0.99)
+    print(f"p50 latency overhead      : {overhead:.1f} ms (ceiling 5 ms)  {'OK' if overhead <= 5 else 'ABOVE'}")
+    print(
+        f"/ping while saturated     : p50 {ping_p50:.1f} ms  p99 {ping_p99:.1f} ms over {len(measured.pings)} pings "
+        f"(ceiling p99 100 ms)  {'OK' if ping_p99 <= 100 else 'ABOVE'}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    print(hostinfo.describe(), flush=True)
+    args = parse_args(argv)
     if args.glibc_malloc_defaults:
         # Any glibc.malloc tunable makes keep_freed_memory leave malloc alone; 7 is tcache_count's default.
         # Set here, it reaches the baseline processes and the server alike.
@@ -431,123 +592,10 @@ def main(argv: list[str] | None = None) -> int:
         {"SAGEMAKER_MODEL_SERVER_WORKERS": str(args.workers)} if args.workers else {}, cpu_count=cpu_count()
     )
     workers, threads = settings.workers, settings.torch_threads
-    jpeg = sample_jpeg(args.size)
-    options = (0.0, args.detections)
-    attributes = f"score_threshold=0.0,max_detections={args.detections}"
-
-    # Alternating rounds (baseline, server at one client per worker, server at two, baseline, ...) so that
-    # other load on the machine falls on all alike; the idle side costs nothing while another runs.
-    phase = args.seconds / args.rounds
-    base_lat: list[float] = []
-    base_rates: list[float] = []
-    base_faults = 0
-    # One client per worker: no request ever waits for a worker, so latency is the stack's own; but each
-    # worker idles while its answer goes back and the next request comes in (client and nginx share the cores).
-    paced = ServerSide(workers)
-    # Two per worker: a request always waits at nginx, so a worker never idles: the stack's capacity.
-    saturated = ServerSide(2 * workers)
-    cpu: dict[str, float] = {}
-    worker_faults = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp)
-        make_model(base / "model")
-        baseline = Baseline(base / "model", workers, threads, jpeg, options, phase, args.rounds)
-        port = free_port()
-        server = start_server(
-            base,
-            port,
-            {"SAGEMAKER_MODEL_SERVER_WORKERS": str(workers), "MASKRCNN_TORCH_THREADS": str(threads)},
-            base / "serve.log",
-        )
-        try:
-            wait_ready(port, process=server)
-            for _ in range(args.rounds):
-                round_base_lat, round_base_faults, round_base_rate = baseline.phase()
-                base_lat += round_base_lat
-                base_rates.append(round_base_rate)
-                base_faults += round_base_faults
-                (before, faults_before), client_before = stack_usage(server.pid), time.process_time()
-                wall_before = time.perf_counter()
-                paced.run_round(port, jpeg, attributes, phase)
-                after, faults_after = stack_usage(server.pid)
-                for role, seconds in after.items():
-                    cpu[role] = cpu.get(role, 0.0) + seconds - before[role]
-                worker_faults += faults_after - faults_before
-                cpu["load generator (this process)"] = (
-                    cpu.get("load generator (this process)", 0.0) + time.process_time() - client_before
-                )
-                cpu["wall"] = cpu.get("wall", 0.0) + time.perf_counter() - wall_before
-                saturated.run_round(port, jpeg, attributes, phase)
-            # Then saturate and ping every 20 ms: /ping must answer fast while every worker is busy.
-            _, _, pings, ping_phase_errors = run_server_load(
-                port, 2 * workers, jpeg, attributes, args.ping_seconds, 0.02
-            )
-        finally:
-            stop_server(server)
-            baseline.close()
-    base_rps = baseline.rate()
-    errors = paced.errors + saturated.errors + ping_phase_errors
-
-    print(
-        f"machine: {cpu_count()} CPUs; {workers} worker(s) x {threads} torch thread(s); "
-        f"{args.size}px JPEG, {args.detections} detections per answer; "
-        f"{args.seconds:g} s per side in {args.rounds} rounds; errors {errors}"
-    )
-    print(
-        f"bare predictor in-process         : {base_rps:7.2f} img/s   p50 {1000 * statistics.median(base_lat):7.1f} ms"
-    )
-    for side in (paced, saturated):
-        print(
-            f"full stack, {side.clients} clients ({side.clients // workers} per worker): "
-            f"{len(side.latencies) / args.seconds:7.2f} req/s   p50 {1000 * statistics.median(side.latencies):7.1f} ms"
-        )
-    timings = paced.timings
-    names = timings[0] if timings else {}
-    inside = {name: 1000 * statistics.median(t.get(name, 0.0) for t in timings) for name in names}
-    print(
-        "inside the worker (Server-Timing, p50, one client per worker): "
-        + ", ".join(f"{name} {ms:.1f} ms" for name, ms in inside.items())
-        + f"; the rest of the p50 (HTTP, nginx, gunicorn, Flask, client) "
-        f"{1000 * statistics.median(paced.latencies) - sum(inside.values()):.1f} ms"
-    )
-    if "inference" in inside:
-        # Throughput follows the mean, and a few slow calls move it where the p50 does not.
-        forward_mean = statistics.mean(t["inference"] for t in timings + saturated.timings)
-        print(
-            f"forward in a server worker / bare predictor forward: p50 "
-            f"{inside['inference'] / (1000 * statistics.median(base_lat)):.3f}, "
-            f"mean {forward_mean / statistics.mean(base_lat):.3f}"
-        )
-    # Each minor fault maps a fresh page (zeroed by the kernel): memory given back to the system and taken again.
-    print(
-        f"minor page faults per image : bare predictor {base_faults / len(base_lat):.0f}, "
-        f"server worker {worker_faults / len(paced.latencies):.0f}"
-    )
-    capacity = cpu.pop("wall") * cpu_count()
-    shares = ", ".join(f"{role} {seconds / capacity:.1%}" for role, seconds in cpu.items())
-    print(f"CPU, one client per worker (share of {cpu_count()} cores) : {shares}")
-    # The verdict reads the median of the rounds' ratios: another process busy for a few seconds (a test run, a
-    # package install) falls on one side of one round and moves the all-rounds total by a per cent or more;
-    # the median is robust to that. A cost of the stack's own comes in every round and moves the median too.
-    for side, label in ((paced, "one client per worker"), (saturated, "capacity (2 per worker)")):
-        # The stack's side counts the answers completed inside each round's window of `phase` seconds.
-        ratio = len(side.latencies) / args.seconds / base_rps
-        rounds = [count / phase / base for count, base in zip(side.round_counts, base_rates, strict=True)]
-        median = statistics.median(rounds)
-        verdict = f"(floor 0.95x)  {'OK' if median >= 0.95 else 'BELOW'}" if side is saturated else ""
-        off = sum(1 for r in rounds if abs(r - median) > 0.1 * median)
-        print(
-            f"throughput ratio, {label:24s}: {median:.3f}x, the median of {len(rounds)} rounds  {verdict}\n"
-            f"  all rounds together {ratio:.3f}x; rounds from {min(rounds):.3f}x to {max(rounds):.3f}x"
-            + (f"; {off} more than 10 % off the median (another process on the machine?)" if off else "")
-        )
-    overhead = 1000 * (statistics.median(paced.latencies) - statistics.median(base_lat))
-    ping_p50, ping_p99 = 1000 * pct(pings, 0.5), 1000 * pct(pings, 0.99)
-    print(f"p50 latency overhead      : {overhead:.1f} ms (ceiling 5 ms)  {'OK' if overhead <= 5 else 'ABOVE'}")
-    print(
-        f"/ping while saturated     : p50 {ping_p50:.1f} ms  p99 {ping_p99:.1f} ms over {len(pings)} pings "
-        f"(ceiling p99 100 ms)  {'OK' if ping_p99 <= 100 else 'ABOVE'}"
-    )
+    measured = measure(args, workers, threads)
+    print_sides(args, workers, threads, cpu_count(), measured)
+    print_costs(cpu_count(), measured)
+    print_verdicts(args, measured)
     return 0
 
 
