@@ -183,6 +183,24 @@ class BuildRecord:
         return self.folder / "build.log"
 
 
+def build_variables(
+    spec: Mapping[str, Any], environment: Mapping[str, str], record: BuildRecord, src: Path
+) -> dict[str, str]:
+    """The build shell's environment: this machine's basics, the buildspec's, the project's, CodeBuild's own."""
+    return {
+        **{k: os.environ[k] for k in PASSED_THROUGH if k in os.environ},
+        **{k: str(v) for k, v in ((spec.get("env") or {}).get("variables") or {}).items()},
+        **environment,
+        "CODEBUILD_BUILD_ID": record.metadata["id"],
+        "CODEBUILD_SRC_DIR": str(src),
+        "CODEBUILD_BUILD_SUCCEEDING": "1",
+        "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        "PYTHON": sys.executable,  # `make setup`'s .venv: this interpreter stands in
+        "IMAGE": record.image,  # `make build` tags the build's own name, never maskrcnn-sagemaker:latest
+        "LOCAL_IMAGE": record.image,
+    }
+
+
 class LocalCodeBuild:
     """The build Lambda and CodeBuild's StartBuild / BatchGetBuilds, served on this machine."""
 
@@ -276,36 +294,44 @@ class LocalCodeBuild:
         )
 
     def _build(self, record: BuildRecord, source: str, environment: dict[str, str], timeout: float) -> None:
-        import yaml  # PyYAML, a development dependency (with moto); only --build needs it
-
-        record.metadata["currentPhase"] = "DOWNLOAD_SOURCE"
-        now = datetime.now(UTC)
+        """CodeBuild's phases in order: DOWNLOAD_SOURCE, INSTALL and BUILD from the buildspec, POST_BUILD's push."""
         src = record.folder / "src"
-        try:
-            download_prefix(self.client("s3"), f"s3://{source}", src)
-            spec = yaml.safe_load((src / "buildspec.yml").read_text())
-        except Exception as error:
-            raise BuildFailed("DOWNLOAD_SOURCE", f"{type(error).__name__}: {error}") from None
-        self._phase(record, "DOWNLOAD_SOURCE", "SUCCEEDED", now)
+        spec = self._download_source(record, source, src)
         linked = [folder for folder in CACHED_FOLDERS if link_tree(REPO / folder, src / folder)]
-
         repository_uri = environment.get("REPOSITORY_URI", "")
         tag = environment.get("IMAGE_TAG") or f"git-{environment.get('GIT_SHA', '')}"
         record.image = f"{repository_uri}:{tag}"
         repository = repository_uri.partition("/")[2]
         pushed = bool(self._digest(repository, tag))
-        variables = {
-            **{k: os.environ[k] for k in PASSED_THROUGH if k in os.environ},
-            **{k: str(v) for k, v in ((spec.get("env") or {}).get("variables") or {}).items()},
-            **environment,
-            "CODEBUILD_BUILD_ID": record.metadata["id"],
-            "CODEBUILD_SRC_DIR": str(src),
-            "CODEBUILD_BUILD_SUCCEEDING": "1",
-            "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-            "PYTHON": sys.executable,  # `make setup`'s .venv: this interpreter stands in
-            "IMAGE": record.image,  # `make build` tags the build's own name, never maskrcnn-sagemaker:latest
-            "LOCAL_IMAGE": record.image,
-        }
+        variables = build_variables(spec, environment, record, src)
+        self._run_phases(record, src, spec, variables, pushed, linked, timeout)
+        self._post_build(record, repository_uri, tag, pushed)
+
+    def _download_source(self, record: BuildRecord, source: str, src: Path) -> dict[str, Any]:
+        """DOWNLOAD_SOURCE: the S3 source into ``src``; returns its buildspec."""
+        import yaml  # PyYAML, a development dependency (with moto); only --build needs it
+
+        record.metadata["currentPhase"] = "DOWNLOAD_SOURCE"
+        now = datetime.now(UTC)
+        try:
+            download_prefix(self.client("s3"), f"s3://{source}", src)
+            spec: dict[str, Any] = yaml.safe_load((src / "buildspec.yml").read_text())
+        except Exception as error:
+            raise BuildFailed("DOWNLOAD_SOURCE", f"{type(error).__name__}: {error}") from None
+        self._phase(record, "DOWNLOAD_SOURCE", "SUCCEEDED", now)
+        return spec
+
+    def _run_phases(
+        self,
+        record: BuildRecord,
+        src: Path,
+        spec: Mapping[str, Any],
+        variables: dict[str, str],
+        pushed: bool,
+        linked: list[str],
+        timeout: float,
+    ) -> None:
+        """INSTALL and BUILD (PRE_BUILD's variables between them): the buildspec's commands in bash, logged."""
         script = phase_script(spec, {"ALREADY_PUSHED": "1" if pushed else "0", "CACHE_FROM": ""})
         (record.folder / "phases.sh").write_text(script)
         with record.log.open("wb") as out:
@@ -331,6 +357,9 @@ class LocalCodeBuild:
         for phase in LOCAL_PHASES:
             self._phase(record, phase, "SUCCEEDED", now)
 
+    def _post_build(self, record: BuildRecord, repository_uri: str, tag: str, pushed: bool) -> None:
+        """POST_BUILD: the image pushed to the local ECR unless it was already; its digest exported."""
+        repository = repository_uri.partition("/")[2]
         record.metadata["currentPhase"] = "POST_BUILD"
         now = datetime.now(UTC)
         if not pushed:
