@@ -263,14 +263,15 @@ def finish_update(endpoint: Any, endpoint_config_name: str) -> None:
 
 def backend_patches(backing: Backing) -> list[Patch]:
     """moto's SageMaker and CodeBuild, each request handed to ``backing`` once moto recorded it."""
-    from moto.codebuild.models import CodeBuildBackend
-    from moto.codebuild.responses import CodeBuildResponse
+    return [*_sagemaker_patches(backing), *_codebuild_patches(backing)]
+
+
+def _sagemaker_patches(backing: Backing) -> list[Patch]:
+    """CreateTrainingJob, CreateEndpoint and UpdateEndpoint (which moto lacks) handed to ``backing``."""
     from moto.sagemaker.models import SageMakerModelBackend
 
     original_create_job = SageMakerModelBackend.create_training_job
     original_create_endpoint = SageMakerModelBackend.create_endpoint
-    original_start_build = CodeBuildResponse.start_build
-    original_batch_get_builds = CodeBuildBackend.batch_get_builds
 
     def create_training_job(backend: Any, **request: Any) -> Any:
         definitions = copy.deepcopy(request["algorithm_specification"].get("MetricDefinitions"))
@@ -297,6 +298,21 @@ def backend_patches(backing: Backing) -> list[Patch]:
             backing.update_endpoint(endpoint, endpoint_config_name, deployment_config)
         return endpoint
 
+    return [
+        (SageMakerModelBackend, "create_training_job", create_training_job),
+        (SageMakerModelBackend, "create_endpoint", create_endpoint),
+        (SageMakerModelBackend, "update_endpoint", update_endpoint),
+    ]
+
+
+def _codebuild_patches(backing: Backing) -> list[Patch]:
+    """StartBuild (with the overrides moto drops) and BatchGetBuilds handed to ``backing``."""
+    from moto.codebuild.models import CodeBuildBackend
+    from moto.codebuild.responses import CodeBuildResponse
+
+    original_start_build = CodeBuildResponse.start_build
+    original_batch_get_builds = CodeBuildBackend.batch_get_builds
+
     def start_build(response: Any) -> Any:
         # moto's StartBuild drops the overrides; the build needs them, as CodeBuild uses them.
         result = original_start_build(response)
@@ -316,9 +332,6 @@ def backend_patches(backing: Backing) -> list[Patch]:
         return backing.batch_get_builds(ids, lambda: original_batch_get_builds(backend, ids))
 
     return [
-        (SageMakerModelBackend, "create_training_job", create_training_job),
-        (SageMakerModelBackend, "create_endpoint", create_endpoint),
-        (SageMakerModelBackend, "update_endpoint", update_endpoint),
         (CodeBuildResponse, "start_build", start_build),
         (CodeBuildBackend, "batch_get_builds", batch_get_builds),
     ]
