@@ -65,6 +65,7 @@ def render(settings: StackSettings, out: Path) -> list[Path]:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line: global flags and one subcommand, each with its own arguments."""
     top = argparse.ArgumentParser(
         prog="python -m pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -75,11 +76,32 @@ def parser() -> argparse.ArgumentParser:
         "--out", type=Path, required=True
     )
     commands.add_parser("validate", help="check the API tasks' Parameters against botocore")
-    deploy = commands.add_parser("deploy", help="package the Lambda and create/update the stack")
+    _deploy_arguments(commands.add_parser("deploy", help="package the Lambda and create/update the stack"))
+    start = commands.add_parser("start", help="start one train-and-deploy execution")
+    _start_arguments(start)
+    _gate_arguments(start)
+    for verb, status in REVIEWS.items():
+        review = commands.add_parser(verb, help=f"set a registered model package's approval status to {status}")
+        review.add_argument(
+            "--model-package", required=True, metavar="ARN", help="the package the execution registered"
+        )
+        review.add_argument("--description", help="ApprovalDescription: why (shown in the registry)")
+    promote = commands.add_parser("promote", help="retag a tested digest as a release (no rebuild)")
+    promote.add_argument("--repository", required=True)
+    promote.add_argument("--digest", required=True)
+    promote.add_argument("--tag", required=True)
+    return top
+
+
+def _deploy_arguments(deploy: argparse.ArgumentParser) -> None:
+    """``deploy``: the stack and its two buckets."""
     deploy.add_argument("--stack", required=True)
     deploy.add_argument("--code-bucket", required=True, help="existing bucket for the Lambda zip")
     deploy.add_argument("--data-bucket", required=True, help="bucket the training data is read from")
-    start = commands.add_parser("start", help="start one train-and-deploy execution")
+
+
+def _start_arguments(start: argparse.ArgumentParser) -> None:
+    """``start``: the data, the image, the instances and the hyperparameters of one execution."""
     start.add_argument("--stack", required=True)
     start.add_argument("--training-data", required=True)
     start.add_argument("--validation-data")
@@ -88,8 +110,8 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--git-sha", help="commit to build (default: HEAD; must be the deployed one)")
     start.add_argument("--release-tag", help="release-<name>: promote the tested build to this tag")
     start.add_argument("--endpoint-name", help="default: <prefix>-endpoint")
-    start.add_argument("--training-instance-type", default="ml.g5.xlarge")
-    start.add_argument("--inference-instance-type", default="ml.g4dn.xlarge")
+    start.add_argument("--training-instance-type", default=ExecutionInput.training_instance_type)
+    start.add_argument("--inference-instance-type", default=ExecutionInput.inference_instance_type)
     start.add_argument(
         "--inference-ami-version",
         help="the endpoint hosts' InferenceAmiVersion (GPU instances only; default: one whose driver the image "
@@ -105,6 +127,10 @@ def parser() -> argparse.ArgumentParser:
         help=f"any image hyperparameter ({', '.join(Hyperparameters.accepted())}; README's table), "
         f"over the {WORKFLOW_PRESET!r} preset in maskrcnn/train/config.py; repeatable",
     )
+
+
+def _gate_arguments(start: argparse.ArgumentParser) -> None:
+    """``start``: what a trained model must pass before it is deployed: the quality gate and the approval."""
     start.add_argument(
         "--gate",
         default=f"{GATE_METRIC}={GATE_MIN_VALUE}",
@@ -114,21 +140,10 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--approve",
         choices=APPROVAL_MODES,
-        default="manual",
+        default=ExecutionInput.approval,
         help="auto: register the model Approved; manual (default): wait for `approve` or `reject`",
     )
     start.add_argument("--approval-timeout", type=int, default=ExecutionInput.approval_timeout_seconds, metavar="S")
-    for verb, status in REVIEWS.items():
-        review = commands.add_parser(verb, help=f"set a registered model package's approval status to {status}")
-        review.add_argument(
-            "--model-package", required=True, metavar="ARN", help="the package the execution registered"
-        )
-        review.add_argument("--description", help="ApprovalDescription: why (shown in the registry)")
-    promote = commands.add_parser("promote", help="retag a tested digest as a release (no rebuild)")
-    promote.add_argument("--repository", required=True)
-    promote.add_argument("--digest", required=True)
-    promote.add_argument("--tag", required=True)
-    return top
 
 
 def execution_from_args(

@@ -25,6 +25,7 @@ from maskrcnn.train.config import PRESETS, Hyperparameters
 from maskrcnn.train.metrics import METRIC_DEFINITIONS
 
 from pipeline.amis import AmiError, check_training_instance, inference_ami
+from pipeline.settings import StackSettings
 
 # What the workflow trains unless `-p KEY=VALUE` overrides a key: a preset of the image's own schema
 # (maskrcnn.train.config.Hyperparameters), so every name, type and default has one definition, the image's.
@@ -271,11 +272,11 @@ class ExecutionInput:
 
 
 def example_input(
-    prefix: str = "maskrcnn",
+    prefix: str = StackSettings.prefix,
     bucket: str = "maskrcnn-example-bucket",
     image_uri: str | None = None,
     use_spot: bool = False,
-    approval: str = "manual",
+    approval: str = ExecutionInput.approval,
 ) -> ExecutionInput:
     """A complete input, used by ``render`` (next to the definition) and by the tests."""
     stamp = "20240601-120000"
