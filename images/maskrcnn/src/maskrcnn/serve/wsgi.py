@@ -20,7 +20,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import gevent
 from flask import Flask
@@ -34,6 +34,10 @@ from maskrcnn.errors import ServiceUnavailable
 from maskrcnn.serve.gunicorn_conf import RunDir, gunicorn_options
 from maskrcnn.serve.settings import ServeSettings
 
+if TYPE_CHECKING:
+    from maskrcnn.serve.app import RunBlocking
+    from maskrcnn.serve.predictor import Predictor
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -44,10 +48,23 @@ INFERENCE_CONCURRENCY = 1  # invocations in flight per worker; the rest wait for
 def build_app(settings: ServeSettings, device_slot: int, run_dir: RunDir | None = None) -> Flask:
     """One worker's app: its own Predictor on its own device, its own inference thread; with
     ``settings.multi_model``, no model until ``POST /models`` (the registry in ``run_dir``)."""
-    import torch  # here, in the worker: the gunicorn master never imports torch before forking
+    from maskrcnn.serve.app import create_app  # the serving modules load in the worker, after the fork
 
-    from maskrcnn.serve.app import create_app
-    from maskrcnn.serve.predictor import Predictor
+    device = _take_device(settings, device_slot)
+    inference_thread = ThreadPool(1)
+    run_blocking = _run_blocking_on(inference_thread)
+    if settings.multi_model:
+        return _multi_model_app(settings, device, run_dir, run_blocking)
+    predictor = _load_warm_predictor(settings, device, inference_thread)
+    log.info("worker ready on %s with %d torch threads", device, settings.torch_threads)
+    if settings.device == "cuda":
+        _log_gpu_memory(device)
+    return create_app(predictor, settings, run_blocking)
+
+
+def _take_device(settings: ServeSettings, device_slot: int) -> str:
+    """This worker's device (``cuda:<slot % gpus>`` or ``cpu``), made torch's current one; one inter-op thread."""
+    import torch  # here, in the worker: the gunicorn master never imports torch before forking
 
     device = f"cuda:{device_slot % settings.gpu_count}" if settings.device == "cuda" else "cpu"
     if settings.device == "cuda":
@@ -57,7 +74,11 @@ def build_app(settings: ServeSettings, device_slot: int, run_dir: RunDir | None 
     # Inter-op parallelism only adds threads competing for the cores (RuntimeError: already set).
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
-    inference_thread = ThreadPool(1)
+    return device
+
+
+def _run_blocking_on(inference_thread: ThreadPool) -> RunBlocking:
+    """A ``RunBlocking`` (serve/app.py) that runs a call in ``inference_thread``, raising 503 past its deadline."""
 
     def capture(fn: Any) -> tuple[bool, Any]:
         # Return the exception instead of raising it: gevent's threadpool would print the traceback
@@ -76,8 +97,13 @@ def build_app(settings: ServeSettings, device_slot: int, run_dir: RunDir | None 
             raise value
         return value
 
-    if settings.multi_model:
-        return _multi_model_app(settings, device, run_dir, run_blocking)
+    return run_blocking
+
+
+def _load_warm_predictor(settings: ServeSettings, device: str, inference_thread: ThreadPool) -> Predictor:
+    """The model in ``settings.model_dir`` on ``device``, warmed up in the thread that will run inference."""
+    from maskrcnn.serve.predictor import Predictor  # imports torch: in the worker only
+
     try:
         predictor = Predictor.load(
             settings.model_dir,
@@ -92,21 +118,23 @@ def build_app(settings: ServeSettings, device_slot: int, run_dir: RunDir | None 
         raise
     # Warm up on the thread that will run inference, so its thread-local state is warm too.
     inference_thread.spawn(predictor.warm_up).get()
+    return predictor
 
-    log.info("worker ready on %s with %d torch threads", device, settings.torch_threads)
-    if settings.device == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        # What this worker's allocator holds after the warm-up (a full-size forward pass); the CUDA context
-        # comes on top (nvidia-smi's per-process figure counts both: scripts/gpu-check.sh prints it).
-        log.info(
-            "worker on %s: torch holds %.0f MiB (peak %.0f MiB); the GPU has %.0f of %.0f MiB free",
-            device,
-            torch.cuda.memory_reserved(device) / 2**20,
-            torch.cuda.max_memory_reserved(device) / 2**20,
-            free / 2**20,
-            total / 2**20,
-        )
-    return create_app(predictor, settings, run_blocking)
+
+def _log_gpu_memory(device: str) -> None:
+    """What this worker's allocator holds after the warm-up (a full-size forward pass), and the GPU's free memory;
+    the CUDA context comes on top (nvidia-smi's per-process figure counts both: scripts/gpu-check.sh prints it)."""
+    import torch  # in the worker only
+
+    free, total = torch.cuda.mem_get_info(device)
+    log.info(
+        "worker on %s: torch holds %.0f MiB (peak %.0f MiB); the GPU has %.0f of %.0f MiB free",
+        device,
+        torch.cuda.memory_reserved(device) / 2**20,
+        torch.cuda.max_memory_reserved(device) / 2**20,
+        free / 2**20,
+        total / 2**20,
+    )
 
 
 def _multi_model_app(settings: ServeSettings, device: str, run_dir: RunDir | None, run_blocking: Any) -> Flask:
