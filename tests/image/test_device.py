@@ -81,6 +81,18 @@ def test_gpus_hidden_on_purpose_allow_the_cpu(tmp_path: Path) -> None:
     require_usable_gpu(host)
 
 
+def test_nvidia_smi_is_sought_on_the_given_path_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho 580.65.06\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(smi.parent))  # the process's PATH: not the mapping's
+    absent = str(tmp_path / "absent")
+    assert device.gpus_present({"MASKRCNN_NVIDIA_PROC": absent}) == (False, None)
+    assert device.gpus_present({"MASKRCNN_NVIDIA_PROC": absent, "PATH": str(smi.parent)}) == (True, "580.65.06")
+    assert probe({"MASKRCNN_NVIDIA_PROC": absent}).count == 0
+
+
 def test_a_compute_capability_without_kernels_is_refused() -> None:
     cu130 = ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120")
     v100 = GpuHost(

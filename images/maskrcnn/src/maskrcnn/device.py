@@ -131,6 +131,11 @@ class GpuHost:
     torch_version: str = ""
     names: tuple[str, ...] = ()  # each visible device's name
 
+    @property
+    def count(self) -> int:
+        """CUDA devices torch sees (0 where none is present or CUDA cannot start)."""
+        return len(self.capabilities)
+
 
 def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version))
@@ -142,11 +147,14 @@ def branch(driver: str) -> int:
 
 
 def gpus_present(environ: Mapping[str, str]) -> tuple[bool, str | None]:
-    """(a GPU is visible, the driver version) from ``/proc/driver/nvidia`` or else ``nvidia-smi``; no torch."""
+    """(a GPU is visible, the driver version) from ``/proc/driver/nvidia`` or else ``nvidia-smi``; no torch.
+
+    The one test of presence (:func:`probe`, ``serve``'s GPU count and the route all ask it). ``environ`` is the
+    whole environment: ``nvidia-smi`` is looked for on its ``PATH`` only (none: not looked for)."""
     proc = Path(environ.get("MASKRCNN_NVIDIA_PROC") or NVIDIA_PROC)
     hidden = environ.get("NVIDIA_VISIBLE_DEVICES", "").strip().lower() in HIDDEN
     driver = read_driver_version(proc)
-    smi_driver = None if proc.exists() else nvidia_smi_driver(shutil.which("nvidia-smi", path=environ.get("PATH")))
+    smi_driver = None if proc.exists() else nvidia_smi_driver(shutil.which("nvidia-smi", path=environ.get("PATH", "")))
     return not hidden and (proc.exists() or smi_driver is not None), driver or smi_driver
 
 

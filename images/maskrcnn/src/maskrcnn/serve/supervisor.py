@@ -45,7 +45,7 @@ from importlib import resources
 from pathlib import Path
 from types import FrameType
 
-from maskrcnn.device import prepare_device
+from maskrcnn.device import prepare_device, probe
 from maskrcnn.errors import ConfigError, ModelError
 from maskrcnn.model.format import check_saved_model
 from maskrcnn.serve.gunicorn_conf import RunDir
@@ -69,8 +69,9 @@ def main(argv: list[str]) -> int:
     parser.parse_args(argv)
     try:
         if os.environ.get("MASKRCNN_DEVICE", "auto").lower() != "cpu":  # MASKRCNN_DEVICE=cpu: the CPU on purpose
-            prepare_device(os.environ)  # the CUDA route before torch loads; a GPU none reaches: refused
-        gpus = gpu_count()
+            gpus = prepare_device(os.environ).count  # the CUDA route before torch loads; a GPU none reaches: refused
+        else:
+            gpus = gpu_count(os.environ)
         settings = ServeSettings.from_env(
             os.environ,
             cpu_count=cpu_count(),
@@ -118,15 +119,9 @@ def memory_limit_bytes(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
 
 
 def gpu_count(environ: Mapping[str, str] = os.environ) -> int:
-    """Visible CUDA devices; torch is imported only where an NVIDIA driver is present (``MASKRCNN_NVIDIA_PROC``
-    replaces ``/proc/driver/nvidia``, as in :func:`maskrcnn.device.probe`)."""
-    from maskrcnn.device import NVIDIA_PROC
-
-    if not Path(environ.get("MASKRCNN_NVIDIA_PROC") or NVIDIA_PROC).exists():
-        return 0
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    """Visible CUDA devices, as :func:`maskrcnn.device.probe` finds them: torch is imported only where
+    :func:`maskrcnn.device.gpus_present` says a GPU is (its ``MASKRCNN_NVIDIA_PROC`` seam included)."""
+    return probe(environ).count
 
 
 def gpu_memory_bytes(count: int) -> int:
