@@ -77,7 +77,7 @@ from pipeline.build_lambda import SOURCE_VERSION_FILE
 from pipeline.execution import PRESETS, WORKFLOW_PRESET, InputError, workflow_hyperparameters
 from pipeline.settings import StackSettings
 from pipeline.template import build_template
-from pipeline.workflow import build_definition, substitute
+from pipeline.workflow import ERROR_METRIC, build_definition, substitute
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ class LocalSageMaker:
         cloudwatch = self._client("cloudwatch")
         fired = []
         for alarm in cloudwatch.describe_alarms(AlarmNames=list(names))["MetricAlarms"]:
-            if alarm["MetricName"] == "Invocation5XXErrors":
+            if alarm["MetricName"] == ERROR_METRIC:
                 value = float(sum(status >= 500 for status, _ in answers))
             else:
                 latencies = sorted(seconds * 1e6 for _, seconds in answers)

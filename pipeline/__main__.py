@@ -165,7 +165,7 @@ def execution_from_args(
         prefix=settings.prefix,
         job_name=job,
         model_name=job,
-        endpoint_name=args.endpoint_name or f"{settings.prefix}-endpoint",
+        endpoint_name=args.endpoint_name or settings.endpoint_name,
         training_data=args.training_data,
         validation_data=args.validation_data,
         pretrained_data=args.pretrained_data,

@@ -284,7 +284,7 @@ def example_input(
         prefix=prefix,
         job_name=f"{prefix}-train-{stamp}",
         model_name=f"{prefix}-model-{stamp}",
-        endpoint_name=f"{prefix}-endpoint",
+        endpoint_name=StackSettings(prefix).endpoint_name,
         training_data=f"s3://{bucket}/data/train/",
         validation_data=f"s3://{bucket}/data/val/",
         pretrained_data=None,

@@ -46,3 +46,8 @@ class StackSettings:
     @property
     def state_machine_name(self) -> str:
         return f"{self.prefix}-train-deploy"
+
+    @property
+    def endpoint_name(self) -> str:
+        """The endpoint an execution deploys to unless its input names another."""
+        return f"{self.prefix}-endpoint"

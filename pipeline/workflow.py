@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from maskrcnn.serve.content_types import RESPONSE_TYPES, SUPPORTED_TYPES
+from maskrcnn.serve.settings import DEFAULT_TIMEOUT_S
 from maskrcnn.train.metrics import METRIC_DEFINITIONS
 
 from pipeline.execution import CHECKPOINT_LOCAL_PATH
@@ -45,10 +46,11 @@ LAMBDA_INVOKE = "arn:aws:states:::lambda:invoke"
 SAGEMAKER = "arn:aws:states:::sagemaker"
 AWS_SDK = "arn:aws:states:::aws-sdk"
 BUILD_FAILURE_STATUSES = ("FAILED", "FAULT", "STOPPED", "TIMED_OUT")
-SERVING_PORT_ENV = {"SAGEMAKER_MODEL_SERVER_TIMEOUT": "60"}
+SERVING_PORT_ENV = {"SAGEMAKER_MODEL_SERVER_TIMEOUT": str(DEFAULT_TIMEOUT_S)}
 # The two alarms of an endpoint that roll a deployment back (names start with the endpoint's, so with the prefix).
 ERROR_ALARM = "States.Format('{}-5xx-errors', $.EndpointName)"
 LATENCY_ALARM = "States.Format('{}-model-latency', $.EndpointName)"
+ERROR_METRIC, LATENCY_METRIC = "Invocation5XXErrors", "ModelLatency"  # the endpoint metrics they watch
 
 # The build Lambda only starts a CodeBuild build: a failure is an API throttle or a cold start, over in seconds.
 BUILD_RETRY: State = {
@@ -386,7 +388,7 @@ def guarded_update_states() -> dict[str, State]:
     return {
         "PutErrorAlarm": task(
             f"{AWS_SDK}:cloudwatch:putMetricAlarm",
-            alarm_parameters(ERROR_ALARM, "Invocation5XXErrors", {"Statistic": "Sum"}, "$.Deployment.Max5xxErrors"),
+            alarm_parameters(ERROR_ALARM, ERROR_METRIC, {"Statistic": "Sum"}, "$.Deployment.Max5xxErrors"),
             "PutLatencyAlarm",
             retry=[SDK_RETRY],
         ),
@@ -394,7 +396,7 @@ def guarded_update_states() -> dict[str, State]:
             f"{AWS_SDK}:cloudwatch:putMetricAlarm",
             alarm_parameters(
                 LATENCY_ALARM,
-                "ModelLatency",
+                LATENCY_METRIC,
                 {"ExtendedStatistic": "p99"},
                 "$.Deployment.MaxModelLatencyMicroseconds",
             ),
