@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from maskrcnn.contract import EXIT_STOPPED
+from maskrcnn.serve.content_types import JSON_TYPE, PNG_TYPE
+from maskrcnn.serve.settings import DEFAULT_PAYLOAD_MB, DEFAULT_PORT, MAX_TIMEOUT_S
 
 from local import runtime as rt
 from local.errors import HarnessError, JobFailed
-from local.layout import JobSpec, default_job_name, parse_pairs
+from local.layout import DISTRIBUTIONS, JobSpec, default_job_name, parse_pairs
 from local.progress import for_stream
+from pipeline.execution import APPROVAL_MODES, GATE_METRIC, GATE_MIN_VALUE
 
 log = logging.getLogger("local")
 
@@ -91,8 +94,8 @@ def _add_train(verbs: Any, environ: Mapping[str, str]) -> None:
     train.add_argument("--instance-count", type=int, default=1, help="hosts that train together (algo-1..N)")
     train.add_argument(
         "--distribution",
-        choices=("replicated", "sharded"),
-        default="replicated",
+        choices=tuple(DISTRIBUTIONS),
+        default=JobSpec.distribution,
         help="the training channel's S3DistributionType: every host gets all of --data (FullyReplicated), "
         "or each host a disjoint part (ShardedByS3Key)",
     )
@@ -114,7 +117,7 @@ def _add_serve(verbs: Any, environ: Mapping[str, str]) -> None:
         help="a multi-model endpoint over a folder of *.tar.gz (the S3 prefix): loaded on first invoke --target-model, "
         "the least recently used evicted when the server answers 507",
     )
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
     serve.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="server environment")
     serve.add_argument(
         "--serverless",
@@ -129,9 +132,9 @@ def _add_serve(verbs: Any, environ: Mapping[str, str]) -> None:
 
 def _add_invoke(verbs: Any) -> None:
     invoke = verbs.add_parser("invoke", help="POST files to an endpoint's /invocations")
-    invoke.add_argument("url", help="the endpoint, e.g. http://127.0.0.1:8080")
+    invoke.add_argument("url", help=f"the endpoint, e.g. http://127.0.0.1:{DEFAULT_PORT}")
     invoke.add_argument("files", type=Path, nargs="+")
-    invoke.add_argument("--accept", default="application/json", help="application/json or image/png")
+    invoke.add_argument("--accept", default=JSON_TYPE, help=f"{JSON_TYPE} or {PNG_TYPE}")
     invoke.add_argument("--content-type", help="default: from each file's suffix")
     invoke.add_argument("--attributes", help="X-Amzn-SageMaker-Custom-Attributes")
     invoke.add_argument("--out", type=Path, help="write <name>.out files here (default: JSON to stdout)")
@@ -144,11 +147,11 @@ def _add_transform(verbs: Any, environ: Mapping[str, str]) -> None:
     transform.add_argument("--model", type=Path, required=True, help="model.tar.gz or an unpacked model folder")
     transform.add_argument("--input", type=Path, required=True, help="folder of inputs (read recursively)")
     transform.add_argument("--output", type=Path, required=True)
-    transform.add_argument("--accept", default="application/json")
+    transform.add_argument("--accept", default=JSON_TYPE)
     transform.add_argument("--content-type", help="default: from each file's suffix")
     transform.add_argument("--attributes", help="X-Amzn-SageMaker-Custom-Attributes on every request")
     transform.add_argument("--max-concurrent-transforms", type=int, help="default: the server's /execution-parameters")
-    transform.add_argument("--max-payload-mb", type=int, help="default: the server's, else 6")
+    transform.add_argument("--max-payload-mb", type=int, help=f"default: the server's, else {DEFAULT_PAYLOAD_MB}")
     transform.add_argument("--batch-strategy", choices=("SINGLE_RECORD", "MULTI_RECORD"))
     transform.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     _runtime_flags(transform, environ)
@@ -159,14 +162,16 @@ def _add_async(verbs: Any) -> None:
     run = verbs.add_parser(
         "async", help="asynchronous inference against a running endpoint: <name>.out / <name>.error per input file"
     )
-    run.add_argument("--endpoint", required=True, help="a running endpoint, e.g. http://127.0.0.1:8080")
+    run.add_argument("--endpoint", required=True, help=f"a running endpoint, e.g. http://127.0.0.1:{DEFAULT_PORT}")
     run.add_argument("--input", type=Path, required=True, help="folder of request bodies (read recursively)")
     run.add_argument("--output", type=Path, required=True, help="S3OutputPath: <name>.out per answer")
     run.add_argument("--failures", type=Path, help="S3FailurePath: <name>.error per failure (default: --output)")
     run.add_argument("--max-concurrent", type=int, default=1, help="MaxConcurrentInvocationsPerInstance (1)")
-    run.add_argument("--timeout", type=float, default=900, help="InvocationTimeoutSeconds (900, at most 3600)")
+    run.add_argument(
+        "--timeout", type=float, default=900, help=f"InvocationTimeoutSeconds (900, at most {MAX_TIMEOUT_S})"
+    )
     run.add_argument("--content-type", help="default: from each file's suffix")
-    run.add_argument("--accept", default="application/json")
+    run.add_argument("--accept", default=JSON_TYPE)
     run.set_defaults(func=cmd_async)
 
 
@@ -220,15 +225,16 @@ def _add_workflow(verbs: Any) -> None:
     workflow.add_argument(
         "--gate",
         metavar="METRIC=MIN",
-        help="the quality gate, as `pipeline start --gate` (default: the workflow's, validation:segm_AP50=0.5)",
+        help=f"the quality gate, as `pipeline start --gate` (default: the workflow's, {GATE_METRIC}={GATE_MIN_VALUE})",
     )
+    # --approve and --approval-timeout left out keep WorkflowRun's defaults (auto, an hour), a local run's own.
     workflow.add_argument(
         "--approve",
-        choices=("auto", "manual"),
-        default="auto",
-        help="auto: the model is registered Approved; manual: the run prints the command that approves, and waits",
+        choices=APPROVAL_MODES,
+        help="auto (default): the model is registered Approved; manual: the run prints the command that approves, "
+        "and waits",
     )
-    workflow.add_argument("--approval-timeout", type=int, default=3600, metavar="S", help="manual: seconds to wait")
+    workflow.add_argument("--approval-timeout", type=int, metavar="S", help="manual: seconds to wait (default: 3600)")
     workflow.add_argument("--keep-endpoint", action="store_true", help="serve the endpoint until Ctrl-C")
     workflow.add_argument("--output", type=Path, required=True, help="new or empty folder: history, jobs, models")
     workflow.set_defaults(func=cmd_workflow)
@@ -428,6 +434,7 @@ def cmd_workflow(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from local.runtime import stop_on_signals
     from local.workflow import LocalWorkflow, WorkflowRun, report
 
+    approval = {"approve": args.approve, "approval_timeout_s": args.approval_timeout}
     run = WorkflowRun(
         args.training_data,
         args.validation_data,
@@ -436,8 +443,7 @@ def cmd_workflow(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         args.build,
         args.hp,
         gate=args.gate,
-        approve=args.approve,
-        approval_timeout_s=args.approval_timeout,
+        **{k: v for k, v in approval.items() if v is not None},
     )
     # --build: docker mode needs the engine and the base the build starts from; the jobs run the image it builds.
     checked = args.image or (
