@@ -100,8 +100,8 @@ def make_scheduler(
     A LambdaLR, not torchvision's LinearLR + SequentialLR + CosineAnnealingLR: those fix their lengths when
     built (CosineAnnealingLR steps recursively from a fixed ``T_max``), and a budget moves the end later."""
     planned = total if callable(total) else (lambda: total)
-    # multistep's epochs are the first plan's: the job builds this before it has planned (a callable still at 0),
-    # so the first length above 0 read is the plan without a budget, and the budget's re-plans scale it.
+    # multistep's epochs are the first plan's (the job's without a budget: it plans before it builds this; a
+    # callable still at 0 waits for the first length above 0), and the budget's re-plans scale them.
     first_plan = [planned()] if planned() > 0 else []
 
     def factor(step: int) -> float:

@@ -35,6 +35,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -414,6 +415,94 @@ def job_optimization(
     return Optimization(optimizer, scheduler, grad_scaler(amp_dtype), amp_dtype, hp.clip_grad_norm)
 
 
+@dataclass
+class TrainingData:
+    """This rank's training images: the dataset, this rank's share of it (``sampler``), its batches of similar
+    aspect ratios (``order``: less padding, as torchvision's reference does) and the loader's worker processes."""
+
+    index: DatasetIndex
+    dataset: InstanceDataset
+    sampler: DistributedSampler
+    order: GroupedOrder
+    workers: int
+
+    def loader(self, hp: Hyperparameters, state: LoopState, device: torch.device) -> DataLoader:
+        """The rest of the current epoch's batches, in the order an uninterrupted epoch would have them."""
+        self.dataset.set_epoch(state.epoch)
+        self.sampler.set_epoch(state.epoch)
+        return DataLoader(
+            self.dataset,
+            batch_size=hp.batch_size,
+            sampler=SkipSampler(self.order, state.step_in_epoch * hp.batch_size),
+            collate_fn=collate,
+            num_workers=self.workers,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(hp.seed + state.epoch),
+            worker_init_fn=ignore_stop_signals,
+        )
+
+
+def training_data(config: TrainConfig, ctx: distributed.DistContext, index: DatasetIndex) -> TrainingData:
+    hp = config.hp
+    # Decode each training image once, not every epoch (a share of every CPU step), where it fits and the
+    # samples are read in this process: a loader worker's copy would die with the worker at each epoch's end.
+    decoded = index.decoded_bytes()
+    workers = loader_workers(config, ctx)
+    cache = workers == 0 and decoded <= DECODED_CACHE_LIMIT
+    if cache:
+        log.info("keeping the decoded training images in memory (%.0f MB)", decoded / 2**20)
+    dataset = InstanceDataset(index, train_transforms(hp.hflip, hp.photometric), seed=hp.seed, cache=cache)
+    sampler = training_sampler(dataset, config, ctx)
+    order = GroupedOrder(sampler, aspect_ratio_groups(index, hp.aspect_ratio_group_factor), hp.batch_size)
+    return TrainingData(index, dataset, sampler, order, workers)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    per_epoch: int
+    total: int  # without a time budget; the budget moves ``LoopState.last_step``, never this
+
+
+def plan_steps(hp: Hyperparameters, sampler: DistributedSampler, ctx: distributed.DistContext) -> StepPlan:
+    """Steps per epoch and in all. Hosts of a sharded channel hold different amounts of data, but every rank
+    must run the same collectives: all train the smallest rank's number of steps an epoch."""
+    own_steps = math.ceil(len(sampler) / hp.batch_size)
+    per_epoch = distributed.agreed_min(own_steps, ctx)
+    if per_epoch < own_steps:
+        log.info(
+            "this rank holds %d steps of data an epoch; every rank trains %d (the smallest rank's)",
+            own_steps,
+            per_epoch,
+        )
+    total = hp.epochs * per_epoch
+    if hp.max_steps:
+        total = min(total, hp.max_steps)
+    log.info("plan: %d steps (%d epochs of %d steps)", total, hp.epochs, per_epoch)
+    return StepPlan(per_epoch, total)
+
+
+@dataclass
+class Validation:
+    """What evaluating needs, built once: this rank's loader (:func:`validation_loader`), rank 0's ground truth
+    for the job's whole validation set and the job-wide ids of this rank's images (:func:`job_ground_truth`), and
+    the images drawn with predictions at each evaluation."""
+
+    loader: DataLoader
+    ground_truth: dict[str, Any] | None
+    image_ids: dict[Any, int] | None
+    overlay_set: InstanceDataset
+
+    @classmethod
+    def build(cls, index: DatasetIndex, config: TrainConfig, ctx: distributed.DistContext) -> Validation:
+        ground_truth, image_ids = job_ground_truth(index, config, ctx)
+        return cls(
+            validation_loader(index, config, ctx), ground_truth, image_ids, InstanceDataset(index, eval_transforms())
+        )
+
+    def overlay_images(self) -> list[torch.Tensor]:
+        return [self.overlay_set[i][0] for i in range(min(OVERLAY_IMAGES, len(self.overlay_set)))]
+
+
 class _Job:
     """One rank's pieces, built in set-up order by ``__init__``; :func:`main` calls them in the order things
     happen: resume, prepare_loop, then train_epoch / save_checkpoint / evaluate, finish."""
@@ -431,25 +520,25 @@ class _Job:
         self.job_started = job_started
         hp = self.hp
         set_determinism(hp, ctx.device)
-        self.train_index, self.val_index = load_data(config, sizes)
+        train_index, self.val_index = load_data(config, sizes)
         log.info(
             "data: %d training and %d validation images, classes %s (%s format)",
-            len(self.train_index.images),
+            len(train_index.images),
             len(self.val_index.images),
-            self.train_index.class_names,
-            self.train_index.source,
+            train_index.class_names,
+            train_index.source,
         )
-        distributed.check_same_classes(self.train_index.class_names, ctx, config)
-        self.model = job_model(config, ctx, self.train_index.num_classes)
+        distributed.check_same_classes(train_index.class_names, ctx, config)
+        self.model = job_model(config, ctx, train_index.num_classes)
         self.train_model: torch.nn.Module = self.model
-        self._training_data()
-        self._plan()
-        self.optimization = job_optimization(config, ctx, self.model, self.steps_per_epoch, state)
-        state.last_step = self.total_steps
+        self.train = training_data(config, ctx, train_index)
+        self.steps = plan_steps(hp, self.train.sampler, ctx)
+        state.last_step = self.steps.total  # before the schedule is built: its first step's rate reads the plan
+        self.optimization = job_optimization(config, ctx, self.model, self.steps.per_epoch, state)
         self.fingerprint = {
             "arch": hp.arch,
             "format": FORMAT_VERSION,
-            "classes": self.train_index.class_names,
+            "classes": train_index.class_names,
             "seed": hp.seed,
             "batch_size": hp.batch_size,
             "world_size": ctx.world_size,
@@ -457,39 +546,8 @@ class _Job:
         self.budget: BudgetPlanner | None = None
         self.prior_budget: dict[str, float] = {}  # a restart of this job: what its earlier attempts measured
         self.summaries = Summaries(None)
-        self.written = 0  # history entries already in the TensorBoard files
+        self.validation: Validation | None = None
         self.started = time.perf_counter()
-
-    def _training_data(self) -> None:
-        hp, index = self.hp, self.train_index
-        # Decode each training image once, not every epoch (a share of every CPU step), where it fits and the
-        # samples are read in this process: a loader worker's copy would die with the worker at each epoch's end.
-        decoded = index.decoded_bytes()
-        self.workers = loader_workers(self.config, self.ctx)
-        cache = self.workers == 0 and decoded <= DECODED_CACHE_LIMIT
-        if cache:
-            log.info("keeping the decoded training images in memory (%.0f MB)", decoded / 2**20)
-        self.train_set = InstanceDataset(index, train_transforms(hp.hflip, hp.photometric), seed=hp.seed, cache=cache)
-        self.sampler = training_sampler(self.train_set, self.config, self.ctx)
-        # Batches of similar aspect ratios (torchvision's reference does the same): less padding, less GPU work.
-        self.order = GroupedOrder(self.sampler, aspect_ratio_groups(index, hp.aspect_ratio_group_factor), hp.batch_size)
-
-    def _plan(self) -> None:
-        """Steps per epoch and in all. Hosts of a sharded channel hold different amounts of data, but every rank
-        must run the same collectives: all train the smallest rank's number of steps an epoch."""
-        hp = self.hp
-        own_steps = math.ceil(len(self.sampler) / hp.batch_size)
-        self.steps_per_epoch = distributed.agreed_min(own_steps, self.ctx)
-        if self.steps_per_epoch < own_steps:
-            log.info(
-                "this rank holds %d steps of data an epoch; every rank trains %d (the smallest rank's)",
-                own_steps,
-                self.steps_per_epoch,
-            )
-        self.total_steps = hp.epochs * self.steps_per_epoch
-        if hp.max_steps:
-            self.total_steps = min(self.total_steps, hp.max_steps)
-        log.info("plan: %d steps (%d epochs of %d steps)", self.total_steps, hp.epochs, self.steps_per_epoch)
 
     def resume(self) -> None:
         """Continue from ``checkpoints/last.pt`` when there is one (read by rank 0, sent to every rank)."""
@@ -508,7 +566,7 @@ class _Job:
             )
         opt = self.optimization
         restored = checkpoint.restore(payload, self.model, opt.optimizer, opt.scheduler, opt.scaler, rank=ctx.rank)
-        vars(self.state).update(vars(restored), last_step=self.total_steps)
+        vars(self.state).update(vars(restored), last_step=self.steps.total)
         log.info("resuming from checkpoint: epoch %d, step %d", self.state.epoch, self.state.global_step)
         ran = float(payload.get("runtime", 0.0))
         if ran and payload.get("job_name") == self.config.job_name:
@@ -534,40 +592,22 @@ class _Job:
             self.budget = BudgetPlanner(
                 hp.max_runtime,
                 self.job_started,
-                self.total_steps,
-                self.steps_per_epoch,
+                self.steps.total,
+                self.steps.per_epoch,
                 (hp.eval_every, hp.epochs),
                 len(self.val_index.images),
                 hp.batch_size * ctx.world_size,
                 first_step=self.state.global_step,
                 prior=self.prior_budget,
             )
-        self.summaries = Summaries(self.config.paths.tensorboard_dir if ctx.is_main else None)
-        self.written = len(self.state.history)  # a resumed job's earlier entries are in its first run's files
-        self.val_loader = validation_loader(self.val_index, self.config, ctx)
-        self.ground_truth, self.job_image_ids = job_ground_truth(self.val_index, self.config, ctx)
-        self.overlay_set = InstanceDataset(self.val_index, eval_transforms())
+        # A resumed job's earlier entries are in its first run's files.
+        self.summaries = Summaries(self.config.paths.tensorboard_dir if ctx.is_main else None, len(self.state.history))
+        self.validation = Validation.build(self.val_index, self.config, ctx)
         self.started = time.perf_counter()
 
     def stopping(self) -> bool:
         """Whether any rank was asked to stop (a collective: every rank calls it at the same point)."""
         return distributed.any_rank(self.stop(), self.ctx)
-
-    def epoch_loader(self) -> DataLoader:
-        """The rest of the current epoch's batches, in the order an uninterrupted epoch would have them."""
-        hp, state = self.hp, self.state
-        self.train_set.set_epoch(state.epoch)
-        self.sampler.set_epoch(state.epoch)
-        return DataLoader(
-            self.train_set,
-            batch_size=hp.batch_size,
-            sampler=SkipSampler(self.order, state.step_in_epoch * hp.batch_size),
-            collate_fn=collate,
-            num_workers=self.workers,
-            pin_memory=self.ctx.device.type == "cuda",
-            generator=torch.Generator().manual_seed(hp.seed + state.epoch),
-            worker_init_fn=ignore_stop_signals,
-        )
 
     def train_epoch(self) -> bool:
         """The rest of the current epoch; True when it ran to the epoch's end.
@@ -578,7 +618,12 @@ class _Job:
         hp, ctx, state = self.hp, self.ctx, self.state
         metrics = TrainMetrics(hp.log_every, ctx.world_size)
         for step in train_steps(
-            self.train_model, self.optimization, self.epoch_loader(), ctx.device, state, self.steps_per_epoch
+            self.train_model,
+            self.optimization,
+            self.train.loader(hp, state, ctx.device),
+            ctx.device,
+            state,
+            self.steps.per_epoch,
         ):
             last = bool(hp.max_steps) and state.global_step >= hp.max_steps
             flags = self.agree(step, budget=not last)
@@ -630,7 +675,7 @@ class _Job:
             current.last_step = current.global_step
             self.tell_plan("budget")
         # An epoch's natural end is left to the loop, which then counts the epoch as done.
-        return not (current.global_step >= current.last_step and current.step_in_epoch < self.steps_per_epoch)
+        return not (current.global_step >= current.last_step and current.step_in_epoch < self.steps.per_epoch)
 
     def tell_plan(self, event: str) -> None:
         """The plan as the structured line the harness reads (rank 0; the sentences beside it are for people)."""
@@ -666,15 +711,16 @@ class _Job:
 
     def report(self) -> None:
         """New history entries to TensorBoard (rank 0 only has a history)."""
-        self.summaries.history(self.state.history[self.written :])
-        self.written = len(self.state.history)
+        self.summaries.catch_up(self.state.history)
 
     def evaluate(self) -> dict[str, float]:
         """Every rank predicts its part of the validation images (:func:`validation_loader`), rank 0 scores
         them all; the scores on rank 0, {} on the others.
 
         Stops at the next batch on SIGTERM (the scores are then partial, and unused)."""
-        ctx, ids = self.ctx, self.job_image_ids
+        ctx, validation = self.ctx, self.validation
+        assert validation is not None, "prepare_loop builds it"
+        ids = validation.image_ids
 
         def gather(results: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
             if ids is not None:  # several hosts' shards: their images in the job-wide numbering
@@ -683,8 +729,8 @@ class _Job:
 
         return evaluate(
             self.model,
-            self.val_loader,
-            self.ground_truth,
+            validation.loader,
+            validation.ground_truth,
             ctx.device,
             self.state.epoch,
             should_stop=self.stop,
@@ -702,11 +748,12 @@ class _Job:
             self.report()
         else:
             self.summaries.history([entry])
-        images = [self.overlay_set[i][0] for i in range(min(OVERLAY_IMAGES, len(self.overlay_set)))]
+        assert self.validation is not None, "prepare_loop builds it"
+        images = self.validation.overlay_images()
         self.summaries.overlays(
             state.global_step,
             predicted_overlays(
-                self.model, images, self.ctx.device, self.train_index.class_names, hp.score_threshold, hp.mask_threshold
+                self.model, images, self.ctx.device, self.train.index.class_names, hp.score_threshold, hp.mask_threshold
             ),
         )
 
@@ -714,7 +761,7 @@ class _Job:
         """Rank 0 writes the model and the metrics; every rank waits for it."""
         if self.ctx.is_main:
             write_outputs(
-                self.config, self.model, self.train_index, scores, self.state, time.perf_counter() - self.started
+                self.config, self.model, self.train.index, scores, self.state, time.perf_counter() - self.started
             )
             self.summaries.close()
         distributed.barrier(self.ctx)

@@ -34,8 +34,9 @@ _PALETTE = ("red", "lime", "dodgerblue", "yellow", "magenta", "cyan", "orange", 
 class Summaries:
     """Writes history entries and prediction overlays; with ``directory=None`` (ranks but 0) does nothing."""
 
-    def __init__(self, directory: Path | None):
+    def __init__(self, directory: Path | None, written: int = 0):
         self.writer: Any = None
+        self.written = written  # entries of the job's history already in the files (a resumed job's earlier ones)
         if directory is not None:
             from tensorboardX import SummaryWriter
 
@@ -52,6 +53,11 @@ class Summaries:
             for key, value in entry.items():
                 if key not in _NOT_SCALARS and isinstance(value, int | float):
                     self.writer.add_scalar(f"{group}/{key}", float(value), int(entry["step"]))
+
+    def catch_up(self, history: Sequence[dict[str, Any]]) -> None:
+        """The entries of ``history`` not yet written."""
+        self.history(history[self.written :])
+        self.written = len(history)
 
     def overlays(self, step: int, images: Sequence[torch.Tensor]) -> None:
         if self.writer is None:
