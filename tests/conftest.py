@@ -16,13 +16,13 @@ into a failure, so CI never silently skips a layer it can run.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import write_job_tree
 from tiny import TINY_HP
 
 LAYERS = ("unit", "integration", "container", "gpu")
@@ -83,30 +83,32 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def make_job(tmp_path: Path, synthetic_dir: Path) -> Callable[..., Path]:
-    """Lay out an /opt/ml tree by hand, as SageMaker would, and return its base directory."""
+    """``make_job(hyperparameters, channels, host=, hosts=, distribution=, name=)``: one host's /opt/ml tree
+    under the test's tmp dir, laid out as SageMaker and the harness do (``support.write_job_tree``); returns its
+    base directory. The tiny job (four steps) with ``hyperparameters`` over it; the session's synthetic dataset
+    as ``training`` unless ``channels`` says otherwise."""
 
     def make(
         hyperparameters: dict[str, Any] | None = None,
         channels: dict[str, Path] | None = None,
-        resourceconfig: dict[str, Any] | None = None,
+        *,
+        host: str = "algo-1",
+        hosts: int = 1,
+        distribution: str = "replicated",
         name: str = "job",
     ) -> Path:
-        base = tmp_path / name
-        config = base / "input" / "config"
-        config.mkdir(parents=True)
-        channels = {"training": synthetic_dir} if channels is None else channels
-        for channel, source in channels.items():
-            (base / "input" / "data").mkdir(parents=True, exist_ok=True)
-            (base / "input" / "data" / channel).symlink_to(source, target_is_directory=True)
         # Four steps: the fault tests stop, checkpoint and resume inside a job, which two steps leave no room for.
         hp = {**TINY_HP, "max_steps": "4", **(hyperparameters or {})}
-        (config / "hyperparameters.json").write_text(json.dumps({k: str(v) for k, v in hp.items()}))
-        (config / "inputdataconfig.json").write_text(
-            json.dumps({c: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"} for c in channels})
-        )
-        (config / "resourceconfig.json").write_text(
-            json.dumps(resourceconfig or {"current_host": "algo-1", "hosts": ["algo-1"]})
-        )
-        return base
+        channels = {"training": synthetic_dir} if channels is None else channels
+        return write_job_tree(tmp_path / name, hp, channels, host=host, hosts=hosts, distribution=distribution)
 
     return make
+
+
+@pytest.fixture(scope="session")  # session: set up, and skipping, before any module fixture builds a model
+def need_cuda() -> None:
+    """Skip (the gpu layer's prerequisite) where torch sees no CUDA device: every gpu test that needs one uses it."""
+    import torch  # here, not at the top: areas that need no torch (pipeline, local unit) do not pay its import
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device visible to torch")

@@ -14,14 +14,13 @@ No reachable Docker engine skips the layer, saying so; a failed build fails it.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import REPO
+from support import REPO, write_job_tree
 from tiny import TINY_HP
 
 BUILD_SCRIPT = REPO / "scripts" / "build-image.sh"
@@ -80,47 +79,19 @@ def image(docker_client) -> str:
 
 @pytest.fixture(scope="session")
 def dataset(synthetic_dir: Path) -> Path:
-    """The session's small synthetic COCO dataset (tests/conftest.py), copied into each /opt/ml tree."""
+    """The session's small synthetic COCO dataset (tests/conftest.py), hard-linked into each /opt/ml tree."""
     return synthetic_dir
-
-
-def make_opt_ml(root: Path, dataset: Path, hyperparameters: dict[str, str]) -> Path:
-    """An /opt/ml tree as SageMaker lays it out for a one-host File-mode job with a `training` channel."""
-    import shutil
-
-    config = root / "input" / "config"
-    config.mkdir(parents=True)
-    (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
-    (config / "inputdataconfig.json").write_text(
-        json.dumps(
-            {
-                "training": {
-                    "ContentType": "application/json",
-                    "TrainingInputMode": "File",
-                    "S3DistributionType": "FullyReplicated",
-                    "RecordWrapperType": "None",
-                }
-            }
-        )
-    )
-    (config / "resourceconfig.json").write_text(
-        json.dumps({"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "eth0"})
-    )
-    shutil.copytree(dataset, root / "input" / "data" / "training")
-    for sub in ("model", "output", "checkpoints"):
-        (root / sub).mkdir(parents=True)
-    return root
 
 
 @pytest.fixture
 def opt_ml_factory(tmp_path: Path, dataset: Path):
-    """Builds fresh /opt/ml trees under the test's tmp dir: ``opt_ml_factory(hyperparameters)``."""
+    """Builds fresh /opt/ml trees (``support.write_job_tree``) under the test's tmp dir: ``opt_ml_factory(hp)``."""
     count = 0
 
     def make(hyperparameters: dict[str, str]) -> Path:
         nonlocal count
         count += 1
-        return make_opt_ml(tmp_path / f"opt_ml_{count}", dataset, hyperparameters)
+        return write_job_tree(tmp_path / f"opt_ml_{count}", hyperparameters, {"training": dataset})
 
     return make
 
@@ -156,7 +127,7 @@ def run_to_completion(docker_client, image: str):
 @pytest.fixture(scope="session")
 def trained_model(image: str, docker_client, dataset: Path, tmp_path_factory) -> Path:
     """/opt/ml after one smoke training run in the image (shared by the serving tests)."""
-    root = make_opt_ml(tmp_path_factory.mktemp("trained") / "opt_ml", dataset, SMOKE_HYPERPARAMETERS)
+    root = write_job_tree(tmp_path_factory.mktemp("trained") / "opt_ml", SMOKE_HYPERPARAMETERS, {"training": dataset})
     code, logs = _run_to_completion(docker_client, image, "train", root, timeout=900)
     assert code == 0, f"train exited {code}:\n{logs[-4000:]}"
     return root

@@ -18,10 +18,7 @@ from maskrcnn.serve.predictor import Detections, Predictor
 from maskrcnn.serve.settings import ServeSettings
 from pycocotools import mask as mask_utils
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch"),
-]
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("need_cuda")]
 CLASSES = ("circle", "rectangle", "triangle")
 
 

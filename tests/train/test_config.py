@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from maskrcnn.contract import SageMakerPaths
 from maskrcnn.errors import ConfigError
 from maskrcnn.train.config import Hyperparameters, ResourceConfig, TrainConfig
+from support import write_job_tree
 
 pytestmark = pytest.mark.unit
 
@@ -80,14 +80,11 @@ def test_every_path_derives_from_the_base_directory(tmp_path: Path) -> None:
 
 
 def test_from_env_reads_files_under_sagemaker_base_dir(tmp_path: Path) -> None:
-    config_dir = tmp_path / "input" / "config"
-    config_dir.mkdir(parents=True)
-    (config_dir / "hyperparameters.json").write_text(json.dumps({"epochs": "3", "amp": "True"}))
-    (config_dir / "inputdataconfig.json").write_text(json.dumps({"training": {"TrainingInputMode": "File"}}))
-    (config_dir / "resourceconfig.json").write_text(
-        json.dumps({"current_host": "algo-2", "hosts": ["algo-1", "algo-2"], "network_interface_name": "eth0"})
+    (tmp_path / "data").mkdir()
+    base = write_job_tree(
+        tmp_path / "job", {"epochs": "3", "amp": "True"}, {"training": tmp_path / "data"}, host="algo-2", hosts=2
     )
-    config = TrainConfig.from_env({"SAGEMAKER_BASE_DIR": str(tmp_path), "TRAINING_JOB_NAME": "j1"})
+    config = TrainConfig.from_env({"SAGEMAKER_BASE_DIR": str(base), "TRAINING_JOB_NAME": "j1"})
     assert config.hp.epochs == 3 and config.hp.amp is True
     assert config.resources.host_rank == 1 and config.resources.hosts == ("algo-1", "algo-2")
     assert config.job_name == "j1" and config.channels == ("training",)

@@ -18,7 +18,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from maskrcnn.contract import SageMakerPaths
 from support import REPO, free_port
+
+from local.layout import inputdataconfig
 
 pytestmark = pytest.mark.integration
 
@@ -132,11 +135,11 @@ def test_a_stop_while_the_processes_start_is_a_stop_not_a_failure(make_job) -> N
     assert not (base / "output" / "failure").exists()
 
 
-def sharded(base: Path) -> Path:
-    """The job's channels as ShardedByS3Key: each host holds its own part of the data."""
-    config = base / "input" / "config" / "inputdataconfig.json"
-    channels = json.loads(config.read_text())
-    config.write_text(json.dumps({c: {**v, "S3DistributionType": "ShardedByS3Key"} for c, v in channels.items()}))
+def labelled_sharded(base: Path) -> Path:
+    """The training channel labelled ShardedByS3Key with its files left as they are: each host was given its own
+    dataset, as SageMaker deals a dataset stored as one annotation file per shard (the harness would re-deal it)."""
+    config = SageMakerPaths(base).inputdataconfig_file
+    config.write_text(json.dumps(inputdataconfig(json.loads(config.read_text()), sharded="training")))
     return base
 
 
@@ -153,7 +156,7 @@ SHARE = re.compile(
 
 def test_sharded_data_on_two_processes_both_evaluate_and_the_log_says_each_share(make_job) -> None:
     """Issue 29's check: two CPU processes on one host, sharded data; each rank predicts half the images."""
-    base = sharded(make_job({"max_steps": "3", "val_fraction": "0.5"}))
+    base = make_job({"max_steps": "3", "val_fraction": "0.5"}, distribution="sharded")
     result = subprocess.run(
         [sys.executable, str(REPO / "images/maskrcnn/train")],
         env=train_env(base, MASKRCNN_PROCS_PER_HOST="2", MASKRCNN_MASTER_PORT=str(free_port())),
@@ -185,16 +188,8 @@ def test_two_sharded_hosts_are_scored_together_under_job_wide_image_ids(make_job
     for n, host in enumerate(hosts):
         data = tmp_path / f"shard{n}"
         write_coco_dataset(data, num_images=8 + 4 * n, seed=10 + n, size=128)
-        bases.append(
-            sharded(
-                make_job(
-                    {"max_steps": "2", "val_fraction": "0.5"},
-                    channels={"training": data},
-                    resourceconfig={"current_host": host, "hosts": hosts},
-                    name=host,
-                )
-            )
-        )
+        hp = {"max_steps": "2", "val_fraction": "0.5"}
+        bases.append(labelled_sharded(make_job(hp, {"training": data}, host=host, hosts=len(hosts), name=host)))
     extra = {"MASKRCNN_MASTER_ADDR": "127.0.0.1", "MASKRCNN_MASTER_PORT": str(free_port())}
     processes = [
         subprocess.Popen(

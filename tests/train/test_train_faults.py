@@ -85,7 +85,6 @@ def test_a_damaged_checkpoint_is_named_and_never_unpickled(make_job, tmp_path: P
 def test_a_foreign_pickle_checkpoint_is_refused_without_running_it(make_job, tmp_path: Path) -> None:
     base = make_job({"max_steps": "2"})
     marker = tmp_path / "ran"
-    (base / "checkpoints").mkdir(parents=True, exist_ok=True)
     torch.save({"evil": Evil(str(marker))}, base / "checkpoints" / "last.pt")
     result = run_train(base)
     assert result.returncode == 1

@@ -63,7 +63,6 @@ def test_train_writes_model_metrics_and_no_failure(make_job) -> None:
 
 def test_a_stale_failure_file_is_removed_by_a_successful_run(make_job) -> None:
     base = make_job({"max_steps": "1"})
-    (base / "output").mkdir()
     (base / "output" / "failure").write_text("old reason\n")
     assert run_train(base).returncode == 0
     assert not (base / "output" / "failure").exists()
@@ -200,7 +199,7 @@ def test_sigterm_checkpoints_and_the_restart_ends_where_an_uninterrupted_run_doe
 
 def test_two_hosts_train_together_and_only_the_first_writes_the_model(make_job) -> None:
     hosts = ["algo-1", "algo-2"]
-    bases = [make_job({"max_steps": "3"}, resourceconfig={"current_host": h, "hosts": hosts}, name=h) for h in hosts]
+    bases = [make_job({"max_steps": "3"}, host=h, hosts=len(hosts), name=h) for h in hosts]
     extra = {"MASKRCNN_MASTER_ADDR": "127.0.0.1", "MASKRCNN_MASTER_PORT": str(free_port())}
     processes = [
         subprocess.Popen(TRAIN, env=env_for(b, **extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -289,7 +288,8 @@ def _two_hosts(make_job, hyperparameters: dict[str, str], channels: list[dict[st
         make_job(
             hyperparameters,
             channels=channels[i] if channels else None,
-            resourceconfig={"current_host": h, "hosts": hosts},
+            host=h,
+            hosts=len(hosts),
             name=h,
         )
         for i, h in enumerate(hosts)
