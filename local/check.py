@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from maskrcnn.contract import SERVE_PORT
+
 from local import client
 from local.artifacts import extract_archive, pack_dir
 from local.errors import EndpointError, HarnessError
@@ -76,7 +78,6 @@ PING_LIMIT_S = 2.0  # each ping must answer within 2 s
 MAX_PAYLOAD = 6 * 1024 * 1024  # real-time request limit: 6291456 bytes
 SIGTERM_AFTER_S = 5.0  # an unknown image is stopped this long after it starts: short jobs end soon after
 COMPOSE_STOP_S = 10.0  # docker compose's stop timeout (--abort-on-container-exit)
-SERVE_PORT = 8080
 BIND_PORT = 8123  # SAGEMAKER_BIND_TO_PORT for the bind-to-port row: anything but 8080
 UNKNOWN_HP = "contract_check_no_such_hyperparameter"
 TITLE_LABEL = "org.opencontainers.image.title"

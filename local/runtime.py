@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from maskrcnn.contract import SERVE_PORT
+
 from local.errors import HarnessError
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,7 @@ class Runtime:
             flags = ("-v", f"{model}:{CONTAINER_BASE}/model:ro", *serverless_flags(serverless_memory_mb))
         if multi_model and serverless_memory_mb is not None:
             raise HarnessError("a serverless endpoint serves one model: --serverless or --multi-model, not both")
-        argv = self._docker_run(container_name, env, "-p", f"127.0.0.1:{port}:8080", *flags)
+        argv = self._docker_run(container_name, env, "-p", f"127.0.0.1:{port}:{SERVE_PORT}", *flags)
         return [*argv, self.image, "serve"], dict(self.environ)
 
     def _docker_run(self, container_name: str, env: Mapping[str, str], *flags: str) -> list[str]:

@@ -23,6 +23,7 @@ EXIT_DONE = 0
 EXIT_FAILED = 1
 EXIT_STOPPED = 143
 FAILURE_LIMIT = 1024
+SERVE_PORT = 8080  # where SageMaker sends /ping and /invocations (SAGEMAKER_BIND_TO_PORT may move it)
 
 
 @dataclass(frozen=True)

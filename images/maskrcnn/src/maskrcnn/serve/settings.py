@@ -49,10 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maskrcnn.contract import DEFAULT_BASE_DIR, base_paths
+from maskrcnn.contract import DEFAULT_BASE_DIR, SERVE_PORT, base_paths
 from maskrcnn.errors import ConfigError
 
-DEFAULT_PORT = 8080
+DEFAULT_PORT = SERVE_PORT
 DEFAULT_TIMEOUT_S = 60  # SageMaker answers a real-time invocation within 60 s
 BATCH_TIMEOUT_S = 600  # a batch-transform invocation may take up to 600 s
 DEFAULT_PAYLOAD_MB = 6  # real-time request limit: 6 MiB
