@@ -184,7 +184,7 @@ class BuildRecord:
 
 
 def build_variables(
-    spec: Mapping[str, Any], environment: Mapping[str, str], record: BuildRecord, src: Path
+    spec: Mapping[str, Any], environment: Mapping[str, str], record: BuildRecord, src: Path, region: str
 ) -> dict[str, str]:
     """The build shell's environment: this machine's basics, the buildspec's, the project's, CodeBuild's own."""
     return {
@@ -194,7 +194,7 @@ def build_variables(
         "CODEBUILD_BUILD_ID": record.metadata["id"],
         "CODEBUILD_SRC_DIR": str(src),
         "CODEBUILD_BUILD_SUCCEEDING": "1",
-        "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        "AWS_DEFAULT_REGION": region,  # CodeBuild's: the project's region
         "PYTHON": sys.executable,  # `make setup`'s .venv: this interpreter stands in
         "IMAGE": record.image,  # `make build` tags the build's own name, never maskrcnn-sagemaker:latest
         "LOCAL_IMAGE": record.image,
@@ -303,7 +303,7 @@ class LocalCodeBuild:
         record.image = f"{repository_uri}:{tag}"
         repository = repository_uri.partition("/")[2]
         pushed = bool(self._digest(repository, tag))
-        variables = build_variables(spec, environment, record, src)
+        variables = build_variables(spec, environment, record, src, self.lambda_env["AWS_REGION"])
         self._run_phases(record, src, spec, variables, pushed, linked, timeout)
         self._post_build(record, repository_uri, tag, pushed)
 
