@@ -19,13 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from local import client
 from local.errors import EndpointError, HarnessError
-from local.progress import Progress
+from local.progress import Progress, each_in_pool
 
 log = logging.getLogger(__name__)
 
@@ -125,21 +124,13 @@ def run_async(job: AsyncJob, progress: Progress | None = None) -> AsyncResult:
         )
         return f"HTTP {reply.status}: {reply.message()}"
 
-    progress.start(len(files), "request", "async")
-    try:
-        with ThreadPoolExecutor(max_workers=job.max_concurrent) as pool:
-            futures = {pool.submit(one, path): path for path in files}
-            for future in as_completed(futures):
-                why = future.result()
-                if why is None:
-                    result.succeeded += 1
-                else:
-                    name = str(futures[future].relative_to(job.input_dir))
-                    result.failures.append((name, why))
-                    log.error("%s: %s", name, why)
-                progress.advance(result.succeeded + len(result.failures), failed=len(result.failures))
-    finally:
-        progress.close()
-    result.failures.sort()
+    result.succeeded, result.failures = each_in_pool(
+        files,
+        one,
+        lambda path: str(path.relative_to(job.input_dir)),
+        job.max_concurrent,
+        progress,
+        ("request", "async"),
+    )
     result.seconds = round(time.monotonic() - started, 2)
     return result

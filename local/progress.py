@@ -11,7 +11,13 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any, TextIO
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any, TextIO, TypeVar
+
+from local.errors import EndpointError, HarnessError
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +123,37 @@ def for_stream(stream: TextIO, raw_lines: bool = True) -> Progress:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def each_in_pool(
+    items: Sequence[T],
+    one: Callable[[T], str | None],
+    name: Callable[[T], str],
+    workers: int,
+    progress: Progress,
+    what: tuple[str, str],
+) -> tuple[int, list[tuple[str, str]]]:
+    """``one`` on every item, ``workers`` at a time, the bar (``what``: its unit and name) advanced as each ends.
+
+    ``one`` returns None when the item succeeded, else why it failed (an EndpointError or HarnessError it
+    raises counts as its reason). Returns how many succeeded and each failure as (``name(item)``, why), sorted:
+    a failed item is logged and the rest go on, as SageMaker's batch transform and async inference do."""
+    succeeded, failures = 0, []
+    progress.start(len(items), *what)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(one, item): item for item in items}
+            for future in as_completed(futures):
+                try:
+                    why = future.result()
+                except (EndpointError, HarnessError) as exc:
+                    why = str(exc)
+                if why is None:
+                    succeeded += 1
+                else:
+                    failures.append((name(futures[future]), why))
+                    log.error("%s: %s", failures[-1][0], why)
+                progress.advance(succeeded + len(failures), failed=len(failures))
+    finally:
+        progress.close()
+    return succeeded, sorted(failures)

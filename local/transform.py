@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from local import client
 from local.endpoint import Endpoint
-from local.errors import EndpointError, HarnessError
-from local.progress import Progress
+from local.errors import HarnessError
+from local.progress import Progress, each_in_pool
 from local.runtime import Runtime
 from pipeline.amis import transform_ami
 
@@ -162,25 +161,14 @@ def transform_files(
         partial.replace(target)
         return None
 
-    progress.start(len(pairs), "file", "transform")
-    try:
-        with ThreadPoolExecutor(max_workers=parameters["MaxConcurrentTransforms"]) as pool:
-            futures = {pool.submit(one, s, t): s for s, t in pairs}
-            for future in as_completed(futures):
-                source = futures[future]
-                try:
-                    why = future.result()
-                except (EndpointError, HarnessError) as exc:
-                    why = str(exc)
-                if why is None:
-                    result.succeeded += 1
-                else:
-                    result.failures.append((str(source), why))
-                    log.error("%s: %s", source, why)
-                progress.advance(result.succeeded + len(result.failures), failed=len(result.failures))
-    finally:
-        progress.close()
-    result.failures.sort()
+    result.succeeded, result.failures = each_in_pool(
+        pairs,
+        lambda pair: one(*pair),
+        lambda pair: str(pair[0]),
+        parameters["MaxConcurrentTransforms"],
+        progress,
+        ("file", "transform"),
+    )
     result.seconds = round(time.monotonic() - started, 2)
     return result
 
