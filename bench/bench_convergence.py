@@ -26,7 +26,7 @@ import hostinfo  # bench/hostinfo.py (benchmarks run as scripts: bench/ is on sy
 from maskrcnn.train.config import PRESETS, SYNTHETIC_CPU_IMAGE_SIZE, SYNTHETIC_CPU_TRAIN_IMAGES
 from maskrcnn.train.synthetic import write_coco_dataset
 
-from local.layout import parse_pairs
+from local.layout import JobSpec, parse_pairs, write_host_tree
 from local.runtime import ENTRYPOINTS
 
 # The preset this benchmark measures (the demo's preset builds on it), logging more often and writing no
@@ -50,11 +50,8 @@ def main() -> int:
     write_coco_dataset(base / "train", args.images, seed=0, size=args.size)
     write_coco_dataset(base / "heldout", args.heldout, seed=1000, size=args.size)
     job = base / "job"
-    (job / "input" / "config").mkdir(parents=True)
-    (job / "input" / "data").mkdir()
-    (job / "input" / "data" / "training").symlink_to(base / "train")
-    (job / "input" / "data" / "validation").symlink_to(base / "heldout")
-    (job / "input" / "config" / "hyperparameters.json").write_text(json.dumps(hp))
+    channels = {"training": base / "train", "validation": base / "heldout"}
+    write_host_tree(job, JobSpec("bench-convergence", channels, hp), "algo-1")  # the harness's /opt/ml tree
     env = {**os.environ, "SAGEMAKER_BASE_DIR": str(job), "PYTHONUNBUFFERED": "1"}
     print(f"hyperparameters: {hp}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the job too
