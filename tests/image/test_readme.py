@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 
 import pytest
 from maskrcnn.train.config import Hyperparameters
+from support import REPO
 
 pytestmark = pytest.mark.unit
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = REPO / "README.md"
 
 
 def test_every_hyperparameter_and_its_default_is_in_the_readme() -> None:

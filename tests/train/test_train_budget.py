@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 from maskrcnn.train.metrics import parse_metrics, parse_plan
+from support import REPO
 
 from local.progress import Progress
 from local.training import MetricsReader
 
 pytestmark = pytest.mark.integration
 
-TRAIN = [sys.executable, str(Path(__file__).resolve().parents[2] / "images" / "maskrcnn" / "train")]
+TRAIN = [sys.executable, str(REPO / "images" / "maskrcnn" / "train")]
 
 BUDGET_S = 40
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from support import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -15,7 +15,7 @@ event_accumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator", reason="tensorboard (dev dependency) reads the files"
 )
 
-TRAIN = [sys.executable, str(Path(__file__).resolve().parents[2] / "images" / "maskrcnn" / "train")]
+TRAIN = [sys.executable, str(REPO / "images" / "maskrcnn" / "train")]
 
 
 def test_event_files_hold_losses_lr_speed_every_map_and_predicted_overlays(make_job) -> None:

@@ -89,8 +89,9 @@ def init(config: TrainConfig, local_rank: int, nprocs: int) -> DistContext:
         device = torch.device("cpu")
     nccl_log: Path | None = None
     if world_size > 1:
-        if config.resources.network_interface_name and device.type == "cuda":
-            # NCCL must use the interface SageMaker names (the only one routed between hosts).
+        if config.resources.network_interface_name and device.type == "cuda" and len(hosts) > 1:
+            # NCCL must use the interface SageMaker names (the only one routed between hosts). One host's
+            # processes need no route: pinning an interface there would fail where it has another name.
             os.environ.setdefault("NCCL_SOCKET_IFNAME", config.resources.network_interface_name)
         if device.type == "cuda" and len(hosts) > 1:
             environ = {**config.network_env, "NCCL_SOCKET_IFNAME": os.environ.get("NCCL_SOCKET_IFNAME", "")}
