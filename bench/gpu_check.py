@@ -8,8 +8,8 @@
 (``GPU_CHECK_ALLOW_CPU=1 scripts/gpu-check.sh``); its figures mean nothing. Self-contained on purpose: the lent
 machine has its own Python and torch plus the wheels carried in (docs/benchmarks.md, "GPU checks"), so this
 imports only the image's package, numpy, the standard library and the standard-library-only parts of the
-harness and bench (``local.runtime``'s ``free_port`` and ``ENTRYPOINTS``, ``bench_serving``'s server start and
-stop), never the dev tools.
+harness and bench (``local.runtime``'s ``free_port`` and ``ENTRYPOINTS``, ``local.layout``'s job tree,
+``bench_serving``'s server start and stop), never the dev tools.
 
 train: a synthetic COCO set (the one ``make demo`` uses, :mod:`maskrcnn.train.synthetic`) and two jobs of the
 package's own ``train`` entrypoint on one GPU (``CUDA_VISIBLE_DEVICES`` = the first), so ``images_per_sec`` is
@@ -44,6 +44,7 @@ from typing import Any
 
 from bench_serving import SERVE, stop_server, wait_ready  # bench/ is on sys.path: this runs as a script
 
+from local.layout import JobSpec, write_host_tree
 from local.runtime import ENTRYPOINTS, free_port  # gpu-check.sh puts the repository on PYTHONPATH
 
 TRAIN = ENTRYPOINTS / "train"
@@ -123,17 +124,9 @@ METRIC = re.compile(r"#metrics (.*)")
 
 
 def write_job(base: Path, data: Path, hyperparameters: dict[str, str]) -> Path:
-    config = base / "input" / "config"
-    config.mkdir(parents=True)
+    """One host's /opt/ml tree, as the harness lays it out."""
     channels = {"training": data / "train", "validation": data / "validation"}
-    (base / "input" / "data").mkdir(parents=True)
-    for channel, source in channels.items():
-        (base / "input" / "data" / channel).symlink_to(source, target_is_directory=True)
-    (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
-    (config / "inputdataconfig.json").write_text(
-        json.dumps({c: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"} for c in channels})
-    )
-    (config / "resourceconfig.json").write_text(json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]}))
+    write_host_tree(base, JobSpec(base.name, channels, hyperparameters), "algo-1")
     return base
 
 
