@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import REPO, write_job_tree
+from support import build_image, image_tag, write_job_tree
 from tiny import TINY_HP
-
-BUILD_SCRIPT = REPO / "scripts" / "build-image.sh"
-DEFAULT_IMAGE = "maskrcnn-sagemaker:latest"
-BASE_LABEL = "org.opencontainers.image.base.name"
 
 # The tiny job, four steps, with the image's own loader-worker default: shared memory inside a container is
 # what those processes need, and SageMaker runs them.
@@ -45,35 +40,17 @@ def docker_client():
     client.close()
 
 
-def _existing_base(client, tag: str) -> str | None:
-    import docker
-
-    try:
-        labels = client.images.get(tag).labels or {}
-    except docker.errors.ImageNotFound:
-        return None
-    return labels.get(BASE_LABEL) or None
-
-
 @pytest.fixture(scope="session")
 def image(docker_client) -> str:
     """The image tag under test, built (incrementally) once per session."""
-    tag = os.environ.get("IMAGE", DEFAULT_IMAGE)
+    tag = image_tag()
     if os.environ.get("MASKRCNN_SKIP_BUILD") == "1":
-        if _existing_base(docker_client, tag) is None and not docker_client.images.list(name=tag):
+        if not docker_client.images.list(name=tag):
             pytest.fail(f"MASKRCNN_SKIP_BUILD=1 but image {tag} does not exist")
         return tag
-    env = dict(os.environ, IMAGE=tag)
-    base = os.environ.get("BASE_IMAGE") or _existing_base(docker_client, tag)
-    if base:
-        env["BASE_IMAGE"] = base
-    result = subprocess.run([str(BUILD_SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        pytest.fail(
-            f"building {tag} (base {base or 'Dockerfile default'}) failed, exit code {result.returncode}:\n"
-            + (result.stdout + result.stderr)[-4000:],
-            pytrace=False,
-        )
+    failed = build_image(tag)
+    if failed:
+        pytest.fail(failed, pytrace=False)
     return tag
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import REPO
+from support import build_image, image_tag
 from tinyjob import tiny_spec
 
 from local import runtime as rt
@@ -50,37 +50,14 @@ def docker_image() -> str:
     """The image tag for docker-mode tests, built incrementally from this checkout once per session
     (as tests/image does: a stale image would compare old model code with new), or a skip that
     says what is missing. ``MASKRCNN_SKIP_BUILD=1`` tests the tag as it is."""
-    image = os.environ.get("IMAGE", rt.DEFAULT_IMAGE)
+    image = image_tag()
     engine = subprocess.run(["docker", "info"], capture_output=True, check=False) if shutil.which("docker") else None
     if engine is None or engine.returncode != 0:
         pytest.skip("docker mode needs a Docker engine: scripts/install-docker.sh starts one")
     if os.environ.get("MASKRCNN_SKIP_BUILD") != "1":
-        env = {**os.environ, "IMAGE": image}
-        base = subprocess.run(
-            [
-                "docker",
-                "image",
-                "inspect",
-                "-f",
-                '{{index .Config.Labels "org.opencontainers.image.base.name"}}',
-                image,
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-        if base and "BASE_IMAGE" not in env:
-            env["BASE_IMAGE"] = base  # rebuild on the base the tag was built from
-        built = subprocess.run(
-            [str(REPO / "scripts/build-image.sh")],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if built.returncode != 0:
-            pytest.fail(f"scripts/build-image.sh failed:\n{(built.stdout + built.stderr)[-4000:]}", pytrace=False)
+        failed = build_image(image)
+        if failed:
+            pytest.fail(failed, pytrace=False)
     usable, why = rt.docker_status(image)
     if not usable:
         pytest.skip(f"docker mode needs image {image}: {why} (scripts/build-image.sh)")
