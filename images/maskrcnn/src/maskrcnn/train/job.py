@@ -494,10 +494,9 @@ class Validation:
 
     @classmethod
     def build(cls, index: DatasetIndex, config: TrainConfig, ctx: distributed.DistContext) -> Validation:
+        loader = validation_loader(index, config, ctx)  # its log line first, as each rank's part comes first
         ground_truth, image_ids = job_ground_truth(index, config, ctx)
-        return cls(
-            validation_loader(index, config, ctx), ground_truth, image_ids, InstanceDataset(index, eval_transforms())
-        )
+        return cls(loader, ground_truth, image_ids, InstanceDataset(index, eval_transforms()))
 
     def overlay_images(self) -> list[torch.Tensor]:
         return [self.overlay_set[i][0] for i in range(min(OVERLAY_IMAGES, len(self.overlay_set)))]
