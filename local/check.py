@@ -55,6 +55,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -684,7 +685,7 @@ def check_serve_gpu(bench: Bench, model: Path, payload: bytes | None, content_ty
 def check_read_only(bench: Bench, model: Path, payload: bytes | None, content_type: str | None) -> Row:
     """Serverless: the root file system read-only but /tmp, the model read-only, serverless's largest memory."""
     point = READ_ONLY
-    flags = {"read_only": True, "tmpfs": {"/tmp": ""}, "mem_limit": SERVERLESS_MEMORY, "mode": "ro"}
+    flags: dict[str, Any] = {"read_only": True, "tmpfs": {"/tmp": ""}, "mem_limit": SERVERLESS_MEMORY, "mode": "ro"}
     with serving(bench, model, **flags) as server:
         if server.ready_s is None:
             return _not_ready(point, server)
@@ -858,13 +859,13 @@ def run_check(spec: CheckSpec, on_row: Callable[[Row], None] | None = None) -> l
         model = serve_model(bench, [v2_tree, v3_tree])
         if model is None:
             for point in serve_points:
-                add(point, lambda point=point: Row(point, SKIP, "no model to serve: no training run wrote one"))
+                add(point, partial(Row, point, SKIP, "no model to serve: no training run wrote one"))
             return rows
         with serving(bench, model) as server:
             add(PING, lambda: check_ping(server))
             if server.ready_s is None:
                 for point in serve_points[1:6]:
-                    add(point, lambda point=point: Row(point, SKIP, "the server never answered /ping"))
+                    add(point, partial(Row, point, SKIP, "the server never answered /ping"))
             else:
                 add(INVOKE, lambda: check_invocation(server, payload, content_type))
                 add(PING_BUSY, lambda: check_ping_while_invoking(server, payload, content_type))

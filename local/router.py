@@ -75,7 +75,7 @@ def _handler(router: Router) -> type[BaseHTTPRequestHandler]:
             headers = {k: v for k in FORWARDED_HEADERS if (v := self.headers.get(k)) is not None}
             parts = urlsplit(target)
             try:
-                connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT_S)
+                connection = http.client.HTTPConnection(str(parts.hostname), parts.port, timeout=TIMEOUT_S)
                 connection.request(self.command, self.path, body=body or None, headers=headers)
                 reply = connection.getresponse()
                 status, payload, content_type = reply.status, reply.read(), reply.getheader("Content-Type")

@@ -101,15 +101,14 @@ def sync_sagemaker_class() -> type:
     from moto.stepfunctions.parser.asl.eval.event.event_detail import EventDetails
     from moto.stepfunctions.parser.asl.utils.boto_client import boto_client_for
 
-    class SyncSageMaker(StateTaskServiceUnsupported):  # type: ignore[misc, valid-type]
+    class SyncSageMaker(StateTaskServiceUnsupported):
         def __init__(self) -> None:
             super().__init__()
-            self._supported_integration_patterns = {
-                ResourceCondition.WaitForTaskToken,
-                ResourceCondition.Sync,
-            }
+            # moto declares the patterns Final and its enum's members as str: both are moto's typing, not ours.
+            patterns = {ResourceCondition.WaitForTaskToken, ResourceCondition.Sync}
+            self._supported_integration_patterns = patterns  # type: ignore[misc, assignment]
 
-        def _build_sync_resolver(self, env, resource_runtime_part, normalised_parameters, state_credentials):  # type: ignore[no-untyped-def]
+        def _build_sync_resolver(self, env, resource_runtime_part, normalised_parameters, state_credentials):
             client = boto_client_for(
                 service="sagemaker", region=resource_runtime_part.region, state_credentials=state_credentials
             )
@@ -129,7 +128,7 @@ def sync_sagemaker_class() -> type:
                             env=env,
                             error_name=CustomErrorName(error),
                             event_type=HistoryEventType.TaskFailed,
-                            event_details=EventDetails(
+                            event_details=EventDetails(  # type: ignore[typeddict-item]  # moto's TypedDict: every kind
                                 taskFailedEventDetails=TaskFailedEventDetails(
                                     resource=self._get_sfn_resource(),
                                     resourceType=self._get_sfn_resource_type(),
@@ -320,7 +319,7 @@ def _codebuild_patches(backing: Backing) -> list[Patch]:
             project = response.codebuild_backend.codebuild_projects[response._get_param("projectName")]
             backing.start_build(
                 project.project_metadata,
-                result.result["build"],
+                result.result["build"],  # type: ignore[index]  # moto: object
                 response._get_param("sourceLocationOverride"),
                 response._get_param("environmentVariablesOverride") or [],
             )

@@ -32,7 +32,7 @@ from pipeline.amis import transform_ami
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"MaxConcurrentTransforms": 1, "MaxPayloadInMB": 6, "BatchStrategy": "SINGLE_RECORD"}
+DEFAULTS: dict[str, Any] = {"MaxConcurrentTransforms": 1, "MaxPayloadInMB": 6, "BatchStrategy": "SINGLE_RECORD"}
 MB = 1024 * 1024
 
 

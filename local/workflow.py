@@ -366,7 +366,8 @@ class LocalSageMaker:
         the new server, the others to the old one, until at least one reached the new. Returns the new server's
         answers (HTTP status, seconds) and how many requests were sent in all."""
         image = smoke_image(self.root.glob("jobs/*/channels/training/**/*"))
-        deadline, sent, answers = time.monotonic() + seconds, 0, []
+        deadline, sent = time.monotonic() + seconds, 0
+        answers: list[tuple[int, float]] = []
         while not answers or time.monotonic() < deadline:
             canary = int((sent + 1) * share) > int(sent * share)
             started = time.monotonic()
@@ -715,7 +716,7 @@ class LocalWorkflow:
             self.say(f"< {state} ({took:.1f} s)")
             self._explain(state, json.loads(event["stateExitedEventDetails"].get("output") or "{}"))
         elif kind in ("TaskFailed", "LambdaFunctionFailed"):  # the execution's own failure is in the verdict
-            details = next((v for k, v in event.items() if k.endswith("EventDetails")), {})
+            details: Mapping[str, Any] = next((v for k, v in event.items() if k.endswith("EventDetails")), {})
             self.say(f"! {kind}: {details.get('error', '')}: {details.get('cause', '')}")
 
     def _explain(self, state: str, output: Mapping[str, Any]) -> None:
@@ -771,7 +772,7 @@ def _last_task_failure(events: Sequence[Mapping[str, Any]]) -> str:
     """``error: cause`` of the execution's last failed task (the Lambda's own error before a Catch), or ''."""
     for event in reversed(events):
         if event["type"] in ("TaskFailed", "LambdaFunctionFailed"):
-            details = next((v for k, v in event.items() if k.endswith("EventDetails")), {})
+            details: Mapping[str, Any] = next((v for k, v in event.items() if k.endswith("EventDetails")), {})
             return f"{details.get('error', '')}: {details.get('cause', '')}"
     return ""
 
