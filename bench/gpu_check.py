@@ -318,81 +318,109 @@ def gpu_memory_by_process(roles: dict[int, str]) -> str:
     return "; ".join(seen)
 
 
-def run_config(
-    name: str, model_dir: Path, extra: dict[str, str], body: bytes, attributes: str, requests: int, log: Path
-) -> dict[str, Any]:
-    base = model_dir.parent
+def gpu_memory_used() -> list[int]:
+    """MiB in use on each GPU, as nvidia-smi reports it (empty without nvidia-smi)."""
+    return [int(r[0]) for r in nvidia_smi("--query-gpu=memory.used") if r and r[0].isdigit()]
+
+
+def start_stack(name: str, base: Path, extra: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``serve`` on a free port with the configuration's environment, its output appended to ``log``."""
     port = free_port()
     env = clean_env(SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(port), **extra)
     if shutil.which("nginx") is None:
         env["MASKRCNN_NGINX"] = "off"
-    used_before = [int(r[0]) for r in nvidia_smi("--query-gpu=memory.used") if r and r[0].isdigit()]
     with log.open("ab") as out:
         out.write(f"\n===== {name}: {extra}\n".encode())
         out.flush()
         process = subprocess.Popen(
             [sys.executable, str(SERVE)], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+    return process, port
+
+
+def measure_latency(port: int, body: bytes, attributes: str, requests: int) -> dict[str, Any]:
+    """Warm the stack, then ``requests`` one at a time: p50/p99, detections and the server's phases (medians)."""
+    for _ in range(3):  # warm: the first requests at a new size pay cuDNN's and the allocator's first calls
+        post(port, body, attributes)
+    latencies, timings, counts = [], [], []
+    for _ in range(requests):
+        took, status, timing, count = post(port, body, attributes)
+        if status != 200:
+            raise RuntimeError(f"/invocations answered {status}")
+        latencies.append(took * 1000)
+        timings.append(timing)
+        counts.append(count)
+    latencies.sort()
+    return dict(
+        p50_ms=round(statistics.median(latencies), 1),
+        p99_ms=round(latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))], 1),
+        detections=statistics.median(counts),
+        **{
+            f"{k}_ms": round(statistics.median(t.get(k, 0.0) for t in timings), 1)
+            for k in ("decode", "inference", "encode")
+        },
+    )
+
+
+def measure_throughput(port: int, body: bytes, attributes: str, requests: int, workers: int) -> dict[str, Any]:
+    """Two clients per worker at once, each sending ``max(2, requests // 2)``: requests per second and errors."""
+    clients, each = 2 * max(1, workers), max(2, requests // 2)
+    errors: list[str] = []
+
+    def client() -> None:
+        for _ in range(each):
+            try:
+                if post(port, body, attributes)[1] != 200:
+                    errors.append("status")
+            except OSError as exc:
+                errors.append(str(exc))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {
+        "workers": workers,
+        "clients": clients,
+        "req_per_s": round(clients * each / (time.perf_counter() - started), 1),
+        "errors": len(errors),
+    }
+
+
+def log_excerpt(log: Path, name: str) -> list[str]:
+    """The first 12 lines of this configuration's part of ``log`` that say how the stack came up, or failed."""
+    text = log.read_text(errors="replace").split(f"===== {name}:")[-1]
+    return [
+        line.split(" ", 3)[-1]
+        for line in text.splitlines()
+        if re.search(r"worker\(s\)|GPU\(s\) of|torch holds|loaded on|nginx is not installed|Traceback|Error", line)
+    ][:12]
+
+
+def run_config(
+    name: str, model_dir: Path, extra: dict[str, str], body: bytes, attributes: str, requests: int, log: Path
+) -> dict[str, Any]:
+    """One configuration of the stack: started, timed one request at a time and under load, stopped, reported."""
+    used_before = gpu_memory_used()
+    process, port = start_stack(name, model_dir.parent, extra, log)
     result: dict[str, Any] = {"name": name, **extra}
     try:
         result["ready_s"] = round(wait_ready(port, 45, process), 1)
-        for _ in range(3):  # warm: the first requests at a new size pay cuDNN's and the allocator's first calls
-            post(port, body, attributes)
-        latencies, timings, counts = [], [], []
-        for _ in range(requests):
-            took, status, timing, count = post(port, body, attributes)
-            if status != 200:
-                raise RuntimeError(f"/invocations answered {status}")
-            latencies.append(took * 1000)
-            timings.append(timing)
-            counts.append(count)
-        latencies.sort()
-        result.update(
-            p50_ms=round(statistics.median(latencies), 1),
-            p99_ms=round(latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))], 1),
-            detections=statistics.median(counts),
-            **{
-                f"{k}_ms": round(statistics.median(t.get(k, 0.0) for t in timings), 1)
-                for k in ("decode", "inference", "encode")
-            },
-        )
+        result.update(measure_latency(port, body, attributes, requests))
         roles = stack_processes(process.pid)
         workers = sum(1 for r in roles.values() if r == "worker")
-        clients, each = 2 * max(1, workers), max(2, requests // 2)
-        errors: list[str] = []
-
-        def client() -> None:
-            for _ in range(each):
-                try:
-                    if post(port, body, attributes)[1] != 200:
-                        errors.append("status")
-                except OSError as exc:
-                    errors.append(str(exc))
-
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        result.update(
-            workers=workers, clients=clients, req_per_s=round(clients * each / (time.perf_counter() - started), 1)
-        )
-        result["errors"] = len(errors)
+        result.update(measure_throughput(port, body, attributes, requests, workers))
         result["gpu_memory"] = gpu_memory_by_process(roles)
-        used_now = [int(r[0]) for r in nvidia_smi("--query-gpu=memory.used") if r and r[0].isdigit()]
+        used_now = gpu_memory_used()
         if used_before and used_now:
             result["gpu_used_delta_mib"] = sum(used_now) - sum(used_before)
     except Exception as exc:  # one configuration's failure must not hide the others' figures
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         stop_server(process)
-    text = log.read_text(errors="replace").split(f"===== {name}:")[-1]
-    result["log"] = [
-        line.split(" ", 3)[-1]
-        for line in text.splitlines()
-        if re.search(r"worker\(s\)|GPU\(s\) of|torch holds|loaded on|nginx is not installed|Traceback|Error", line)
-    ][:12]
+    result["log"] = log_excerpt(log, name)
     say(f"--- {name}: " + json.dumps({k: v for k, v in result.items() if k != "log"}))
     for line in result["log"]:
         say("    " + line)
