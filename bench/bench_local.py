@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -63,64 +64,72 @@ def reset_tree(base: Path) -> None:
     (base / "output" / "data").mkdir()
 
 
-def main() -> int:
-    print(hostinfo.describe(), flush=True)
+def parse_args() -> argparse.Namespace:
+    """The command line (the module docstring is its manual)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--images", type=int, default=12)
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    import os
 
-    work = Path(tempfile.mkdtemp(prefix="bench-local-"))
-    try:
-        data = work / "data"
-        write_coco_dataset(data, args.images, seed=0, size=128)
-        hp = hyperparameters(args.steps)
-        harness_argv = [
-            sys.executable,
-            "-m",
-            "local",
-            "train",
-            "--data",
-            str(data),
-            "--mode",
-            "process",
-            "--output",
-            str(work / "job"),
-            "--overwrite",
-            "--job-name",
-            "bench",
-        ]
-        for key, value in hp.items():
-            harness_argv += ["--hp", f"{key}={value}"]
-        direct_tree = work / "direct"
-        harness, direct = [], []
-        for _ in range(args.repeats):
-            harness.append(timed(harness_argv))
-            if not direct_tree.exists():
-                shutil.copytree(work / "job" / "algo-1", direct_tree)
-            reset_tree(direct_tree)
-            env = {**os.environ, "SAGEMAKER_BASE_DIR": str(direct_tree), "TRAINING_JOB_NAME": "bench"}
-            direct.append(timed([sys.executable, str(ENTRYPOINTS / "train")], env))
-        assert (work / "job" / "model.tar.gz").is_file()
+def harness_command(data: Path, output: Path, hp: dict[str, str]) -> list[str]:
+    """``python -m local train`` in process mode on ``data``, into ``output``."""
+    argv = [
+        sys.executable,
+        "-m",
+        "local",
+        "train",
+        "--data",
+        str(data),
+        "--mode",
+        "process",
+        "--output",
+        str(output),
+        "--overwrite",
+        "--job-name",
+        "bench",
+    ]
+    for key, value in hp.items():
+        argv += ["--hp", f"{key}={value}"]
+    return argv
 
-        # the harness's own parts, in process
-        startup = statistics.median(timed([sys.executable, "-m", "local", "--help"]) for _ in range(3))
-        started = time.perf_counter()
-        write_job(work / "layout", JobSpec("bench", {"training": data}, hp), overwrite=True)
-        layout_s = time.perf_counter() - started
-        started = time.perf_counter()
-        pack_dir(direct_tree / "model", work / "pack" / "model.tar.gz")
-        pack_s = time.perf_counter() - started
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
+def time_training(
+    work: Path, data: Path, hp: dict[str, str], direct_tree: Path, repeats: int
+) -> tuple[list[float], list[float]]:
+    """Seconds of each harness run and each direct entrypoint run, alternating, on the harness's own job tree."""
+    harness_argv = harness_command(data, work / "job", hp)
+    harness, direct = [], []
+    for _ in range(repeats):
+        harness.append(timed(harness_argv))
+        if not direct_tree.exists():
+            shutil.copytree(work / "job" / "algo-1", direct_tree)
+        reset_tree(direct_tree)
+        env = {**os.environ, "SAGEMAKER_BASE_DIR": str(direct_tree), "TRAINING_JOB_NAME": "bench"}
+        direct.append(timed([sys.executable, str(ENTRYPOINTS / "train")], env))
+    assert (work / "job" / "model.tar.gz").is_file()
+    return harness, direct
+
+
+def time_harness_parts(work: Path, data: Path, hp: dict[str, str], direct_tree: Path) -> tuple[float, float, float]:
+    """Seconds of what the harness adds, each alone: CLI start-up (median of 3), tree layout, packing the model."""
+    startup = statistics.median(timed([sys.executable, "-m", "local", "--help"]) for _ in range(3))
+    started = time.perf_counter()
+    write_job(work / "layout", JobSpec("bench", {"training": data}, hp), overwrite=True)
+    layout_s = time.perf_counter() - started
+    started = time.perf_counter()
+    pack_dir(direct_tree / "model", work / "pack" / "model.tar.gz")
+    pack_s = time.perf_counter() - started
+    return startup, layout_s, pack_s
+
+
+def report(harness: list[float], direct: list[float], startup: float, layout_s: float, pack_s: float) -> bool:
+    """Print the table and the ratios to the budgets; whether the targets are met."""
     harness_s, direct_s = statistics.median(harness), statistics.median(direct)
     overhead = harness_s - direct_s
     parts = startup + layout_s + pack_s
-    report = {
+    table = {
         "harness_train_s": round(harness_s, 2),
         "direct_entrypoint_s": round(direct_s, 2),
         "overhead_s (median harness - median direct)": round(overhead, 2),
@@ -130,7 +139,7 @@ def main() -> int:
         "  pack_s": round(pack_s, 3),
         "runs": {"harness": [round(x, 2) for x in harness], "direct": [round(x, 2) for x in direct]},
     }
-    print(json.dumps(report, indent=1))
+    print(json.dumps(table, indent=1))
     print(f"ratio harness/direct:             {harness_s / direct_s:.3f}")
     print(f"ratio train time / {TRAIN_BUDGET_S:.0f} s budget:    {harness_s / TRAIN_BUDGET_S:.3f}")
     print(
@@ -139,7 +148,23 @@ def main() -> int:
     )
     ok = harness_s <= TRAIN_BUDGET_S and min(overhead, parts) <= OVERHEAD_BUDGET_S
     print("targets met" if ok else "TARGET MISSED")
-    return 0 if ok else 1
+    return ok
+
+
+def main() -> int:
+    print(hostinfo.describe(), flush=True)
+    args = parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-local-"))
+    try:
+        data = work / "data"
+        write_coco_dataset(data, args.images, seed=0, size=128)
+        hp = hyperparameters(args.steps)
+        direct_tree = work / "direct"
+        harness, direct = time_training(work, data, hp, direct_tree, args.repeats)
+        startup, layout_s, pack_s = time_harness_parts(work, data, hp, direct_tree)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if report(harness, direct, startup, layout_s, pack_s) else 1
 
 
 if __name__ == "__main__":
