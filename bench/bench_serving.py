@@ -310,6 +310,47 @@ def invocation_request(port: int, jpeg: bytes, attributes: str) -> bytes:
     return head.encode("latin-1") + jpeg
 
 
+def _load_client(
+    port: int,
+    request: bytes,
+    stop: threading.Event,
+    latencies: list[float],
+    errors: list[int],
+    timings: list[dict[str, float]] | None,
+) -> None:
+    """One closed-loop client on a kept-alive connection until ``stop``: latencies, failures in ``errors[0]``."""
+    conn = KeepAliveClient(port)
+    while not stop.is_set():
+        t = time.perf_counter()
+        try:
+            status, headers = conn.call(request)
+            response_ok = status == 200
+            if timings is not None and not stop.is_set():
+                timings.append(server_timing(headers.get("server-timing")))
+        except (OSError, ValueError, KeyError, IndexError):
+            response_ok = False
+            conn.close()
+        if not stop.is_set():
+            latencies.append(time.perf_counter() - t)
+            if not response_ok:
+                errors[0] += 1
+
+
+def _pinger(port: int, stop: threading.Event, pings: list[float], ping_every: float) -> None:
+    """GET /ping every ``ping_every`` seconds until ``stop``: each answer's latency, inf for a failed one."""
+    while not stop.is_set():
+        t = time.perf_counter()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/ping")
+            ok = conn.getresponse().status == 200
+            conn.close()
+        except OSError:
+            ok = False
+        pings.append(time.perf_counter() - t if ok else float("inf"))
+        time.sleep(ping_every)
+
+
 def run_server_load(
     port: int,
     clients: int,
@@ -328,39 +369,11 @@ def run_server_load(
     errors = [0]
     stop = threading.Event()
     request = invocation_request(port, jpeg, attributes)
-
-    def client() -> None:
-        conn = KeepAliveClient(port)
-        while not stop.is_set():
-            t = time.perf_counter()
-            try:
-                status, headers = conn.call(request)
-                response_ok = status == 200
-                if timings is not None and not stop.is_set():
-                    timings.append(server_timing(headers.get("server-timing")))
-            except (OSError, ValueError, KeyError, IndexError):
-                response_ok = False
-                conn.close()
-            if not stop.is_set():
-                latencies.append(time.perf_counter() - t)
-                if not response_ok:
-                    errors[0] += 1
-
-    def pinger() -> None:
-        while not stop.is_set():
-            t = time.perf_counter()
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/ping")
-                ok = conn.getresponse().status == 200
-                conn.close()
-            except OSError:
-                ok = False
-            pings.append(time.perf_counter() - t if ok else float("inf"))
-            time.sleep(ping_every)
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    threads.append(threading.Thread(target=pinger))
+    threads = [
+        threading.Thread(target=_load_client, args=(port, request, stop, latencies, errors, timings))
+        for _ in range(clients)
+    ]
+    threads.append(threading.Thread(target=_pinger, args=(port, stop, pings, ping_every)))
     warmup = 0.5  # let every worker take a request before measuring
     for thread in threads:
         thread.start()
