@@ -45,10 +45,10 @@ test-pipeline: setup  ## the pipeline area (tests/pipeline), every layer; the ot
 test-gpu: setup
 	$(PY) -m pytest -m gpu
 
-lint: setup  ## ruff (check, format --check), mypy on the package, the harness and the pipeline, hadolint on the Dockerfile
+lint: setup  ## ruff (check, format --check), mypy on the package, the harness, the pipeline and the benchmarks, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check images local pipeline tests bench
 	$(VENV)/bin/ruff format --check images local pipeline tests bench
-	$(VENV)/bin/mypy images/maskrcnn/src/maskrcnn local pipeline
+	$(VENV)/bin/mypy images/maskrcnn/src/maskrcnn local pipeline bench
 	if [ -f images/maskrcnn/Dockerfile ]; then $(VENV)/bin/hadolint images/maskrcnn/Dockerfile; fi
 
 bench: setup  ## training benchmarks (minutes; see docs/benchmarks.md)

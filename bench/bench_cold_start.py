@@ -27,7 +27,7 @@ import hostinfo  # bench/hostinfo.py (benchmarks run as scripts: bench/ is on sy
 from bench_serving import free_port, make_model, start_server, stop_server
 
 
-def first_200(port: int, process, timeout: float = 300.0) -> float:  # type: ignore[no-untyped-def]
+def first_200(port: int, process, timeout: float = 300.0) -> float:
     import http.client
 
     started = time.perf_counter()
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                 ready = serverless_run(args.image, base / "model", args.memory, log_path)
                 lines = log_path.read_text(errors="replace").splitlines()
                 # serve's start line: "... on port 8080: 1 worker(s) x 2 torch thread(s) on cpu, timeout ..."
-                started = [line for line in lines if " worker(s) x " in line]
-                workers = started[0].split(": ")[-1].split(", timeout")[0] if started else "?"
+                serving = [line for line in lines if " worker(s) x " in line]
+                workers = serving[0].split(": ")[-1].split(", timeout")[0] if serving else "?"
                 print(f"run {run + 1}: docker run -> first 200 on /ping after {ready:.2f} s ({workers})")
                 results.append(ready)
             print(

@@ -72,6 +72,14 @@ def main() -> int:
             process.wait()
 
 
+def field(pattern: str, line: str) -> str:
+    """The first group of ``pattern`` in the job's ``line``; a line the benchmark no longer reads stops it, named."""
+    found = re.search(pattern, line)
+    if found is None:
+        raise SystemExit(f"bench_convergence: no {pattern!r} in the job's line: {line.strip()}")
+    return found.group(1)
+
+
 def report(process: subprocess.Popen[str], job: Path, started: float, log_path: Path | None) -> int:
     eval_seconds = 0.0
     first_hit = None
@@ -85,12 +93,12 @@ def report(process: subprocess.Popen[str], job: Path, started: float, log_path: 
             log.flush()
         if "phase=eval" in line:
             now = time.perf_counter() - started
-            ap50 = float(re.search(r"segm_AP50=([0-9.e-]+)", line).group(1))
-            pending = (re.search(r"epoch=(\d+)", line).group(1), ap50, now)
+            ap50 = float(field(r"segm_AP50=([0-9.e-]+)", line))
+            pending = (field(r"epoch=(\d+)", line), ap50, now)
         elif "phase=train" in line:
-            loss = re.search(r" loss=([0-9.e+-]+|nan)", line).group(1)
+            loss = field(r" loss=([0-9.e+-]+|nan)", line)
         elif "evaluation took" in line:
-            eval_seconds += float(re.search(r"took ([0-9.]+)s", line).group(1))
+            eval_seconds += float(field(r"took ([0-9.]+)s", line))
             if pending is not None:
                 epoch, ap50, now = pending
                 if ap50 >= TARGET_AP50 and first_hit is None:

@@ -28,7 +28,7 @@ from bench_serving import make_model
 CASES = [((256, 256), 5), ((480, 640), 10), ((480, 640), 30), ((960, 1280), 30)]
 
 
-def seed_encode(detections, class_names) -> bytes:  # type: ignore[no-untyped-def]
+def seed_encode(detections, class_names) -> bytes:
     """The seed's answer shape: boxes, labels, scores and dense per-pixel mask probabilities."""
     masks = [detections.mask_probability(i).tolist() for i in range(len(detections))]
     return json.dumps(
@@ -41,7 +41,7 @@ def seed_encode(detections, class_names) -> bytes:  # type: ignore[no-untyped-de
     ).encode()
 
 
-def timed(fn, repeat: int) -> tuple[float, bytes]:  # type: ignore[no-untyped-def]
+def timed(fn, repeat: int) -> tuple[float, bytes]:
     times, out = [], b""
     for _ in range(repeat):
         started = time.perf_counter()

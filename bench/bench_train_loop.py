@@ -89,7 +89,7 @@ def main() -> None:
     ours, reference = [], []
     for _ in range(args.rounds):
         model, optimizer = fresh()
-        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+        sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
         loader = DataLoader(
             dataset, batch_size=args.batch, sampler=sampler, collate_fn=collate, num_workers=args.workers
         )

@@ -48,8 +48,8 @@ from local.layout import JobSpec, write_host_tree
 from local.runtime import ENTRYPOINTS, free_port  # gpu-check.sh puts the repository on PYTHONPATH
 
 TRAIN = ENTRYPOINTS / "train"
-PACKAGES = ("torch", "torchvision", "numpy", "PIL", "safetensors", "pycocotools", "faster_coco_eval", "flask")
-PACKAGES += ("werkzeug", "gunicorn", "gevent", "tensorboardX", "matplotlib")
+PACKAGES: tuple[str, ...] = ("torch", "torchvision", "numpy", "PIL", "safetensors", "pycocotools", "faster_coco_eval")
+PACKAGES += ("flask", "werkzeug", "gunicorn", "gevent", "tensorboardX", "matplotlib")
 
 
 def say(*parts: Any) -> None:
